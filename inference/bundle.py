@@ -1,0 +1,299 @@
+"""Model bundles: a folder laid out like the public SleepFM release, plus our optional ``bundle.json``.
+
+```
+BUNDLE/
+  bundle.json                 optional: name, version, validated, demographics encoding
+  label_mapping.csv           optional: output index -> phecode -> phenotype (packaged copy otherwise)
+  model_base/best.pt          + config.json   (required)
+  model_sleep_staging/best.pth + config.json  (optional: no hypnogram without it)
+  model_diagnosis/best.pth    + config.json   (optional: no hazards without it)
+```
+
+The only file I/O in ``inference``: reading (and, for the demo bundle, writing) checkpoints.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoints import CheckpointError, load_into, read_state_dict, sha256_file
+from .models import DiagnosisHead, EncoderConfig, HeadConfig, SleepEncoder, StagingHead
+
+BASE_DIR, STAGING_DIR, DIAGNOSIS_DIR = "model_base", "model_sleep_staging", "model_diagnosis"
+DEMO_BUNDLE_NAME = "sleepfm-demo-untrained"
+DEMO_BUNDLE_VERSION = "1"
+
+
+class BundleError(ValueError):
+    """A model bundle folder that is incomplete or inconsistent."""
+
+
+@dataclass(frozen=True)
+class DemographicsEncoding:
+    """How age and sex become the diagnosis head's two inputs.
+
+    The public release does not document its encoding; its example inputs are a centred, scaled
+    age and a 0/1 sex. The default is ``(age - 50) / 20`` and male 1, female 0; a study with unknown
+    sex gets ``sex_unknown`` and one with unknown age gets age feature 0 (the centre). A site with a
+    trained bundle sets these in ``bundle.json`` to what the bundle was trained with.
+    """
+
+    age_center: float = 50.0
+    age_scale: float = 20.0
+    sex_male: float = 1.0
+    sex_female: float = 0.0
+    sex_unknown: float = 0.5
+
+    def encode(self, age_years: float | None, sex: str | None) -> tuple[float, float]:
+        age = 0.0 if age_years is None else (float(age_years) - self.age_center) / self.age_scale
+        code = {"M": self.sex_male, "F": self.sex_female}.get((sex or "").upper()[:1], self.sex_unknown)
+        return age, code
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One output of the diagnosis head."""
+
+    index: int
+    phecode: str
+    name: str
+
+
+@dataclass(frozen=True)
+class BundleIdentity:
+    """What every result records about the model that produced it."""
+
+    name: str
+    version: str
+    validated: bool
+    path: str
+    checkpoints: dict[str, str] = field(default_factory=dict)  # component -> SHA-256
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ModelBundle:
+    """Loaded networks (eval mode, CPU) with their identity and settings."""
+
+    identity: BundleIdentity
+    encoder: SleepEncoder
+    staging: StagingHead | None
+    diagnosis: DiagnosisHead | None
+    outcomes: list[Outcome]
+    demographics: DemographicsEncoding
+    modalities: tuple[str, ...] = ("BAS", "RESP", "EKG", "EMG")
+
+    def modules(self) -> list[nn.Module]:
+        return [m for m in (self.encoder, self.staging, self.diagnosis) if m is not None]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise BundleError(f"{path}: missing") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise BundleError(f"{path}: expected a JSON object")
+    return data
+
+
+def _checkpoint_in(folder: Path) -> Path:
+    for name in ("best.pt", "best.pth"):
+        if (folder / name).is_file():
+            return folder / name
+    raise BundleError(f"{folder}: no checkpoint (best.pt or best.pth)")
+
+
+def _encoder_config(cfg: dict, source: Path) -> EncoderConfig:
+    try:
+        return EncoderConfig(
+            embed_dim=int(cfg["embed_dim"]), num_heads=int(cfg["num_heads"]),
+            num_layers=int(cfg["num_layers"]), pooling_head=int(cfg["pooling_head"]),
+            dropout=float(cfg.get("dropout", 0.0)), patch_size=int(cfg.get("patch_size", 640)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{source}: bad or missing encoder setting {exc}") from exc
+
+
+def _head_config(cfg: dict, source: Path) -> HeadConfig:
+    params = cfg.get("model_params")
+    if not isinstance(params, dict):
+        raise BundleError(f"{source}: missing 'model_params'")
+    try:
+        return HeadConfig(
+            embed_dim=int(params["embed_dim"]), num_heads=int(params["num_heads"]),
+            num_layers=int(params["num_layers"]), num_classes=int(params["num_classes"]),
+            pooling_head=int(params["pooling_head"]), dropout=float(params.get("dropout", 0.0)),
+            max_seq_length=int(params.get("max_seq_length") or 20000),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{source}: bad or missing model_params setting {exc}") from exc
+
+
+def read_outcomes(path: Path | None = None) -> list[Outcome]:
+    """Read ``label_mapping.csv`` (``label_idx,phecode,phenotype``); the packaged copy by default."""
+    if path is None:
+        text = resources.files("inference").joinpath("data/label_mapping.csv").read_text(encoding="utf-8")
+        source = "packaged label_mapping.csv"
+    else:
+        text, source = Path(path).read_text(encoding="utf-8"), str(path)
+    rows = list(csv.DictReader(text.splitlines()))
+    try:
+        outcomes = [Outcome(int(r["label_idx"]), r["phecode"].strip(), r["phenotype"].strip()) for r in rows]
+    except (KeyError, ValueError) as exc:
+        raise BundleError(f"{source}: expected columns label_idx, phecode, phenotype ({exc})") from exc
+    if [o.index for o in outcomes] != list(range(len(outcomes))):
+        raise BundleError(f"{source}: label_idx must run 0..N-1 in order")
+    return outcomes
+
+
+def _load(model: nn.Module, ckpt: Path) -> nn.Module:
+    try:
+        load_into(model, read_state_dict(ckpt), source=str(ckpt))
+    except CheckpointError as exc:
+        raise BundleError(str(exc)) from exc
+    return model.eval()
+
+
+def load_bundle(path: str | os.PathLike) -> ModelBundle:
+    """Load a bundle folder; heads whose folder is absent are left out (``None``)."""
+    root = Path(path).expanduser().resolve()
+    if not root.is_dir():
+        raise BundleError(f"{root}: model bundle folder not found")
+    meta = _read_json(root / "bundle.json") if (root / "bundle.json").exists() else {}
+    checkpoints: dict[str, str] = {}
+
+    base_dir = root / BASE_DIR
+    if not base_dir.is_dir():
+        raise BundleError(f"{root}: not a model bundle (no {BASE_DIR}/ folder)")
+    base_ckpt = _checkpoint_in(base_dir)
+    encoder = _load(SleepEncoder(_encoder_config(_read_json(base_dir / "config.json"), base_dir)), base_ckpt)
+    checkpoints["base"] = sha256_file(base_ckpt)
+
+    staging = None
+    if (root / STAGING_DIR).is_dir():
+        ckpt = _checkpoint_in(root / STAGING_DIR)
+        cfg = _head_config(_read_json(root / STAGING_DIR / "config.json"), root / STAGING_DIR)
+        staging = _load(StagingHead(cfg), ckpt)
+        checkpoints["staging"] = sha256_file(ckpt)
+
+    diagnosis, outcomes = None, []
+    if (root / DIAGNOSIS_DIR).is_dir():
+        ckpt = _checkpoint_in(root / DIAGNOSIS_DIR)
+        cfg = _head_config(_read_json(root / DIAGNOSIS_DIR / "config.json"), root / DIAGNOSIS_DIR)
+        diagnosis = _load(DiagnosisHead(cfg), ckpt)
+        checkpoints["diagnosis"] = sha256_file(ckpt)
+        labels = root / "label_mapping.csv"
+        outcomes = read_outcomes(labels if labels.is_file() else None)
+        if len(outcomes) != cfg.num_classes:
+            raise BundleError(
+                f"{root}: label mapping has {len(outcomes)} outcomes, diagnosis head has {cfg.num_classes}"
+            )
+
+    demo_cfg = meta.get("demographics", {})
+    try:
+        demographics = DemographicsEncoding(**demo_cfg)
+    except TypeError as exc:
+        raise BundleError(f"{root / 'bundle.json'}: demographics: {exc}") from exc
+    identity = BundleIdentity(
+        name=str(meta.get("name", root.name)),
+        version=str(meta.get("version", "unknown")),
+        # Only a site's explicit statement makes a bundle validated; random or unknown weights never are.
+        validated=bool(meta.get("validated", False)),
+        path=str(root),
+        checkpoints=checkpoints,
+    )
+    return ModelBundle(identity, encoder, staging, diagnosis, outcomes, demographics)
+
+
+def _release_configs() -> dict[str, dict]:
+    """The hyper-parameters of the public release's three config.json files (the parts we use)."""
+    base = {"model": "SetTransformer", "in_channels": 1, "embed_dim": 128, "num_heads": 8, "num_layers": 6,
+            "pooling_head": 8, "dropout": 0.3, "sampling_duration": 5, "sampling_freq": 128,
+            "patch_size": 640, "modality_types": ["BAS", "RESP", "EKG", "EMG"]}
+    staging = {"model": "SleepEventLSTMClassifier", "max_channels": 4, "sampling_freq": 128,
+               "model_params": {"embed_dim": 128, "num_heads": 4, "num_layers": 1, "num_classes": 5,
+                                "pooling_head": 4, "dropout": 0.3, "max_seq_length": 8196}}
+    diagnosis = {"model": "DiagnosisFinetuneFullLSTMCOXPHWithDemo", "max_channels": 4, "sampling_freq": 128,
+                 "model_params": {"embed_dim": 128, "num_heads": 8, "num_layers": 2, "num_classes": 1065,
+                                  "pooling_head": 8, "dropout": 0.3, "max_seq_length": 6480}}
+    return {BASE_DIR: base, STAGING_DIR: staging, DIAGNOSIS_DIR: diagnosis}
+
+
+def make_demo_bundle(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a deterministic, untrained bundle (``validated: false``) in the release's file formats.
+
+    Lets the product run end to end where a site has no official weights yet; its outputs mean
+    nothing clinically and every result says so. Nothing is downloaded.
+    """
+    root = Path(path)
+    configs = _release_configs()
+    # torch's own initialisation under a fixed seed, without disturbing the caller's RNG state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        models = {
+            BASE_DIR: SleepEncoder(_encoder_config(configs[BASE_DIR], root)),
+            STAGING_DIR: StagingHead(_head_config(configs[STAGING_DIR], root)),
+            DIAGNOSIS_DIR: DiagnosisHead(_head_config(configs[DIAGNOSIS_DIR], root)),
+        }
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    for folder, model in models.items():
+        # The release's own formats: DataParallel prefixes; base nested under "state_dict".
+        state = {"module." + name: tensor.clone() for name, tensor in model.state_dict().items()}
+        (tmp / folder).mkdir(exist_ok=True)
+        if folder == BASE_DIR:
+            torch.save({"state_dict": state}, tmp / folder / "best.pt")
+        else:
+            torch.save(state, tmp / folder / "best.pth")
+        (tmp / folder / "config.json").write_text(json.dumps(configs[folder], indent=2) + "\n")
+    (tmp / "label_mapping.csv").write_text(
+        resources.files("inference").joinpath("data/label_mapping.csv").read_text(encoding="utf-8")
+    )
+    meta = {
+        "name": DEMO_BUNDLE_NAME,
+        "version": f"{DEMO_BUNDLE_VERSION}-seed{seed}",
+        "validated": False,
+        "description": "Untrained demo weights generated locally by psg-gateway. NOT FOR CLINICAL USE.",
+        "demographics": asdict(DemographicsEncoding()),
+    }
+    (tmp / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n")
+    # Publish atomically so a crash never leaves a half-written bundle under the final name.
+    if root.exists():
+        shutil.rmtree(root)
+    try:
+        tmp.rename(root)
+    except OSError:
+        # Another process published the same deterministic bundle first; keep theirs.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (root / "bundle.json").is_file():
+            raise
+    return root
+
+
+def default_demo_bundle_dir() -> Path:
+    """Where the generated demo bundle is kept: ``$XDG_CACHE_HOME/psg-gateway/bundles/...``."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "psg-gateway" / "bundles" / f"{DEMO_BUNDLE_NAME}-v{DEMO_BUNDLE_VERSION}"
+
+
+def ensure_demo_bundle(path: Path | None = None) -> Path:
+    """Return the demo bundle folder, generating it first if it is not there."""
+    path = path or default_demo_bundle_dir()
+    if not (path / "bundle.json").is_file():
+        make_demo_bundle(path)
+    return path

@@ -1,0 +1,303 @@
+"""The inference engine: preprocessed nights in, :class:`StudyResult` out, on CPU or GPU.
+
+Nights are cut into 5-minute windows of sixty 5-s tokens. The release silently drops a last
+partial window; here one more window, aligned to the end of the recording, covers it and only its
+new tokens are kept, so every full 5 s of the night gets a token. A night shorter than 5 minutes
+is encoded as one shorter window.
+
+Windows of every modality and every study in a call are batched together: the tokenizer runs on
+all their channels at once, channel pooling per group of equal channel count (no padding, so no
+compute is wasted on padded channels), and the temporal transformer on all windows at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .bundle import ModelBundle, load_bundle
+from .hypnogram import build_staging
+from .results import (
+    MODALITIES,
+    STAGES,
+    TOKENS_PER_WINDOW,
+    Hazards,
+    StudyInput,
+    StudyResult,
+)
+
+SAMPLE_RATE = 128
+TOKEN_SAMPLES = 640
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class InputError(ValueError):
+    """A study the engine cannot encode (no mapped channel, wrong shapes, too short...)."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine runs.
+
+    ``device``: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+    ``precision``: ``fp32`` (default, the equivalence mode), ``bf16`` (CPU or CUDA autocast) or
+    ``fp16`` (CUDA only). ``threads``: torch intra-op threads (``None`` keeps torch's default).
+    ``windows_per_batch``: 5-minute windows per encoder forward pass; on CPU small batches stay
+    in cache (see ``bench/``), on a GPU larger ones fill it.
+    """
+
+    device: str = "auto"
+    precision: str = "fp32"
+    threads: int | None = None
+    windows_per_batch: int | None = None
+
+
+@dataclass(frozen=True)
+class _Window:
+    study: int
+    modality: str
+    index: int  # position among the study's windows
+    start: int  # first token
+    length: int  # tokens in the window
+    keep_from: int  # tokens before this are already covered by the previous window
+
+
+def plan_windows(n_tokens: int) -> list[tuple[int, int, int]]:
+    """``(start, length, keep_from)`` per window so that tokens ``0..n_tokens-1`` are each covered once."""
+    if n_tokens <= 0:
+        return []
+    if n_tokens < TOKENS_PER_WINDOW:
+        return [(0, n_tokens, 0)]
+    full, rest = divmod(n_tokens, TOKENS_PER_WINDOW)
+    plan = [(i * TOKENS_PER_WINDOW, TOKENS_PER_WINDOW, 0) for i in range(full)]
+    if rest:
+        plan.append((n_tokens - TOKENS_PER_WINDOW, TOKENS_PER_WINDOW, TOKENS_PER_WINDOW - rest))
+    return plan
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def _validate(study: StudyInput, position: int) -> tuple[dict[str, np.ndarray], int]:
+    """Check one study's signals; return them as float32 arrays and the token count."""
+    where = f"study {study.key or position}"
+    unknown = sorted(set(study.signals) - set(MODALITIES))
+    if unknown:
+        raise InputError(f"{where}: unknown modalities {unknown}; expected some of {list(MODALITIES)}")
+    signals: dict[str, np.ndarray] = {}
+    lengths = set()
+    for modality in MODALITIES:
+        arr = study.signals.get(modality)
+        if arr is None:
+            continue
+        arr = np.asarray(arr, dtype=np.float32)
+        if arr.ndim != 2:
+            raise InputError(f"{where}: {modality} must be (channels, samples), got shape {arr.shape}")
+        if arr.shape[0] == 0:
+            continue
+        if not np.isfinite(arr).all():
+            raise InputError(f"{where}: {modality} holds NaN or infinite values")
+        signals[modality] = arr
+        lengths.add(arr.shape[1])
+    if not signals:
+        raise InputError(f"{where}: no mapped channel in any modality; nothing to encode")
+    if len(lengths) != 1:
+        raise InputError(f"{where}: modalities differ in length ({sorted(lengths)} samples at 128 Hz)")
+    n_tokens = lengths.pop() // TOKEN_SAMPLES
+    if n_tokens == 0:
+        raise InputError(f"{where}: recording shorter than one 5-s token")
+    return signals, n_tokens
+
+
+class Engine:
+    """Runs a :class:`ModelBundle` over studies. Create once; reuse for many studies."""
+
+    def __init__(self, bundle: ModelBundle, options: EngineOptions | None = None) -> None:
+        self.options = options or EngineOptions()
+        if self.options.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {self.options.precision!r}")
+        self.device = resolve_device(self.options.device)
+        if self.options.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("fp16 runs on CUDA only; use bf16 on CPU")
+        if self.options.threads:
+            torch.set_num_threads(int(self.options.threads))
+        self.bundle = bundle
+        for module in bundle.modules():
+            module.to(self.device).eval()
+        self.windows_per_batch = self.options.windows_per_batch or (
+            64 if self.device.type == "cuda" else 4
+        )
+
+    @classmethod
+    def from_bundle_dir(cls, path: str | Path, options: EngineOptions | None = None) -> Engine:
+        return cls(load_bundle(path), options)
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def run(self, study: StudyInput) -> StudyResult:
+        """Encode one night and apply the heads."""
+        return self.run_many([study])[0]
+
+    def run_many(
+        self, studies: Sequence[StudyInput], progress: Callable[[int, int], None] | None = None
+    ) -> list[StudyResult]:
+        """Encode several nights with windows batched across them; results in input order.
+
+        ``progress(done, total)`` is called after each encoder batch, counting windows.
+        """
+        checked = [_validate(study, i) for i, study in enumerate(studies)]
+        with torch.inference_mode(), self._autocast():
+            t0 = time.perf_counter()
+            windows, tokens = self._encode(checked, progress)
+            t_encode = time.perf_counter() - t0
+            results = []
+            for i, study in enumerate(studies):
+                t1 = time.perf_counter()
+                result = self._finish(study, checked[i], windows[i], tokens[i])
+                result.timings_s = {"encode": t_encode / len(studies), "heads": time.perf_counter() - t1}
+                results.append(result)
+        return results
+
+    # -- encoder ------------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.options.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.options.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _batches(self, checked: list[tuple[dict[str, np.ndarray], int]]) -> Iterator[list[_Window]]:
+        by_length: dict[int, list[_Window]] = defaultdict(list)
+        for s, (signals, n_tokens) in enumerate(checked):
+            for modality in signals:
+                for index, (start, length, keep) in enumerate(plan_windows(n_tokens)):
+                    by_length[length].append(_Window(s, modality, index, start, length, keep))
+        for length in sorted(by_length, reverse=True):
+            jobs = by_length[length]
+            for i in range(0, len(jobs), self.windows_per_batch):
+                yield jobs[i : i + self.windows_per_batch]
+
+    def _encode(self, checked, progress):
+        """Returns per study: {modality: (N, E) window vectors}, {modality: (T, E) token embeddings}."""
+        embed = self.bundle.encoder.cfg.embed_dim
+        windows: list[dict[str, Tensor]] = []
+        tokens: list[dict[str, Tensor]] = []
+        for signals, n_tokens in checked:
+            n_windows = len(plan_windows(n_tokens))
+            windows.append({m: torch.empty(n_windows, embed) for m in signals})
+            tokens.append({m: torch.empty(n_tokens, embed) for m in signals})
+        total = sum(len(plan_windows(n)) * len(sig) for sig, n in checked)
+        done = 0
+        for batch in self._batches(checked):
+            pooled, contextual = self._encode_batch(batch, checked)
+            pooled, contextual = pooled.float().cpu(), contextual.float().cpu()
+            for j, w in enumerate(batch):
+                windows[w.study][w.modality][w.index] = pooled[j]
+                tokens[w.study][w.modality][w.start + w.keep_from : w.start + w.length] = contextual[j, w.keep_from :]
+            done += len(batch)
+            if progress is not None:
+                progress(done, total)
+        return windows, tokens
+
+    def _encode_batch(self, batch: list[_Window], checked) -> tuple[Tensor, Tensor]:
+        encoder = self.bundle.encoder
+        length = batch[0].length
+        span = length * TOKEN_SAMPLES
+        # All channels of all windows through the tokenizer in one pass.
+        pieces = [
+            checked[w.study][0][w.modality][:, w.start * TOKEN_SAMPLES : w.start * TOKEN_SAMPLES + span]
+            for w in batch
+        ]
+        counts = [p.shape[0] for p in pieces]
+        patches = torch.from_numpy(np.concatenate(pieces, axis=0)).to(self.device, non_blocking=True)
+        channel_tokens = encoder.patch_embedding(patches.reshape(-1, length, TOKEN_SAMPLES))
+        per_window = torch.split(channel_tokens, counts, dim=0)  # each (C, L, E)
+        # Channel pooling per group of windows with the same channel count.
+        pooled_seq: list[Tensor | None] = [None] * len(batch)
+        groups: dict[int, list[int]] = defaultdict(list)
+        for j, c in enumerate(counts):
+            groups[c].append(j)
+        for members in groups.values():
+            stacked = torch.stack([per_window[j] for j in members])  # (n, C, L, E)
+            merged = encoder.pool_channels(stacked)
+            for k, j in enumerate(members):
+                pooled_seq[j] = merged[k]
+        return encoder.contextualize(torch.stack(pooled_seq))  # type: ignore[arg-type]
+
+    # -- heads --------------------------------------------------------------------------------
+
+    def _finish(self, study: StudyInput, checked, windows, tokens) -> StudyResult:
+        signals, n_tokens = checked
+        present = [m for m in MODALITIES if m in signals]
+        missing = [m for m in MODALITIES if m not in signals]
+        embed = self.bundle.encoder.cfg.embed_dim
+        night = np.full(len(MODALITIES) * embed, np.nan, dtype=np.float32)
+        for i, m in enumerate(MODALITIES):
+            if m in windows:
+                night[i * embed : (i + 1) * embed] = windows[m].mean(dim=0).numpy()
+        stacked = torch.zeros(1, len(MODALITIES), n_tokens, embed)
+        for i, m in enumerate(MODALITIES):
+            if m in tokens:
+                stacked[0, i] = tokens[m]
+        stacked = stacked.to(self.device)
+        modality_mask = torch.tensor([[m not in signals for m in MODALITIES]], device=self.device)
+
+        age_feature, sex_feature = self.bundle.demographics.encode(study.age_years, study.sex)
+        staging = None
+        if self.bundle.staging is not None:
+            staging = build_staging(self._stage(stacked, modality_mask))
+        hazards = None
+        if self.bundle.diagnosis is not None:
+            demo = torch.tensor([[age_feature, sex_feature]], device=self.device)
+            log_hazard = self.bundle.diagnosis(stacked, demo, modality_mask)
+            hazards = Hazards(log_hazard[0].float().cpu().numpy(), self.bundle.outcomes)
+        return StudyResult(
+            key=study.key,
+            n_tokens=n_tokens,
+            modalities=present,
+            missing_modalities=missing,
+            token_embeddings={m: tokens[m].numpy() for m in present},
+            window_embeddings={m: windows[m].numpy() for m in present},
+            night_vector=night,
+            staging=staging,
+            hazards=hazards,
+            bundle=self.bundle.identity,
+            demographics_used={
+                "age_years": study.age_years, "sex": study.sex,
+                "age_feature": age_feature, "sex_feature": sex_feature,
+            },
+            device=str(self.device),
+            precision=self.options.precision,
+        )
+
+    def _stage(self, stacked: Tensor, modality_mask: Tensor) -> np.ndarray:
+        """Stage probabilities per token; nights longer than the head's positional table go in
+        equal segments that each fit it."""
+        head = self.bundle.staging
+        assert head is not None
+        n_tokens = stacked.shape[2]
+        limit = head.positional_encoding.max_length
+        n_segments = -(-n_tokens // limit)
+        bounds = np.linspace(0, n_tokens, n_segments + 1).round().astype(int)
+        probs = [
+            torch.softmax(head(stacked[:, :, a:b], modality_mask).float(), dim=-1)[0]
+            for a, b in zip(bounds[:-1], bounds[1:])
+        ]
+        out = torch.cat(probs).cpu().numpy()
+        assert out.shape == (n_tokens, len(STAGES))
+        return out

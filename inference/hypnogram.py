@@ -1,0 +1,58 @@
+"""From per-token stage probabilities to a 30-s hypnogram and sleep metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .results import STAGES, TOKENS_PER_EPOCH, SleepMetrics, Staging
+
+EPOCH_MIN = 0.5
+
+
+def epoch_probabilities(token_probs: np.ndarray) -> np.ndarray:
+    """Mean of each run of six 5-s token probabilities; a trailing partial epoch is left out."""
+    n_epochs = token_probs.shape[0] // TOKENS_PER_EPOCH
+    used = token_probs[: n_epochs * TOKENS_PER_EPOCH]
+    return used.reshape(n_epochs, TOKENS_PER_EPOCH, -1).mean(axis=1).astype(np.float32)
+
+
+def sleep_metrics(stages: np.ndarray) -> SleepMetrics:
+    """Metrics from stage indices per 30-s epoch (0=W, 1=N1, 2=N2, 3=N3, 4=REM)."""
+    stages = np.asarray(stages, dtype=np.int64)
+    n = stages.size
+    tib = n * EPOCH_MIN
+    asleep = np.flatnonzero(stages != 0)
+    tst = asleep.size * EPOCH_MIN
+    stage_min = {name: float(np.count_nonzero(stages == i) * EPOCH_MIN) for i, name in enumerate(STAGES)}
+    pct = {
+        name: (100.0 * stage_min[name] / tst if tst else 0.0) for name in STAGES if name != "W"
+    }
+    if asleep.size == 0:
+        return SleepMetrics(tib, 0.0, 0.0, None, 0.0, None, stage_min, pct)
+    onset, last = int(asleep[0]), int(asleep[-1])
+    period = stages[onset : last + 1]
+    waso = float(np.count_nonzero(period == 0) * EPOCH_MIN)
+    rem = np.flatnonzero(stages == STAGES.index("REM"))
+    rem_latency = float((rem[0] - onset) * EPOCH_MIN) if rem.size else None
+    return SleepMetrics(
+        tib_min=tib,
+        tst_min=tst,
+        sleep_efficiency_pct=100.0 * tst / tib if tib else 0.0,
+        sleep_onset_latency_min=onset * EPOCH_MIN,
+        waso_min=waso,
+        rem_latency_min=rem_latency,
+        stage_min=stage_min,
+        stage_pct_of_tst=pct,
+    )
+
+
+def build_staging(token_probs: np.ndarray) -> Staging:
+    """Package token probabilities with their hypnogram and metrics."""
+    epochs = epoch_probabilities(token_probs)
+    stages = epochs.argmax(axis=1) if len(epochs) else np.zeros(0, dtype=np.int64)
+    return Staging(
+        token_probs=token_probs.astype(np.float32, copy=False),
+        epoch_probs=epochs,
+        hypnogram=[STAGES[i] for i in stages],
+        metrics=sleep_metrics(stages),
+    )

@@ -1,0 +1,302 @@
+"""SleepFM-compatible networks: the base encoder and the staging and diagnosis heads.
+
+Parameter names and shapes follow the public SleepFM release (see
+``shared/reference/sleepfm/state_dict_shapes.json``) so released checkpoints load unchanged.
+The forward passes are ours: they take a *modality mask* and a *token mask* separately instead of
+the release's single padded ``(B, C, S)`` mask, and :func:`reference_masks` converts the release's
+layout for equivalence tests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+EMBED_DIM = 128
+TOKEN_SAMPLES = 640  # 5 s at 128 Hz
+FFN_DIM = 2048  # torch's TransformerEncoderLayer default, which the release uses
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Hyper-parameters of the base encoder (``model_base/config.json``)."""
+
+    embed_dim: int = EMBED_DIM
+    num_heads: int = 8
+    num_layers: int = 6
+    pooling_head: int = 8
+    dropout: float = 0.3
+    patch_size: int = TOKEN_SAMPLES
+    max_seq_length: int = 128
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Hyper-parameters of a finetuned head (``model_params`` of its ``config.json``)."""
+
+    embed_dim: int = EMBED_DIM
+    num_heads: int = 4
+    num_layers: int = 1
+    num_classes: int = 5
+    pooling_head: int = 4
+    dropout: float = 0.3
+    max_seq_length: int = 8196
+
+
+def _tokenizer_layers(patch_size: int, embed_dim: int) -> nn.Sequential:
+    # Six conv blocks, each halving time and doubling width (1 -> 4 -> ... -> 128), then a global
+    # average and a projection. The module indices (0..26) are part of the checkpoint format.
+    layers: list[nn.Module] = []
+    width_in, length = 1, patch_size
+    for width_out in (4, 8, 16, 32, 64, 128):
+        length //= 2
+        layers += [
+            nn.Conv1d(width_in, width_out, kernel_size=5, stride=2, padding=2),
+            nn.BatchNorm1d(width_out),
+            nn.ELU(),
+            nn.LayerNorm([width_out, length]),
+        ]
+        width_in = width_out
+    layers += [nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(width_in, embed_dim)]
+    return nn.Sequential(*layers)
+
+
+class Tokenizer(nn.Module):
+    """Turns each 5-s, single-channel patch into one embedding."""
+
+    def __init__(self, patch_size: int = TOKEN_SAMPLES, embed_dim: int = EMBED_DIM) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.tokenizer = _tokenizer_layers(patch_size, embed_dim)
+
+    def forward(self, patches: Tensor) -> Tensor:
+        """``(..., patch_size)`` -> ``(..., embed_dim)``."""
+        lead = patches.shape[:-1]
+        out = self.tokenizer(patches.reshape(-1, 1, self.patch_size))
+        return out.reshape(*lead, self.embed_dim)
+
+
+class AttentionPooling(nn.Module):
+    """One post-norm transformer layer over a set, then the mean over its valid members."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.transformer_layer = nn.TransformerEncoderLayer(
+            d_model=dim, nhead=num_heads, dropout=dropout, batch_first=True
+        )
+
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """``x``: ``(B, N, E)``; ``padding_mask``: ``(B, N)``, True where a member is padding."""
+        if padding_mask is None:
+            return self.transformer_layer(x).mean(dim=1)
+        if padding_mask.shape[1] == 1:
+            # The release returns a one-member set unchanged, without the transformer layer.
+            return x.mean(dim=1)
+        out = self.transformer_layer(x, src_key_padding_mask=padding_mask)
+        keep = (~padding_mask).to(out.dtype).unsqueeze(-1)
+        return (out * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
+
+    def pool_complete_set(self, x: Tensor) -> Tensor:
+        """Pool sets with no padding; a one-member set is returned as is, like the release."""
+        if x.shape[1] == 1:
+            return x[:, 0]
+        return self.transformer_layer(x).mean(dim=1)
+
+
+class PositionalEncoding(nn.Module):
+    """Sinusoidal positions; the table is a saved buffer in the release checkpoints."""
+
+    def __init__(self, max_seq_length: int, dim: int) -> None:
+        super().__init__()
+        position = torch.arange(max_seq_length, dtype=torch.float32).unsqueeze(1)
+        freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+        table = torch.zeros(max_seq_length, dim)
+        table[:, 0::2] = torch.sin(position * freq)
+        table[:, 1::2] = torch.cos(position * freq)
+        self.register_buffer("pe", table.unsqueeze(0))
+
+    @property
+    def max_length(self) -> int:
+        return int(self.pe.shape[1])
+
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        length = x.shape[1]
+        if offset + length > self.max_length:
+            raise ValueError(
+                f"sequence of {offset + length} tokens exceeds the positional table ({self.max_length})"
+            )
+        return x + self.pe[:, offset : offset + length]
+
+
+class SleepEncoder(nn.Module):
+    """The base encoder (release name ``SetTransformer``).
+
+    Per channel, a convolutional tokenizer embeds each 5-s patch; attention pooling merges the
+    channels of one modality per token; a pre-norm transformer relates the tokens of a window; a
+    second attention pooling gives one vector per window.
+    """
+
+    def __init__(self, cfg: EncoderConfig = EncoderConfig()) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embedding = Tokenizer(cfg.patch_size, cfg.embed_dim)
+        self.spatial_pooling = AttentionPooling(cfg.embed_dim, cfg.pooling_head, cfg.dropout)
+        self.positional_encoding = PositionalEncoding(cfg.max_seq_length, cfg.embed_dim)
+        self.layer_norm = nn.LayerNorm(cfg.embed_dim)
+        layer = nn.TransformerEncoderLayer(
+            d_model=cfg.embed_dim, nhead=cfg.num_heads, dropout=cfg.dropout,
+            batch_first=True, norm_first=True,
+        )
+        # Nested tensors only pay off with padding, and windows are never padded here.
+        self.transformer_encoder = nn.TransformerEncoder(
+            layer, num_layers=cfg.num_layers, enable_nested_tensor=False
+        )
+        self.temporal_pooling = AttentionPooling(cfg.embed_dim, cfg.pooling_head, cfg.dropout)
+
+    def tokenize(self, signals: Tensor) -> Tensor:
+        """``(B, C, S * patch)`` -> per-channel token embeddings ``(B, C, S, E)``."""
+        b, c, t = signals.shape
+        if t % self.cfg.patch_size:
+            raise ValueError(f"window of {t} samples is not a whole number of {self.cfg.patch_size}-sample tokens")
+        return self.patch_embedding(signals.reshape(b, c, t // self.cfg.patch_size, self.cfg.patch_size))
+
+    def pool_channels(self, tokens: Tensor, channel_mask: Tensor | None = None) -> Tensor:
+        """``(B, C, S, E)`` -> ``(B, S, E)``; ``channel_mask`` ``(B, C)`` True for padded channels."""
+        b, c, s, e = tokens.shape
+        sets = tokens.permute(0, 2, 1, 3).reshape(b * s, c, e)
+        if channel_mask is None:
+            pooled = self.spatial_pooling.pool_complete_set(sets)
+        else:
+            mask = channel_mask.to(torch.bool).unsqueeze(1).expand(b, s, c).reshape(b * s, c)
+            pooled = self.spatial_pooling(sets, mask)
+        return pooled.reshape(b, s, e)
+
+    def contextualize(self, seq: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, S, E)`` channel-pooled tokens -> (window vectors ``(B, E)``, token embeddings ``(B, S, E)``)."""
+        x = self.layer_norm(self.positional_encoding(seq))
+        tokens = self.transformer_encoder(x)
+        return self.temporal_pooling(tokens), tokens
+
+    def forward(self, signals: Tensor, channel_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(B, C, S * 640)`` signals -> (window vectors ``(B, E)``, token embeddings ``(B, S, E)``)."""
+        return self.contextualize(self.pool_channels(self.tokenize(signals), channel_mask))
+
+
+class _HeadTrunk(nn.Module):
+    """What both finetuned heads share: modality pooling per token."""
+
+    def __init__(self, cfg: HeadConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.spatial_pooling = AttentionPooling(cfg.embed_dim, cfg.pooling_head, cfg.dropout)
+        self.positional_encoding = PositionalEncoding(cfg.max_seq_length, cfg.embed_dim)
+        self.layer_norm = nn.LayerNorm(cfg.embed_dim)
+
+    def pool_modalities(self, tokens: Tensor, modality_mask: Tensor | None) -> Tensor:
+        """``(B, M, S, E)`` modality token embeddings -> ``(B, S, E)``.
+
+        ``modality_mask`` ``(B, M)`` is True where a modality is missing for a study. Masked
+        members take no part in attention, so for a single study the missing modalities are simply
+        left out, which saves their compute and gives the same numbers.
+        """
+        b, m, s, e = tokens.shape
+        if modality_mask is not None and b == 1:
+            present = ~modality_mask[0].to(torch.bool)
+            tokens, modality_mask = tokens[:, present], None
+            m = tokens.shape[1]
+        sets = tokens.permute(0, 2, 1, 3).reshape(b * s, m, e)
+        if modality_mask is None:
+            # Unlike the encoder's channel pooling, the release always runs the transformer here.
+            pooled = self.spatial_pooling.transformer_layer(sets).mean(dim=1)
+        else:
+            mask = modality_mask.to(torch.bool).unsqueeze(1).expand(b, s, m).reshape(b * s, m)
+            pooled = self.spatial_pooling(sets, mask)
+        return pooled.reshape(b, s, e)
+
+
+class StagingHead(_HeadTrunk):
+    """Sleep staging per 5-s token (release name ``SleepEventLSTMClassifier``); classes W, N1, N2, N3, REM."""
+
+    def __init__(self, cfg: HeadConfig = HeadConfig()) -> None:
+        super().__init__(cfg)
+        layer = nn.TransformerEncoderLayer(
+            d_model=cfg.embed_dim, nhead=cfg.num_heads, dropout=cfg.dropout,
+            batch_first=True, norm_first=True,
+        )
+        self.transformer_encoder = nn.TransformerEncoder(
+            layer, num_layers=cfg.num_layers, enable_nested_tensor=False
+        )
+        self.lstm = nn.LSTM(
+            input_size=cfg.embed_dim, hidden_size=cfg.embed_dim // 2, num_layers=cfg.num_layers,
+            batch_first=True, dropout=cfg.dropout if cfg.num_layers > 1 else 0.0, bidirectional=True,
+        )
+        self.fc = nn.Linear(cfg.embed_dim, cfg.num_classes)
+
+    def forward(
+        self, tokens: Tensor, modality_mask: Tensor | None = None, token_mask: Tensor | None = None
+    ) -> Tensor:
+        """``(B, M, S, E)`` -> logits ``(B, S, classes)``; ``token_mask`` ``(B, S)`` True for padding."""
+        x = self.layer_norm(self.positional_encoding(self.pool_modalities(tokens, modality_mask)))
+        if token_mask is not None and not bool(token_mask.any()):
+            token_mask = None
+        x = self.transformer_encoder(x, src_key_padding_mask=token_mask)
+        x, _ = self.lstm(x)
+        return self.fc(x)
+
+
+class DiagnosisHead(_HeadTrunk):
+    """Cox proportional-hazards risk per outcome from a whole night plus age and sex
+    (release name ``DiagnosisFinetuneFullLSTMCOXPHWithDemo``).
+
+    The release defines a positional table and a layer norm it never uses in its forward pass;
+    they are kept so its checkpoints load.
+    """
+
+    def __init__(self, cfg: HeadConfig = HeadConfig(num_layers=2, num_classes=1065, pooling_head=8,
+                                                  num_heads=8, max_seq_length=6480)) -> None:
+        super().__init__(cfg)
+        self.lstm = nn.LSTM(
+            input_size=cfg.embed_dim, hidden_size=cfg.embed_dim // 2, num_layers=cfg.num_layers,
+            batch_first=True, bidirectional=True,
+        )
+        self.demo_embedding = nn.Sequential(
+            nn.Linear(2, cfg.embed_dim // 4), nn.ReLU(), nn.Dropout(cfg.dropout)
+        )
+        self.disease_heads = nn.Linear(cfg.embed_dim + cfg.embed_dim // 4, cfg.num_classes)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        demographics: Tensor,
+        modality_mask: Tensor | None = None,
+        token_mask: Tensor | None = None,
+    ) -> Tensor:
+        """``(B, M, S, E)`` tokens and ``(B, 2)`` encoded (age, sex) -> log-hazards ``(B, classes)``."""
+        x = self.pool_modalities(tokens, modality_mask)
+        if token_mask is None or not bool(token_mask.any()):
+            out, _ = self.lstm(x)
+            night = out.mean(dim=1)
+        else:
+            lengths = (~token_mask.to(torch.bool)).sum(dim=1)
+            packed = nn.utils.rnn.pack_padded_sequence(
+                x, lengths.cpu(), batch_first=True, enforce_sorted=False
+            )
+            out, _ = self.lstm(packed)
+            out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+            valid = (~token_mask.to(torch.bool)).to(out.dtype).unsqueeze(-1)
+            night = (out * valid).sum(dim=1) / lengths.clamp(min=1).to(out.dtype).unsqueeze(-1)
+        demo = self.demo_embedding(demographics.to(night.dtype))
+        return self.disease_heads(torch.cat([night, demo], dim=1))
+
+
+def reference_masks(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Split the release's ``(B, M, S)`` head mask into (modality ``(B, M)``, token ``(B, S)``) masks.
+
+    The release reads the modality mask at token 0 and the token mask from modality 0.
+    """
+    mask = mask.to(torch.bool)
+    return mask[:, :, 0], mask[:, 0, :]
