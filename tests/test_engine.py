@@ -1,0 +1,163 @@
+"""The engine: tail coverage, batching across studies, masking of missing modalities, precision."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from inference.bundle import load_bundle, make_demo_bundle
+from inference.engine import Engine, EngineOptions, InputError, plan_windows
+from inference.results import StudyInput
+
+
+@pytest.fixture(scope="module")
+def demo_bundle_dir(tmp_path_factory):
+    return make_demo_bundle(tmp_path_factory.mktemp("bundles") / "demo")
+
+
+@pytest.fixture(scope="module")
+def engine(demo_bundle_dir):
+    return Engine.from_bundle_dir(demo_bundle_dir, EngineOptions(device="cpu"))
+
+
+def _night(n_tokens, channels=None, seed=0):
+    channels = channels or {"BAS": 3, "RESP": 2, "EKG": 1, "EMG": 2}
+    rng = np.random.default_rng(seed)
+    return {m: rng.standard_normal((c, n_tokens * 640), dtype=np.float32) for m, c in channels.items()}
+
+
+@pytest.mark.parametrize("n_tokens", [1, 59, 60, 61, 119, 120, 197, 5760 + 17])
+def test_plan_covers_every_token_once(n_tokens):
+    covered = np.zeros(n_tokens, dtype=int)
+    plan = plan_windows(n_tokens)
+    for start, length, keep in plan:
+        assert start >= 0 and start + length <= n_tokens
+        assert length == min(60, n_tokens)
+        covered[start + keep : start + length] += 1
+    assert (covered == 1).all()
+    assert len(plan) == -(-n_tokens // 60)
+
+
+def test_token_count_is_floor_of_duration(engine):
+    # 16 min 27.3 s of signal: 197 whole 5-s tokens; the last 2.3 s are not a token.
+    n_samples = 197 * 640 + 294
+    signals = {m: a[:, :n_samples] for m, a in _night(198).items()}
+    result = engine.run(StudyInput(signals))
+    assert result.n_tokens == 197
+    for m in result.modalities:
+        assert result.token_embeddings[m].shape == (197, 128)
+        assert result.token_embeddings[m].dtype == np.float32
+        assert result.window_embeddings[m].shape == (4, 128)
+    assert np.isfinite(np.stack(list(result.token_embeddings.values()))).all()
+
+
+def test_tail_tokens_come_from_an_end_aligned_window(engine):
+    signals = _night(197)
+    result = engine.run(StudyInput(signals))
+    encoder = engine.bundle.encoder
+    with torch.inference_mode():
+        for m in ("BAS", "EKG"):
+            x = torch.from_numpy(signals[m][:, (197 - 60) * 640 :])[None]
+            pooled, tokens = encoder(x, torch.zeros(1, x.shape[1], dtype=torch.bool))
+            np.testing.assert_allclose(result.token_embeddings[m][-17:], tokens[0, -17:].numpy(), atol=1e-5)
+            np.testing.assert_allclose(result.window_embeddings[m][-1], pooled[0].numpy(), atol=1e-5)
+            x = torch.from_numpy(signals[m][:, 60 * 640 : 120 * 640])[None]
+            pooled, tokens = encoder(x, torch.zeros(1, x.shape[1], dtype=torch.bool))
+            np.testing.assert_allclose(result.token_embeddings[m][60:120], tokens[0].numpy(), atol=1e-5)
+
+
+def test_batching_across_studies_and_batch_size_do_not_change_results(demo_bundle_dir):
+    studies = [StudyInput(_night(130, seed=1), 55, "M", "a"),
+               StudyInput(_night(61, {"BAS": 4, "RESP": 1}, seed=2), 40, "F", "b"),
+               StudyInput(_night(30, {"EKG": 1}, seed=3), None, None, "c")]
+    small = Engine(load_bundle(demo_bundle_dir), EngineOptions(windows_per_batch=1))
+    large = Engine(load_bundle(demo_bundle_dir), EngineOptions(windows_per_batch=32))
+    together = large.run_many(studies)
+    for study, joint in zip(studies, together):
+        alone = small.run(study)
+        assert joint.key == study.key
+        for m in alone.modalities:
+            np.testing.assert_allclose(joint.token_embeddings[m], alone.token_embeddings[m], atol=1e-4)
+        np.testing.assert_allclose(joint.hazards.log_hazard, alone.hazards.log_hazard, atol=1e-4)
+        np.testing.assert_allclose(joint.staging.token_probs, alone.staging.token_probs, atol=1e-4)
+
+
+def test_missing_modality_is_masked_and_reported(engine):
+    full = _night(120)
+    partial = {m: a for m, a in full.items() if m != "EMG"}
+    result = engine.run(StudyInput(partial, 60, "F"))
+    assert result.missing_modalities == ["EMG"]
+    assert result.modalities == ["BAS", "RESP", "EKG"]
+    assert np.isnan(result.night_vector[3 * 128 :]).all()
+    assert np.isfinite(result.night_vector[: 3 * 128]).all()
+    assert result.hazards.log_hazard.shape == (1065,)
+    assert np.isfinite(result.hazards.log_hazard).all()
+    # Masking is not the same as a zero signal: the heads really ignore the missing modality.
+    zeros = dict(partial, EMG=np.zeros_like(full["EMG"]))
+    with_zeros = engine.run(StudyInput(zeros, 60, "F"))
+    assert not np.allclose(with_zeros.hazards.log_hazard, result.hazards.log_hazard)
+
+
+def test_night_vector_is_mean_of_window_embeddings(engine):
+    result = engine.run(StudyInput(_night(130)))
+    for i, m in enumerate(("BAS", "RESP", "EKG", "EMG")):
+        np.testing.assert_allclose(
+            result.night_vector[i * 128 : (i + 1) * 128], result.window_embeddings[m].mean(axis=0), rtol=1e-6
+        )
+
+
+def test_demographics_change_hazards_and_are_recorded(engine):
+    signals = _night(60)
+    young = engine.run(StudyInput(signals, 30, "F"))
+    old = engine.run(StudyInput(signals, 80, "M"))
+    assert not np.allclose(young.hazards.log_hazard, old.hazards.log_hazard)
+    assert old.demographics_used["age_feature"] == pytest.approx(1.5)
+    assert old.demographics_used["sex_feature"] == 1.0
+    np.testing.assert_array_equal(young.token_embeddings["BAS"], old.token_embeddings["BAS"])
+
+
+def test_outputs_identify_the_bundle(engine):
+    result = engine.run(StudyInput(_night(12)))
+    assert result.validated is False
+    assert result.bundle.name == "sleepfm-demo-untrained"
+    assert set(result.bundle.checkpoints) == {"base", "staging", "diagnosis"}
+    assert all(len(h) == 64 for h in result.bundle.checkpoints.values())
+    assert result.hazards.outcomes[0].phecode == "8.0"
+
+
+def test_bad_inputs_are_clear_errors(engine):
+    with pytest.raises(InputError, match="no mapped channel"):
+        engine.run(StudyInput({}, key="s1"))
+    with pytest.raises(InputError, match="no mapped channel"):
+        engine.run(StudyInput({"BAS": np.zeros((0, 6400), np.float32)}))
+    with pytest.raises(InputError, match="unknown modalities"):
+        engine.run(StudyInput({"EEG": np.zeros((1, 6400), np.float32)}))
+    with pytest.raises(InputError, match="differ in length"):
+        engine.run(StudyInput({"BAS": np.zeros((1, 6400), np.float32), "EKG": np.zeros((1, 7040), np.float32)}))
+    with pytest.raises(InputError, match="shorter than one 5-s token"):
+        engine.run(StudyInput({"BAS": np.zeros((1, 639), np.float32)}))
+    bad = np.zeros((1, 6400), np.float32)
+    bad[0, 5] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        engine.run(StudyInput({"BAS": bad}))
+
+
+def test_bf16_stays_close_to_fp32(demo_bundle_dir):
+    signals = _night(90)
+    fp32 = Engine(load_bundle(demo_bundle_dir), EngineOptions(precision="fp32")).run(StudyInput(signals, 50, "M"))
+    bf16 = Engine(load_bundle(demo_bundle_dir), EngineOptions(precision="bf16")).run(StudyInput(signals, 50, "M"))
+    assert bf16.precision == "bf16"
+    for m in fp32.modalities:
+        a, b = fp32.token_embeddings[m], bf16.token_embeddings[m]
+        assert b.dtype == np.float32
+        # bf16 keeps ~3 significant digits; embeddings are O(1) after the final layer norms.
+        assert np.abs(a - b).max() < 0.25
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.999
+
+
+def test_option_errors():
+    with pytest.raises(ValueError, match="precision"):
+        Engine.__init__(object.__new__(Engine), None, EngineOptions(precision="int8"))
+    with pytest.raises(ValueError, match="fp16 runs on CUDA only"):
+        Engine.__init__(object.__new__(Engine), None, EngineOptions(device="cpu", precision="fp16"))

@@ -1,0 +1,99 @@
+"""The networks reproduce the public reference code's outputs on its golden inputs (eval mode)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from inference.bundle import load_bundle
+from inference.checkpoints import load_into, read_state_dict
+from inference.models import DiagnosisHead, SleepEncoder, StagingHead, reference_masks
+
+TOL = 1e-4
+pytestmark = pytest.mark.reference
+
+
+@pytest.fixture(scope="module")
+def bundle(reference_dir):
+    return load_bundle(reference_dir / "sleepfm")
+
+
+def _golden(reference_dir, folder):
+    return torch.load(reference_dir / "sleepfm" / folder / "golden_io.pt", weights_only=True)
+
+
+def test_state_dict_names_and_shapes_match_release(reference_dir, bundle):
+    shapes = json.loads((reference_dir / "sleepfm" / "state_dict_shapes.json").read_text())
+    for part, model in (("base", bundle.encoder), ("staging", bundle.staging), ("diagnosis", bundle.diagnosis)):
+        ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+        assert ours == shapes[part], part
+
+
+@torch.inference_mode()
+def test_encoder_matches_golden_with_padded_channels(reference_dir, bundle):
+    g = _golden(reference_dir, "model_base")
+    pooled, tokens = bundle.encoder(g["x"], g["mask"])
+    assert (pooled - g["pooled"]).abs().max() <= TOL
+    assert (tokens - g["embedding"]).abs().max() <= TOL
+
+
+@torch.inference_mode()
+def test_encoder_matches_golden_single_channel(reference_dir, bundle):
+    g = _golden(reference_dir, "model_base")
+    pooled, tokens = bundle.encoder(g["x_single"], g["mask_single"])
+    assert (pooled - g["pooled_single"]).abs().max() <= TOL
+    assert (tokens - g["embedding_single"]).abs().max() <= TOL
+    # The unpadded path (what the engine uses) gives the same numbers.
+    pooled2, tokens2 = bundle.encoder(g["x_single"])
+    assert (pooled2 - g["pooled_single"]).abs().max() <= TOL
+
+
+@torch.inference_mode()
+def test_encoder_dropping_padded_channels_is_equivalent(reference_dir, bundle):
+    g = _golden(reference_dir, "model_base")
+    keep = ~g["mask"][1]
+    pooled, tokens = bundle.encoder(g["x"][1:, keep])
+    assert (pooled - g["pooled"][1:]).abs().max() <= TOL
+    assert (tokens - g["embedding"][1:]).abs().max() <= TOL
+
+
+@torch.inference_mode()
+def test_staging_head_matches_golden_where_time_mask_false(reference_dir, bundle):
+    g = _golden(reference_dir, "model_sleep_staging")
+    modality_mask, token_mask = reference_masks(g["mask"])
+    logits = bundle.staging(g["x"], modality_mask, token_mask)
+    valid = ~token_mask
+    assert (logits - g["logits"])[valid].abs().max() <= TOL
+    # One study at a time (the engine's path, which drops missing modalities) agrees too.
+    one = bundle.staging(g["x"][:1], modality_mask[:1])
+    assert (one - g["logits"][:1]).abs().max() <= TOL
+
+
+@torch.inference_mode()
+def test_diagnosis_head_matches_golden(reference_dir, bundle):
+    g = _golden(reference_dir, "model_diagnosis")
+    modality_mask, token_mask = reference_masks(g["mask"])
+    hazards = bundle.diagnosis(g["x"], g["demo"], modality_mask, token_mask)
+    assert (hazards - g["hazards"]).abs().max() <= TOL
+    # Study 1 with its padded tail cut off and its missing modality masked, alone.
+    n = int((~token_mask[1]).sum())
+    alone = bundle.diagnosis(g["x"][1:, :, :n], g["demo"][1:], modality_mask[1:])
+    assert (alone - g["hazards"][1:]).abs().max() <= TOL
+
+
+@pytest.mark.parametrize(
+    "folder,cls",
+    [("model_base", SleepEncoder), ("model_sleep_staging", StagingHead), ("model_diagnosis", DiagnosisHead)],
+)
+def test_release_checkpoints_load_with_their_configs(reference_dir, bundle, folder, cls):
+    model = {"model_base": bundle.encoder, "model_sleep_staging": bundle.staging,
+             "model_diagnosis": bundle.diagnosis}[folder]
+    assert isinstance(model, cls)
+    assert not model.training
+    ckpt = next((reference_dir / "sleepfm" / folder).glob("best.pt*"))
+    fresh = cls(model.cfg)
+    load_into(fresh, read_state_dict(ckpt))
+    for (k, a), b in zip(fresh.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), k
