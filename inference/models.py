@@ -13,11 +13,13 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 EMBED_DIM = 128
 TOKEN_SAMPLES = 640  # 5 s at 128 Hz
 FFN_DIM = 2048  # torch's TransformerEncoderLayer default, which the release uses
+POOL_CHUNK = 1024  # token sets per modality-pooling pass in the heads
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,37 @@ def _tokenizer_layers(patch_size: int, embed_dim: int) -> nn.Sequential:
         width_in = width_out
     layers += [nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(width_in, embed_dim)]
     return nn.Sequential(*layers)
+
+
+def encoder_layer_forward(
+    layer: nn.TransformerEncoderLayer, x: Tensor, key_padding_mask: Tensor | None = None
+) -> Tensor:
+    """Inference forward of a torch ``TransformerEncoderLayer`` through
+    ``scaled_dot_product_attention``.
+
+    Same weights and maths as the layer's own forward, but the fused attention never builds the
+    (S x S) score matrix: for a whole night (5,760 tokens, 4 heads) that matrix alone is ~530 MB.
+    ``key_padding_mask`` ``(B, S)`` is True for padding.
+    """
+    attn = layer.self_attn
+    b, s, e = x.shape
+    heads = attn.num_heads
+
+    def self_attention(y: Tensor) -> Tensor:
+        q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.reshape(b, s, heads, e // heads).transpose(1, 2) for t in (q, k, v))
+        mask = None if key_padding_mask is None else ~key_padding_mask.to(torch.bool)[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return attn.out_proj(out.transpose(1, 2).reshape(b, s, e))
+
+    def feed_forward(y: Tensor) -> Tensor:
+        return layer.linear2(layer.activation(layer.linear1(y)))
+
+    if layer.norm_first:
+        x = x + self_attention(layer.norm1(x))
+        return x + feed_forward(layer.norm2(x))
+    x = layer.norm1(x + self_attention(x))
+    return layer.norm2(x + feed_forward(x))
 
 
 class Tokenizer(nn.Module):
@@ -209,13 +242,20 @@ class _HeadTrunk(nn.Module):
             tokens, modality_mask = tokens[:, present], None
             m = tokens.shape[1]
         sets = tokens.permute(0, 2, 1, 3).reshape(b * s, m, e)
-        if modality_mask is None:
-            # Unlike the encoder's channel pooling, the release always runs the transformer here.
-            pooled = self.spatial_pooling.transformer_layer(sets).mean(dim=1)
-        else:
+        mask = None
+        if modality_mask is not None:
             mask = modality_mask.to(torch.bool).unsqueeze(1).expand(b, s, m).reshape(b * s, m)
-            pooled = self.spatial_pooling(sets, mask)
-        return pooled.reshape(b, s, e)
+        # In chunks: a whole night at once would need a (tokens x modalities, 2048) feed-forward
+        # activation of ~750 MB; per chunk it stays in cache and memory stays flat.
+        pooled = []
+        for start in range(0, b * s, POOL_CHUNK):
+            part = sets[start : start + POOL_CHUNK]
+            if mask is None:
+                # Unlike the encoder's channel pooling, the release always runs the transformer here.
+                pooled.append(self.spatial_pooling.transformer_layer(part).mean(dim=1))
+            else:
+                pooled.append(self.spatial_pooling(part, mask[start : start + POOL_CHUNK]))
+        return torch.cat(pooled).reshape(b, s, e)
 
 
 class StagingHead(_HeadTrunk):
@@ -243,7 +283,11 @@ class StagingHead(_HeadTrunk):
         x = self.layer_norm(self.positional_encoding(self.pool_modalities(tokens, modality_mask)))
         if token_mask is not None and not bool(token_mask.any()):
             token_mask = None
-        x = self.transformer_encoder(x, src_key_padding_mask=token_mask)
+        if self.training:
+            x = self.transformer_encoder(x, src_key_padding_mask=token_mask)
+        else:
+            for layer in self.transformer_encoder.layers:
+                x = encoder_layer_forward(layer, x, token_mask)
         x, _ = self.lstm(x)
         return self.fc(x)
 
