@@ -1,0 +1,182 @@
+"""The one :class:`Recording` type that every reader (EDF/BDF today; EDF+D and DICOM waveform later) produces.
+
+A recording holds channel *metadata* only. Samples are fetched on demand with :meth:`Channel.read`,
+which goes back to the source on every call and returns a fresh float32 array in physical units
+that the caller owns; nothing is cached. A caller can therefore process one channel at a time and
+keep at most one native-rate channel in memory.
+
+PHI: patient id, patient name, birth date, admin/accession code, start date and the source path are
+available as attributes but never appear in ``repr()``/``str()`` of any type here, so a recording can
+be logged or shown in a traceback without leaking them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+SampleSource = Callable[[], np.ndarray]
+"""Returns a channel's physical samples as a new float32 array on every call."""
+
+_REDACTED = "<redacted>"
+_DAYS_PER_YEAR = 365.2425
+
+
+@dataclass(eq=False)
+class Channel:
+    """One signal of a recording: label, rate, unit and a way to (re-)read its samples.
+
+    ``label`` is as recorded, with trailing spaces stripped. ``unit`` is the physical dimension as
+    recorded (``"uV"``, ``"mV"``, ``"%"``, ``""`` ...). ``prefilter``/``transducer`` are informational.
+    """
+
+    label: str
+    sampling_rate: float
+    unit: str
+    n_samples: int
+    _source: SampleSource = field(repr=False)
+    prefilter: str = ""
+    transducer: str = ""
+
+    @property
+    def duration_s(self) -> float:
+        return self.n_samples / self.sampling_rate if self.sampling_rate > 0 else 0.0
+
+    def read(self) -> np.ndarray:
+        """The channel's physical samples as a new 1-D float32 array (read from the source each call)."""
+        data = self._source()
+        if data.dtype != np.float32 or data.ndim != 1:
+            data = np.asarray(data, dtype=np.float32).reshape(-1)
+        return data
+
+    @classmethod
+    def from_array(
+        cls,
+        label: str,
+        rate: float,
+        data: np.ndarray,
+        unit: str = "uV",
+        *,
+        prefilter: str = "",
+        transducer: str = "",
+    ) -> Channel:
+        """A channel backed by an in-memory array (tests, synthetic nights, decoded DICOM waveforms).
+
+        The array is copied once (as float32); each :meth:`read` returns a fresh copy, so a caller may
+        modify what it gets without affecting later reads.
+        """
+        if rate <= 0:
+            raise ValueError(f"channel {label!r}: sampling rate must be positive, got {rate}")
+        samples = np.array(data, dtype=np.float32, copy=True).reshape(-1)
+        samples.flags.writeable = False
+        return cls(
+            label=label.rstrip(),
+            sampling_rate=float(rate),
+            unit=unit,
+            n_samples=int(samples.size),
+            _source=samples.copy,
+            prefilter=prefilter,
+            transducer=transducer,
+        )
+
+
+@dataclass
+class Demographics:
+    """What the model may use about the patient. ``birth_date`` is PHI and is never shown in ``repr``."""
+
+    sex: str | None = None  # "M", "F" or None (unknown / not recorded)
+    birth_date: date | None = None
+    age_years: float | None = None  # when the source gives an age rather than a birth date
+
+    def __post_init__(self) -> None:
+        if self.sex not in (None, "M", "F"):
+            raise ValueError(f"sex must be 'M', 'F' or None, got {self.sex!r}")
+
+    def age_at(self, when: datetime | date | None) -> float | None:
+        """Age in years at ``when`` (the recording start) from the birth date; else ``age_years``.
+
+        Returns None when neither is known, or when the birth date is after ``when`` (bad header).
+        """
+        if self.birth_date is not None and when is not None:
+            day = when.date() if isinstance(when, datetime) else when
+            days = (day - self.birth_date).days
+            if days >= 0:
+                return days / _DAYS_PER_YEAR
+            return None
+        return self.age_years
+
+    def __repr__(self) -> str:
+        birth = _REDACTED if self.birth_date is not None else None
+        return f"Demographics(sex={self.sex!r}, birth_date={birth}, age_years={self.age_years!r})"
+
+    __str__ = __repr__
+
+
+@dataclass
+class Identifiers:
+    """Who/what the recording is about. Read so that the pipeline can match studies; never logged."""
+
+    patient_id: str | None = None
+    patient_name: str | None = None
+    admin_code: str | None = None  # EDF+ hospital administration code / DICOM accession number
+    source_path: Path | None = None
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{name}={_REDACTED if getattr(self, name) else None}"
+            for name in ("patient_id", "patient_name", "admin_code", "source_path")
+        )
+        return f"Identifiers({shown})"
+
+    __str__ = __repr__
+
+
+class Annotation(NamedTuple):
+    """One annotation: onset and duration in seconds from the recording start (duration None: unknown)."""
+
+    onset_s: float
+    duration_s: float | None
+    text: str
+
+
+@dataclass
+class Recording:
+    """A decoded PSG recording: channels (metadata + sample sources), timing, identifiers, demographics.
+
+    ``start`` may be None when the source does not record it. ``format`` names the decoder's view of the
+    source (``"EDF"``, ``"EDF+C"``, ``"BDF"``, ``"BDF+C"``, ``"memory"`` ...).
+    """
+
+    channels: list[Channel]
+    duration_s: float
+    start: datetime | None = None
+    identifiers: Identifiers = field(default_factory=Identifiers)
+    demographics: Demographics = field(default_factory=Demographics)
+    annotations: list[Annotation] = field(default_factory=list)
+    format: str = "memory"
+
+    @property
+    def channel_labels(self) -> list[str]:
+        """The channel labels in recording order (duplicates kept)."""
+        return [channel.label for channel in self.channels]
+
+    @property
+    def age_years(self) -> float | None:
+        """The patient's age at the recording start, if known."""
+        return self.demographics.age_at(self.start)
+
+    def __repr__(self) -> str:
+        # Deliberately no identifiers, no dates, no path, no annotation texts (free text may hold PHI).
+        rates = sorted({round(c.sampling_rate, 3) for c in self.channels})
+        return (
+            f"Recording(format={self.format!r}, channels={len(self.channels)}, "
+            f"duration_s={self.duration_s:.1f}, rates_hz={rates}, sex={self.demographics.sex!r}, "
+            f"annotations={len(self.annotations)})"
+        )
+
+    __str__ = __repr__

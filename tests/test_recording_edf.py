@@ -1,0 +1,324 @@
+"""Recording type, EDF/BDF reader and the synthetic night generator."""
+
+from __future__ import annotations
+
+import pickle
+from datetime import date, datetime
+from pathlib import Path
+
+import numpy as np
+import pyedflib
+import pytest
+
+from gateway.readers.edf import read_edf
+from gateway.readers.errors import ReaderError
+from gateway.readers.synthetic import DEFAULT_BENCH_CHANNELS, SyntheticChannel, write_synthetic_night
+from gateway.recording import Annotation, Channel, Demographics, Identifiers, Recording
+
+SLEEP_EDF_LABELS = ["EEG Fpz-Cz", "EEG Pz-Oz", "EOG horizontal", "Resp oro-nasal", "EMG submental",
+                    "Temp rectal", "Event marker"]
+
+
+@pytest.fixture(scope="module")
+def night(tmp_path_factory) -> Path:
+    """A 6-minute synthetic night (EDF+), same channels as the benchmark night."""
+    return write_synthetic_night(tmp_path_factory.mktemp("night") / "night.edf", hours=0.1, seed=1)
+
+
+@pytest.fixture(scope="module")
+def night_bdf(tmp_path_factory) -> Path:
+    return write_synthetic_night(tmp_path_factory.mktemp("night") / "night.bdf", hours=0.05, seed=2)
+
+
+def _pyedflib_physical(path: Path) -> list[np.ndarray]:
+    reader = pyedflib.EdfReader(str(path))
+    try:
+        return [reader.readSignal(i) for i in range(reader.signals_in_file)]
+    finally:
+        reader.close()
+
+
+def _assert_matches_pyedflib(path: Path, sample_reader: str) -> Recording:
+    expected = _pyedflib_physical(path)
+    recording = read_edf(path, sample_reader=sample_reader)
+    assert len(recording.channels) == len(expected)
+    for channel, ref in zip(recording.channels, expected, strict=True):
+        got = channel.read()
+        assert got.dtype == np.float32 and got.shape == ref.shape == (channel.n_samples,)
+        # same formula, float64 arithmetic, cast once: identical to pyedflib's values at float32
+        np.testing.assert_array_equal(got, ref.astype(np.float32), err_msg=channel.label)
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max(initial=1.0))
+    return recording
+
+
+# ---- synthetic night ----------------------------------------------------------------------------------------
+
+
+def test_synthetic_night_is_deterministic(tmp_path):
+    a = write_synthetic_night(tmp_path / "a.edf", hours=0.02, seed=7)
+    b = write_synthetic_night(tmp_path / "b.edf", hours=0.02, seed=7)
+    c = write_synthetic_night(tmp_path / "c.edf", hours=0.02, seed=8)
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes() != c.read_bytes()
+
+
+def test_synthetic_night_layout(night):
+    reader = pyedflib.EdfReader(str(night))
+    try:
+        assert reader.datarecord_duration == 1.0
+        assert reader.getFileDuration() == 360
+        assert reader.getSignalLabels() == [c.label for c in DEFAULT_BENCH_CHANNELS]
+        for i, spec in enumerate(DEFAULT_BENCH_CHANNELS):
+            x = reader.readSignal(i)
+            assert reader.getSampleFrequency(i) == spec.rate
+            assert spec.physical_min <= x.min() and x.max() <= spec.physical_max, spec.label
+            assert x.std() > 0, spec.label
+    finally:
+        reader.close()
+
+
+def test_synthetic_night_rejects_bad_specs(tmp_path):
+    with pytest.raises(ValueError, match="unknown kind"):
+        write_synthetic_night(tmp_path / "x.edf", hours=0.01, channels=[SyntheticChannel("X", 100, "nope")])
+    with pytest.raises(ValueError, match="at least one second"):
+        write_synthetic_night(tmp_path / "x.edf", hours=0.0)
+
+
+# ---- reading ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sample_reader", ["numpy", "pyedflib"])
+def test_physical_values_equal_pyedflib_edf(night, sample_reader):
+    recording = _assert_matches_pyedflib(night, sample_reader)
+    assert recording.format == "EDF+C"
+
+
+@pytest.mark.parametrize("sample_reader", ["numpy", "pyedflib"])
+def test_physical_values_equal_pyedflib_bdf(night_bdf, sample_reader):
+    recording = _assert_matches_pyedflib(night_bdf, sample_reader)
+    assert recording.format == "BDF+C"
+
+
+def test_labels_rates_units(night):
+    recording = read_edf(night)
+    assert recording.channel_labels == [c.label for c in DEFAULT_BENCH_CHANNELS]
+    assert [c.sampling_rate for c in recording.channels] == [float(c.rate) for c in DEFAULT_BENCH_CHANNELS]
+    assert [c.unit for c in recording.channels] == [c.unit for c in DEFAULT_BENCH_CHANNELS]
+    assert [c.n_samples for c in recording.channels] == [c.rate * 360 for c in DEFAULT_BENCH_CHANNELS]
+    assert recording.duration_s == 360.0
+    assert all(c.duration_s == 360.0 for c in recording.channels)
+    assert [a.text for a in recording.annotations] == ["Lights off", "Lights on"]
+    assert recording.annotations[0] == Annotation(60.0, None, "Lights off")
+
+
+def test_read_streams_and_is_not_cached(night):
+    channel = read_edf(night).channels[0]
+    first = channel.read()
+    first[:] = 0.0  # the caller owns what it gets
+    second = channel.read()
+    assert second is not first
+    assert np.any(second != 0.0)
+    np.testing.assert_array_equal(second, channel.read())
+    assert not any(isinstance(v, np.ndarray) for v in vars(channel).values())  # nothing held
+
+
+def test_demographics_and_identifiers_from_synthetic_header(night):
+    recording = read_edf(night)
+    ids, demo = recording.identifiers, recording.demographics
+    assert ids.patient_id == "SYN-0001"
+    assert ids.patient_name == "Synthetic"
+    assert ids.admin_code == "SYNADM-0001"
+    assert ids.source_path == night
+    assert demo.sex in ("M", "F")
+    assert isinstance(demo.birth_date, date)
+    assert isinstance(recording.start, datetime)
+    expected_age = (recording.start.date() - demo.birth_date).days / 365.2425
+    assert recording.age_years == pytest.approx(expected_age)
+    assert 30 < recording.age_years < 80
+    # pyedflib agrees on what it parses
+    header = pyedflib.EdfReader(str(night))
+    try:
+        assert header.getPatientCode() == ids.patient_id
+        assert header.getSex()[0] == demo.sex
+        assert header.getBirthdate(string=False).date() == demo.birth_date
+        assert header.getStartdatetime() == recording.start
+    finally:
+        header.close()
+
+
+def test_phi_is_not_in_repr(night):
+    recording = read_edf(night)
+    shown = " ".join([repr(recording), str(recording), repr(recording.identifiers), str(recording.demographics),
+                      repr(recording.demographics), repr(recording.channels[0]), repr(recording.annotations[:0])])
+    birth = recording.demographics.birth_date
+    for secret in ("SYN-0001", "Synthetic", "SYNADM-0001", str(night), night.name, birth.isoformat(),
+                   birth.strftime("%d-%b-%Y").upper(), str(birth.year)):
+        assert secret not in shown, secret
+    assert "EDF+C" in repr(recording) and "channels=18" in repr(recording)
+
+
+def test_sleep_edf_excerpt(reference_dir):
+    for name, fmt in (("short_psg.edf", "EDF"), ("short_psg.bdf", "BDF")):
+        path = reference_dir / "real" / name
+        recording = _assert_matches_pyedflib(path, "numpy")
+        assert recording.format == fmt
+        assert recording.channel_labels == SLEEP_EDF_LABELS
+        assert [c.sampling_rate for c in recording.channels] == [100.0] * 3 + [1.0] * 4
+        assert recording.channels[0].unit == "uV" and recording.channels[5].unit == "DegC"
+        assert recording.duration_s == 300.0
+        assert recording.start == datetime(1989, 4, 24, 16, 13)
+        # plain EDF, but the patient field uses the EDF+ layout: "X F X Female_33yr"
+        assert recording.demographics.sex == "F"
+        assert recording.demographics.birth_date is None and recording.age_years is None
+        assert recording.identifiers.patient_id is None
+        assert recording.annotations == []
+        eeg = recording.channels[0].read()
+        assert eeg.size == 30000 and 1.0 < float(eeg.std()) < 500.0
+
+
+def test_annotation_only_hypnogram(reference_dir):
+    recording = read_edf(reference_dir / "real" / "SC4001EC-Hypnogram.edf")
+    assert recording.channels == [] and recording.channel_labels == []
+    assert len(recording.annotations) == 154
+    assert recording.annotations[0] == Annotation(0.0, 30630.0, "Sleep stage W")
+    assert {a.text for a in recording.annotations} >= {"Sleep stage W", "Sleep stage 1", "Sleep stage 2"}
+    assert recording.demographics.sex == "F"
+
+
+# ---- errors -------------------------------------------------------------------------------------------------
+
+
+def _reader_error(path: Path, kind: str) -> ReaderError:
+    with pytest.raises(ReaderError) as info:
+        read_edf(path)
+    error = info.value
+    assert not isinstance(error, OSError)
+    assert str(path) in str(error)
+    assert error.path == Path(path)
+    assert error.kind == kind, str(error)
+    return error
+
+
+def test_error_nonexistent(tmp_path):
+    error = _reader_error(tmp_path / "missing.edf", "not_found")
+    assert "not found" in str(error)
+
+
+def test_error_random_bytes(tmp_path):
+    path = tmp_path / "random.edf"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+    assert "not an EDF or BDF file" in str(_reader_error(path, "not_edf"))
+
+
+def test_error_other_format(tmp_path):
+    path = tmp_path / "notes.edf"
+    path.write_text("patient notes, not a recording\n" * 20)
+    _reader_error(path, "not_edf")
+
+
+def test_error_empty_and_directory(tmp_path):
+    (tmp_path / "empty.edf").write_bytes(b"")
+    assert "empty" in str(_reader_error(tmp_path / "empty.edf", "truncated"))
+    (tmp_path / "dir.edf").mkdir()
+    assert "directory" in str(_reader_error(tmp_path / "dir.edf", "not_edf"))
+
+
+def test_error_truncated(night, tmp_path):
+    data = night.read_bytes()
+    cut = tmp_path / "cut.edf"
+    cut.write_bytes(data[: len(data) // 2])
+    error = _reader_error(cut, "truncated")
+    assert "truncated" in str(error) and "360 data records" in str(error)
+    header_only = tmp_path / "header_only.edf"
+    header_only.write_bytes(data[:600])
+    assert "header" in str(_reader_error(header_only, "truncated"))
+    tiny = tmp_path / "tiny.edf"
+    tiny.write_bytes(data[:100])
+    _reader_error(tiny, "truncated")
+
+
+def test_error_corrupt_header_field(night, tmp_path):
+    data = bytearray(night.read_bytes())
+    data[252:256] = b"ab  "  # number of signals
+    bad = tmp_path / "bad.edf"
+    bad.write_bytes(bytes(data))
+    assert "number of signals" in str(_reader_error(bad, "corrupt"))
+
+
+def test_error_pyedflib_rejection_is_wrapped(night, tmp_path):
+    data = bytearray(night.read_bytes())
+    data[168:176] = b"99.99.99"  # an impossible start date: only pyedflib notices
+    bad = tmp_path / "baddate.edf"
+    bad.write_bytes(bytes(data))
+    error = _reader_error(bad, "corrupt")
+    assert "not a valid EDF/BDF file" in str(error) and "startdate" in str(error)
+
+
+def test_error_discontinuous_is_unsupported(night, tmp_path):
+    data = bytearray(night.read_bytes())
+    data[192:197] = b"EDF+D"
+    path = tmp_path / "disc.edf"
+    path.write_bytes(bytes(data))
+    assert "discontinuous" in str(_reader_error(path, "unsupported"))
+
+
+def test_error_file_changed_after_decoding(tmp_path):
+    path = write_synthetic_night(tmp_path / "n.edf", hours=0.01, seed=3)
+    recording = read_edf(path)
+    with open(path, "ab") as fh:
+        fh.write(b"\0" * 10)
+    with pytest.raises(ReaderError, match="changed since it was decoded"):
+        recording.channels[0].read()
+    path.unlink()
+    with pytest.raises(ReaderError, match="gone"):
+        recording.channels[0].read()
+
+
+def test_reader_error_pickles():
+    error = pickle.loads(pickle.dumps(ReaderError("/x/y.edf", "truncated: ...", kind="truncated")))
+    assert isinstance(error, ReaderError) and error.kind == "truncated" and str(error) == "/x/y.edf: truncated: ..."
+
+
+# ---- in-memory recordings and the types themselves ----------------------------------------------------------
+
+
+def test_channel_from_array():
+    data = np.arange(10, dtype=np.float64)
+    channel = Channel.from_array("C3-M2  ", 2.0, data)
+    assert channel.label == "C3-M2" and channel.unit == "uV" and channel.n_samples == 10
+    assert channel.duration_s == 5.0
+    data[:] = -1  # copied at construction
+    got = channel.read()
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, np.arange(10, dtype=np.float32))
+    got[:] = 7  # and at each read
+    np.testing.assert_array_equal(channel.read(), np.arange(10, dtype=np.float32))
+    with pytest.raises(ValueError):
+        Channel.from_array("X", 0, data)
+
+
+def test_in_memory_recording_and_repr():
+    recording = Recording(
+        channels=[Channel.from_array("ECG", 256, np.zeros(512), unit="mV")],
+        duration_s=2.0,
+        start=datetime(2024, 3, 1, 22, 0),
+        identifiers=Identifiers(patient_id="MRN123456", patient_name="Doe^Jane", admin_code="ACC42",
+                                source_path=Path("/spool/Doe_Jane_MRN123456.edf")),
+        demographics=Demographics(sex="F", birth_date=date(1960, 3, 2)),
+    )
+    assert recording.channel_labels == ["ECG"]
+    assert recording.age_years == pytest.approx((date(2024, 3, 1) - date(1960, 3, 2)).days / 365.2425)
+    for text in (repr(recording), str(recording), repr(recording.identifiers), repr(recording.demographics)):
+        for secret in ("MRN123456", "Doe", "Jane", "ACC42", "1960", "spool", "2024"):
+            assert secret not in text, (secret, text)
+
+
+def test_demographics_age():
+    assert Demographics(age_years=41.5).age_at(datetime(2024, 1, 1)) == 41.5
+    assert Demographics(age_years=41.5).age_at(None) == 41.5
+    assert Demographics().age_at(datetime(2024, 1, 1)) is None
+    born = Demographics(birth_date=date(2000, 1, 1))
+    assert born.age_at(date(2010, 1, 1)) == pytest.approx(10.0, abs=0.01)
+    assert born.age_at(datetime(1999, 1, 1)) is None  # birth after the recording: bad header
+    with pytest.raises(ValueError):
+        Demographics(sex="Female")
