@@ -1,0 +1,220 @@
+"""The ``psg-gateway`` command line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+app = typer.Typer(
+    name="psg-gateway",
+    help="Turn polysomnography recordings into SleepFM embeddings, hypnograms and quiet HL7 risk flags.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bundle_app = typer.Typer(help="Model bundles: inspect one, or generate the untrained demo bundle.",
+                         no_args_is_help=True)
+montage_app = typer.Typer(help="Montage tables: how channel labels map to modalities.", no_args_is_help=True)
+app.add_typer(bundle_app, name="bundle")
+app.add_typer(montage_app, name="montage")
+
+err = Console(stderr=True)
+out = Console()
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _study_key(path: Path) -> str:
+    """A study key that is not PHI: the first 16 hex digits of the file's SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err, transient=True, disable=not err.is_terminal,
+    )
+
+
+@app.command()
+def infer(
+    file: Annotated[Path, typer.Argument(help="EDF/EDF+/BDF recording")],
+    bundle: Annotated[Optional[Path], typer.Option(help="Model bundle folder (default: generated demo bundle)")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: ./<file stem>-psg)")] = None,
+    montage: Annotated[Optional[Path], typer.Option(help="Montage table YAML (default: built-in table)")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
+    precision: Annotated[str, typer.Option(help="fp32 (default), bf16, or fp16 (CUDA)")] = "fp32",
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads")] = None,
+    windows_per_batch: Annotated[Optional[int], typer.Option(help="5-minute windows per encoder pass")] = None,
+) -> None:
+    """Run the model on one recording and write embeddings, hypnogram, metrics and hazards."""
+    from inference.bundle import BundleError, ensure_demo_bundle, load_bundle
+    from inference.engine import Engine, EngineOptions, InputError
+
+    from ..logging import configure_logging, get_logger
+    from ..montage import MontageError, MontageTable, default_table
+    from ..outputs import write_study_outputs
+    from ..prepare import MappingError, prepare_study
+    from ..readers.edf import read_edf
+    from ..readers.errors import ReaderError
+
+    configure_logging()
+    log = get_logger("psg.infer")
+    started = time.perf_counter()
+    out_dir = out_dir or Path.cwd() / f"{file.stem}-psg"
+    try:
+        table = MontageTable.load(montage) if montage else default_table()
+        bundle_dir = bundle or ensure_demo_bundle()
+        model = load_bundle(bundle_dir)
+        engine = Engine(model, EngineOptions(device=device, precision=precision, threads=threads,
+                                             windows_per_batch=windows_per_batch))
+        if not file.is_file():
+            raise ReaderError(file, "file not found")
+        key = _study_key(file)
+        log.info("study.received", study_key=key, source="cli")
+        recording = read_edf(file)
+        log.info("study.decoded", study_key=key, channels=len(recording.channels),
+                 duration_s=round(recording.duration_s, 1))
+        with _progress() as progress:
+            task = progress.add_task("preprocess channels", total=None)
+            prepared = prepare_study(recording, table, key=key,
+                                     progress=lambda d, t: progress.update(task, completed=d, total=t))
+            log.info("study.mapped", study_key=key, montage=table.version,
+                     modalities={m: len(v) for m, v in prepared.channels.items()},
+                     unmapped=prepared.match.unmapped, ignored=prepared.match.ignored)
+            task = progress.add_task("encode 5-min windows", total=None)
+            result = engine.run_many([prepared.study],
+                                     progress=lambda d, t: progress.update(task, completed=d, total=t))[0]
+    except (ReaderError, MontageError, BundleError, MappingError, InputError, ValueError) as exc:
+        log.error("study.failed", reason=str(exc).replace(str(file), file.name))
+        _fail(str(exc))
+        return
+    result.timings_s = {**prepared.timings_s, **result.timings_s}
+    write_study_outputs(result, out_dir, extra={
+        "montage": {"name": table.name, "version": table.version, "channels": prepared.channels,
+                    "unmapped": prepared.match.unmapped, "ignored": prepared.match.ignored},
+        "recording": {"duration_s": recording.duration_s, "channels": len(recording.channels)},
+    })
+    log.info("study.inferred", study_key=key, tokens=result.n_tokens, missing=result.missing_modalities,
+             validated=result.validated, seconds=round(time.perf_counter() - started, 2))
+    _summary(result, prepared, out_dir)
+
+
+def _summary(result, prepared, out_dir: Path) -> None:
+    table = Table(title=f"study {result.key}", show_header=False)
+    for modality, labels in prepared.channels.items():
+        table.add_row(modality, ", ".join(labels))
+    if prepared.match.unmapped:
+        table.add_row("unmapped", ", ".join(prepared.match.unmapped))
+    if result.missing_modalities:
+        table.add_row("missing", ", ".join(result.missing_modalities) + " (masked in the heads)")
+    if result.staging is not None:
+        m = result.staging.metrics
+        table.add_row("sleep", f"TST {m.tst_min:.0f} min, efficiency {m.sleep_efficiency_pct:.0f}%")
+    table.add_row("model", f"{result.bundle.name} {result.bundle.version}"
+                  + ("" if result.validated else "  [bold]NOT VALIDATED - NOT FOR CLINICAL USE[/]"))
+    table.add_row("outputs", str(out_dir))
+    out.print(table)
+
+
+@app.command("example-night")
+def example_night(
+    path: Annotated[Path, typer.Argument(help="EDF file to write")],
+    hours: Annotated[float, typer.Option(help="Length of the night")] = 8.0,
+    seed: Annotated[int, typer.Option(help="Random seed")] = 0,
+) -> None:
+    """Write a synthetic 18-channel PSG night (for demos and benchmarks; no real person)."""
+    from ..readers.synthetic import write_synthetic_night
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_synthetic_night(path, hours=hours, seed=seed)
+    out.print(f"wrote {path} ({hours:g} h, {path.stat().st_size / 1e6:.0f} MB)")
+
+
+@bundle_app.command("make-demo")
+def bundle_make_demo(
+    path: Annotated[Path, typer.Argument(help="Folder to create")],
+    seed: Annotated[int, typer.Option(help="Random seed")] = 0,
+) -> None:
+    """Generate the deterministic, untrained demo bundle (validated: false)."""
+    from inference.bundle import make_demo_bundle
+
+    make_demo_bundle(path, seed=seed)
+    out.print(f"wrote untrained demo bundle to {path} (NOT FOR CLINICAL USE)")
+
+
+@bundle_app.command("info")
+def bundle_info(path: Annotated[Path, typer.Argument(help="Bundle folder")]) -> None:
+    """Load a bundle and print its identity (name, version, validated, checkpoint SHA-256)."""
+    from inference.bundle import BundleError, load_bundle
+
+    try:
+        bundle = load_bundle(path)
+    except BundleError as exc:
+        _fail(str(exc))
+        return
+    doc = bundle.identity.as_dict()
+    doc["heads"] = {"staging": bundle.staging is not None, "diagnosis": bundle.diagnosis is not None}
+    doc["outcomes"] = len(bundle.outcomes)
+    out.print_json(json.dumps(doc))
+
+
+@montage_app.command("map")
+def montage_map(
+    labels: Annotated[list[str], typer.Argument(help="Channel labels, or one EDF/BDF file")],
+    table_path: Annotated[Optional[Path], typer.Option("--table", help="Montage table YAML")] = None,
+) -> None:
+    """Show how channel labels (or a recording's channels) map to modalities."""
+    from ..montage import MontageError, MontageTable, default_table
+    from ..readers.edf import read_edf
+    from ..readers.errors import ReaderError
+
+    try:
+        table = MontageTable.load(table_path) if table_path else default_table()
+        if len(labels) == 1 and Path(labels[0]).suffix.lower() in (".edf", ".bdf", ".rec"):
+            labels = [ch.label for ch in read_edf(Path(labels[0])).channels]
+    except (MontageError, ReaderError) as exc:
+        _fail(str(exc))
+        return
+    match = table.map_labels(labels)
+    grid = Table(title=f"montage {table.name} ({table.version})")
+    grid.add_column("label")
+    grid.add_column("modality")
+    for label in labels:
+        grid.add_row(label, match.modality_of.get(label)
+                     or ("ignored" if label in match.ignored else "[red]unmapped[/]"))
+    out.print(grid)
+    if match.unmapped:
+        raise typer.Exit(1)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    from importlib.metadata import version as dist_version
+
+    out.print(dist_version("psg-gateway"))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

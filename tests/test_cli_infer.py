@@ -1,0 +1,137 @@
+"""End to end: ``psg-gateway infer`` on EDF/BDF files writes the documented outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from gateway.cli.main import app
+from gateway.readers.synthetic import write_synthetic_night
+from inference.bundle import make_demo_bundle
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def demo_bundle(tmp_path_factory):
+    return make_demo_bundle(tmp_path_factory.mktemp("bundle") / "demo")
+
+
+@pytest.fixture(scope="module")
+def short_night(tmp_path_factory):
+    # 17 min 25 s: 209 tokens, so the end-aligned tail window is exercised.
+    return write_synthetic_night(tmp_path_factory.mktemp("night") / "night.edf", hours=1045 / 3600, seed=3)
+
+
+def _infer(*args):
+    result = runner.invoke(app, ["infer", *map(str, args)])
+    return result
+
+
+def test_infer_writes_every_output_with_documented_shapes(short_night, demo_bundle, tmp_path):
+    out = tmp_path / "out"
+    result = _infer(short_night, "--bundle", demo_bundle, "--out", out)
+    assert result.exit_code == 0, result.output
+    tokens = 1045 // 5
+    for modality, n in (("BAS", 8), ("RESP", 6), ("EKG", 1), ("EMG", 3)):
+        emb = np.load(out / "embeddings" / f"{modality}.npy")
+        assert emb.shape == (tokens, 128) and emb.dtype == np.float32
+        assert np.load(out / "embeddings" / f"{modality}_5min.npy").shape == (4, 128)
+    night = np.load(out / "night.npy")
+    assert night.shape == (512,) and night.dtype == np.float32 and np.isfinite(night).all()
+    with open(out / "hypnogram.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == tokens // 6
+    assert {r["stage"] for r in rows} <= {"W", "N1", "N2", "N3", "REM"}
+    assert float(rows[1]["onset_s"]) == 30.0
+    p = np.array([[float(r[f"p_{s}"]) for s in ("W", "N1", "N2", "N3", "REM")] for r in rows])
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-3)
+    with open(out / "hazards.csv") as fh:
+        hazards = list(csv.DictReader(fh))
+    assert len(hazards) == 1065
+    assert hazards[410]["phenotype"] == "Myocardial infarction"
+    assert float(hazards[0]["hazard_ratio"]) == pytest.approx(np.exp(float(hazards[0]["log_hazard"])), rel=1e-4)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["validated"] is False
+    assert "NOT FOR CLINICAL USE" in metrics["notice"]
+    assert metrics["model_bundle"]["name"] == "sleepfm-demo-untrained"
+    assert metrics["montage"]["channels"]["EKG"] == ["ECG II"]
+    assert metrics["missing_modalities"] == []
+    assert metrics["sleep"]["tib_min"] == pytest.approx(len(rows) / 2)
+    assert metrics["demographics_used"]["sex"] in ("M", "F")
+
+
+def test_logs_carry_no_phi(short_night, demo_bundle, tmp_path):
+    from gateway.readers.edf import read_edf
+
+    recording = read_edf(short_night)
+    result = _infer(short_night, "--bundle", demo_bundle, "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    text = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert "study.inferred" in text
+    assert recording.identifiers.patient_id and recording.identifiers.patient_id not in text
+    birth = recording.demographics.birth_date
+    assert birth is not None and birth.isoformat() not in text and birth.strftime("%d-%b-%Y") not in text
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("name", ["short_psg.edf", "short_psg.bdf"])
+def test_real_sleep_edf_excerpt_with_missing_ekg(reference_dir, demo_bundle, tmp_path, name):
+    out = tmp_path / "out"
+    result = _infer(reference_dir / "real" / name, "--bundle", demo_bundle, "--out", out)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["missing_modalities"] == ["EKG"]
+    assert metrics["tokens"] == 60
+    assert sorted(metrics["montage"]["ignored"]) == ["Event marker", "Temp rectal"]
+    assert len(metrics["montage"]["channels"]["BAS"]) == 3
+    night = np.load(out / "night.npy")
+    assert np.isnan(night[256:384]).all() and np.isfinite(night[:256]).all()
+    assert not (out / "embeddings" / "EKG.npy").exists()
+
+
+def test_unreadable_file_is_a_clear_error(tmp_path, demo_bundle):
+    bad = tmp_path / "broken.edf"
+    bad.write_bytes(b"0       " + b"x" * 300)
+    result = _infer(bad, "--bundle", demo_bundle, "--out", tmp_path / "o")
+    assert result.exit_code == 2
+    assert "broken.edf" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_recording_without_mappable_channels_is_a_clear_error(tmp_path, demo_bundle):
+    night = write_synthetic_night(tmp_path / "odd.edf", hours=0.05, seed=1)
+    table = tmp_path / "empty.yaml"
+    table.write_text("name: empty\nmodalities:\n  BAS: []\n  RESP: []\n  EKG: []\n  EMG: []\n")
+    result = _infer(night, "--bundle", demo_bundle, "--montage", table, "--out", tmp_path / "o")
+    assert result.exit_code == 2, result.output
+    assert "no channel maps to a modality" in result.output
+
+
+def test_missing_bundle_is_a_clear_error(short_night, tmp_path):
+    result = _infer(short_night, "--bundle", tmp_path / "nope", "--out", tmp_path / "o")
+    assert result.exit_code == 2
+    assert "model bundle folder not found" in result.output
+
+
+def test_bundle_commands(tmp_path):
+    result = runner.invoke(app, ["bundle", "make-demo", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["bundle", "info", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["validated"] is False and info["outcomes"] == 1065
+    assert info["heads"] == {"staging": True, "diagnosis": True}
+
+
+def test_montage_map_command(short_night):
+    ok = runner.invoke(app, ["montage", "map", str(short_night)])
+    assert ok.exit_code == 0, ok.output
+    assert "E2-M1" in ok.output and "BAS" in ok.output
+    unknown = runner.invoke(app, ["montage", "map", "C3-M2", "Mystery 7"])
+    assert unknown.exit_code == 1
+    assert "unmapped" in unknown.output
