@@ -13,6 +13,7 @@ compute is wasted on padded channels), and the temporal transformer on all windo
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -297,7 +298,7 @@ class Engine:
         bounds = np.linspace(0, n_tokens, n_segments + 1).round().astype(int)
         probs = [
             torch.softmax(head(stacked[:, :, a:b], modality_mask).float(), dim=-1)[0]
-            for a, b in zip(bounds[:-1], bounds[1:])
+            for a, b in itertools.pairwise(bounds)
         ]
         out = torch.cat(probs).cpu().numpy()
         assert out.shape == (n_tokens, len(STAGES))

@@ -47,6 +47,7 @@ def test_encoder_matches_golden_single_channel(reference_dir, bundle):
     assert (tokens - g["embedding_single"]).abs().max() <= TOL
     # The unpadded path (what the engine uses) gives the same numbers.
     pooled2, tokens2 = bundle.encoder(g["x_single"])
+    assert (tokens2 - g["embedding_single"]).abs().max() <= TOL
     assert (pooled2 - g["pooled_single"]).abs().max() <= TOL
 
 

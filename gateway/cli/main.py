@@ -7,7 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -55,13 +55,13 @@ def _progress() -> Progress:
 @app.command()
 def infer(
     file: Annotated[Path, typer.Argument(help="EDF/EDF+/BDF recording")],
-    bundle: Annotated[Optional[Path], typer.Option(help="Model bundle folder (default: generated demo bundle)")] = None,
-    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Output folder (default: ./<file stem>-psg)")] = None,
-    montage: Annotated[Optional[Path], typer.Option(help="Montage table YAML (default: built-in table)")] = None,
+    bundle: Annotated[Path | None, typer.Option(help="Model bundle folder (default: generated demo bundle)")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: ./<file stem>-psg)")] = None,
+    montage: Annotated[Path | None, typer.Option(help="Montage table YAML (default: built-in table)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
     precision: Annotated[str, typer.Option(help="fp32 (default), bf16, or fp16 (CUDA)")] = "fp32",
-    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads")] = None,
-    windows_per_batch: Annotated[Optional[int], typer.Option(help="5-minute windows per encoder pass")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    windows_per_batch: Annotated[int | None, typer.Option(help="5-minute windows per encoder pass")] = None,
 ) -> None:
     """Run the model on one recording and write embeddings, hypnogram, metrics and hazards."""
     from inference.bundle import BundleError, ensure_demo_bundle, load_bundle
@@ -178,7 +178,7 @@ def bundle_info(path: Annotated[Path, typer.Argument(help="Bundle folder")]) -> 
 @montage_app.command("map")
 def montage_map(
     labels: Annotated[list[str], typer.Argument(help="Channel labels, or one EDF/BDF file")],
-    table_path: Annotated[Optional[Path], typer.Option("--table", help="Montage table YAML")] = None,
+    table_path: Annotated[Path | None, typer.Option("--table", help="Montage table YAML")] = None,
 ) -> None:
     """Show how channel labels (or a recording's channels) map to modalities."""
     from ..montage import MontageError, MontageTable, default_table
