@@ -27,10 +27,21 @@ import numpy as np
 from inference.results import STAGES, TOKEN_SECONDS, TOKENS_PER_EPOCH, StudyResult
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Output files get the permissions an ordinary open() would give (mkstemp's are 0600).
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     # A reader (or a crash) never sees a half-written output file.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -135,3 +136,14 @@ def test_montage_map_command(short_night):
     unknown = runner.invoke(app, ["montage", "map", "C3-M2", "Mystery 7"])
     assert unknown.exit_code == 1
     assert "unmapped" in unknown.output
+
+
+def test_outputs_are_readable_by_others_under_the_usual_umask(short_night, demo_bundle, tmp_path):
+    out = tmp_path / "perm"
+    result = _infer(short_night, "--bundle", demo_bundle, "--out", out)
+    assert result.exit_code == 0, result.output
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [out / "night.npy", out / "metrics.json", out / "embeddings" / "BAS.npy"]:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+    assert not [p for p in out.rglob(".*")]  # no temporary files left behind
