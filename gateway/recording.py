@@ -23,6 +23,9 @@ import numpy as np
 SampleSource = Callable[[], np.ndarray]
 """Returns a channel's physical samples as a new float32 array on every call."""
 
+ValiditySource = Callable[[], np.ndarray]
+"""Returns a bool array, one per sample, True where the sample was measured (False in a gap)."""
+
 _REDACTED = "<redacted>"
 _DAYS_PER_YEAR = 365.2425
 
@@ -33,6 +36,8 @@ class Channel:
 
     ``label`` is as recorded, with trailing spaces stripped. ``unit`` is the physical dimension as
     recorded (``"uV"``, ``"mV"``, ``"%"``, ``""`` ...). ``prefilter``/``transducer`` are informational.
+    A channel with gaps (EDF+D, DICOM padding, instances that do not meet) has a validity source:
+    its samples in a gap are filled (with 0) and :meth:`read_valid` says which they are.
     """
 
     label: str
@@ -42,6 +47,21 @@ class Channel:
     _source: SampleSource = field(repr=False)
     prefilter: str = ""
     transducer: str = ""
+    _valid: ValiditySource | None = field(default=None, repr=False)
+
+    @property
+    def has_gaps(self) -> bool:
+        return self._valid is not None
+
+    def read_valid(self) -> np.ndarray | None:
+        """Bool per sample, True where measured; None when the channel has no gaps."""
+        if self._valid is None:
+            return None
+        valid = np.asarray(self._valid(), dtype=bool).reshape(-1)
+        if valid.size != self.n_samples:
+            raise ValueError(f"channel {self.label!r}: validity mask has {valid.size} values for "
+                             f"{self.n_samples} samples")
+        return valid
 
     @property
     def duration_s(self) -> float:
@@ -64,6 +84,7 @@ class Channel:
         *,
         prefilter: str = "",
         transducer: str = "",
+        valid: np.ndarray | None = None,
     ) -> Channel:
         """A channel backed by an in-memory array (tests, synthetic nights, decoded DICOM waveforms).
 
@@ -74,6 +95,15 @@ class Channel:
             raise ValueError(f"channel {label!r}: sampling rate must be positive, got {rate}")
         samples = np.array(data, dtype=np.float32, copy=True).reshape(-1)
         samples.flags.writeable = False
+        valid_source = None
+        if valid is not None:
+            mask = np.array(valid, dtype=bool, copy=True).reshape(-1)
+            if mask.size != samples.size:
+                raise ValueError(f"channel {label!r}: validity mask has {mask.size} values for "
+                                 f"{samples.size} samples")
+            if not mask.all():
+                mask.flags.writeable = False
+                valid_source = mask.copy
         return cls(
             label=label.rstrip(),
             sampling_rate=float(rate),
@@ -82,6 +112,7 @@ class Channel:
             _source=samples.copy,
             prefilter=prefilter,
             transducer=transducer,
+            _valid=valid_source,
         )
 
 
