@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from inference.preprocess import n_target_samples, preprocess_channel
+from inference.gaps import preprocess_with_gaps
+from inference.preprocess import n_target_samples
 from inference.results import StudyInput
 
 from .montage import MontageMatch, MontageTable
@@ -29,6 +30,8 @@ class PreparedStudy:
     match: MontageMatch
     channels: dict[str, list[str]]  # modality -> labels used, in row order
     timings_s: dict[str, float] = field(default_factory=dict)
+    gap_fraction: dict[str, float] = field(default_factory=dict)  # label -> share of the night in gaps
+    dropped: dict[str, str] = field(default_factory=dict)  # label -> why it was not used
 
 
 def prepare_study(
@@ -53,22 +56,37 @@ def prepare_study(
     done, t_read, t_pre = 0, 0.0, 0.0
     signals: dict[str, np.ndarray] = {}
     used: dict[str, list[str]] = {}
+    gaps: dict[str, float] = {}
+    dropped: dict[str, str] = {}
     for modality, indices in match.groups.items():
         block = np.empty((len(indices), n_out), dtype=np.float32)
-        for row, index in enumerate(indices):
+        rows: list[str] = []
+        for index in indices:
             channel = recording.channels[index]
             t0 = time.perf_counter()
             samples = channel.read()
+            valid = channel.read_valid()
             t1 = time.perf_counter()
-            block[row] = preprocess_channel(samples, channel.sampling_rate, n_out=n_out)
+            try:
+                block[len(rows)], gap = preprocess_with_gaps(samples, valid, channel.sampling_rate, n_out)
+            except ValueError as exc:
+                # One dead channel (all gap) must not sink the study; it is reported instead.
+                dropped[channel.label] = str(exc)
+            else:
+                rows.append(channel.label)
+                if gap:
+                    gaps[channel.label] = round(gap, 6)
             t_pre += time.perf_counter() - t1
             t_read += t1 - t0
-            del samples
+            del samples, valid
             done += 1
             if progress is not None:
                 progress(done, total)
-        signals[modality] = block
-        used[modality] = [recording.channels[i].label for i in indices]
+        if rows:
+            signals[modality] = block[: len(rows)]
+            used[modality] = rows
+    if not signals:
+        raise MappingError(f"no usable channel: {dropped}")
     demographics = recording.demographics
     study = StudyInput(
         signals=signals,
@@ -76,4 +94,4 @@ def prepare_study(
         sex=demographics.sex,
         key=key,
     )
-    return PreparedStudy(study, match, used, {"read": t_read, "preprocess": t_pre})
+    return PreparedStudy(study, match, used, {"read": t_read, "preprocess": t_pre}, gaps, dropped)

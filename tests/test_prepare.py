@@ -1,0 +1,69 @@
+"""Mapping and preprocessing a Recording for the engine, including channels with gaps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gateway.montage import default_table
+from gateway.prepare import MappingError, prepare_study
+from gateway.recording import Channel, Demographics, Recording
+
+SECONDS = 600
+
+
+def _channel(label, rate, seed, valid=None):
+    x = np.random.default_rng(seed).standard_normal(int(rate * SECONDS)).astype(np.float32) * 20
+    if valid is not None:
+        x[~valid] = 0.0
+    return Channel.from_array(label, rate, x, valid=valid)
+
+
+def test_channels_grouped_in_modality_order_and_standardised():
+    rec = Recording(
+        channels=[_channel("ECG II", 512, 1), _channel("C3-M2", 256, 2), _channel("Temp rectal", 1, 3),
+                  _channel("Thor", 32, 4), _channel("C4-M1", 256, 5)],
+        duration_s=SECONDS, demographics=Demographics(sex="F", age_years=61.0),
+    )
+    prepared = prepare_study(rec, default_table(), key="k")
+    assert list(prepared.study.signals) == ["BAS", "RESP", "EKG"]
+    assert prepared.channels == {"BAS": ["C3-M2", "C4-M1"], "RESP": ["Thor"], "EKG": ["ECG II"]}
+    assert prepared.study.signals["BAS"].shape == (2, 128 * SECONDS)
+    assert prepared.study.age_years == 61.0 and prepared.study.sex == "F"
+    for block in prepared.study.signals.values():
+        assert block.dtype == np.float32
+        np.testing.assert_allclose(block.mean(axis=1), 0, atol=1e-3)
+        np.testing.assert_allclose(block.std(axis=1), 1, atol=1e-3)
+    assert prepared.gap_fraction == {} and prepared.dropped == {}
+    assert set(prepared.timings_s) == {"read", "preprocess"}
+
+
+def test_gap_is_kept_on_the_timeline_as_zeros_and_reported():
+    valid = np.ones(256 * SECONDS, bool)
+    valid[256 * 100 : 256 * 160] = False
+    rec = Recording(channels=[_channel("C3-M2", 256, 1, valid), _channel("Thor", 32, 2)], duration_s=SECONDS)
+    prepared = prepare_study(rec, default_table())
+    bas = prepared.study.signals["BAS"][0]
+    assert bas.shape == (128 * SECONDS,)
+    assert (bas[128 * 100 : 128 * 160] == 0).all()
+    assert np.abs(bas[128 * 170 : 128 * 200]).max() > 0.5
+    assert prepared.gap_fraction == {"C3-M2": pytest.approx(0.1)}
+
+
+def test_dead_channel_is_dropped_with_reason_and_study_goes_on():
+    dead = np.zeros(256 * SECONDS, bool)
+    rec = Recording(channels=[_channel("C3-M2", 256, 1, dead), _channel("C4-M1", 256, 2)], duration_s=SECONDS)
+    prepared = prepare_study(rec, default_table())
+    assert prepared.channels == {"BAS": ["C4-M1"]}
+    assert prepared.study.signals["BAS"].shape == (1, 128 * SECONDS)
+    assert "all gap" in prepared.dropped["C3-M2"]
+
+
+def test_nothing_usable_is_a_mapping_error():
+    rec = Recording(channels=[_channel("Mystery", 256, 1)], duration_s=SECONDS)
+    with pytest.raises(MappingError, match="no channel maps to a modality"):
+        prepare_study(rec, default_table())
+    dead = np.zeros(256 * SECONDS, bool)
+    rec = Recording(channels=[_channel("C3-M2", 256, 1, dead)], duration_s=SECONDS)
+    with pytest.raises(MappingError, match="no usable channel"):
+        prepare_study(rec, default_table())
