@@ -37,11 +37,16 @@ def _fail(message: str, code: int = 2) -> None:
 
 
 def _study_key(path: Path) -> str:
-    """A study key that is not PHI: the first 16 hex digits of the file's SHA-256."""
+    """A study key that is not PHI: the first 16 hex digits of the SHA-256 of the file's content
+    (of a folder: of its files' relative names and contents, in name order)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            digest.update(block)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as fh:
+            while block := fh.read(1 << 22):
+                digest.update(block)
     return digest.hexdigest()[:16]
 
 
@@ -54,7 +59,7 @@ def _progress() -> Progress:
 
 @app.command()
 def infer(
-    file: Annotated[Path, typer.Argument(help="EDF/EDF+/BDF recording")],
+    file: Annotated[Path, typer.Argument(help="EDF/EDF+/BDF file, DICOM waveform file, or a folder of one study's DICOM files")],
     bundle: Annotated[Path | None, typer.Option(help="Model bundle folder (default: generated demo bundle)")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder (default: ./<file stem>-psg)")] = None,
     montage: Annotated[Path | None, typer.Option(help="Montage table YAML (default: built-in table)")] = None,
@@ -71,7 +76,7 @@ def infer(
     from ..montage import MontageError, MontageTable, default_table
     from ..outputs import write_study_outputs
     from ..prepare import MappingError, prepare_study
-    from ..readers.edf import read_edf
+    from ..readers import read_recording
     from ..readers.errors import ReaderError
 
     configure_logging()
@@ -84,11 +89,11 @@ def infer(
         model = load_bundle(bundle_dir)
         engine = Engine(model, EngineOptions(device=device, precision=precision, threads=threads,
                                              windows_per_batch=windows_per_batch))
-        if not file.is_file():
+        if not file.exists():
             raise ReaderError(file, "file not found")
         key = _study_key(file)
         log.info("study.received", study_key=key, source="cli")
-        recording = read_edf(file)
+        recording = read_recording(file)
         log.info("study.decoded", study_key=key, channels=len(recording.channels),
                  duration_s=round(recording.duration_s, 1))
         with _progress() as progress:
@@ -109,6 +114,7 @@ def infer(
     write_study_outputs(result, out_dir, extra={
         "montage": {"name": table.name, "version": table.version, "channels": prepared.channels,
                     "unmapped": prepared.match.unmapped, "ignored": prepared.match.ignored},
+        "gaps": {"fraction_by_channel": prepared.gap_fraction, "dropped_channels": prepared.dropped},
         "recording": {"duration_s": recording.duration_s, "channels": len(recording.channels)},
     })
     log.info("study.inferred", study_key=key, tokens=result.n_tokens, missing=result.missing_modalities,
