@@ -83,6 +83,7 @@ def infer(
     log = get_logger("psg.infer")
     started = time.perf_counter()
     out_dir = out_dir or Path.cwd() / f"{file.stem}-psg"
+    key: str | None = None
     try:
         table = MontageTable.load(montage) if montage else default_table()
         bundle_dir = bundle or ensure_demo_bundle()
@@ -107,7 +108,8 @@ def infer(
             result = engine.run_many([prepared.study],
                                      progress=lambda d, t: progress.update(task, completed=d, total=t))[0]
     except (ReaderError, MontageError, BundleError, MappingError, InputError, ValueError) as exc:
-        log.error("study.failed", reason=str(exc).replace(str(file), file.name))
+        # The path itself may carry a patient name; the log gets the study key only.
+        log.error("study.failed", study_key=key, reason=str(exc).replace(str(file), "<input>"))
         _fail(str(exc))
         return
     result.timings_s = {**prepared.timings_s, **result.timings_s}
