@@ -28,6 +28,8 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+    # pydicom's warnings quote offending header values, which can be a patient's name.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
 def get_logger(name: str | None = None) -> structlog.typing.FilteringBoundLogger:

@@ -156,11 +156,14 @@ class Identifiers:
     patient_name: str | None = None
     admin_code: str | None = None  # EDF+ hospital administration code / DICOM accession number
     source_path: Path | None = None
+    study_uid: str | None = None  # DICOM Study Instance UID
+    patient_id_issuer: str | None = None  # DICOM Issuer of Patient ID (assigning authority)
 
     def __repr__(self) -> str:
         shown = ", ".join(
             f"{name}={_REDACTED if getattr(self, name) else None}"
-            for name in ("patient_id", "patient_name", "admin_code", "source_path")
+            for name in ("patient_id", "patient_name", "admin_code", "source_path", "study_uid",
+                         "patient_id_issuer")
         )
         return f"Identifiers({shown})"
 

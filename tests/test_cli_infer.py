@@ -147,3 +147,17 @@ def test_outputs_are_readable_by_others_under_the_usual_umask(short_night, demo_
     for path in [out / "night.npy", out / "metrics.json", out / "embeddings" / "BAS.npy"]:
         assert path.stat().st_mode & 0o777 == 0o666 & ~mask
     assert not [p for p in out.rglob(".*")]  # no temporary files left behind
+
+
+def test_infer_on_a_dicom_study_folder(demo_bundle, tmp_path):
+    from gateway.readers.dicom_synthetic import write_psg_study
+
+    write_psg_study(tmp_path / "study", hours=0.1, seed=2)
+    out = tmp_path / "out"
+    result = _infer(tmp_path / "study", "--bundle", demo_bundle, "--out", out)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["modalities"] == ["BAS", "RESP", "EKG", "EMG"]
+    assert metrics["tokens"] == 72
+    assert metrics["montage"]["channels"]["EKG"] == ["ECG II"]
+    assert np.load(out / "embeddings" / "RESP.npy").shape == (72, 128)

@@ -39,7 +39,8 @@ def read_recording(path: str | Path) -> Recording:
         files = sorted(p for p in path.rglob("*") if p.is_file() and sniff_format(p) == "dicom")
         if not files:
             raise ReaderError(path, "folder holds no DICOM files", kind="not_found")
-        return read_dicom_study(files)
+        # A study folder may also hold a DICOMDIR, reports or audio: skip those, read the waveforms.
+        return read_dicom_study(files, ignore_unsupported=True)
     if not path.exists():
         raise ReaderError(path, "file not found", kind="not_found")
     kind = sniff_format(path)
