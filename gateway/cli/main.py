@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .montage_cmd import montage_app
+
 app = typer.Typer(
     name="psg-gateway",
     help="Turn polysomnography recordings into SleepFM embeddings, hypnograms and quiet HL7 risk flags.",
@@ -23,7 +25,6 @@ app = typer.Typer(
 )
 bundle_app = typer.Typer(help="Model bundles: inspect one, or generate the untrained demo bundle.",
                          no_args_is_help=True)
-montage_app = typer.Typer(help="Montage tables: how channel labels map to modalities.", no_args_is_help=True)
 app.add_typer(bundle_app, name="bundle")
 app.add_typer(montage_app, name="montage")
 
@@ -181,35 +182,6 @@ def bundle_info(path: Annotated[Path, typer.Argument(help="Bundle folder")]) -> 
     doc["heads"] = {"staging": bundle.staging is not None, "diagnosis": bundle.diagnosis is not None}
     doc["outcomes"] = len(bundle.outcomes)
     out.print_json(json.dumps(doc))
-
-
-@montage_app.command("map")
-def montage_map(
-    labels: Annotated[list[str], typer.Argument(help="Channel labels, or one EDF/BDF file")],
-    table_path: Annotated[Path | None, typer.Option("--table", help="Montage table YAML")] = None,
-) -> None:
-    """Show how channel labels (or a recording's channels) map to modalities."""
-    from ..montage import MontageError, MontageTable, default_table
-    from ..readers.edf import read_edf
-    from ..readers.errors import ReaderError
-
-    try:
-        table = MontageTable.load(table_path) if table_path else default_table()
-        if len(labels) == 1 and Path(labels[0]).suffix.lower() in (".edf", ".bdf", ".rec"):
-            labels = [ch.label for ch in read_edf(Path(labels[0])).channels]
-    except (MontageError, ReaderError) as exc:
-        _fail(str(exc))
-        return
-    match = table.map_labels(labels)
-    grid = Table(title=f"montage {table.name} ({table.version})")
-    grid.add_column("label")
-    grid.add_column("modality")
-    for label in labels:
-        grid.add_row(label, match.modality_of.get(label)
-                     or ("ignored" if label in match.ignored else "[red]unmapped[/]"))
-    out.print(grid)
-    if match.unmapped:
-        raise typer.Exit(1)
 
 
 @app.command()
