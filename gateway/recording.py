@@ -193,6 +193,7 @@ class Recording:
     demographics: Demographics = field(default_factory=Demographics)
     annotations: list[Annotation] = field(default_factory=list)
     format: str = "memory"
+    warnings: list[str] = field(default_factory=list)  # problems that did not stop decoding; no PHI
 
     @property
     def channel_labels(self) -> list[str]:
@@ -210,7 +211,7 @@ class Recording:
         return (
             f"Recording(format={self.format!r}, channels={len(self.channels)}, "
             f"duration_s={self.duration_s:.1f}, rates_hz={rates}, sex={self.demographics.sex!r}, "
-            f"annotations={len(self.annotations)})"
+            f"annotations={len(self.annotations)}, warnings={len(self.warnings)})"
         )
 
     __str__ = __repr__

@@ -225,41 +225,74 @@ def test_error_empty_and_directory(tmp_path):
 
 def test_error_truncated(night, tmp_path):
     data = night.read_bytes()
-    cut = tmp_path / "cut.edf"
-    cut.write_bytes(data[: len(data) // 2])
-    error = _reader_error(cut, "truncated")
-    assert "truncated" in str(error) and "360 data records" in str(error)
     header_only = tmp_path / "header_only.edf"
     header_only.write_bytes(data[:600])
     assert "header" in str(_reader_error(header_only, "truncated"))
     tiny = tmp_path / "tiny.edf"
     tiny.write_bytes(data[:100])
     _reader_error(tiny, "truncated")
+    header_bytes = 256 * (len(DEFAULT_BENCH_CHANNELS) + 2)  # + the annotation signal
+    no_record = tmp_path / "no_record.edf"
+    no_record.write_bytes(data[: header_bytes + 100])
+    assert "not one complete data record" in str(_reader_error(no_record, "truncated"))
 
 
-def test_error_corrupt_header_field(night, tmp_path):
+def test_truncated_file_reads_its_complete_records(night, tmp_path):
+    """A file cut short (copy interrupted, disk full) keeps its complete records, with a warning."""
+    data = night.read_bytes()
+    cut = tmp_path / "cut.edf"
+    cut.write_bytes(data[: len(data) // 2])
+    warnings: list[str] = []
+    recording = read_edf(cut, warnings=warnings)
+    record_bytes = (len(data) - 256 * (len(DEFAULT_BENCH_CHANNELS) + 2)) // 360
+    complete = (len(data) // 2 - 256 * (len(DEFAULT_BENCH_CHANNELS) + 2)) // record_bytes
+    assert recording.duration_s == complete
+    assert recording.channels[0].n_samples == 256 * complete
+    full = read_edf(night).channels[0].read()
+    np.testing.assert_array_equal(recording.channels[0].read(), full[: 256 * complete])
+    assert any("truncated" in w and "360 data records" in w and f"{complete} complete" in w for w in warnings)
+    assert not any(str(cut) in w or "SYN-0001" in w for w in warnings)  # no path, no identifiers
+
+
+def test_invalid_start_date_reads_without_start(night, tmp_path):
     data = bytearray(night.read_bytes())
-    data[252:256] = b"ab  "  # number of signals
-    bad = tmp_path / "bad.edf"
-    bad.write_bytes(bytes(data))
-    assert "number of signals" in str(_reader_error(bad, "corrupt"))
-
-
-def test_error_pyedflib_rejection_is_wrapped(night, tmp_path):
-    data = bytearray(night.read_bytes())
-    data[168:176] = b"99.99.99"  # an impossible start date: only pyedflib notices
+    data[168:176] = b"99.99.99"  # an impossible start date: pyedflib refuses the file
     bad = tmp_path / "baddate.edf"
     bad.write_bytes(bytes(data))
-    error = _reader_error(bad, "corrupt")
-    assert "not a valid EDF/BDF file" in str(error) and "startdate" in str(error)
+    warnings: list[str] = []
+    recording = read_edf(bad, warnings=warnings)
+    assert recording.start is None and recording.age_years is None
+    assert recording.duration_s == 360.0 and len(recording.channels) == 18
+    assert any("start date" in w and "99.99.99" in w for w in warnings)
 
 
-def test_error_discontinuous_is_unsupported(night, tmp_path):
+def test_pyedflib_rejection_falls_back_to_the_raw_reader(night, tmp_path):
+    data = bytearray(night.read_bytes())
+    data[8:88] = b"SYN-0001 Q 01-JAN-1970 Name".ljust(80)  # EDF+ patient field with an invalid sex subfield
+    odd = tmp_path / "odd.edf"
+    odd.write_bytes(bytes(data))
+    warnings: list[str] = []
+    recording = read_edf(odd, warnings=warnings)
+    assert any("pyedflib refused" in w and "raw EDF parser" in w for w in warnings)
+    assert recording.format == "EDF+C" and len(recording.channels) == 18
+    assert recording.identifiers.patient_id == "SYN-0001 Q 01-JAN-1970 Name"  # not the EDF+ layout
+    assert [a.text for a in recording.annotations] == ["Lights off", "Lights on"]
+    np.testing.assert_array_equal(recording.channels[3].read(), read_edf(night).channels[3].read())
+
+
+def test_discontinuous_header_is_read(night, tmp_path):
+    """EDF+D whose records follow each other: read like the continuous file."""
     data = bytearray(night.read_bytes())
     data[192:197] = b"EDF+D"
     path = tmp_path / "disc.edf"
     path.write_bytes(bytes(data))
-    assert "discontinuous" in str(_reader_error(path, "unsupported"))
+    recording = read_edf(path)
+    reference = read_edf(night)
+    assert recording.format == "EDF+D"
+    assert recording.duration_s == reference.duration_s and recording.start == reference.start
+    assert recording.annotations == reference.annotations
+    assert not any(c.has_gaps for c in recording.channels)
+    np.testing.assert_array_equal(recording.channels[8].read(), reference.channels[8].read())
 
 
 def test_error_file_changed_after_decoding(tmp_path):
