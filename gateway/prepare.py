@@ -39,13 +39,15 @@ def prepare_study(
     table: MontageTable,
     key: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    source: str | None = None,
 ) -> PreparedStudy:
     """Map ``recording``'s channels with ``table`` and preprocess them for the engine.
 
+    ``source`` (``dicom:<AE title>``, ``folder:<path>``) selects the table's scoped rules.
     ``progress(done, total)`` is called after each channel.
     """
     labels = [ch.label for ch in recording.channels]
-    match = table.map_labels(labels)
+    match = table.map_labels(labels, source=source)
     if not any(match.groups.values()):
         raise MappingError(
             f"no channel maps to a modality (labels: {', '.join(labels) or 'none'}); "

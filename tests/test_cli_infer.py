@@ -161,3 +161,35 @@ def test_infer_on_a_dicom_study_folder(demo_bundle, tmp_path):
     assert metrics["tokens"] == 72
     assert metrics["montage"]["channels"]["EKG"] == ["ECG II"]
     assert np.load(out / "embeddings" / "RESP.npy").shape == (72, 128)
+
+
+@pytest.mark.reference
+def test_scored_hypnogram_gives_agreement_and_rules_are_recorded(reference_dir, demo_bundle, tmp_path):
+    out = tmp_path / "out"
+    real = reference_dir / "real"
+    result = _infer(real / "short_psg.edf", "--bundle", demo_bundle, "--out", out,
+                    "--hypnogram", real / "SC4001EC-Hypnogram.edf")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    scoring = metrics["staging_agreement"]
+    # 300 s = 10 epochs, all scored W in the real hypnogram's first 30 minutes.
+    assert scoring["epochs"] == 10
+    assert sum(scoring["confusion"]["W"].values()) == 10
+    assert 0.0 <= scoring["accuracy"] <= 1.0
+    mapping = {m["label"]: m for m in metrics["montage"]["mapping"]}
+    assert mapping["EEG Fpz-Cz"]["modality"] == "BAS" and mapping["EEG Fpz-Cz"]["rule"]
+    assert mapping["Temp rectal"]["status"] == "excluded"
+    assert metrics["recording"]["format"] == "EDF"
+    assert metrics["recording"]["warnings"] == []
+
+
+def test_sidecar_identifiers_reach_the_study_not_the_logs(tmp_path, demo_bundle):
+    night = write_synthetic_night(tmp_path / "n.edf", hours=0.05, seed=5)
+    (tmp_path / "n.json").write_text(json.dumps({"patient_id": "MRN-778899", "sex": "F", "age_years": 71}))
+    out = tmp_path / "out"
+    result = _infer(night, "--bundle", demo_bundle, "--out", out)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["demographics_used"]["sex"] == "F"
+    assert metrics["demographics_used"]["age_years"] == 71
+    assert "MRN-778899" not in result.output

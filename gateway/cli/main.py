@@ -68,17 +68,26 @@ def infer(
     precision: Annotated[str, typer.Option(help="fp32 (default), bf16, or fp16 (CUDA)")] = "fp32",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     windows_per_batch: Annotated[int | None, typer.Option(help="5-minute windows per encoder pass")] = None,
+    source: Annotated[str | None, typer.Option(help="Montage scope of this input, e.g. folder:/data/lab2")] = None,
+    hypnogram: Annotated[Path | None, typer.Option(
+        help="EDF+ file with the scored hypnogram (default: stage annotations in FILE itself)")] = None,
+    filename_pattern: Annotated[str | None, typer.Option(
+        help="Regex with named groups (patient_id, accession, ...) that reads identifiers from the file name")] = None,
 ) -> None:
-    """Run the model on one recording and write embeddings, hypnogram, metrics and hazards."""
+    """Run the model on one recording and write embeddings, hypnogram, metrics and hazards.
+
+    A sidecar JSON beside the file (FILE.json or STEM.json) supplies identifiers the header lacks."""
     from inference.bundle import BundleError, ensure_demo_bundle, load_bundle
     from inference.engine import Engine, EngineOptions, InputError
 
+    from ..identifiers import apply_site_identifiers
     from ..logging import configure_logging, get_logger
     from ..montage import MontageError, MontageTable, default_table
     from ..outputs import write_study_outputs
     from ..prepare import MappingError, prepare_study
     from ..readers import read_recording
     from ..readers.errors import ReaderError
+    from ..scoring import agreement, reference_hypnogram
 
     configure_logging()
     log = get_logger("psg.infer")
@@ -95,12 +104,15 @@ def infer(
             raise ReaderError(file, "file not found")
         key = _study_key(file)
         log.info("study.received", study_key=key, source="cli")
-        recording = read_recording(file)
+        recording = apply_site_identifiers(read_recording(file), file, filename_pattern)
+        scored_annotations = recording.annotations
+        if hypnogram:
+            scored_annotations = _annotations_on_timeline_of(read_recording(hypnogram), recording)
         log.info("study.decoded", study_key=key, channels=len(recording.channels),
-                 duration_s=round(recording.duration_s, 1))
+                 duration_s=round(recording.duration_s, 1), warnings=recording.warnings)
         with _progress() as progress:
             task = progress.add_task("preprocess channels", total=None)
-            prepared = prepare_study(recording, table, key=key,
+            prepared = prepare_study(recording, table, key=key, source=source,
                                      progress=lambda d, t: progress.update(task, completed=d, total=t))
             log.info("study.mapped", study_key=key, montage=table.version,
                      modalities={m: len(v) for m, v in prepared.channels.items()},
@@ -114,15 +126,36 @@ def infer(
         _fail(str(exc))
         return
     result.timings_s = {**prepared.timings_s, **result.timings_s}
+    scoring = None
+    if result.staging is not None:
+        reference = reference_hypnogram(scored_annotations, n_epochs=len(result.staging.hypnogram))
+        if reference is not None:
+            scoring = agreement(result.staging.hypnogram, reference).to_dict()
+            log.info("study.staging_agreement", study_key=key, epochs=scoring["epochs"],
+                     accuracy=scoring["accuracy"], kappa=scoring["kappa"])
     write_study_outputs(result, out_dir, extra={
-        "montage": {"name": table.name, "version": table.version, "channels": prepared.channels,
-                    "unmapped": prepared.match.unmapped, "ignored": prepared.match.ignored},
+        "montage": {"name": table.name, "version": table.version, "source": source,
+                    "channels": prepared.channels, "unmapped": prepared.match.unmapped,
+                    "ignored": prepared.match.ignored,
+                    "mapping": [c.as_dict() for c in prepared.match.channels]},
         "gaps": {"fraction_by_channel": prepared.gap_fraction, "dropped_channels": prepared.dropped},
-        "recording": {"duration_s": recording.duration_s, "channels": len(recording.channels)},
+        "recording": {"duration_s": recording.duration_s, "channels": len(recording.channels),
+                      "format": recording.format, "warnings": recording.warnings},
+        "staging_agreement": scoring,
     })
     log.info("study.inferred", study_key=key, tokens=result.n_tokens, missing=result.missing_modalities,
              validated=result.validated, seconds=round(time.perf_counter() - started, 2))
     _summary(result, prepared, out_dir)
+
+
+def _annotations_on_timeline_of(other, recording) -> list:
+    """``other``'s annotations with onsets relative to ``recording``'s start (when both starts are known)."""
+    from ..recording import Annotation
+
+    shift = 0.0
+    if other.start is not None and recording.start is not None:
+        shift = (other.start - recording.start).total_seconds()
+    return [Annotation(a.onset_s + shift, a.duration_s, a.text) for a in other.annotations]
 
 
 def _summary(result, prepared, out_dir: Path) -> None:
