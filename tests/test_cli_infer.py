@@ -193,3 +193,15 @@ def test_sidecar_identifiers_reach_the_study_not_the_logs(tmp_path, demo_bundle)
     assert metrics["demographics_used"]["sex"] == "F"
     assert metrics["demographics_used"]["age_years"] == 71
     assert "MRN-778899" not in result.output
+
+
+def test_failure_log_names_no_path(tmp_path, demo_bundle):
+    folder = tmp_path / "Doe_Jane"
+    folder.mkdir()
+    bad = folder / "Doe_Jane_night.edf"
+    bad.write_bytes(b"0       " + b"x" * 300)
+    (folder / "Doe_Jane_night.json").write_text("{not json")
+    result = _infer(bad, "--bundle", demo_bundle, "--out", tmp_path / "o")
+    assert result.exit_code == 2
+    log_lines = [line for line in result.output.splitlines() if "study.failed" in line]
+    assert log_lines and not any("Doe_Jane" in line for line in log_lines)

@@ -121,8 +121,10 @@ def infer(
             result = engine.run_many([prepared.study],
                                      progress=lambda d, t: progress.update(task, completed=d, total=t))[0]
     except (ReaderError, MontageError, BundleError, MappingError, InputError, ValueError) as exc:
-        # The path itself may carry a patient name; the log gets the study key only.
-        log.error("study.failed", study_key=key, reason=str(exc).replace(str(file), "<input>"))
+        # A path may carry a patient name: the log gets the study key and the reason without paths.
+        reason = exc.reason if isinstance(exc, ReaderError) else str(exc)
+        log.error("study.failed", study_key=key, error=type(exc).__name__,
+                  reason=reason.replace(str(file.parent), "<folder>"))
         _fail(str(exc))
         return
     result.timings_s = {**prepared.timings_s, **result.timings_s}
