@@ -38,8 +38,8 @@ Field quirks and how they are read
     annotation-only files (no signal channel)      no channels, annotations only
     ============================================  ==================================================
 
-Warnings (what was dropped or guessed) are appended to the ``warnings`` list passed to :func:`read_edf`,
-and to ``Recording.warnings`` when that field exists. They never hold identifiers or the path.
+Warnings (what was dropped or guessed) go to ``Recording.warnings`` (and to the ``warnings`` list
+passed to :func:`read_edf`, if any). They never hold identifiers or the path.
 """
 
 from __future__ import annotations
@@ -153,15 +153,10 @@ def read_edf(path: str | Path, *, sample_reader: Literal["numpy", "pyedflib"] = 
                 reader.close()
     if recording is None:
         recording = build_raw_recording(header, stamp, notes)
+    recording.warnings.extend(notes)
     if warnings is not None:
         warnings.extend(notes)
-    _attach_warnings(recording, notes)
     return recording
-
-
-def _attach_warnings(recording: Recording, notes: list[str]) -> None:
-    """Record problems that did not stop decoding on the recording itself."""
-    recording.warnings.extend(notes)
 
 
 def _start(reader: pyedflib.EdfReader) -> datetime | None:
