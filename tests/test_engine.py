@@ -161,3 +161,26 @@ def test_option_errors():
         Engine.__init__(object.__new__(Engine), None, EngineOptions(precision="int8"))
     with pytest.raises(ValueError, match="fp16 runs on CUDA only"):
         Engine.__init__(object.__new__(Engine), None, EngineOptions(device="cpu", precision="fp16"))
+
+
+def test_nights_longer_than_the_staging_table_are_staged_in_equal_segments(demo_bundle_dir):
+    import dataclasses
+
+    from inference.models import StagingHead
+
+    bundle = load_bundle(demo_bundle_dir)
+    short = StagingHead(dataclasses.replace(bundle.staging.cfg, max_seq_length=64)).eval()
+    weights = {k: v for k, v in bundle.staging.state_dict().items() if k != "positional_encoding.pe"}
+    short.load_state_dict(weights, strict=False)
+    bundle.staging = short
+    engine = Engine(bundle, EngineOptions())
+    signals = _night(130)
+    result = engine.run(StudyInput(signals))
+    probs = result.staging.token_probs
+    assert probs.shape == (130, 5)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    # 130 tokens with a 64-token table: three segments of 43/44 tokens, each staged on its own.
+    tokens = torch.stack([torch.from_numpy(result.token_embeddings[m]) for m in ("BAS", "RESP", "EKG", "EMG")])
+    with torch.inference_mode():
+        first = torch.softmax(short(tokens[None, :, :43]), dim=-1)[0].numpy()
+    np.testing.assert_allclose(probs[:43], first, atol=1e-5)
