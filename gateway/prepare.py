@@ -46,7 +46,7 @@ def prepare_study(
     ``source`` (``dicom:<AE title>``, ``folder:<path>``) selects the table's scoped rules.
     ``progress(done, total)`` is called after each channel.
     """
-    labels = [ch.label for ch in recording.channels]
+    labels = recording.channel_labels
     match = table.map_labels(labels, source=source)
     if not any(match.groups.values()):
         raise MappingError(

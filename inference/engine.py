@@ -183,29 +183,31 @@ class Engine:
         dtype = torch.bfloat16 if self.options.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def _batches(self, checked: list[tuple[dict[str, np.ndarray], int]]) -> Iterator[list[_Window]]:
+    def _batches(self, jobs: list[_Window]) -> Iterator[list[_Window]]:
+        """Windows of equal length, ``windows_per_batch`` at a time, longest windows first."""
         by_length: dict[int, list[_Window]] = defaultdict(list)
-        for s, (signals, n_tokens) in enumerate(checked):
-            for modality in signals:
-                for index, (start, length, keep) in enumerate(plan_windows(n_tokens)):
-                    by_length[length].append(_Window(s, modality, index, start, length, keep))
+        for job in jobs:
+            by_length[job.length].append(job)
         for length in sorted(by_length, reverse=True):
-            jobs = by_length[length]
-            for i in range(0, len(jobs), self.windows_per_batch):
-                yield jobs[i : i + self.windows_per_batch]
+            same = by_length[length]
+            for i in range(0, len(same), self.windows_per_batch):
+                yield same[i : i + self.windows_per_batch]
 
     def _encode(self, checked, progress):
         """Returns per study: {modality: (N, E) window vectors}, {modality: (T, E) token embeddings}."""
         embed = self.bundle.encoder.cfg.embed_dim
         windows: list[dict[str, Tensor]] = []
         tokens: list[dict[str, Tensor]] = []
-        for signals, n_tokens in checked:
-            n_windows = len(plan_windows(n_tokens))
-            windows.append({m: torch.empty(n_windows, embed) for m in signals})
+        jobs: list[_Window] = []
+        for s, (signals, n_tokens) in enumerate(checked):
+            plan = plan_windows(n_tokens)
+            windows.append({m: torch.empty(len(plan), embed) for m in signals})
             tokens.append({m: torch.empty(n_tokens, embed) for m in signals})
-        total = sum(len(plan_windows(n)) * len(sig) for sig, n in checked)
+            jobs += [_Window(s, m, i, start, length, keep)
+                     for m in signals for i, (start, length, keep) in enumerate(plan)]
+        total = len(jobs)
         done = 0
-        for batch in self._batches(checked):
+        for batch in self._batches(jobs):
             pooled, contextual = self._encode_batch(batch, checked)
             pooled, contextual = pooled.float().cpu(), contextual.float().cpu()
             for j, w in enumerate(batch):
