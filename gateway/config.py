@@ -1,0 +1,338 @@
+"""The daemon's one configuration file: schema, loading, environment overrides and checks.
+
+A file is YAML (``.yaml``/``.yml``) or TOML (``.toml``). Every key has a default, so an empty file
+is a working embedded configuration (SQLite, ``./var`` paths, DICOM on 127.0.0.1). Unknown keys are
+errors: a typo must not silently fall back to a default.
+
+Environment overrides keep secrets out of the file: ``PSG__<SECTION>__<KEY>=value`` sets any key
+(``PSG__DATABASE__URL``, ``PSG__DICOM__TLS__KEY_FILE``); list items are addressed by index
+(``PSG__DROP_FOLDERS__0__PATH``). Values are parsed as YAML scalars, so ``true``/``30`` work.
+``PSG_DATABASE_URL`` is accepted as the common short form of ``PSG__DATABASE__URL``.
+
+:func:`load_config` raises :class:`ConfigError` whose ``problems`` each name the key path
+(``dicom.allowed_callers[0].ae_title: ...``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ConfigError", "DatabaseConfig", "DicomCaller", "DicomConfig", "DropFolderConfig", "GatewayConfig",
+    "HttpConfig", "LoggingConfig", "ModelConfig", "MontageConfig", "PathsConfig", "PipelineConfig",
+    "RetentionConfig", "ServiceConfig", "TlsConfig", "load_config", "ENV_PREFIX",
+]
+
+ENV_PREFIX = "PSG__"
+_AE_TITLE = re.compile(r"^[\x20-\x7e]{1,16}$")
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; ``problems`` are ``"key.path: message"`` strings."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PathsConfig(_Section):
+    """Where the daemon keeps its files; relative paths are relative to the config file's folder."""
+
+    var_dir: Path = Path("var")
+    spool: Path | None = None  # default <var_dir>/spool
+    outputs: Path | None = None  # default <var_dir>/outputs
+    processed: Path | None = None  # default <var_dir>/processed
+    quarantine: Path | None = None  # default <var_dir>/quarantine
+
+    def resolved(self, base: Path) -> PathsConfig:
+        var = _under(base, self.var_dir)
+        return PathsConfig(
+            var_dir=var,
+            spool=_under(base, self.spool) if self.spool else var / "spool",
+            outputs=_under(base, self.outputs) if self.outputs else var / "outputs",
+            processed=_under(base, self.processed) if self.processed else var / "processed",
+            quarantine=_under(base, self.quarantine) if self.quarantine else var / "quarantine",
+        )
+
+
+class DatabaseConfig(_Section):
+    # None: SQLite file <var_dir>/psg-gateway.db. PostgreSQL: postgresql+psycopg://user@host/db
+    url: str | None = None
+    echo: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _known_backend(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^(sqlite|postgresql)(\+\w+)?://", v):
+            raise ValueError("must start with sqlite:// or postgresql:// (postgresql+psycopg://)")
+        return v
+
+
+class ModelConfig(_Section):
+    bundle: str = "demo"  # "demo" (untrained weights, generated locally) or a bundle folder
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    threads: int = Field(0, ge=0)  # 0: torch's default
+    windows_per_batch: int = Field(4, ge=1, le=256)
+
+
+class MontageConfig(_Section):
+    # Montage table files, later ones override earlier ones via their own `extends`; empty: built-in default.
+    tables: list[Path] = Field(default_factory=list)
+    reload_check_seconds: float = Field(10.0, gt=0)
+
+
+class DropFolderConfig(_Section):
+    path: Path
+    recursive: bool = True
+    # A file is taken once its size and mtime have not changed for this long.
+    stable_seconds: float = Field(10.0, ge=0)
+    patterns: list[str] = Field(default_factory=lambda: ["*.edf", "*.bdf", "*.rec"])
+    filename_pattern: str | None = None  # regex with named groups, see identifiers.from_filename
+    label: str | None = None  # source name in the study row and montage scopes; default folder:<path>
+
+    @field_validator("filename_pattern")
+    @classmethod
+    def _compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return v
+
+    @property
+    def source(self) -> str:
+        return self.label or f"folder:{self.path}"
+
+
+class DicomCaller(_Section):
+    ae_title: str
+    host: str | None = None  # optional: the caller's address must match too
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _check_ae(v)
+
+
+class TlsConfig(_Section):
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None  # CA bundle that client certificates must chain to
+    require_client_cert: bool = False  # mutual TLS
+
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> TlsConfig:
+        if self.enabled and (self.cert_file is None or self.key_file is None):
+            raise ValueError("cert_file and key_file are required when enabled")
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("ca_file is required when require_client_cert is true")
+        return self
+
+
+class DicomConfig(_Section):
+    enabled: bool = True
+    ae_title: str = "PSGGATEWAY"
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=0, le=65535)  # 0: any free port (tests)
+    # Empty list: any calling AE is accepted (only sensible on 127.0.0.1). Otherwise, the allow-list.
+    allowed_callers: list[DicomCaller] = Field(default_factory=list)
+    require_called_ae: bool = True  # reject associations addressed to another AE title
+    max_associations: int = Field(10, ge=1)
+    network_timeout_seconds: float = Field(60.0, gt=0)
+    # A study is complete when no new instance arrived for this long (Orthanc's StableAge).
+    stable_age_seconds: float = Field(60.0, ge=0)
+    fsync: bool = True
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _check_ae(v)
+
+
+class PipelineConfig(_Section):
+    workers: int = Field(1, ge=1, le=64)
+    scan_interval_seconds: float = Field(2.0, gt=0)
+    # Transient errors (database busy, GPU out of memory) retry with exponential backoff.
+    max_attempts: int = Field(5, ge=1)
+    retry_backoff_seconds: float = Field(30.0, gt=0)
+    retry_backoff_max_seconds: float = Field(3600.0, gt=0)
+    lease_seconds: float = Field(900.0, gt=0)  # a claimed study another worker may take after this
+
+
+class HttpConfig(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9108, ge=0, le=65535)  # 0: any free port (tests)
+
+
+class ServiceConfig(_Section):
+    node_name: str = Field(default_factory=socket.gethostname)
+    shutdown_timeout_seconds: float = Field(60.0, gt=0)
+    watchdog: bool = True  # ping systemd's watchdog when WATCHDOG_USEC is set
+
+
+class RetentionConfig(_Section):
+    # None keeps files for ever; the pipeline itself never deletes an input.
+    processed_days: float | None = Field(None, gt=0)
+    quarantine_days: float | None = Field(None, gt=0)
+    check_interval_seconds: float = Field(3600.0, gt=0)
+
+
+class LoggingConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class GatewayConfig(_Section):
+    site: str = "psg-gateway"
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    montage: MontageConfig = Field(default_factory=MontageConfig)
+    drop_folders: list[DropFolderConfig] = Field(default_factory=list)
+    dicom: DicomConfig = Field(default_factory=DicomConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    service: ServiceConfig = Field(default_factory=ServiceConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    base_dir: Path = Field(default_factory=Path.cwd, exclude=True)  # the config file's folder
+
+    @property
+    def database_url(self) -> str:
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{self.paths.var_dir / 'psg-gateway.db'}"
+
+
+def _check_ae(v: str) -> str:
+    if not _AE_TITLE.match(v) or "\\" in v or not v.strip():
+        raise ValueError("an AE title is 1-16 printable ASCII characters, no backslash")
+    return v.strip()
+
+
+def _under(base: Path, p: Path) -> Path:
+    p = p.expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def read_document(path: Path) -> dict[str, Any]:
+    """Parse YAML or TOML by extension; a parse error is a ConfigError with the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [f"(file): cannot read: {exc.strerror}"]) from None
+    try:
+        if path.suffix.lower() == ".toml":
+            doc = tomllib.loads(text)
+        else:
+            doc = yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(str(path), [f"(file): not valid {path.suffix.lstrip('.').upper()}: {exc}"]) from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(str(path), ["(top level): must be a mapping of sections"])
+    return doc
+
+
+def apply_env_overrides(doc: dict[str, Any], env: Mapping[str, str]) -> list[str]:
+    """Apply ``PSG__A__B=value`` overrides in place; returns the key paths that were set."""
+    applied = []
+    items = dict(env)
+    if "PSG_DATABASE_URL" in items and f"{ENV_PREFIX}DATABASE__URL" not in items:
+        items[f"{ENV_PREFIX}DATABASE__URL"] = items["PSG_DATABASE_URL"]
+    for name, raw in sorted(items.items()):
+        if not name.startswith(ENV_PREFIX) or len(name) == len(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        node: Any = doc
+        for i, part in enumerate(parts[:-1]):
+            nxt_is_index = parts[i + 1].isdigit()
+            if isinstance(node, list):
+                idx = int(part)
+                while len(node) <= idx:
+                    node.append({})
+                node = node[idx]
+                continue
+            if part not in node or node[part] is None:
+                node[part] = [] if nxt_is_index else {}
+            node = node[part]
+        value = yaml.safe_load(raw) if raw.strip() else raw
+        if isinstance(node, list):
+            idx = int(parts[-1])
+            while len(node) <= idx:
+                node.append(None)
+            node[idx] = value
+        else:
+            node[parts[-1]] = value
+        applied.append(".".join(parts))
+    return applied
+
+
+def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Load, override from the environment, validate and resolve paths against the file's folder."""
+    env = os.environ if env is None else env
+    doc = read_document(path) if path is not None else {}
+    source = str(path) if path is not None else "(built-in defaults)"
+    try:
+        apply_env_overrides(doc, env)
+    except (ValueError, TypeError, AttributeError, IndexError):
+        raise ConfigError(source, ["(environment): a PSG__ override does not fit the file's structure"]) from None
+    try:
+        cfg = GatewayConfig.model_validate(doc)
+    except ValidationError as exc:
+        problems = [f"{_loc(e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False)]
+        raise ConfigError(source, problems) from None
+    base = path.resolve().parent if path is not None else Path.cwd()
+    return resolve_paths(cfg, base)
+
+
+def resolve_paths(cfg: GatewayConfig, base: Path) -> GatewayConfig:
+    """Make every relative path in ``cfg`` relative to ``base`` (the config file's folder)."""
+    cfg.base_dir = base
+    cfg.paths = cfg.paths.resolved(base)
+    cfg.montage.tables = [_under(base, p) for p in cfg.montage.tables]
+    for folder in cfg.drop_folders:
+        folder.path = _under(base, folder.path)
+    tls = cfg.dicom.tls
+    for key in ("cert_file", "key_file", "ca_file"):
+        value = getattr(tls, key)
+        if value is not None:
+            setattr(tls, key, _under(base, value))
+    if cfg.model.bundle != "demo":
+        cfg.model.bundle = str(_under(base, Path(cfg.model.bundle)))
+    db = cfg.database.url
+    if db and db.startswith("sqlite:///") and not db.startswith("sqlite:////"):
+        rel = db[len("sqlite:///"):]
+        if rel and rel != ":memory:":
+            cfg.database.url = f"sqlite:///{_under(base, Path(rel))}"
+    return cfg

@@ -1,0 +1,40 @@
+"""Prometheus metrics of one daemon, in their own registry so tests and several daemons never clash."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["Metrics"]
+
+
+class Metrics:
+    """Every metric the daemon exports; sources and the pipeline increment these."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.studies_by_state = Gauge(
+            "psg_studies", "Studies by state", ["state"], registry=r)
+        self.study_transitions = Counter(
+            "psg_study_transitions_total", "Study state transitions", ["to_state"], registry=r)
+        self.stage_seconds = Histogram(
+            "psg_stage_seconds", "Time per pipeline step", ["stage"], registry=r,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600))
+        self.dicom_associations = Counter(
+            "psg_dicom_associations_total", "DICOM associations by outcome (accepted, rejected, aborted)",
+            ["result"], registry=r)
+        self.dicom_active_associations = Gauge(
+            "psg_dicom_active_associations", "Open DICOM associations", registry=r)
+        self.dicom_instances = Counter(
+            "psg_dicom_instances_total", "C-STORE instances by outcome (stored, duplicate, failed, refused)",
+            ["result"], registry=r)
+        self.dicom_bytes = Counter(
+            "psg_dicom_received_bytes_total", "Bytes of DICOM instances written to the spool", registry=r)
+        self.dropfolder_files = Counter(
+            "psg_dropfolder_files_total", "Drop-folder files by outcome (claimed, duplicate, failed)",
+            ["result"], registry=r)
+        self.outbox_depth = Gauge(
+            "psg_outbox_depth", "Messages waiting in the outbox", registry=r)
+        self.dead_letters = Gauge(
+            "psg_dead_letters", "Messages in the dead-letter state", registry=r)
+        self.last_scan = Gauge(
+            "psg_last_scan_timestamp_seconds", "When the drop folders were last scanned", registry=r)

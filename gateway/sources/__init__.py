@@ -1,0 +1,1 @@
+"""Study sources: adapters that put received studies into the spool; the pipeline does the rest."""
