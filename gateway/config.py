@@ -27,9 +27,23 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
-    "ConfigError", "DatabaseConfig", "DicomCaller", "DicomConfig", "DropFolderConfig", "GatewayConfig",
-    "HttpConfig", "LoggingConfig", "ModelConfig", "MontageConfig", "PathsConfig", "PipelineConfig",
-    "RetentionConfig", "ServiceConfig", "TlsConfig", "load_config", "ENV_PREFIX",
+    "ENV_PREFIX",
+    "ConfigError",
+    "DatabaseConfig",
+    "DicomCaller",
+    "DicomConfig",
+    "DropFolderConfig",
+    "GatewayConfig",
+    "HttpConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "MontageConfig",
+    "PathsConfig",
+    "PipelineConfig",
+    "RetentionConfig",
+    "ServiceConfig",
+    "TlsConfig",
+    "load_config",
 ]
 
 ENV_PREFIX = "PSG__"
@@ -91,8 +105,9 @@ class ModelConfig(_Section):
 
 
 class MontageConfig(_Section):
-    # Montage table files, later ones override earlier ones via their own `extends`; empty: built-in default.
-    tables: list[Path] = Field(default_factory=list)
+    # The site's montage table file (it may `extends` others); None: the built-in default table.
+    table: Path | None = None
+    # How often the table file is re-read; a changed table is used from the next study on.
     reload_check_seconds: float = Field(10.0, gt=0)
 
 
@@ -320,7 +335,8 @@ def resolve_paths(cfg: GatewayConfig, base: Path) -> GatewayConfig:
     """Make every relative path in ``cfg`` relative to ``base`` (the config file's folder)."""
     cfg.base_dir = base
     cfg.paths = cfg.paths.resolved(base)
-    cfg.montage.tables = [_under(base, p) for p in cfg.montage.tables]
+    if cfg.montage.table is not None:
+        cfg.montage.table = _under(base, cfg.montage.table)
     for folder in cfg.drop_folders:
         folder.path = _under(base, folder.path)
     tls = cfg.dicom.tls

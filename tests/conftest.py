@@ -22,3 +22,43 @@ def reference_dir() -> Path:
             pytest.fail(f"PSG_REQUIRE_REFERENCE=1 but {REFERENCE_DIR} is missing")
         pytest.skip(f"reference data not found at {REFERENCE_DIR}")
     return REFERENCE_DIR
+
+
+# ---- databases: every persistence/integration test runs on SQLite and on PostgreSQL ----------------
+POSTGRES_ENV = "PSG_TEST_POSTGRES_URL"
+
+
+def _pg_schema_url(base: str, schema: str) -> str:
+    sep = "&" if "?" in base else "?"
+    return f"{base}{sep}options=-csearch_path%3D{schema}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path: Path):
+    """A fresh, empty database URL: a SQLite file, or a private schema in PSG_TEST_POSTGRES_URL's database.
+
+    Without PSG_TEST_POSTGRES_URL the PostgreSQL variant is skipped (reported as such, never passed).
+    """
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'gateway.db'}"
+        return
+    base = os.environ.get(POSTGRES_ENV)
+    if not base:
+        pytest.skip(f"{POSTGRES_ENV} not set: PostgreSQL tests skipped")
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    from gateway.store.db import normalise_url
+
+    base = normalise_url(base)
+    schema = f"psgtest_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield _pg_schema_url(base, schema)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()

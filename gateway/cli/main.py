@@ -15,6 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .montage_cmd import montage_app
+from .service_cmd import config_app, db_app, run
+from .studies_cmd import studies_app
 
 app = typer.Typer(
     name="psg-gateway",
@@ -27,6 +29,10 @@ bundle_app = typer.Typer(help="Model bundles: inspect one, or generate the untra
                          no_args_is_help=True)
 app.add_typer(bundle_app, name="bundle")
 app.add_typer(montage_app, name="montage")
+app.add_typer(config_app, name="config")
+app.add_typer(db_app, name="db")
+app.add_typer(studies_app, name="studies")
+app.command("run")(run)
 
 err = Console(stderr=True)
 out = Console()
@@ -87,7 +93,7 @@ def infer(
     from ..prepare import MappingError, prepare_study
     from ..readers import read_recording
     from ..readers.errors import ReaderError
-    from ..scoring import agreement, reference_hypnogram
+    from ..steps import infer_prepared, outputs_extra, shift_annotations, staging_agreement
 
     configure_logging()
     log = get_logger("psg.infer")
@@ -107,7 +113,7 @@ def infer(
         recording = apply_site_identifiers(read_recording(file), file, filename_pattern)
         scored_annotations = recording.annotations
         if hypnogram:
-            scored_annotations = _annotations_on_timeline_of(read_recording(hypnogram), recording)
+            scored_annotations = shift_annotations(read_recording(hypnogram), recording)
         log.info("study.decoded", study_key=key, channels=len(recording.channels),
                  duration_s=round(recording.duration_s, 1), warnings=recording.warnings)
         with _progress() as progress:
@@ -118,8 +124,8 @@ def infer(
                      modalities={m: len(v) for m, v in prepared.channels.items()},
                      unmapped=prepared.match.unmapped, ignored=prepared.match.ignored)
             task = progress.add_task("encode 5-min windows", total=None)
-            result = engine.run_many([prepared.study],
-                                     progress=lambda d, t: progress.update(task, completed=d, total=t))[0]
+            result = infer_prepared(engine, prepared,
+                                    progress=lambda d, t: progress.update(task, completed=d, total=t))
     except (ReaderError, MontageError, BundleError, MappingError, InputError, ValueError) as exc:
         # A path may carry a patient name: the log gets the study key and the reason without paths.
         reason = exc.reason if isinstance(exc, ReaderError) else str(exc)
@@ -127,37 +133,15 @@ def infer(
                   reason=reason.replace(str(file.parent), "<folder>"))
         _fail(str(exc))
         return
-    result.timings_s = {**prepared.timings_s, **result.timings_s}
-    scoring = None
-    if result.staging is not None:
-        reference = reference_hypnogram(scored_annotations, n_epochs=len(result.staging.hypnogram))
-        if reference is not None:
-            scoring = agreement(result.staging.hypnogram, reference).to_dict()
-            log.info("study.staging_agreement", study_key=key, epochs=scoring["epochs"],
-                     accuracy=scoring["accuracy"], kappa=scoring["kappa"])
-    write_study_outputs(result, out_dir, extra={
-        "montage": {"name": table.name, "version": table.version, "source": source,
-                    "channels": prepared.channels, "unmapped": prepared.match.unmapped,
-                    "ignored": prepared.match.ignored,
-                    "mapping": [c.as_dict() for c in prepared.match.channels]},
-        "gaps": {"fraction_by_channel": prepared.gap_fraction, "dropped_channels": prepared.dropped},
-        "recording": {"duration_s": recording.duration_s, "channels": len(recording.channels),
-                      "format": recording.format, "warnings": recording.warnings},
-        "staging_agreement": scoring,
-    })
+    annotations = scored_annotations
+    scoring = staging_agreement(result, annotations)
+    if scoring is not None:
+        log.info("study.staging_agreement", study_key=key, epochs=scoring["epochs"],
+                 accuracy=scoring["accuracy"], kappa=scoring["kappa"])
+    write_study_outputs(result, out_dir, extra=outputs_extra(table, source, prepared, recording, scoring))
     log.info("study.inferred", study_key=key, tokens=result.n_tokens, missing=result.missing_modalities,
              validated=result.validated, seconds=round(time.perf_counter() - started, 2))
     _summary(result, prepared, out_dir)
-
-
-def _annotations_on_timeline_of(other, recording) -> list:
-    """``other``'s annotations with onsets relative to ``recording``'s start (when both starts are known)."""
-    from ..recording import Annotation
-
-    shift = 0.0
-    if other.start is not None and recording.start is not None:
-        shift = (other.start - recording.start).total_seconds()
-    return [Annotation(a.onset_s + shift, a.duration_s, a.text) for a in other.annotations]
 
 
 def _summary(result, prepared, out_dir: Path) -> None:

@@ -1,0 +1,100 @@
+"""``psg-gateway run``, ``config check|show`` and ``db upgrade|current``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ..config import ConfigError, GatewayConfig, load_config
+
+err = Console(stderr=True)
+out = Console()
+
+ConfigOption = Annotated[Path | None, typer.Option(
+    "--config", "-c", envvar="PSG_CONFIG",
+    help="Configuration file (YAML or TOML); default: built-in embedded defaults under ./var")]
+
+config_app = typer.Typer(help="Check or show the daemon's configuration.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema: upgrade to the current version, or show it.", no_args_is_help=True)
+
+
+def load_or_exit(path: Path | None) -> GatewayConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        err.print(f"[bold red]configuration error[/] in {exc.source}:")
+        for problem in exc.problems:
+            err.print(f"  {problem}", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+
+
+def run(config: ConfigOption = None) -> None:
+    """Run the gateway daemon: drop folders, DICOM receiver, study pipeline, ops endpoint."""
+    from ..daemon import Daemon, DaemonLockedError
+
+    cfg = load_or_exit(config)
+    try:
+        code = Daemon(cfg).run()
+    except DaemonLockedError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(1) from None
+    raise typer.Exit(code)
+
+
+@config_app.command("check")
+def config_check(
+    file: Annotated[Path, typer.Argument(help="Configuration file to check")],
+    connect: Annotated[bool, typer.Option(help="Also connect to the database")] = False,
+) -> None:
+    """Validate FILE; print every problem with its key path. Exit 0 when usable, 1 when not."""
+    from ..config_check import check_config
+
+    cfg, problems = check_config(file, connect=connect)
+    if problems:
+        err.print(f"[bold red]{len(problems)} problem(s)[/] in {file}:")
+        for problem in problems:
+            err.print(f"  {problem}", markup=False, highlight=False)
+        raise typer.Exit(1)
+    assert cfg is not None
+    out.print(f"{file}: ok (database {cfg.database_url.split(':', 1)[0]}, "
+              f"{len(cfg.drop_folders)} drop folder(s), DICOM {'on port ' + str(cfg.dicom.port) if cfg.dicom.enabled else 'off'})")
+
+
+@config_app.command("show")
+def config_show(config: ConfigOption = None) -> None:
+    """Print the effective configuration (file + environment + defaults) as JSON; the database URL's
+    password is masked."""
+    cfg = load_or_exit(config)
+    doc = json.loads(cfg.model_dump_json())
+    if cfg.database.url:
+        from sqlalchemy.engine import make_url
+
+        doc["database"]["url"] = make_url(cfg.database.url).render_as_string(hide_password=True)
+    out.print_json(data=doc)
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOption = None) -> None:
+    """Create or migrate the database schema to this version (idempotent)."""
+    from ..store.db import current_revision, make_engine, upgrade
+
+    cfg = load_or_exit(config)
+    engine = make_engine(cfg.database_url)
+    before = current_revision(engine)
+    upgrade(engine)
+    out.print(f"database schema: {before or 'empty'} -> {current_revision(engine)}")
+
+
+@db_app.command("current")
+def db_current(config: ConfigOption = None) -> None:
+    """Show the schema revision of the database and the one this version expects."""
+    from ..store.db import current_revision, head_revision, make_engine
+
+    cfg = load_or_exit(config)
+    now, head = current_revision(make_engine(cfg.database_url)), head_revision()
+    out.print(f"database: {now or 'empty'}; this version: {head}" + ("" if now == head else "  (run: psg-gateway db upgrade)"))
+    raise typer.Exit(0 if now == head else 1)

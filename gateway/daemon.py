@@ -1,0 +1,324 @@
+"""The gateway daemon: sources, workers, scheduler, ops endpoint and systemd integration in one process.
+
+Start order: lock the var folder (one daemon per spool and SQLite file), migrate the database, load
+the model and montage, resume what a previous run left (leases, unfinished input moves, claims that
+were never registered), start the workers, the DICOM listener, the scheduler and the ops endpoint, then
+tell systemd READY=1.
+
+Stop (SIGTERM, SIGINT): STOPPING=1, stop accepting (DICOM listener closed, no more folder scans), let
+each worker finish its study for up to ``service.shutdown_timeout_seconds``. A study still running then
+keeps its last committed state and is resumed on the next start.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import signal
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from inference.bundle import ensure_demo_bundle, load_bundle
+from inference.engine import Engine, EngineOptions
+
+from .config import GatewayConfig
+from .http import OpsServer
+from .logging import configure_logging, get_logger
+from .metrics import Metrics
+from .pipeline import MontageHolder, Pipeline
+from .sdnotify import notify, watchdog_interval
+from .sources.dicom_scp import DicomReceiver, ReceivedInstance
+from .sources.dropfolder import ClaimedFile, DropFolderWatcher, recover_claims
+from .store.db import make_engine, upgrade
+from .store.models import State
+from .store.repo import Repo
+
+__all__ = ["Daemon", "DaemonLockedError"]
+
+log = get_logger("psg.daemon")
+
+
+class DaemonLockedError(RuntimeError):
+    pass
+
+
+class _InstanceSink:
+    """What the DICOM receiver calls: the database decides duplicates and study versions."""
+
+    def __init__(self, daemon: Daemon):
+        self.daemon = daemon
+
+    def known_instance(self, sop_instance_uid: str) -> bool:
+        return self.daemon.repo.known_instance(sop_instance_uid)
+
+    def instance_received(self, instance: ReceivedInstance) -> None:
+        study, stored = self.daemon.repo.register_instance(
+            study_uid=instance.study_uid, sop_instance_uid=instance.sop_instance_uid,
+            sop_class_uid=instance.sop_class_uid, path=str(instance.path), folder=str(instance.path.parent),
+            size=instance.size, calling_ae=instance.calling_ae)
+        if not stored and Path(study.input_path or "") != instance.path.parent:
+            # A concurrent duplicate: the first copy is recorded elsewhere, this one is surplus.
+            instance.path.unlink(missing_ok=True)
+
+
+class Daemon:
+    def __init__(self, cfg: GatewayConfig, *, configure_logs: bool = True):
+        self.cfg = cfg
+        if configure_logs:
+            fmt = cfg.logging.format
+            configure_logging(cfg.logging.level, json=None if fmt == "auto" else fmt == "json")
+        self.metrics = Metrics()
+        self.stopping = threading.Event()
+        self.ready = False
+        self.last_scan: datetime | None = None
+        self._wake = threading.Event()
+        self._workers: list[threading.Thread] = []
+        self._busy: dict[str, str] = {}  # worker -> study key
+        self._lock_file: Any = None
+        self._claims_to_recover = False  # a registration failed: look for unregistered claims next scan
+        self.repo: Repo | None = None
+        self.receiver: DicomReceiver | None = None
+        self.ops: OpsServer | None = None
+        self.watcher: DropFolderWatcher | None = None
+        self.scheduler: BackgroundScheduler | None = None
+        self.worker_prefix = f"{cfg.service.node_name}:"
+        self.worker_id = f"{cfg.service.node_name}:{os.getpid()}"
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        cfg, paths = self.cfg, self.cfg.paths
+        for folder in (paths.var_dir, paths.spool, paths.outputs, paths.processed, paths.quarantine):
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        self._lock()
+        self.db = make_engine(cfg.database_url, echo=cfg.database.echo)
+        upgrade(self.db)
+        self.repo = Repo(self.db)
+        bundle = load_bundle(Path(cfg.model.bundle)) if cfg.model.bundle != "demo" else load_bundle(ensure_demo_bundle())
+        engine = Engine(bundle, EngineOptions(device=cfg.model.device, precision=cfg.model.precision,
+                                              threads=cfg.model.threads or None,
+                                              windows_per_batch=cfg.model.windows_per_batch))
+        self.montage = MontageHolder(cfg.montage.table)
+        self.pipeline = Pipeline(self.repo, engine, bundle, self.montage, paths, cfg.pipeline, self.metrics)
+        log.info("daemon.starting", site=cfg.site, node=cfg.service.node_name, database=self.db.dialect.name,
+                 bundle=bundle.identity.name, validated=bundle.identity.validated,
+                 montage=self.montage.table.version, device=str(engine.device))
+        # Resume what a previous run left.
+        released = self.repo.release_leases(self.worker_prefix)
+        moved = self.pipeline.reconcile()
+        self.watcher = DropFolderWatcher(cfg.drop_folders, Path(paths.spool), metrics=self.metrics,
+                                         exclude=[Path(paths.var_dir)])
+        recovered = self._register_claims(recover_claims(Path(paths.spool), self._claim_known))
+        log.info("daemon.resumed", leases_released=released, inputs_moved=moved, claims_recovered=recovered)
+
+        for i in range(cfg.pipeline.workers):
+            t = threading.Thread(target=self._worker_loop, args=(f"{self.worker_id}:w{i}",),
+                                 name=f"worker-{i}", daemon=True)
+            t.start()
+            self._workers.append(t)
+        if cfg.dicom.enabled:
+            self.receiver = DicomReceiver(cfg.dicom, Path(paths.spool), _InstanceSink(self), self.metrics)
+            self.receiver.start()
+            log.info("dicom.listening", ae_title=cfg.dicom.ae_title, host=cfg.dicom.host, port=self.receiver.port,
+                     tls=cfg.dicom.tls.enabled)
+        if cfg.http.enabled:
+            self.ops = OpsServer(cfg.http.host, cfg.http.port, self.metrics.registry, self.health)
+            self.ops.start()
+            log.info("http.listening", host=cfg.http.host, port=self.ops.port)
+        self._start_scheduler()
+        self.ready = True
+        notify("READY=1", f"STATUS=listening; workers={cfg.pipeline.workers}")
+        log.info("daemon.ready")
+
+    def _start_scheduler(self) -> None:
+        cfg = self.cfg
+        s = self.scheduler = BackgroundScheduler(timezone=UTC, job_defaults={"coalesce": True, "max_instances": 1})
+        s.add_job(self.scan, "interval", seconds=cfg.pipeline.scan_interval_seconds, id="scan",
+                  next_run_time=datetime.now(UTC))
+        s.add_job(self.montage.check, "interval", seconds=cfg.montage.reload_check_seconds, id="montage")
+        s.add_job(self.update_stats, "interval", seconds=15, id="stats", next_run_time=datetime.now(UTC))
+        if cfg.retention.processed_days or cfg.retention.quarantine_days:
+            s.add_job(self.apply_retention, "interval", seconds=cfg.retention.check_interval_seconds,
+                      id="retention", next_run_time=datetime.now(UTC) + timedelta(seconds=60))
+        interval = watchdog_interval()
+        if cfg.service.watchdog and interval:
+            s.add_job(self._watchdog, "interval", seconds=interval, id="watchdog")
+        s.start()
+
+    def request_stop(self) -> None:
+        self.stopping.set()
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Stop accepting, give workers up to the shutdown timeout, release what is left."""
+        self.request_stop()
+        notify("STOPPING=1")
+        log.info("daemon.stopping", busy=len(self._busy))
+        deadline = time.monotonic() + self.cfg.service.shutdown_timeout_seconds
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
+        if self.receiver is not None:
+            self.receiver.stop(timeout=min(10.0, self.cfg.service.shutdown_timeout_seconds))
+        for t in self._workers:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        unfinished = [t.name for t in self._workers if t.is_alive()]
+        if unfinished and self.repo is not None:
+            # Their studies keep their last committed state; free the leases so the next start resumes them.
+            self.repo.release_leases(self.worker_id)
+            log.warning("daemon.stop_timeout", unfinished=list(self._busy.values()))
+        if self.ops is not None:
+            self.ops.stop()
+        self.ready = False
+        log.info("daemon.stopped")
+        if self._lock_file is not None:
+            self._lock_file.close()
+
+    def run(self) -> int:
+        """Start, serve until SIGTERM/SIGINT, stop. Returns the exit status."""
+        def on_signal(signum: int, _frame: Any) -> None:
+            log.info("daemon.signal", signal=signal.Signals(signum).name)
+            self.request_stop()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        while not self.stopping.wait(1.0):
+            pass
+        self.stop()
+        return 0
+
+    # ---- sources ------------------------------------------------------------------------------
+    def scan(self) -> None:
+        """One pass of the periodic source work: drop folders, then DICOM studies that became stable."""
+        if self.stopping.is_set() or self.repo is None:
+            return
+        try:
+            claimed = self.watcher.scan() if self.watcher else []
+            if self._claims_to_recover:
+                self._claims_to_recover = False
+                claimed += recover_claims(Path(self.cfg.paths.spool), self._claim_known)
+            self._register_claims(claimed)
+            promoted = self.repo.promote_stable(self.cfg.dicom.stable_age_seconds)
+            for study in promoted:
+                log.info("study.ready", study_key=study.key, source=study.source)
+            self.last_scan = datetime.now(UTC)
+            self.metrics.last_scan.set(self.last_scan.timestamp())
+            if claimed or promoted:
+                self._wake.set()
+        except Exception as exc:  # noqa: BLE001 - the next scan tries again; the daemon keeps running
+            log.error("scan.failed", error=type(exc).__name__, reason=str(exc)[:300])
+
+    def _claim_known(self, path: Path) -> bool:
+        return self.repo.known_input(str(path))
+
+    def _register_claims(self, claimed: list[ClaimedFile]) -> int:
+        n = 0
+        for c in claimed:
+            try:
+                reg = self.repo.register_file(source=c.source, path=str(c.spool_path), name=c.original_path.name,
+                                              sha256=c.sha256, filename_pattern=c.filename_pattern,
+                                              actor=c.source)
+            except Exception as exc:  # noqa: BLE001 - the claim stays in the spool; recovered on a later scan
+                log.error("study.register_failed", claim_id=c.claim_id, error=type(exc).__name__)
+                self._claims_to_recover = True
+                continue
+            n += 1
+            if reg.duplicate:
+                log.info("study.duplicate", study_key=reg.study.key, source=c.source)
+                self.metrics.study_transitions.labels(str(State.DUPLICATE)).inc()
+                self.pipeline.finalize(reg.study, State.DUPLICATE)
+            else:
+                log.info("study.received", study_key=reg.study.key, source=c.source, size=c.size)
+                self.metrics.study_transitions.labels(str(State.READY)).inc()
+        return n
+
+    # ---- workers ------------------------------------------------------------------------------
+    def _worker_loop(self, worker: str) -> None:
+        backoff = 1.0
+        while not self.stopping.is_set():
+            try:
+                study = self.repo.claim(worker, self.cfg.pipeline.lease_seconds)
+            except Exception as exc:  # noqa: BLE001 - database down: wait and try again
+                log.error("worker.claim_failed", worker=worker, error=type(exc).__name__)
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            backoff = 1.0
+            if study is None:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            self._busy[worker] = study.key
+            try:
+                self.pipeline.process(study, worker)
+            finally:
+                self._busy.pop(worker, None)
+
+    # ---- periodic housekeeping ----------------------------------------------------------------
+    def update_stats(self) -> None:
+        try:
+            counts = self.repo.counts_by_state()
+        except Exception:  # noqa: BLE001 - health reports the database state
+            return
+        for state in State:
+            self.metrics.studies_by_state.labels(str(state)).set(counts.get(str(state), 0))
+
+    def apply_retention(self) -> None:
+        """Delete processed/quarantined inputs older than the configured days (only when configured)."""
+        r = self.cfg.retention
+        for root, days in ((self.cfg.paths.processed, r.processed_days), (self.cfg.paths.quarantine, r.quarantine_days)):
+            if not days:
+                continue
+            cutoff = time.time() - days * 86400
+            for folder in Path(root).iterdir() if Path(root).exists() else []:
+                try:
+                    if folder.is_dir() and folder.stat().st_mtime < cutoff:
+                        shutil.rmtree(folder)
+                        study = self.repo.get(folder.name)
+                        if study is not None:
+                            self.repo.set_fields(study, input_path=None)
+                        log.info("retention.removed", study_key=folder.name, folder=Path(root).name)
+                except OSError as exc:
+                    log.error("retention.failed", study_key=folder.name, error=exc.strerror)
+
+    def _watchdog(self) -> None:
+        # Only a daemon whose workers are alive and whose database answers is worth keeping alive.
+        if all(t.is_alive() for t in self._workers) and self.repo is not None and self.repo.ping():
+            notify("WATCHDOG=1")
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        db_ok = self.repo.ping() if self.repo is not None else False
+        counts = self.repo.counts_by_state() if db_ok else {}
+        working = sum(counts.get(str(s), 0) for s in (State.READY, State.DECODED, State.MAPPED))
+        doc = {
+            "status": "stopping" if self.stopping.is_set() else ("ok" if self.ready and db_ok else "unavailable"),
+            "ready": self.ready,
+            "database": db_ok,
+            "last_scan": self.last_scan.isoformat() if self.last_scan else None,
+            "queues": {"receiving": counts.get(str(State.RECEIVED), 0), "waiting": working,
+                       "in_progress": len(self._busy), "failed": counts.get(str(State.FAILED), 0),
+                       "pending_files": self.watcher.pending if self.watcher else 0},
+            "dicom": ({"port": self.receiver.port, "active_associations": self.receiver.active_associations}
+                      if self.receiver else None),
+            "montage": self.montage.table.version if hasattr(self, "montage") else None,
+        }
+        return self.ready and db_ok and not self.stopping.is_set(), doc
+
+    def _lock(self) -> None:
+        path = Path(self.cfg.paths.var_dir) / "psg-gateway.lock"
+        f = open(path, "a+")  # noqa: SIM115 - held open for the daemon's lifetime
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise DaemonLockedError(f"another psg-gateway daemon is using {self.cfg.paths.var_dir}") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._lock_file = f

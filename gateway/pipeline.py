@@ -1,0 +1,315 @@
+"""The study pipeline: a worker claims a study and carries it through decode -> map -> infer.
+
+Every step ends in a committed state (DECODED, MAPPED, INFERRED); after a crash the study is resumed
+from the last committed one (intermediate arrays are recomputed, which is cheaper than storing them).
+The flag and deliver steps join here with the HL7 work; until then INFERRED, with outputs stored, is
+the end of the road.
+
+Errors are sorted into two kinds:
+
+* transient (database busy or gone, GPU/CPU out of memory, a full disk): the study keeps its state and
+  is retried with exponential backoff and jitter, up to ``pipeline.max_attempts``;
+* permanent (unreadable or corrupt input, no channel mapped, input the model cannot take, or an
+  unexpected error): the study is FAILED with the reason and its input goes to ``quarantine/`` with a
+  ``REASON.txt`` beside it. ``psg-gateway studies retry`` puts it back.
+
+Inputs are moved, never deleted: a finished study's input goes to ``processed/<study key>/``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import random
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from inference.bundle import BundleIdentity, ModelBundle
+from inference.engine import Engine, InputError
+
+from .config import PathsConfig, PipelineConfig
+from .logging import get_logger
+from .metrics import Metrics
+from .montage import MontageTable
+from .prepare import MappingError
+from .readers.errors import ReaderError
+from .recording import Recording
+from .steps import decode_inputs, infer_prepared, map_recording, store_outputs
+from .store.models import State, Study
+from .store.repo import Repo, StudyChanged
+
+__all__ = ["Pipeline", "StepError", "classify"]
+
+log = get_logger("psg.pipeline")
+
+_TRANSIENT_ERRNO = {errno.ENOSPC, errno.EDQUOT, errno.EAGAIN, errno.EBUSY, errno.EIO, errno.ENOMEM}
+
+
+class StepError(Exception):
+    def __init__(self, message: str, transient: bool):
+        super().__init__(message)
+        self.transient = transient
+
+
+def classify(exc: BaseException) -> StepError:
+    """The reason (no paths, no identifiers) and whether trying again later can help."""
+    if isinstance(exc, StepError):
+        return exc
+    if isinstance(exc, ReaderError):
+        return StepError(f"unreadable input ({exc.kind}): {exc.reason}", transient=False)
+    if isinstance(exc, MappingError):
+        return StepError(f"montage: {exc}", transient=False)
+    if isinstance(exc, InputError):
+        return StepError(f"model input: {exc}", transient=False)
+    if isinstance(exc, (OperationalError, PoolTimeout)):
+        return StepError(f"database unavailable: {type(exc.orig if hasattr(exc, 'orig') else exc).__name__}",
+                         transient=True)
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return StepError("out of memory during inference", transient=True)
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNO:
+        return StepError(f"storage: {errno.errorcode.get(exc.errno or 0, 'error')} ({exc.strerror})", transient=True)
+    return StepError(f"internal error: {type(exc).__name__}: {str(exc)[:300]}", transient=False)
+
+
+class MontageHolder:
+    """The montage table in use; ``check()`` re-reads the site's file and swaps in a changed table."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.table = self._load()
+        self._lock = threading.Lock()
+
+    def _load(self) -> MontageTable:
+        from .montage import default_table
+
+        return MontageTable.load(self.path) if self.path else default_table()
+
+    def check(self) -> bool:
+        """Reload when the table's content changed; a broken edit keeps the old table (and says so)."""
+        if self.path is None:
+            return False
+        try:
+            fresh = self._load()
+        except Exception as exc:  # noqa: BLE001 - any load failure keeps serving the previous table
+            log.error("montage.reload_failed", table=str(self.path), error=str(exc)[:500],
+                      kept_version=self.table.version)
+            return False
+        with self._lock:
+            if fresh.version == self.table.version:
+                return False
+            old, self.table = self.table, fresh
+        log.info("montage.reloaded", name=fresh.name, version=fresh.version, previous=old.version)
+        return True
+
+
+@dataclass
+class Pipeline:
+    repo: Repo
+    engine: Engine
+    bundle: ModelBundle
+    montage: MontageHolder
+    paths: PathsConfig
+    cfg: PipelineConfig
+    metrics: Metrics
+    on_finished: Callable[[Study], None] | None = None
+
+    # ---- worker loop --------------------------------------------------------------------------
+    def run_once(self, worker: str) -> bool:
+        """Claim and process one study; False when nothing was waiting."""
+        study = self.repo.claim(worker, self.cfg.lease_seconds)
+        if study is None:
+            return False
+        self.process(study, worker)
+        return True
+
+    def process(self, study: Study, worker: str) -> Study | None:
+        """Carry one claimed study as far as it goes; returns its last state (None: it changed under us)."""
+        log.info("study.claimed", study_key=study.key, state=study.state, version=study.version,
+                 attempt=study.attempts, worker=worker)
+        try:
+            study = self._steps(study, worker)
+        except StudyChanged:
+            log.info("study.superseded", study_key=study.key)
+            return None
+        except Exception as exc:  # noqa: BLE001 - every failure is recorded, the worker goes on
+            return self._failed(study, worker, classify(exc))
+        return study
+
+    def _steps(self, study: Study, worker: str) -> Study:
+        timings = dict(study.timings or {})
+        t0 = time.perf_counter()
+        recording = self._decode(study)
+        timings["decode_s"] = round(time.perf_counter() - t0, 3)
+        self.metrics.stage_seconds.labels("decode").observe(timings["decode_s"])
+        if study.state == State.READY:
+            study = self._to(study, State.DECODED, worker, "study.decoded",
+                             {"channels": len(recording.channels), "duration_s": round(recording.duration_s, 1),
+                              "format": recording.format, "warnings": len(recording.warnings)},
+                             patient_id=recording.identifiers.patient_id,
+                             patient_id_issuer=recording.identifiers.patient_id_issuer,
+                             accession=recording.identifiers.admin_code,
+                             study_uid=recording.identifiers.study_uid or study.study_uid)
+
+        table = self.montage.table
+        t0 = time.perf_counter()
+        prepared = map_recording(recording, table, study.key, study.source)
+        timings["map_s"] = round(time.perf_counter() - t0, 3)
+        self.metrics.stage_seconds.labels("map").observe(timings["map_s"])
+        if study.state == State.DECODED:
+            study = self._to(study, State.MAPPED, worker, "study.mapped",
+                             {"montage": table.version,
+                              "modalities": {m: len(v) for m, v in prepared.channels.items()},
+                              "unmapped": len(prepared.match.unmapped)},
+                             montage_name=table.name, montage_version=table.version,
+                             mapping={"channels": prepared.channels, "unmapped": prepared.match.unmapped,
+                                      "ignored": prepared.match.ignored})
+
+        t0 = time.perf_counter()
+        result = infer_prepared(self.engine, prepared)
+        out_dir = Path(self.paths.outputs) / study.key
+        written = store_outputs(result, out_dir, table, study.source, prepared, recording)
+        timings["infer_s"] = round(time.perf_counter() - t0, 3)
+        self.metrics.stage_seconds.labels("infer").observe(timings["infer_s"])
+        self.repo.add_outputs(study, [(str(p.relative_to(out_dir)), p.stat().st_size) for p in written])
+        identity = self.bundle.identity
+        study = self._to(study, State.INFERRED, worker, "study.inferred",
+                         {"tokens": result.n_tokens, "missing": result.missing_modalities,
+                          "validated": result.validated},
+                         output_path=str(out_dir), bundle_name=identity.name, bundle_version=identity.version,
+                         bundle_hash=_bundle_hash(identity), timings=timings, finished_at=_now(),
+                         claimed_by=None, lease_until=None, last_error=None, error_kind=None)
+        self.finalize(study, State.INFERRED)
+        return study
+
+    def _decode(self, study: Study) -> Recording:
+        if study.source_kind == "dicom":
+            paths = [Path(i.path) for i in self.repo.instances_of(study.id)]
+            if not paths:
+                raise StepError("no DICOM instances recorded for this study", transient=False)
+        else:
+            if not study.input_path:
+                raise StepError("the study has no input file", transient=False)
+            paths = [Path(study.input_path)]
+        return decode_inputs(paths, study.filename_pattern)
+
+    def _to(self, study: Study, state: State, worker: str, event: str, detail: dict, **fields) -> Study:
+        study = self.repo.transition(study, state, worker, event, detail, **fields)
+        self.metrics.study_transitions.labels(str(state)).inc()
+        log.info(event, study_key=study.key, version=study.version, **detail)
+        return study
+
+    def _failed(self, study: Study, worker: str, err: StepError) -> Study | None:
+        current = self.repo.get(study.id)
+        if current is None or current.version != study.version:
+            return None
+        try:
+            if err.transient and current.attempts < self.cfg.max_attempts:
+                delay = min(self.cfg.retry_backoff_max_seconds,
+                            self.cfg.retry_backoff_seconds * 2 ** max(current.attempts - 1, 0))
+                delay *= random.uniform(0.8, 1.2)  # jitter: workers that failed together do not retry together
+                log.warning("study.retry_scheduled", study_key=study.key, reason=str(err),
+                            attempt=current.attempts, delay_s=round(delay, 1))
+                return self.repo.schedule_retry(current, str(err), delay, worker)
+            reason = str(err) if not err.transient else f"{err} (gave up after {current.attempts} attempts)"
+            failed = self.repo.transition(current, State.FAILED, worker, "study.failed",
+                                          {"reason": reason, "transient": err.transient},
+                                          last_error=reason, error_kind="transient" if err.transient else "permanent",
+                                          finished_at=_now(), claimed_by=None, lease_until=None)
+        except StudyChanged:
+            return None
+        self.metrics.study_transitions.labels(str(State.FAILED)).inc()
+        log.error("study.failed", study_key=study.key, reason=reason, transient=err.transient)
+        self.finalize(failed, State.FAILED)
+        return failed
+
+    # ---- inputs: processed/ or quarantine/ -------------------------------------------------------
+    def finalize(self, study: Study, state: State) -> None:
+        """Move the input out of the spool (processed/ or quarantine/); a failure here is only logged:
+        the study's state is already committed and ``reconcile`` finishes the move on the next start."""
+        try:
+            self._move_input(study, state)
+        except OSError as exc:
+            log.error("study.input_move_failed", study_key=study.key, error=exc.strerror)
+        if self.on_finished is not None:
+            self.on_finished(study)
+
+    def _owned(self, path: Path) -> bool:
+        roots = [Path(self.paths.spool), Path(self.paths.processed), Path(self.paths.quarantine)]
+        return any(path.is_relative_to(r) for r in roots)
+
+    def _move_input(self, study: Study, state: State) -> None:
+        dest = Path(self.paths.quarantine if state == State.FAILED else self.paths.processed) / study.key
+        if state == State.FAILED:
+            dest.mkdir(parents=True, exist_ok=True)
+            _write_reason(dest / "REASON.txt", study)
+        if study.source_kind == "dicom":
+            dest.mkdir(parents=True, exist_ok=True)
+            for inst in self.repo.instances_of(study.id):
+                src = Path(inst.path)
+                if src.parent == dest or not self._owned(src):
+                    continue
+                target = dest / src.name
+                if src.exists():
+                    shutil.move(src, target)
+                if target.exists():
+                    self.repo.move_instance(inst.id, str(target))
+            _remove_empty(Path(study.input_path)) if study.input_path else None
+            self.repo.set_fields(study, input_path=str(dest))
+            return
+        if not study.input_path:
+            return
+        src = Path(study.input_path)
+        if src.parent == dest or not self._owned(src):
+            return
+        dest.mkdir(parents=True, exist_ok=True)
+        # The claim folder holds the recording, its sidecars and claim.json: they travel together.
+        for item in sorted(src.parent.iterdir()) if src.parent.exists() else []:
+            shutil.move(item, dest / item.name)
+        _remove_empty(src.parent)
+        if (dest / src.name).exists():
+            self.repo.set_fields(study, input_path=str(dest / src.name))
+
+    def reconcile(self) -> int:
+        """On start: finish input moves a crash interrupted (state committed, file still in the spool)."""
+        n = 0
+        for study in self.repo.finished_with_input_under(str(self.paths.spool)):
+            self._move_input(study, State(study.state))
+            n += 1
+        return n
+
+
+def _bundle_hash(identity: BundleIdentity) -> str | None:
+    """One hash over the bundle's checkpoint hashes: the model identity a result was made with."""
+    if not identity.checkpoints:
+        return None
+    joined = "".join(f"{k}={v};" for k, v in sorted(identity.checkpoints.items()))
+    return hashlib.sha256(joined.encode()).hexdigest()
+
+
+def _write_reason(path: Path, study: Study) -> None:
+    text = (f"study: {study.key} (id {study.id}, version {study.version})\n"
+            f"state: {study.state}\nwhen: {_now().isoformat()}\n"
+            f"kind: {study.error_kind or 'permanent'}\nreason: {study.last_error or ''}\n"
+            f"retry: psg-gateway studies retry {study.id}\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _remove_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)

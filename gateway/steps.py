@@ -1,0 +1,92 @@
+"""The study steps shared by ``psg-gateway infer`` and the daemon's pipeline: decode, map, infer, store.
+
+One implementation whichever source fed the study, so a file run by hand and the same file dropped into
+the daemon's folder give the same outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from inference.engine import Engine
+from inference.results import StudyResult
+
+from .identifiers import apply_site_identifiers
+from .montage import MontageTable
+from .outputs import write_study_outputs
+from .prepare import PreparedStudy, prepare_study
+from .readers import read_recording
+from .readers.dicom_waveform import read_dicom_study
+from .recording import Annotation, Recording
+from .scoring import agreement, reference_hypnogram
+
+__all__ = [
+    "decode_inputs",
+    "infer_prepared",
+    "outputs_extra",
+    "shift_annotations",
+    "staging_agreement",
+    "store_outputs",
+]
+
+Progress = Callable[[int, int], None]
+
+
+def decode_inputs(paths: Sequence[Path], filename_pattern: str | None = None) -> Recording:
+    """One EDF/BDF file or DICOM file/folder (site identifiers applied), or several DICOM instances."""
+    if len(paths) == 1:
+        path = Path(paths[0])
+        return apply_site_identifiers(read_recording(path), path, filename_pattern)
+    return read_dicom_study(paths, ignore_unsupported=True)
+
+
+def infer_prepared(engine: Engine, prepared: PreparedStudy, progress: Progress | None = None) -> StudyResult:
+    result = engine.run_many([prepared.study], progress=progress)[0]
+    result.timings_s = {**prepared.timings_s, **result.timings_s}
+    return result
+
+
+def shift_annotations(other: Recording, recording: Recording) -> list[Annotation]:
+    """``other``'s annotations with onsets relative to ``recording``'s start (when both starts are known)."""
+    shift = 0.0
+    if other.start is not None and recording.start is not None:
+        shift = (other.start - recording.start).total_seconds()
+    return [Annotation(a.onset_s + shift, a.duration_s, a.text) for a in other.annotations]
+
+
+def staging_agreement(result: StudyResult, annotations: Sequence[Annotation]) -> dict[str, Any] | None:
+    """Agreement of the model's hypnogram with a scored one, when the recording carries stage annotations."""
+    if result.staging is None:
+        return None
+    reference = reference_hypnogram(list(annotations), n_epochs=len(result.staging.hypnogram))
+    return None if reference is None else agreement(result.staging.hypnogram, reference).to_dict()
+
+
+def outputs_extra(table: MontageTable, source: str | None, prepared: PreparedStudy, recording: Recording,
+                  scoring: dict[str, Any] | None) -> dict[str, Any]:
+    """What metrics.json records beside the model's results: montage, gaps, recording, agreement."""
+    return {
+        "montage": {"name": table.name, "version": table.version, "source": source,
+                    "channels": prepared.channels, "unmapped": prepared.match.unmapped,
+                    "ignored": prepared.match.ignored,
+                    "mapping": [c.as_dict() for c in prepared.match.channels]},
+        "gaps": {"fraction_by_channel": prepared.gap_fraction, "dropped_channels": prepared.dropped},
+        "recording": {"duration_s": recording.duration_s, "channels": len(recording.channels),
+                      "format": recording.format, "warnings": recording.warnings},
+        "staging_agreement": scoring,
+    }
+
+
+def store_outputs(result: StudyResult, out_dir: Path, table: MontageTable, source: str | None,
+                  prepared: PreparedStudy, recording: Recording,
+                  annotations: Sequence[Annotation] | None = None) -> list[Path]:
+    """Write the study's output files (as ``psg-gateway infer`` does); returns the paths written."""
+    scoring = staging_agreement(result, recording.annotations if annotations is None else annotations)
+    return write_study_outputs(result, out_dir, extra=outputs_extra(table, source, prepared, recording, scoring))
+
+
+def map_recording(recording: Recording, table: MontageTable, key: str, source: str | None,
+                  progress: Progress | None = None) -> PreparedStudy:
+    return prepare_study(recording, table, key=key, source=source, progress=progress)

@@ -1,0 +1,133 @@
+"""SQLAlchemy 2 models: studies, DICOM instances, the append-only event log, and stored outputs.
+
+One row per study. ``version`` counts how many times the study has been (re)opened for processing: a
+DICOM instance arriving after the study was processed, or ``studies reprocess``, bumps it, and every
+state change is guarded by (id, version) so a worker never overwrites a newer version's state.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = ["FINAL_STATES", "WORKING_STATES", "Base", "Event", "Instance", "Output", "State", "Study"]
+
+
+class State(StrEnum):
+    RECEIVED = "RECEIVED"  # bytes spooled; a DICOM study may still be receiving instances
+    READY = "READY"  # complete (stable) and waiting for a worker
+    DECODED = "DECODED"
+    MAPPED = "MAPPED"
+    INFERRED = "INFERRED"  # outputs stored; the last step until flags and delivery exist
+    FLAGGED = "FLAGGED"
+    QUEUED = "QUEUED"
+    DELIVERED = "DELIVERED"
+    DUPLICATE = "DUPLICATE"
+    FAILED = "FAILED"
+    SHADOW = "SHADOW"
+
+
+# States a worker picks a study up from (after a crash, the last committed one).
+WORKING_STATES = (State.READY, State.DECODED, State.MAPPED)
+FINAL_STATES = (State.INFERRED, State.DELIVERED, State.SHADOW, State.DUPLICATE, State.FAILED)
+
+_TS = DateTime(timezone=True)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, datetime: _TS}
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(32), unique=True)  # what logs carry: never PHI
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    source: Mapped[str] = mapped_column(String(512))  # folder:/path, dicom:AE, archive, cli
+    source_kind: Mapped[str] = mapped_column(String(16))  # file | dicom
+    content_hash: Mapped[str | None] = mapped_column(String(64), index=True)  # SHA-256 of a file input
+    dicom_study_uid: Mapped[str | None] = mapped_column(String(64))
+    input_path: Mapped[str | None] = mapped_column(Text)  # where the input is now (spool, processed, quarantine)
+    input_name: Mapped[str | None] = mapped_column(Text)  # the name it arrived under
+    filename_pattern: Mapped[str | None] = mapped_column(Text)
+    duplicate_of: Mapped[int | None] = mapped_column(ForeignKey("studies.id"))
+    # identifiers as decoded (for HL7 and the CLI; never logged)
+    patient_id: Mapped[str | None] = mapped_column(String(128))
+    patient_id_issuer: Mapped[str | None] = mapped_column(String(128))
+    accession: Mapped[str | None] = mapped_column(String(128))
+    study_uid: Mapped[str | None] = mapped_column(String(64))
+    montage_name: Mapped[str | None] = mapped_column(String(128))
+    montage_version: Mapped[str | None] = mapped_column(String(64))
+    bundle_name: Mapped[str | None] = mapped_column(String(128))
+    bundle_version: Mapped[str | None] = mapped_column(String(64))
+    bundle_hash: Mapped[str | None] = mapped_column(String(64))
+    output_path: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(_TS)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    lease_until: Mapped[datetime | None] = mapped_column(_TS)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    error_kind: Mapped[str | None] = mapped_column(String(16))  # transient | permanent
+    received_at: Mapped[datetime] = mapped_column(_TS)
+    last_instance_at: Mapped[datetime | None] = mapped_column(_TS)
+    ready_at: Mapped[datetime | None] = mapped_column(_TS)
+    finished_at: Mapped[datetime | None] = mapped_column(_TS)
+    updated_at: Mapped[datetime] = mapped_column(_TS)
+    timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    mapping: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+    __table_args__ = (
+        # One original per content hash; later copies are rows with duplicate_of set.
+        Index("uq_studies_content_original", "content_hash", unique=True,
+              sqlite_where=text("duplicate_of IS NULL"), postgresql_where=text("duplicate_of IS NULL")),
+        Index("uq_studies_dicom_uid", "dicom_study_uid", unique=True),
+        Index("ix_studies_claim", "state", "next_attempt_at"),
+    )
+
+
+class Instance(Base):
+    """One DICOM SOP instance, stored once whatever how often it is sent."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(BigInteger)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(_TS)
+
+
+class Event(Base):
+    """Append-only audit log: every transition and action, who or what did it."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), index=True)
+    at: Mapped[datetime] = mapped_column(_TS)
+    event: Mapped[str] = mapped_column(String(64))
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str | None] = mapped_column(String(16))
+    version: Mapped[int | None] = mapped_column(Integer)
+    actor: Mapped[str] = mapped_column(String(128))
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class Output(Base):
+    __tablename__ = "outputs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(256))  # relative to the study's output folder
+    size: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(_TS)

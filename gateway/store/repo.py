@@ -1,0 +1,344 @@
+"""The repository: every read and write the daemon, the sources and the CLI make to the database.
+
+Each public method is one transaction. A state change is a guarded UPDATE (``id``, ``version`` and
+the expected state must still hold) plus an event row in the same transaction, so a worker whose study
+changed under it (a late DICOM instance, a ``studies retry`` from the CLI) learns it from the row count
+and stops instead of overwriting the newer state.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, func, or_, select, text, update
+from sqlalchemy.exc import IntegrityError
+
+from .db import is_sqlite, session_factory
+from .models import FINAL_STATES, WORKING_STATES, Event, Instance, Output, State, Study
+
+__all__ = ["Repo", "StudyChanged", "new_study_key", "utcnow"]
+
+# Guarded UPDATEs are decided by the database; SQLite returns naive datetimes that the ORM's in-Python
+# re-evaluation of the WHERE clause would compare with aware ones.
+_NO_SYNC = {"synchronize_session": False}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def aware(dt: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; everything we store is UTC."""
+    if dt is None or dt.tzinfo is not None:
+        return dt
+    return dt.replace(tzinfo=UTC)
+
+
+def new_study_key() -> str:
+    return "st-" + uuid.uuid4().hex[:12]
+
+
+class StudyChanged(RuntimeError):
+    """The study's version or state moved on under a worker (late instance, CLI retry)."""
+
+
+@dataclass(frozen=True)
+class Registered:
+    study: Study
+    duplicate: bool
+
+
+class Repo:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.sessions = session_factory(engine)
+        # SQLite has no row locks: claims in one process go through this lock (one daemon per database).
+        self._claim_lock = threading.Lock()
+        self._sqlite = is_sqlite(engine)
+
+    # ---- health -------------------------------------------------------------------------------
+    def ping(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            return True
+        except Exception:  # noqa: BLE001 - any failure means "not reachable"
+            return False
+
+    # ---- registration -------------------------------------------------------------------------
+    def register_file(self, *, source: str, path: str, name: str, sha256: str, filename_pattern: str | None,
+                      actor: str) -> Registered:
+        """Record a claimed file: a new study (READY: it was stable when claimed) or a duplicate."""
+        now = utcnow()
+        for _ in range(3):  # a concurrent insert of the same content loses the unique index race
+            with self.sessions.begin() as s:
+                original = s.scalar(select(Study).where(Study.content_hash == sha256,
+                                                        Study.duplicate_of.is_(None)))
+                study = Study(key=new_study_key(), state=State.RECEIVED, version=1, source=source,
+                              source_kind="file", content_hash=sha256, input_path=path, input_name=name,
+                              filename_pattern=filename_pattern, attempts=0, received_at=now, updated_at=now)
+                if original is not None:
+                    study.state = State.DUPLICATE
+                    study.duplicate_of = original.id
+                    study.finished_at = now
+                try:
+                    s.add(study)
+                    s.flush()
+                except IntegrityError:
+                    s.rollback()
+                    continue
+                self._event(s, study, "study.received", None, State.RECEIVED, actor,
+                            {"source": source, "size_hash": sha256[:12]})
+                if original is not None:
+                    self._event(s, study, "study.duplicate", State.RECEIVED, State.DUPLICATE, actor,
+                                {"duplicate_of": original.key})
+                else:
+                    study.state = State.READY
+                    study.ready_at = now
+                    self._event(s, study, "study.ready", State.RECEIVED, State.READY, actor, None)
+                return Registered(study, original is not None)
+        raise RuntimeError("could not register file after repeated conflicts")
+
+    def known_instance(self, sop_instance_uid: str) -> bool:
+        with self.sessions() as s:
+            return s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)) is not None
+
+    def register_instance(self, *, study_uid: str, sop_instance_uid: str, sop_class_uid: str, path: str,
+                          folder: str, size: int, calling_ae: str) -> tuple[Study, bool]:
+        """Record one received DICOM instance; returns (study, stored). stored=False: a duplicate UID.
+
+        The study collects instances in RECEIVED until ``stable_age`` passes. An instance for a study
+        that is already past RECEIVED reopens it as a new version (reprocessed: a correction).
+        """
+        now = utcnow()
+        actor = f"dicom:{calling_ae}"
+        for _ in range(3):
+            with self.sessions.begin() as s:
+                if s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)):
+                    study = s.scalar(select(Study).join(Instance, Instance.study_id == Study.id)
+                                     .where(Instance.sop_instance_uid == sop_instance_uid))
+                    return study, False
+                study = s.scalar(select(Study).where(Study.dicom_study_uid == study_uid).with_for_update())
+                try:
+                    if study is None:
+                        study = Study(key=new_study_key(), state=State.RECEIVED, version=1, source=actor,
+                                      source_kind="dicom", dicom_study_uid=study_uid, study_uid=study_uid,
+                                      input_path=folder, attempts=0, received_at=now, updated_at=now,
+                                      last_instance_at=now)
+                        s.add(study)
+                        s.flush()
+                        self._event(s, study, "study.received", None, State.RECEIVED, actor, None)
+                    elif study.state != State.RECEIVED:
+                        previous = study.state
+                        study.version += 1
+                        study.state = State.RECEIVED
+                        study.attempts = 0
+                        study.claimed_by = None
+                        study.lease_until = None
+                        study.next_attempt_at = None
+                        study.finished_at = None
+                        study.last_instance_at = now
+                        study.updated_at = now
+                        self._event(s, study, "study.reopened", previous, State.RECEIVED, actor,
+                                    {"reason": "instance arrived after the study was complete"})
+                    else:
+                        study.last_instance_at = now
+                        study.updated_at = now
+                    s.add(Instance(sop_instance_uid=sop_instance_uid, sop_class_uid=sop_class_uid,
+                                   study_id=study.id, path=path, size=size, calling_ae=calling_ae,
+                                   received_at=now))
+                    s.flush()
+                except IntegrityError:
+                    s.rollback()
+                    continue
+                return study, True
+        raise RuntimeError("could not register instance after repeated conflicts")
+
+    def promote_stable(self, stable_age_seconds: float, actor: str = "scheduler") -> list[Study]:
+        """RECEIVED DICOM studies with no new instance for ``stable_age_seconds`` become READY."""
+        cutoff = utcnow() - timedelta(seconds=stable_age_seconds)
+        promoted = []
+        with self.sessions.begin() as s:
+            rows = s.scalars(select(Study).where(Study.state == State.RECEIVED, Study.source_kind == "dicom",
+                                                 Study.last_instance_at <= cutoff)).all()
+            for study in rows:
+                n = self._guarded(s, study, State.RECEIVED, State.READY, {"ready_at": utcnow()})
+                if n:
+                    count = s.scalar(select(func.count()).select_from(Instance).where(Instance.study_id == study.id))
+                    self._event(s, study, "study.ready", State.RECEIVED, State.READY, actor,
+                                {"instances": count})
+                    promoted.append(study)
+        return promoted
+
+    # ---- the worker's side --------------------------------------------------------------------
+    def claim(self, worker: str, lease_seconds: float) -> Study | None:
+        """Take the oldest study waiting for a worker, with a lease; None when there is none."""
+        now = utcnow()
+        with self._claim_lock, self.sessions.begin() as s:
+            q = (select(Study)
+                 .where(Study.state.in_([str(x) for x in WORKING_STATES]),
+                        or_(Study.next_attempt_at.is_(None), Study.next_attempt_at <= now),
+                        or_(Study.lease_until.is_(None), Study.lease_until < now))
+                 .order_by(Study.id).limit(1))
+            if not self._sqlite:
+                q = q.with_for_update(skip_locked=True)
+            study = s.scalar(q)
+            if study is None:
+                return None
+            n = s.execute(update(Study).where(Study.id == study.id, Study.version == study.version,
+                                              Study.state == study.state,
+                                              or_(Study.lease_until.is_(None), Study.lease_until < now))
+                          .values(claimed_by=worker, lease_until=now + timedelta(seconds=lease_seconds),
+                                  attempts=Study.attempts + 1, updated_at=now), execution_options=_NO_SYNC).rowcount
+            if n != 1:
+                return None
+            s.refresh(study)
+            return study
+
+    def transition(self, study: Study, to_state: State, actor: str, event: str,
+                   detail: dict[str, Any] | None = None, **fields: Any) -> Study:
+        """Move ``study`` on from its current state; raises StudyChanged when it moved under us."""
+        with self.sessions.begin() as s:
+            if not self._guarded(s, study, State(study.state), to_state, fields):
+                raise StudyChanged(study.key)
+            self._event(s, study, event, study.state, to_state, actor, detail)
+        return self._reload(study)
+
+    def schedule_retry(self, study: Study, error: str, delay_seconds: float, actor: str) -> Study:
+        """A transient failure: keep the state, release the lease, try again after ``delay_seconds``."""
+        with self.sessions.begin() as s:
+            fields = {"next_attempt_at": utcnow() + timedelta(seconds=delay_seconds), "last_error": error,
+                      "error_kind": "transient", "claimed_by": None, "lease_until": None}
+            if not self._guarded(s, study, State(study.state), State(study.state), fields):
+                raise StudyChanged(study.key)
+            self._event(s, study, "study.retry_scheduled", study.state, study.state, actor,
+                        {"error": error, "delay_s": round(delay_seconds, 1), "attempt": study.attempts})
+        return self._reload(study)
+
+    def release(self, study: Study) -> None:
+        """Give a claimed study back without changing its state (shutdown mid-study)."""
+        with self.sessions.begin() as s:
+            s.execute(update(Study).where(Study.id == study.id, Study.version == study.version)
+                      .values(claimed_by=None, lease_until=None), execution_options=_NO_SYNC)
+
+    def release_leases(self, worker_prefix: str) -> int:
+        """On start: studies a previous run of this node held are free to resume at once."""
+        with self.sessions.begin() as s:
+            return s.execute(update(Study).where(Study.claimed_by.like(f"{worker_prefix}%"))
+                             .values(claimed_by=None, lease_until=None), execution_options=_NO_SYNC).rowcount
+
+    def set_fields(self, study: Study, **fields: Any) -> Study:
+        with self.sessions.begin() as s:
+            s.execute(update(Study).where(Study.id == study.id).values(updated_at=utcnow(), **fields), execution_options=_NO_SYNC)
+        return self._reload(study)
+
+    def add_outputs(self, study: Study, files: Sequence[tuple[str, int]]) -> None:
+        now = utcnow()
+        with self.sessions.begin() as s:
+            s.add_all(Output(study_id=study.id, version=study.version, name=n, size=size, created_at=now)
+                      for n, size in files)
+
+    def instances_of(self, study_id: int) -> list[Instance]:
+        with self.sessions() as s:
+            return list(s.scalars(select(Instance).where(Instance.study_id == study_id).order_by(Instance.id)))
+
+    def move_instance(self, instance_id: int, path: str) -> None:
+        with self.sessions.begin() as s:
+            s.execute(update(Instance).where(Instance.id == instance_id).values(path=path), execution_options=_NO_SYNC)
+
+    # ---- the operator's side ------------------------------------------------------------------
+    def retry(self, study_id: int, actor: str) -> Study:
+        """A FAILED study goes back to READY with a fresh attempt count (input stays where it is)."""
+        with self.sessions.begin() as s:
+            study = s.get(Study, study_id)
+            if study is None:
+                raise KeyError(study_id)
+            if study.state != State.FAILED:
+                raise ValueError(f"study {study.key} is {study.state}; only FAILED studies can be retried")
+            self._reopen(s, study, "study.retry", actor)
+        return self._reload(study)
+
+    def reprocess(self, study_id: int, actor: str) -> Study:
+        """Any finished study (not a duplicate) runs again as a new version."""
+        with self.sessions.begin() as s:
+            study = s.get(Study, study_id)
+            if study is None:
+                raise KeyError(study_id)
+            if study.state not in [str(x) for x in FINAL_STATES] or study.state == State.DUPLICATE:
+                raise ValueError(f"study {study.key} is {study.state}; only finished studies can be reprocessed")
+            study.version += 1
+            self._reopen(s, study, "study.reprocess", actor)
+        return self._reload(study)
+
+    def _reopen(self, s, study: Study, event: str, actor: str) -> None:
+        previous = study.state
+        now = utcnow()
+        study.state = State.READY
+        study.attempts = 0
+        study.next_attempt_at = None
+        study.claimed_by = None
+        study.lease_until = None
+        study.finished_at = None
+        study.ready_at = now
+        study.updated_at = now
+        self._event(s, study, event, previous, State.READY, actor, None)
+
+    def get(self, ref: str | int) -> Study | None:
+        with self.sessions() as s:
+            if isinstance(ref, int) or str(ref).isdigit():
+                return s.get(Study, int(ref))
+            return s.scalar(select(Study).where(Study.key == ref))
+
+    def list(self, state: str | None = None, limit: int = 50) -> list[Study]:
+        with self.sessions() as s:
+            q = select(Study).order_by(Study.id.desc()).limit(limit)
+            if state:
+                q = q.where(Study.state == state.upper())
+            return list(s.scalars(q))
+
+    def events(self, study_id: int) -> list[Event]:
+        with self.sessions() as s:
+            return list(s.scalars(select(Event).where(Event.study_id == study_id).order_by(Event.id)))
+
+    def outputs(self, study_id: int) -> list[Output]:
+        with self.sessions() as s:
+            return list(s.scalars(select(Output).where(Output.study_id == study_id).order_by(Output.id)))
+
+    def counts_by_state(self) -> dict[str, int]:
+        with self.sessions() as s:
+            return {state: n for state, n in s.execute(select(Study.state, func.count()).group_by(Study.state))}
+
+    def finished_with_input_under(self, prefix: str) -> list[Study]:
+        """Finished studies whose input is still in the spool (a crash between the state and the move)."""
+        with self.sessions() as s:
+            return list(s.scalars(select(Study).where(Study.state.in_([str(x) for x in FINAL_STATES]),
+                                                      Study.input_path.like(f"{prefix}%"))))
+
+    def known_input(self, path: str) -> bool:
+        with self.sessions() as s:
+            return s.scalar(select(Study.id).where(Study.input_path == path).limit(1)) is not None
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _guarded(self, s, study: Study, from_state: State, to_state: State,
+                 fields: dict[str, Any]) -> bool:
+        values = {"state": str(to_state), "updated_at": utcnow(), **fields}
+        n = s.execute(update(Study).where(Study.id == study.id, Study.version == study.version,
+                                          Study.state == str(from_state)).values(**values), execution_options=_NO_SYNC).rowcount
+        return n == 1
+
+    def _event(self, s, study: Study, event: str, from_state: str | None, to_state: str | None,
+               actor: str, detail: dict[str, Any] | None) -> None:
+        s.add(Event(study_id=study.id, at=utcnow(), event=event, from_state=from_state and str(from_state),
+                    to_state=to_state and str(to_state), version=study.version, actor=actor, detail=detail))
+
+    def _reload(self, study: Study) -> Study:
+        with self.sessions() as s:
+            fresh = s.get(Study, study.id)
+            if fresh is None:
+                raise StudyChanged(study.key)
+            return fresh

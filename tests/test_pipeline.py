@@ -1,0 +1,222 @@
+"""The study pipeline in-process on SQLite and PostgreSQL: success, permanent and transient failures,
+resume from a committed state, and input moves (processed/ or quarantine/, never deleted)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+
+from gateway.config import PathsConfig, PipelineConfig
+from gateway.metrics import Metrics
+from gateway.pipeline import MontageHolder, Pipeline
+from gateway.readers.dicom_synthetic import write_psg_study
+from gateway.readers.synthetic import write_synthetic_night
+from gateway.store.db import make_engine, upgrade
+from gateway.store.models import State
+from gateway.store.repo import Repo
+from inference.bundle import load_bundle, make_demo_bundle
+from inference.engine import Engine, EngineOptions
+
+HOURS = 0.1  # 6 minutes: two 5-minute windows, a hypnogram of 12 epochs
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    bundle = load_bundle(make_demo_bundle(tmp_path_factory.mktemp("bundle") / "demo"))
+    return bundle, Engine(bundle, EngineOptions(device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def night_bytes(tmp_path_factory) -> bytes:
+    return write_synthetic_night(tmp_path_factory.mktemp("n") / "n.edf", hours=HOURS, seed=5).read_bytes()
+
+
+@pytest.fixture
+def env(db_url, tmp_path, model):
+    engine = make_engine(db_url)
+    upgrade(engine)
+    repo = Repo(engine)
+    paths = PathsConfig(var_dir=tmp_path).resolved(tmp_path)
+    for p in (paths.spool, paths.outputs, paths.processed, paths.quarantine):
+        p.mkdir(parents=True)
+    bundle, eng = model
+    pipe = Pipeline(repo, eng, bundle, MontageHolder(None), paths, PipelineConfig(retry_backoff_seconds=0.01),
+                    Metrics())
+    yield repo, pipe, paths
+    engine.dispose()
+
+
+def _spool(paths: PathsConfig, name: str, data: bytes, repo: Repo, claim: str = "c1"):
+    folder = paths.spool / "incoming" / claim
+    folder.mkdir(parents=True)
+    (folder / name).write_bytes(data)
+    (folder / "claim.json").write_text("{}")
+    return repo.register_file(source="folder:/in", path=str(folder / name), name=name,
+                              sha256=hashlib.sha256(data).hexdigest(), filename_pattern=None,
+                              actor="folder:/in").study
+
+
+def test_file_study_goes_to_inferred_with_outputs_and_input_in_processed(env, night_bytes):
+    repo, pipe, paths = env
+    study = _spool(paths, "night.edf", night_bytes, repo)
+    assert pipe.run_once("n:1:w0")
+    done = repo.get(study.id)
+    assert done.state == State.INFERRED and done.last_error is None and done.claimed_by is None
+    out = Path(done.output_path)
+    assert out == paths.outputs / study.key
+    for name in ("night.npy", "hypnogram.csv", "metrics.json", "hazards.csv", "embeddings/BAS.npy"):
+        assert (out / name).is_file(), name
+    assert {o.name for o in repo.outputs(study.id)} >= {"night.npy", "metrics.json"}
+    # input moved with its claim folder, bytes intact, spool emptied
+    moved = Path(done.input_path)
+    assert moved == paths.processed / study.key / "night.edf" and moved.read_bytes() == night_bytes
+    assert (paths.processed / study.key / "claim.json").is_file()
+    assert not (paths.spool / "incoming" / "c1").exists()
+    events = [(e.event, e.to_state) for e in repo.events(study.id)]
+    assert events[-3:] == [("study.decoded", "DECODED"), ("study.mapped", "MAPPED"), ("study.inferred", "INFERRED")]
+    assert done.montage_version and done.bundle_name == "sleepfm-demo-untrained" and len(done.bundle_hash) == 64
+    assert set(done.timings) == {"decode_s", "map_s", "infer_s"}
+    assert not pipe.run_once("n:1:w0")  # nothing left
+
+
+def test_dicom_study_decodes_all_instances(env, tmp_path):
+    repo, pipe, paths = env
+    files = write_psg_study(tmp_path / "src", hours=HOURS, seed=2)
+    folder = paths.spool / "dicom" / "abc"
+    folder.mkdir(parents=True)
+    for i, f in enumerate(files):
+        dst = folder / f"{i}.dcm"
+        shutil.copy(f, dst)
+        import pydicom
+
+        ds = pydicom.dcmread(dst, stop_before_pixels=True)
+        repo.register_instance(study_uid=ds.StudyInstanceUID, sop_instance_uid=ds.SOPInstanceUID,
+                               sop_class_uid=ds.SOPClassUID, path=str(dst), folder=str(folder),
+                               size=dst.stat().st_size, calling_ae="SENDER")
+    [study] = repo.promote_stable(0)
+    assert pipe.run_once("w")
+    done = repo.get(study.id)
+    assert done.state == State.INFERRED, done.last_error
+    assert done.patient_id == "SYN-0002" and done.accession == "SYNACC-0002"
+    assert set(done.mapping["channels"]) == {"BAS", "RESP", "EKG", "EMG"}
+    assert all(Path(i.path).parent == paths.processed / study.key for i in repo.instances_of(study.id))
+    assert not any(folder.iterdir()) if folder.exists() else True
+
+
+def test_corrupt_file_is_failed_and_quarantined_with_reason(env):
+    repo, pipe, paths = env
+    data = b"0       " + b"garbage" * 100
+    study = _spool(paths, "broken.edf", data, repo)
+    pipe.run_once("w")
+    failed = repo.get(study.id)
+    assert failed.state == State.FAILED and failed.error_kind == "permanent"
+    assert failed.last_error.startswith("unreadable input")
+    q = paths.quarantine / study.key
+    assert (q / "broken.edf").read_bytes() == data
+    reason = (q / "REASON.txt").read_text()
+    assert "unreadable input" in reason and f"studies retry {study.id}" in reason
+    assert Path(failed.input_path) == q / "broken.edf"
+
+
+def test_unmapped_channels_fail_with_montage_reason_then_retry_after_fix(env, night_bytes, tmp_path):
+    repo, pipe, paths = env
+    table = tmp_path / "empty.yaml"
+    table.write_text("name: site\nformat: 2\nrules: []\n")
+    pipe.montage = MontageHolder(table)
+    study = _spool(paths, "night.edf", night_bytes, repo)
+    pipe.run_once("w")
+    failed = repo.get(study.id)
+    assert failed.state == State.FAILED and "no channel maps to a modality" in failed.last_error
+    # the admin fixes the table; the daemon reloads it; the study is retried from quarantine
+    table.write_text("name: site\nformat: 2\nextends: default\nrules: []\n")
+    assert pipe.montage.check()
+    repo.retry(study.id, "cli")
+    pipe.run_once("w")
+    done = repo.get(study.id)
+    assert done.state == State.INFERRED
+    assert Path(done.input_path) == paths.processed / study.key / "night.edf"
+
+
+def test_broken_montage_edit_keeps_previous_table(env, tmp_path):
+    _, pipe, _ = env
+    table = tmp_path / "t.yaml"
+    table.write_text("name: site\nformat: 2\nextends: default\nrules: []\n")
+    pipe.montage = MontageHolder(table)
+    version = pipe.montage.table.version
+    table.write_text("name: site\nformat: 2\nrules: [ {broken\n")
+    assert not pipe.montage.check()
+    assert pipe.montage.table.version == version
+
+
+def test_transient_error_is_retried_with_backoff_then_succeeds(env, night_bytes, monkeypatch):
+    repo, pipe, paths = env
+    import gateway.pipeline as pl
+
+    real = pl.infer_prepared
+    calls = {"n": 0}
+
+    def flaky(engine, prepared, progress=None):
+        calls["n"] += 1
+        if calls["n"] == 1:  # a GPU out-of-memory cannot be produced on demand on a CPU machine
+            raise MemoryError()
+        return real(engine, prepared, progress)
+
+    monkeypatch.setattr(pl, "infer_prepared", flaky)
+    study = _spool(paths, "night.edf", night_bytes, repo)
+    pipe.run_once("w")
+    waiting = repo.get(study.id)
+    assert waiting.state == State.MAPPED and waiting.error_kind == "transient"
+    assert "out of memory" in waiting.last_error and waiting.next_attempt_at is not None
+    import time
+
+    time.sleep(0.05)
+    pipe.run_once("w")
+    assert repo.get(study.id).state == State.INFERRED
+    assert any(e.event == "study.retry_scheduled" for e in repo.events(study.id))
+
+
+def test_transient_error_gives_up_after_max_attempts(env, night_bytes, monkeypatch):
+    repo, pipe, paths = env
+    import gateway.pipeline as pl
+
+    monkeypatch.setattr(pl, "infer_prepared", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
+    pipe.cfg = PipelineConfig(retry_backoff_seconds=0.001, max_attempts=2)
+    study = _spool(paths, "night.edf", night_bytes, repo)
+    import time
+
+    for _ in range(3):
+        pipe.run_once("w")
+        time.sleep(0.01)
+    failed = repo.get(study.id)
+    assert failed.state == State.FAILED and "gave up after 2 attempts" in failed.last_error
+    assert (paths.quarantine / study.key / "night.edf").is_file()
+
+
+def test_resume_from_mapped_after_crash_and_reconcile_moves(env, night_bytes):
+    repo, pipe, paths = env
+    study = _spool(paths, "night.edf", night_bytes, repo)
+    claimed = repo.claim("n:1:w0", 600)
+    claimed = repo.transition(claimed, State.DECODED, "n:1:w0", "study.decoded")
+    repo.transition(claimed, State.MAPPED, "n:1:w0", "study.mapped")
+    # the process dies here; the next start releases its leases and resumes
+    assert repo.release_leases("n:") == 1
+    assert pipe.run_once("n:2:w0")
+    done = repo.get(study.id)
+    assert done.state == State.INFERRED
+    states = [e.to_state for e in repo.events(study.id)]
+    assert states.count("DECODED") == 1 and states.count("MAPPED") == 1 and states.count("INFERRED") == 1
+
+
+def test_reconcile_finishes_a_move_interrupted_by_a_crash(env, night_bytes):
+    repo, pipe, paths = env
+    study = _spool(paths, "night.edf", night_bytes, repo)
+    c = repo.claim("w", 60)
+    for s in (State.DECODED, State.MAPPED, State.INFERRED):
+        c = repo.transition(c, s, "w", "x")
+    # committed INFERRED, crashed before the move
+    assert pipe.reconcile() == 1
+    assert (paths.processed / study.key / "night.edf").read_bytes() == night_bytes
+    assert repo.get(study.id).input_path == str(paths.processed / study.key / "night.edf")
