@@ -8,7 +8,7 @@ DEMO_DIR ?= demo-out
 DEMO_HOURS ?= 8
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo run peers test bench bench-receiver lint clean
 
 # torch first, pinned: a bare or open-ended torch requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -19,18 +19,36 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The daemon on the embedded defaults (deploy/demo.yaml: SQLite and folders under ./var, DICOM on
+# 127.0.0.1:11112): one EDF dropped into the folder, one DICOM study sent to the port, results shown.
 demo: $(STAMP)
-	$(BIN)/psg-gateway example-night $(DEMO_DIR)/example_night.edf --hours $(DEMO_HOURS)
-	$(BIN)/psg-gateway infer $(DEMO_DIR)/example_night.edf --out $(DEMO_DIR)/result
+	$(BIN)/psg-gateway demo --config deploy/demo.yaml --hours $(DEMO_HOURS)
 
-test: $(STAMP)
+# The same daemon, left running until Ctrl-C.
+run: $(STAMP)
+	$(BIN)/psg-gateway run --config deploy/demo.yaml
+
+# DCMTK (storescu, echoscu, storescp) is the DICOM peer of the integration tests: installed from
+# Debian's packages when missing and we may (root or sudo); otherwise those tests report as skipped.
+peers:
+	@command -v storescu >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else \
+	    echo "DCMTK not installed and no root: DICOM peer tests will be skipped"; exit 0; fi; \
+	  $$SUDO apt-get install -y -q dcmtk >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q dcmtk >/dev/null; } || \
+	  echo "could not install DCMTK: DICOM peer tests will be skipped"; }
+
+test: $(STAMP) peers
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_night.py
 
+bench-receiver: $(STAMP) peers
+	$(BIN)/python bench/bench_receiver.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check gateway inference tests bench
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) build *.egg-info
+	rm -rf $(VENV) $(DEMO_DIR) var build *.egg-info

@@ -246,7 +246,7 @@ def _check_ae(v: str) -> str:
 
 def _under(base: Path, p: Path) -> Path:
     p = p.expanduser()
-    return p if p.is_absolute() else (base / p)
+    return Path(os.path.normpath(p if p.is_absolute() else (base / p)))
 
 
 def _loc(loc: tuple[Any, ...]) -> str:

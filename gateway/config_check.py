@@ -31,8 +31,11 @@ def semantic_problems(cfg: GatewayConfig, connect: bool = False) -> list[str]:
         if not _writable_or_creatable(path):
             problems.append(f"paths.{key}: {path} cannot be created or written")
     for i, folder in enumerate(cfg.drop_folders):
-        if not folder.path.is_dir():
+        if folder.path.exists() and not folder.path.is_dir():
             problems.append(f"drop_folders[{i}].path: {folder.path} is not a folder")
+        elif not _writable_or_creatable(folder.path):
+            # The daemon moves files out of the folder (and creates it when missing).
+            problems.append(f"drop_folders[{i}].path: {folder.path} cannot be created or written")
     if cfg.montage.table is not None:
         from .montage import MontageError, MontageTable
 

@@ -16,6 +16,7 @@ import fcntl
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -93,7 +94,8 @@ class Daemon:
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
         cfg, paths = self.cfg, self.cfg.paths
-        for folder in (paths.var_dir, paths.spool, paths.outputs, paths.processed, paths.quarantine):
+        for folder in (paths.var_dir, paths.spool, paths.outputs, paths.processed, paths.quarantine,
+                       *(f.path for f in cfg.drop_folders)):
             Path(folder).mkdir(parents=True, exist_ok=True)
         self._lock()
         self.db = make_engine(cfg.database_url, echo=cfg.database.echo)
@@ -112,7 +114,8 @@ class Daemon:
         released = self.repo.release_leases(self.worker_prefix)
         moved = self.pipeline.reconcile()
         self.watcher = DropFolderWatcher(cfg.drop_folders, Path(paths.spool), metrics=self.metrics,
-                                         exclude=[Path(paths.var_dir)])
+                                         exclude=[Path(p) for p in (paths.spool, paths.outputs, paths.processed,
+                                                                     paths.quarantine)])
         recovered = self._register_claims(recover_claims(Path(paths.spool), self._claim_known))
         log.info("daemon.resumed", leases_released=released, inputs_moved=moved, claims_recovered=recovered)
 
@@ -124,8 +127,6 @@ class Daemon:
         if cfg.dicom.enabled:
             self.receiver = DicomReceiver(cfg.dicom, Path(paths.spool), _InstanceSink(self), self.metrics)
             self.receiver.start()
-            log.info("dicom.listening", ae_title=cfg.dicom.ae_title, host=cfg.dicom.host, port=self.receiver.port,
-                     tls=cfg.dicom.tls.enabled)
         if cfg.http.enabled:
             self.ops = OpsServer(cfg.http.host, cfg.http.port, self.metrics.registry, self.health)
             self.ops.start()
@@ -190,6 +191,12 @@ class Daemon:
         while not self.stopping.wait(1.0):
             pass
         self.stop()
+        if any(t.is_alive() for t in self._workers):
+            # A worker is still inside torch: interpreter shutdown under a running native thread can
+            # abort the process. Its study is already released and resumes on the next start.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         return 0
 
     # ---- sources ------------------------------------------------------------------------------

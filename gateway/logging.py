@@ -11,6 +11,16 @@ import sys
 import structlog
 
 
+class _Stderr:
+    """Writes to whatever ``sys.stderr`` is at the time of the write (test runners and the CLI swap it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(level: str = "info", json: bool | None = None) -> None:
     """Configure structlog once per process; ``json=None`` picks JSON unless stderr is a terminal."""
     if json is None:
@@ -25,7 +35,7 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),
         cache_logger_on_first_use=False,
     )
     # pydicom's warnings quote offending header values, which can be a patient's name.

@@ -288,8 +288,18 @@ class StagingHead(_HeadTrunk):
         else:
             for layer in self.transformer_encoder.layers:
                 x = encoder_layer_forward(layer, x, token_mask)
-        x, _ = self.lstm(x)
+        x, _ = _lstm_fp32(self.lstm, x)
         return self.fc(x)
+
+
+def _lstm_fp32(lstm: nn.LSTM, x: Tensor | nn.utils.rnn.PackedSequence) -> tuple:
+    """The heads' LSTM outside autocast, in fp32: oneDNN has no bf16 LSTM on CPUs without native bf16
+    (AVX2-only machines fail with "could not create a primitive descriptor"), and the heads are cheap."""
+    device = (x.data if isinstance(x, nn.utils.rnn.PackedSequence) else x).device.type
+    with torch.autocast(device_type=device, enabled=False):
+        if not isinstance(x, nn.utils.rnn.PackedSequence):
+            x = x.float()
+        return lstm(x)
 
 
 class DiagnosisHead(_HeadTrunk):
@@ -322,14 +332,14 @@ class DiagnosisHead(_HeadTrunk):
         """``(B, M, S, E)`` tokens and ``(B, 2)`` encoded (age, sex) -> log-hazards ``(B, classes)``."""
         x = self.pool_modalities(tokens, modality_mask)
         if token_mask is None or not bool(token_mask.any()):
-            out, _ = self.lstm(x)
+            out, _ = _lstm_fp32(self.lstm, x)
             night = out.mean(dim=1)
         else:
             lengths = (~token_mask.to(torch.bool)).sum(dim=1)
             packed = nn.utils.rnn.pack_padded_sequence(
-                x, lengths.cpu(), batch_first=True, enforce_sorted=False
+                x.float(), lengths.cpu(), batch_first=True, enforce_sorted=False
             )
-            out, _ = self.lstm(packed)
+            out, _ = _lstm_fp32(self.lstm, packed)
             out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
             valid = (~token_mask.to(torch.bool)).to(out.dtype).unsqueeze(-1)
             night = (out * valid).sum(dim=1) / lengths.clamp(min=1).to(out.dtype).unsqueeze(-1)

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .demo_cmd import demo
 from .montage_cmd import montage_app
 from .service_cmd import config_app, db_app, run
 from .studies_cmd import studies_app
@@ -33,6 +34,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(studies_app, name="studies")
 app.command("run")(run)
+app.command("demo")(demo)
 
 err = Console(stderr=True)
 out = Console()

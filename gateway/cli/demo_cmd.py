@@ -1,0 +1,90 @@
+"""``psg-gateway demo``: the daemon end to end on the embedded defaults, in one command.
+
+Starts the daemon (SQLite, ./var, DICOM on 127.0.0.1), drops a generated example night into the drop
+folder, sends a generated DICOM waveform study to the DICOM port as any modality would, waits for both
+studies to reach their final state, prints where their outputs are, and stops.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from .service_cmd import ConfigOption, load_or_exit
+
+out = Console()
+
+
+def demo(
+    config: ConfigOption = None,
+    hours: Annotated[float, typer.Option(help="Length of each generated night")] = 8.0,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for both studies")] = 600.0,
+) -> None:
+    """Run the daemon, feed it one EDF (drop folder) and one DICOM study (C-STORE), show the results."""
+    from pydicom import dcmread
+    from pynetdicom import AE
+
+    from ..daemon import Daemon
+    from ..readers.dicom_synthetic import write_psg_study
+    from ..readers.synthetic import write_synthetic_night
+    from ..store.models import FINAL_STATES
+
+    cfg = load_or_exit(config)
+    if not cfg.drop_folders or not cfg.dicom.enabled:
+        out.print("the demo needs a drop folder and the DICOM receiver in the configuration")
+        raise typer.Exit(2)
+    daemon = Daemon(cfg)
+    daemon.start()
+    before = max((s.id for s in daemon.repo.list(limit=1)), default=0)
+    try:
+        out.print(f"[bold]daemon ready[/]: drop folder {cfg.drop_folders[0].path}, DICOM "
+                  f"{cfg.dicom.ae_title}@{cfg.dicom.host}:{daemon.receiver.port}, "
+                  f"health http://{cfg.http.host}:{daemon.ops.port if daemon.ops else '-'}/healthz")
+        stage = Path(cfg.paths.var_dir) / "demo-staging"
+        stage.mkdir(parents=True, exist_ok=True)
+        night = write_synthetic_night(stage / "example_night.edf", hours=hours, seed=1)
+        # Write beside the drop folder, then rename in: the way an export job should deliver files.
+        target = Path(cfg.drop_folders[0].path) / f"example_night_{int(time.time())}.edf"
+        night.replace(target)
+        out.print(f"dropped {target.name} ({target.stat().st_size / 1e6:.0f} MB)")
+
+        files = write_psg_study(stage / f"dicom_{int(time.time())}", hours=hours, seed=int(time.time()) % 10000)
+        ae = AE(ae_title="PSGDEMO")
+        ae.maximum_pdu_size = 0
+        datasets = [dcmread(f) for f in files]
+        for ds in datasets:
+            ae.add_requested_context(ds.SOPClassUID)
+        assoc = ae.associate(cfg.dicom.host if cfg.dicom.host != "0.0.0.0" else "127.0.0.1",
+                             daemon.receiver.port, ae_title=cfg.dicom.ae_title)
+        if not assoc.is_established:
+            out.print("[red]the DICOM association was not accepted (check dicom.allowed_callers)[/]")
+            raise typer.Exit(1)
+        statuses = [assoc.send_c_store(ds).Status for ds in datasets]
+        assoc.release()
+        for f in files:
+            f.unlink()
+        out.print(f"sent {len(files)} DICOM waveform instances (C-STORE statuses {statuses})")
+
+        final = {str(s) for s in FINAL_STATES}
+        deadline = time.monotonic() + timeout
+        studies = []
+        while time.monotonic() < deadline:
+            studies = [s for s in daemon.repo.list(limit=10) if s.id > before]
+            if len(studies) >= 2 and all(s.state in final for s in studies):
+                break
+            time.sleep(0.5)
+        else:
+            out.print(f"[red]not finished within {timeout:.0f} s[/]")
+        for s in sorted(studies, key=lambda s: s.id):
+            out.print(f"[bold]{s.key}[/] from {s.source}: [bold]{s.state}[/]"
+                      + (f" ({s.last_error})" if s.last_error else ""))
+            out.print(f"    outputs: {s.output_path or '-'}", soft_wrap=True)
+            out.print(f"    input:   {s.input_path or '-'}", soft_wrap=True)
+        out.print("inspect one with: psg-gateway studies show <study> "
+                  + (f"--config {config}" if config else ""))
+    finally:
+        daemon.stop()

@@ -1,0 +1,725 @@
+"""The DICOM source: a Storage SCP (C-STORE and C-ECHO receiver) that spools instances without decoding them.
+
+:class:`DicomReceiver` runs a pynetdicom association server in background threads. Each received
+instance goes through:
+
+1. pynetdicom's *chunked receive* (``_config.STORE_RECV_CHUNKED_DATASET``): the encoded data set is
+   streamed, PDV by PDV, into a Part-10 file (preamble, file meta with the negotiated transfer
+   syntax, data set as sent) in ``<spool_dir>/dicom/.incoming/``. Nothing is held in memory and
+   nothing is decoded; the maximum PDU size is unlimited.
+2. The handler asks ``sink.known_instance(sop_instance_uid)``: a duplicate is answered Success
+   (0x0000) and not written again.
+3. Only the header up to (0020,000E) is parsed (``read_partial`` with a stop condition) to get the
+   Study and Series Instance UIDs. Without a Study Instance UID the instance is refused with 0xA900
+   ("data set does not match SOP class": the attribute is Type 1 in every storage IOD) and kept
+   nowhere; the sender should not retry.
+4. The file is fsynced (``cfg.fsync``), renamed atomically to
+   ``<spool_dir>/dicom/<sha256(study_uid)[:24]>/<sha256(sop_instance_uid)[:24]>.dcm`` and the folder
+   is fsynced. The incoming folder is inside the spool, so this is a rename on one filesystem (when it
+   is not, a copy to a hidden temporary name in the target folder, fsync, rename).
+5. ``sink.instance_received(...)`` records it. Any exception there, or any disk error before, removes
+   the file and answers 0xA700 (out of resources) so the sender retries later; the receiver goes on.
+
+Two associations sending the same SOP Instance UID at once are serialised: the second waits for the
+first and then sees a duplicate.
+
+Accepted SOP classes
+    Every waveform storage class a PSG can arrive as (:data:`WAVEFORM_STORAGE_SOP_CLASSES`, several of
+    which pynetdicom's default ``StoragePresentationContexts`` lacks), plus every other storage SOP
+    class pynetdicom knows (``AllStoragePresentationContexts``): a sender that forwards a whole study
+    (say with a PDF report or a video) should not see failures and retry for ever; the readers skip
+    non-waveform objects. All with Implicit VR LE, Explicit VR LE, Explicit VR BE and Deflated
+    Explicit VR LE. Verification (C-ECHO) is answered Success.
+
+Association security (A-ASSOCIATE-RJ, permanent, service user)
+    The called AE title must equal ``cfg.ae_title`` when ``cfg.require_called_ae`` (diagnostic 7); with
+    a non-empty ``cfg.allowed_callers`` the calling AE title must be listed and, where the entry has a
+    ``host``, the peer's address must be one of that host's addresses (diagnostic 3).
+    ``cfg.max_associations`` is pynetdicom's ``maximum_associations`` (transient, local limit exceeded).
+    ``cfg.tls`` wraps every connection in TLS (1.2 or later); ``require_client_cert`` with ``ca_file``
+    makes it mutual. The TLS handshake runs in the association's thread, not in the accept loop, so a
+    client that never completes it blocks nobody but itself.
+
+Process-wide settings
+    pynetdicom's chunked receive is a module-level switch: :meth:`DicomReceiver.start` turns it on for
+    the whole process and points pynetdicom's temporary files for associations of a gateway receiver
+    at that receiver's incoming folder (other pynetdicom users in the process keep the system temporary
+    folder). ``_config.LOG_HANDLER_LEVEL`` is set to ``"none"`` (pynetdicom's standard handlers format
+    every PDU and message, UIDs included, at any log level) and the ``pynetdicom`` logger to WARNING
+    (its debug output can show patient data). The sockets of this receiver's associations (only those)
+    read PDUs with one ``recv_into`` buffer instead of pynetdicom's 4 KiB reads.
+
+Logs carry calling AE titles, peer addresses and ``study_key`` (a short hash of the Study Instance UID),
+never patient names or IDs.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import ipaddress
+import logging
+import os
+import shutil
+import socket
+import ssl
+import tempfile
+import threading
+import time
+import types
+import uuid
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydicom.filereader import data_element_generator, read_partial
+from pydicom.tag import Tag
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
+from pynetdicom.sop_class import Verification
+
+from ..config import DicomConfig, TlsConfig
+from ..logging import get_logger
+from ..metrics import Metrics
+
+__all__ = [
+    "STATUS_CANNOT_UNDERSTAND",
+    "STATUS_DATASET_MISMATCH",
+    "STATUS_OUT_OF_RESOURCES",
+    "STATUS_SUCCESS",
+    "TRANSFER_SYNTAXES",
+    "WAVEFORM_STORAGE_SOP_CLASSES",
+    "DicomReceiver",
+    "InstanceSink",
+    "ReceivedInstance",
+    "spool_path_for",
+]
+
+log = get_logger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700  # disk or database trouble: the sender retries later
+STATUS_DATASET_MISMATCH = 0xA900  # no Study Instance UID: a broken object, retrying will not help
+STATUS_CANNOT_UNDERSTAND = 0xC000  # the header cannot be parsed at all
+
+DICOM_DIR = "dicom"
+INCOMING_DIR = ".incoming"
+_KEY_LEN = 24
+_COPY_CHUNK = 4 * 1024 * 1024
+
+WAVEFORM_STORAGE_SOP_CLASSES: dict[str, str] = {
+    "1.2.840.10008.5.1.4.1.1.9.1.1": "12-lead ECG Waveform Storage",
+    "1.2.840.10008.5.1.4.1.1.9.1.2": "General ECG Waveform Storage",
+    "1.2.840.10008.5.1.4.1.1.9.1.3": "Ambulatory ECG Waveform Storage",
+    "1.2.840.10008.5.1.4.1.1.9.1.4": "General 32-bit ECG Waveform Storage",
+    "1.2.840.10008.5.1.4.1.1.9.2.1": "Hemodynamic Waveform Storage",
+    "1.2.840.10008.5.1.4.1.1.9.3.1": "Basic Cardiac Electrophysiology Waveform Storage",
+    "1.2.840.10008.5.1.4.1.1.9.5.1": "Arterial Pulse Waveform Storage",
+    "1.2.840.10008.5.1.4.1.1.9.6.1": "Respiratory Waveform Storage",
+    "1.2.840.10008.5.1.4.1.1.9.6.2": "Multi-channel Respiratory Waveform Storage",
+    "1.2.840.10008.5.1.4.1.1.9.7.1": "Routine Scalp Electroencephalogram Waveform Storage",
+    "1.2.840.10008.5.1.4.1.1.9.7.2": "Electromyogram Waveform Storage",
+    "1.2.840.10008.5.1.4.1.1.9.7.3": "Electrooculogram Waveform Storage",
+    "1.2.840.10008.5.1.4.1.1.9.7.4": "Sleep Electroencephalogram Waveform Storage",
+    "1.2.840.10008.5.1.4.1.1.9.8.1": "Body Position Waveform Storage",
+}
+
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ImplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    DeflatedExplicitVRLittleEndian,
+)
+
+_STUDY_UID = Tag(0x0020, 0x000D)
+_SERIES_UID = Tag(0x0020, 0x000E)
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    study_uid: str
+    series_uid: str | None
+    sop_instance_uid: str
+    sop_class_uid: str
+    path: Path  # the final spool file, already fsynced (when cfg.fsync)
+    size: int  # bytes on disk
+    calling_ae: str
+    peer_host: str
+
+
+class InstanceSink(Protocol):
+    def known_instance(self, sop_instance_uid: str) -> bool:
+        """True: already stored -> not written again, answered Success."""
+        ...
+
+    def instance_received(self, instance: ReceivedInstance) -> None:
+        """Record the instance; raising removes the spool file and answers 0xA700."""
+        ...
+
+
+def _key(uid: str) -> str:
+    return hashlib.sha256(uid.encode("ascii", "replace")).hexdigest()[:_KEY_LEN]
+
+
+def spool_path_for(spool_dir: Path, study_uid: str, sop_instance_uid: str) -> Path:
+    """``<spool_dir>/dicom/<sha256(study_uid)[:24]>/<sha256(sop_instance_uid)[:24]>.dcm``."""
+    return Path(spool_dir) / DICOM_DIR / _key(study_uid) / f"{_key(sop_instance_uid)}.dcm"
+
+
+def _clean_uid(value: Any) -> str:
+    return str(value or "").strip(" \x00")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- pynetdicom's temporary files in the receiver's own spool ---------------------------------------------
+# pynetdicom creates the chunked-receive file with ``NamedTemporaryFile(delete=False, mode="wb",
+# suffix=".dcm")`` in the DUL thread of the association; we give it a ``dir`` when that association
+# belongs to one of our AEs, so the final step is a rename on one filesystem.
+
+_INCOMING_DIRS: weakref.WeakKeyDictionary[AE, Path] = weakref.WeakKeyDictionary()
+_PATCH_LOCK = threading.Lock()
+_ORIGINAL_NTF = tempfile.NamedTemporaryFile
+
+
+def _incoming_dir_of_current_thread() -> Path | None:
+    assoc = getattr(threading.current_thread(), "assoc", None)  # the DUL thread has .assoc
+    ae = getattr(assoc, "ae", None)
+    if ae is None:
+        return None
+    try:
+        return _INCOMING_DIRS.get(ae)
+    except TypeError:
+        return None
+
+
+def _spool_named_temporary_file(*args: Any, **kwargs: Any) -> Any:
+    if "dir" not in kwargs:
+        folder = _incoming_dir_of_current_thread()
+        if folder is not None:
+            kwargs["dir"] = folder
+            kwargs.setdefault("prefix", "rx-")
+    return _ORIGINAL_NTF(*args, **kwargs)
+
+
+def _install_pynetdicom_settings() -> None:
+    with _PATCH_LOCK:
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        # pynetdicom's "standard" handlers format every PDU and DIMSE message for its logs (UIDs, and
+        # identifiers with LOG_REQUEST_IDENTIFIERS) whatever the log level: costly, and nothing we want.
+        _config.LOG_HANDLER_LEVEL = "none"
+        if getattr(dimse_messages, "NamedTemporaryFile", None) is not _spool_named_temporary_file:
+            dimse_messages.NamedTemporaryFile = _spool_named_temporary_file  # type: ignore[attr-defined]
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+class _LazyHandshakeContext(ssl.SSLContext):
+    """A server context whose sockets do the TLS handshake on first use (in the association's thread).
+
+    pynetdicom wraps accepted sockets in its accept loop; with the default handshake-on-wrap, one client
+    that connects and sends nothing would stall every other connection. ``handshake_timeout`` bounds
+    reads and writes of each connection.
+    """
+
+    handshake_timeout: float | None = None
+
+    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
+        kwargs["do_handshake_on_connect"] = False
+        if self.handshake_timeout is not None:
+            sock.settimeout(self.handshake_timeout)
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
+def build_server_ssl_context(tls: TlsConfig, timeout: float | None = None) -> ssl.SSLContext:
+    """The server-side TLS context of ``tls`` (TLS 1.2+; client certificates required for mutual TLS)."""
+    ctx = _LazyHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.handshake_timeout = timeout
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.cert_file is None or tls.key_file is None:
+        raise ValueError("dicom.tls: cert_file and key_file are required")
+    ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    if tls.ca_file is not None:
+        ctx.load_verify_locations(cafile=str(tls.ca_file))
+        ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    else:
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _resolve(host: str) -> frozenset[str]:
+    """The addresses of ``host`` (an IP literal or a name), as normalised strings."""
+    try:
+        return frozenset({str(ipaddress.ip_address(host))})
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        log.warning("dicom.caller_host_unresolved", host=host)
+        return frozenset()
+    return frozenset(str(ipaddress.ip_address(info[4][0])) for info in infos)
+
+
+def _normalise_peer(host: str) -> str:
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return str(addr)
+
+
+def _recv_exact(self: Any, nr_bytes: int) -> bytearray:
+    """``AssociationSocket.recv`` with one buffer and ``recv_into`` instead of 4 KiB reads and appends.
+
+    Same contract: up to ``nr_bytes``, fewer only when the peer closed the connection. Installed on the
+    sockets of this receiver's associations only (a 128 KiB PDU is 1-3 system calls instead of 32).
+    """
+    buf = bytearray(nr_bytes)
+    view = memoryview(buf)
+    got = 0
+    sock = self.socket
+    while got < nr_bytes:
+        n = sock.recv_into(view[got:], nr_bytes - got)
+        if not n:
+            view.release()
+            del buf[got:]
+            return buf
+        got += n
+    view.release()
+    return buf
+
+
+def _speed_up_socket(assoc: Any) -> None:
+    sock = getattr(getattr(assoc, "dul", None), "socket", None)
+    if sock is not None and getattr(sock, "socket", None) is not None and hasattr(sock.socket, "recv_into"):
+        sock.recv = types.MethodType(_recv_exact, sock)
+
+
+def _wake_unassociated(assoc: Any) -> None:
+    """End an acceptor thread still waiting for its A-ASSOCIATE-RQ (it would wait the whole ACSE timeout).
+
+    Its reactor takes a ``None`` from the DUL's queue as "timed out": it stops the DUL and closes the socket.
+    """
+    if assoc.is_established or assoc.is_rejected or assoc.is_aborted or assoc.is_released:
+        return
+    queue = getattr(getattr(assoc, "dul", None), "to_user_queue", None)
+    if queue is not None and queue.empty():
+        queue.put(None)
+
+
+def _context_syntax(event: Any) -> str | None:
+    try:
+        return str(event.context.transfer_syntax)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _after_series_uid(tag: Any, vr: Any, length: int) -> bool:
+    return tag > _SERIES_UID
+
+
+_META_GROUP_LENGTH = b"\x02\x00\x00\x00UL\x04\x00"
+_PLAIN_SYNTAXES = {ImplicitVRLittleEndian: (True, True), ExplicitVRLittleEndian: (False, True),
+                   ExplicitVRBigEndian: (False, False)}
+
+
+def _scan_uids(fh: Any, transfer_syntax: str | None) -> tuple[Any, Any] | None:
+    """Raw (0020,000D) and (0020,000E) values from a Part-10 file as pynetdicom writes it, or None.
+
+    Skips the file meta by its group length and walks the data set's raw elements (no conversion, no
+    Dataset) until the first tag after (0020,000E). None (use the generic reader) for a deflated or
+    unknown transfer syntax or a file meta without a group length.
+    """
+    encoding = _PLAIN_SYNTAXES.get(str(transfer_syntax)) if transfer_syntax else None
+    if encoding is None:
+        return None
+    head = fh.read(144)
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:140] != _META_GROUP_LENGTH:
+        return None
+    fh.seek(144 + int.from_bytes(head[140:144], "little"))
+    study = series = ""
+    for elem in data_element_generator(fh, encoding[0], encoding[1], stop_when=_after_series_uid,
+                                       defer_size=4096):
+        if elem.tag == _STUDY_UID:
+            study = elem.value
+        elif elem.tag == _SERIES_UID:
+            series = elem.value
+    return study, series
+
+
+class _Refused(Exception):
+    """An instance refused for its content (status in ``status``)."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class DicomReceiver:
+    """A Storage SCP writing received instances into ``<spool_dir>/dicom`` and reporting them to ``sink``."""
+
+    def __init__(self, cfg: DicomConfig, spool_dir: Path, sink: InstanceSink,
+                 metrics: Metrics | None = None) -> None:
+        self.cfg = cfg
+        self.spool_dir = Path(spool_dir)
+        self.sink = sink
+        self.metrics = metrics
+        self._root = self.spool_dir / DICOM_DIR
+        self._incoming = self._root / INCOMING_DIR
+        self._ae: AE | None = None
+        self._server: Any = None
+        self._lock = threading.Lock()
+        self._active: set[int] = set()  # id() of established associations
+        self._aborted: set[int] = set()
+        self._inflight: dict[str, threading.Event] = {}  # SOP Instance UID -> done
+        self._callers: dict[str, list[frozenset[str] | None]] = {}
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind and listen (non-blocking); associations are served in background threads."""
+        if self._server is not None:
+            raise RuntimeError("DicomReceiver already started")
+        cfg = self.cfg
+        self._incoming.mkdir(parents=True, exist_ok=True)
+        self._clean_incoming()
+        _install_pynetdicom_settings()
+        self._callers = {}
+        for caller in cfg.allowed_callers:
+            hosts = _resolve(caller.host) if caller.host else None
+            self._callers.setdefault(caller.ae_title, []).append(hosts)
+
+        ae = AE(ae_title=cfg.ae_title)
+        ae.maximum_pdu_size = 0  # unlimited: the sender picks its PDU size
+        ae.maximum_associations = cfg.max_associations
+        ae.network_timeout = cfg.network_timeout_seconds
+        ae.acse_timeout = cfg.network_timeout_seconds
+        ae.dimse_timeout = cfg.network_timeout_seconds
+        ae.require_called_aet = False  # checked in _on_requested, with logs and metrics
+        ae.require_calling_aet = []
+        for uid in WAVEFORM_STORAGE_SOP_CLASSES:
+            ae.add_supported_context(uid, list(TRANSFER_SYNTAXES))
+        for cx in AllStoragePresentationContexts:
+            if cx.abstract_syntax not in WAVEFORM_STORAGE_SOP_CLASSES:
+                ae.add_supported_context(cx.abstract_syntax, list(TRANSFER_SYNTAXES))
+        ae.add_supported_context(Verification, [ImplicitVRLittleEndian, ExplicitVRLittleEndian,
+                                                ExplicitVRBigEndian])
+        ssl_context = (build_server_ssl_context(cfg.tls, cfg.network_timeout_seconds)
+                       if cfg.tls.enabled else None)
+        _INCOMING_DIRS[ae] = self._incoming
+        handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_REJECTED, self._on_rejected_by_pynetdicom),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        self._server = ae.start_server((cfg.host, cfg.port), block=False, ssl_context=ssl_context,
+                                       evt_handlers=handlers)
+        self._ae = ae
+        log.info("dicom.listening", ae_title=cfg.ae_title, host=cfg.host, port=self.port,
+                 tls=cfg.tls.enabled, mutual_tls=cfg.tls.enabled and cfg.tls.require_client_cert,
+                 allowed_callers=len(cfg.allowed_callers), max_associations=cfg.max_associations)
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("DicomReceiver not started")
+        return int(self._server.server_address[1])
+
+    @property
+    def active_associations(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting; let open associations finish for up to ``timeout`` s, then abort them."""
+        server, ae = self._server, self._ae
+        if server is None:
+            return
+        server.shutdown()  # closes the listening socket
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            associations = list(server.active_associations)
+            for assoc in associations:
+                if not assoc.is_established:
+                    _wake_unassociated(assoc)
+            if not any(a.is_established for a in associations) or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        remaining = [a for a in server.active_associations if a.is_established]
+        for assoc in remaining:
+            log.warning("dicom.association.aborting", calling_ae=self._calling_ae(assoc),
+                        peer_host=self._peer_host(assoc), reason="shutdown")
+            assoc.abort()
+        join_until = time.monotonic() + 5.0
+        for assoc in list(server.active_associations):
+            if not assoc.is_established:
+                _wake_unassociated(assoc)
+            assoc.join(timeout=max(0.0, join_until - time.monotonic()))
+        self._server = None
+        if ae is not None:
+            _INCOMING_DIRS.pop(ae, None)
+        log.info("dicom.stopped", aborted=len(remaining))
+
+    def _clean_incoming(self) -> None:
+        """Leftovers of a crash or of an interrupted transfer (pynetdicom keeps them on an abort)."""
+        for folder in (self._incoming, *self._root.glob("*/")):
+            if not folder.is_dir():
+                continue
+            for entry in folder.iterdir():
+                if entry.is_file() and (folder == self._incoming or entry.name.endswith(".part")):
+                    try:
+                        entry.unlink()
+                    except OSError:
+                        pass
+
+    # ---- association events ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _calling_ae(assoc: Any) -> str:
+        try:
+            return str(assoc.requestor.ae_title).strip()
+        except Exception:  # noqa: BLE001 - only for logs
+            return ""
+
+    @staticmethod
+    def _peer_host(assoc: Any) -> str:
+        try:
+            return str(assoc.requestor.address)
+        except Exception:  # noqa: BLE001
+            return ""
+
+    def _on_requested(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        rq = assoc.requestor.primitive
+        calling = _clean_uid(getattr(rq, "calling_ae_title", ""))
+        called = _clean_uid(getattr(rq, "called_ae_title", ""))
+        peer = self._peer_host(assoc)
+        reason, diagnostic = None, 0
+        if self.cfg.require_called_ae and called != self.cfg.ae_title:
+            reason, diagnostic = "called_ae", 0x07
+        elif self._callers:
+            entries = self._callers.get(calling)
+            if entries is None:
+                reason, diagnostic = "calling_ae", 0x03
+            elif not any(hosts is None or _normalise_peer(peer) in hosts for hosts in entries):
+                reason, diagnostic = "caller_host", 0x03
+        if reason is None:
+            _speed_up_socket(assoc)
+            return
+        self._count("dicom_associations", "rejected")
+        log.warning("dicom.association.rejected", reason=reason, calling_ae=calling, called_ae=called,
+                    peer_host=peer)
+        assoc.acse.send_reject(0x01, 0x01, diagnostic)
+        assoc.kill()
+
+    def _on_rejected_by_pynetdicom(self, event: evt.Event) -> None:
+        # Only pynetdicom's own rejections get here (ours do not trigger the event): the association limit.
+        self._count("dicom_associations", "rejected")
+        log.warning("dicom.association.rejected", reason="max_associations",
+                    calling_ae=self._calling_ae(event.assoc), peer_host=self._peer_host(event.assoc))
+
+    def _on_established(self, event: evt.Event) -> None:
+        with self._lock:
+            self._active.add(id(event.assoc))
+        self._count("dicom_associations", "accepted")
+        if self.metrics is not None:
+            self.metrics.dicom_active_associations.inc()
+        log.info("dicom.association.accepted", calling_ae=self._calling_ae(event.assoc),
+                 peer_host=self._peer_host(event.assoc))
+
+    def _on_aborted(self, event: evt.Event) -> None:
+        key = id(event.assoc)
+        with self._lock:
+            counted = key in self._active and key not in self._aborted
+            if counted:
+                self._aborted.add(key)
+        if counted:
+            self._count("dicom_associations", "aborted")
+            log.warning("dicom.association.aborted", calling_ae=self._calling_ae(event.assoc),
+                        peer_host=self._peer_host(event.assoc))
+
+    def _on_conn_close(self, event: evt.Event) -> None:
+        key = id(event.assoc)
+        with self._lock:
+            was_active = key in self._active
+            self._active.discard(key)
+            self._aborted.discard(key)
+        if was_active and self.metrics is not None:
+            self.metrics.dicom_active_associations.dec()
+
+    def _on_echo(self, event: evt.Event) -> int:
+        log.debug("dicom.echo", calling_ae=self._calling_ae(event.assoc), peer_host=self._peer_host(event.assoc))
+        return STATUS_SUCCESS
+
+    # ---- C-STORE ------------------------------------------------------------------------------------------
+
+    def _count(self, metric: str, result: str) -> None:
+        if self.metrics is not None:
+            getattr(self.metrics, metric).labels(result=result).inc()
+
+    def _on_store(self, event: evt.Event) -> int:
+        req = event.request
+        sop_uid = _clean_uid(req.AffectedSOPInstanceUID)
+        sop_class = _clean_uid(req.AffectedSOPClassUID)
+        calling, peer = self._calling_ae(event.assoc), self._peer_host(event.assoc)
+        received = getattr(req, "_dataset_path", None)
+        try:
+            if not sop_uid:
+                raise _Refused(STATUS_DATASET_MISMATCH, "no_sop_instance_uid")
+            status = self._store_one(event, req, Path(received) if received else None, sop_uid, sop_class,
+                                     calling, peer)
+        except _Refused as exc:
+            self._count("dicom_instances", "refused")
+            log.warning("dicom.instance.refused", reason=exc.reason, status=f"0x{exc.status:04X}",
+                        calling_ae=calling, peer_host=peer)
+            status = exc.status
+        except Exception as exc:  # noqa: BLE001 - disk or database: the sender retries later
+            self._count("dicom_instances", "failed")
+            log.error("dicom.instance.failed", error=type(exc).__name__, detail=str(exc)[:200],
+                      calling_ae=calling, peer_host=peer)
+            status = STATUS_OUT_OF_RESOURCES
+        finally:
+            if received:  # what pynetdicom left in .incoming (normally already renamed away)
+                try:
+                    os.unlink(received)
+                except OSError:
+                    pass
+        return status
+
+    def _store_one(self, event: evt.Event, req: Any, received: Path | None, sop_uid: str, sop_class: str,
+                   calling: str, peer: str) -> int:
+        # Serialise the same SOP instance arriving on two associations at once.
+        while True:
+            with self._lock:
+                done = self._inflight.get(sop_uid)
+                if done is None:
+                    mine = self._inflight[sop_uid] = threading.Event()
+                    break
+            done.wait(self.cfg.network_timeout_seconds)
+        try:
+            if self.sink.known_instance(sop_uid):
+                self._count("dicom_instances", "duplicate")
+                log.info("dicom.instance.duplicate", calling_ae=calling, peer_host=peer)
+                return STATUS_SUCCESS
+            return self._write_and_record(event, req, received, sop_uid, sop_class, calling, peer)
+        finally:
+            with self._lock:
+                self._inflight.pop(sop_uid, None)
+            mine.set()
+
+    def _write_and_record(self, event: evt.Event, req: Any, received: Path | None, sop_uid: str,
+                          sop_class: str, calling: str, peer: str) -> int:
+        if received is None:  # chunked receive off (another component changed it): write the bytes ourselves
+            self._incoming.mkdir(parents=True, exist_ok=True)
+            own = self._incoming / f"rx-{uuid.uuid4().hex}.dcm"
+            try:
+                with open(own, "wb") as fh:
+                    fh.write(event.encoded_dataset(include_meta=True))
+                return self._write_and_record(event, req, own, sop_uid, sop_class, calling, peer)
+            finally:
+                try:
+                    own.unlink()
+                except OSError:
+                    pass
+        handle = getattr(req, "_dataset_file", None)
+        if handle is not None and not handle.closed:
+            handle.flush()
+        study_uid, series_uid = self._read_uids(received, _context_syntax(event))
+        final = spool_path_for(self.spool_dir, study_uid, sop_uid)
+        folder = final.parent
+        created = False
+        try:
+            if self.cfg.fsync:
+                fd = os.open(received, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            folder.mkdir(parents=True, exist_ok=True)
+            self._place(received, final)
+            created = True
+            if self.cfg.fsync:
+                _fsync_dir(folder)
+            size = final.stat().st_size
+            instance = ReceivedInstance(study_uid=study_uid, series_uid=series_uid, sop_instance_uid=sop_uid,
+                                        sop_class_uid=sop_class, path=final, size=size, calling_ae=calling,
+                                        peer_host=peer)
+            self.sink.instance_received(instance)
+        except BaseException:
+            if created:
+                try:
+                    final.unlink()
+                    if self.cfg.fsync:
+                        _fsync_dir(folder)
+                except OSError:
+                    pass
+            raise
+        self._count("dicom_instances", "stored")
+        if self.metrics is not None:
+            self.metrics.dicom_bytes.inc(size)
+        log.info("dicom.instance.stored", study_key=_key(study_uid), instance_key=_key(sop_uid),
+                 sop_class=WAVEFORM_STORAGE_SOP_CLASSES.get(sop_class, sop_class), size=size,
+                 calling_ae=calling, peer_host=peer)
+        return STATUS_SUCCESS
+
+    @staticmethod
+    def _read_uids(path: Path, transfer_syntax: str | None = None) -> tuple[str, str | None]:
+        """Study and Series Instance UIDs, parsing the header only up to (0020,000E)."""
+        try:
+            with open(path, "rb", buffering=64 * 1024) as fh:
+                found = _scan_uids(fh, transfer_syntax)
+                if found is None:  # deflated, or an unusual file meta: pydicom's own header reader
+                    fh.seek(0)
+                    ds = read_partial(fh, stop_when=_after_series_uid, defer_size=1024)
+                    found = (ds[_STUDY_UID].value if _STUDY_UID in ds else "",
+                             ds[_SERIES_UID].value if _SERIES_UID in ds else "")
+        except OSError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a data set pydicom cannot parse
+            raise _Refused(STATUS_CANNOT_UNDERSTAND, f"unparsable:{type(exc).__name__}") from None
+        study, series = (_clean_uid(v.decode("ascii", "replace") if isinstance(v, bytes) else v) for v in found)
+        if not study:
+            raise _Refused(STATUS_DATASET_MISMATCH, "no_study_instance_uid")
+        return study, series or None
+
+    def _place(self, src: Path, final: Path) -> None:
+        """Rename ``src`` to ``final`` (copy to a hidden name, fsync and rename across filesystems)."""
+        try:
+            os.replace(src, final)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+        tmp = final.with_name(f".{final.stem}.{uuid.uuid4().hex[:8]}.part")
+        try:
+            with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout, _COPY_CHUNK)
+                fout.flush()
+                if self.cfg.fsync:
+                    os.fsync(fout.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise

@@ -1,0 +1,253 @@
+"""The daemon as a user runs it (``psg-gateway run`` in its own process), with real peers, on SQLite
+and on PostgreSQL: an EDF copied into the drop folder in slow pieces, a DICOM study sent with DCMTK's
+storescu and again with pynetdicom, C-ECHO, /healthz and /metrics, SIGTERM, and kill -9 mid-study."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from peers import DCMTK_ENV, dcmtk, free_port
+
+from gateway.readers.dicom_synthetic import write_psg_study
+from gateway.readers.synthetic import write_synthetic_night
+from gateway.store.db import make_engine
+from gateway.store.models import State
+from gateway.store.repo import Repo
+from inference.bundle import make_demo_bundle
+
+pytestmark = pytest.mark.slow
+EXE = Path(sys.executable).with_name("psg-gateway")
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return make_demo_bundle(tmp_path_factory.mktemp("bundle") / "demo")
+
+
+class Daemon:
+    def __init__(self, root: Path, db_url: str, bundle: Path, **overrides):
+        self.root = root
+        self.db_url = db_url
+        self.drop = root / "drop"
+        self.var = root / "var"
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        cfg = {
+            "paths": {"var_dir": str(self.var)},
+            "model": {"bundle": str(bundle), "device": "cpu"},
+            "drop_folders": [{"path": str(self.drop), "stable_seconds": 0.6}],
+            "dicom": {"port": self.dicom_port, "ae_title": "PSGGATEWAY", "stable_age_seconds": 1.0,
+                      "allowed_callers": [{"ae_title": "STORESCU"}, {"ae_title": "PYNETDICOM"},
+                                          {"ae_title": "ECHOSCU"}]},
+            "http": {"port": self.http_port},
+            "pipeline": {"scan_interval_seconds": 0.2},
+            "service": {"shutdown_timeout_seconds": 20, "node_name": "testnode"},
+            "logging": {"format": "json", "level": "info"},
+        }
+        for key, value in overrides.items():
+            section, leaf = key.split("__")
+            cfg[section][leaf] = value
+        self.config = root / "config.yaml"
+        self.config.write_text(yaml.safe_dump(cfg))
+        self.log = root / "daemon.log"
+        self.proc: subprocess.Popen | None = None
+        self._engine = make_engine(db_url)
+        self.repo = Repo(self._engine)
+
+    def start(self, timeout: float = 60) -> Daemon:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PSG")}
+        env["PSG__DATABASE__URL"] = self.db_url
+        self.proc = subprocess.Popen([str(EXE), "run", "--config", str(self.config)], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))  # noqa: SIM115
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            code, _ = self.get("/healthz")
+            if code == 200:
+                return self
+            time.sleep(0.2)
+        raise AssertionError(f"daemon not healthy in {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+        except OSError:
+            return 0, ""
+
+    def wait_for(self, predicate, timeout: float = 60, what: str = "condition"):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}; studies: "
+                             f"{[(s.key, s.state, s.last_error) for s in self.repo.list()]}\n"
+                             f"{self.log.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._engine.dispose()
+
+    def log_events(self) -> list[dict]:
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
+
+
+@pytest.fixture
+def daemon(tmp_path, db_url, bundle):
+    handles: list[Daemon] = []
+
+    def make(**overrides) -> Daemon:
+        d = Daemon(tmp_path, db_url, bundle, **overrides)
+        handles.append(d)
+        return d
+
+    yield make
+    for d in handles:
+        d.close()
+
+
+def _slow_copy(src: Path, dst: Path, pieces: int, pause: float) -> None:
+    data = src.read_bytes()
+    step = len(data) // pieces + 1
+    with open(dst, "wb") as f:
+        for i in range(0, len(data), step):
+            f.write(data[i:i + step])
+            f.flush()
+            time.sleep(pause)
+
+
+def test_drop_folder_and_dicom_studies_processed_once(daemon, tmp_path):
+    d = daemon().start()
+    src = write_synthetic_night(tmp_path / "src" / "night.edf", hours=0.1, seed=11)
+    d.drop.mkdir(exist_ok=True)
+    # Pieces arrive slower than stable_seconds: only the header's size check keeps it from being taken.
+    _slow_copy(src, d.drop / "night.edf", pieces=4, pause=1.0)
+    edf = d.wait_for(lambda: [s for s in d.repo.list() if s.source_kind == "file" and s.state == State.INFERRED],
+                     what="EDF study INFERRED")[0]
+    assert Path(edf.input_path).read_bytes() == src.read_bytes()
+    assert not (d.drop / "night.edf").exists()
+    assert (Path(edf.output_path) / "night.npy").is_file()
+
+    # DICOM: three objects of one study with DCMTK storescu, then the same with pynetdicom
+    files = write_psg_study(tmp_path / "dcm", hours=0.1, seed=4)
+    r = subprocess.run([dcmtk("storescu"), "-R", "-aet", "STORESCU", "-aec", "PSGGATEWAY", "127.0.0.1",
+                        str(d.dicom_port), *map(str, files)], env=DCMTK_ENV, check=False, capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr.decode()
+    dcm = d.wait_for(lambda: [s for s in d.repo.list() if s.source_kind == "dicom" and s.state == State.INFERRED],
+                     what="DICOM study INFERRED")[0]
+    assert len(d.repo.instances_of(dcm.id)) == 3
+
+    from pydicom import dcmread
+    from pynetdicom import AE
+
+    ae = AE(ae_title="PYNETDICOM")
+    datasets = [dcmread(f) for f in files]
+    for ds in datasets:
+        ae.add_requested_context(ds.SOPClassUID)
+    assoc = ae.associate("127.0.0.1", d.dicom_port, ae_title="PSGGATEWAY")
+    assert assoc.is_established
+    statuses = [assoc.send_c_store(ds).Status for ds in datasets]
+    assoc.release()
+    assert statuses == [0, 0, 0]  # duplicates are answered success ...
+    time.sleep(1.5)
+    studies = d.repo.list()
+    assert len(studies) == 2  # ... and not stored or processed twice
+    again = d.repo.get(dcm.id)
+    assert again.version == 1 and again.state == State.INFERRED and len(d.repo.instances_of(dcm.id)) == 3
+
+    r = subprocess.run([dcmtk("echoscu"), "-aet", "ECHOSCU", "-aec", "PSGGATEWAY", "127.0.0.1", str(d.dicom_port)],
+                       env=DCMTK_ENV, check=False, capture_output=True, timeout=30)
+    assert r.returncode == 0, r.stderr.decode()
+    r = subprocess.run([dcmtk("echoscu"), "-aet", "STRANGER", "-aec", "PSGGATEWAY", "127.0.0.1", str(d.dicom_port)],
+                       env=DCMTK_ENV, check=False, capture_output=True, timeout=30)
+    assert r.returncode != 0  # unknown calling AE rejected at association
+
+    code, health = d.get("/healthz")
+    doc = json.loads(health)
+    assert code == 200 and doc["status"] == "ok" and doc["database"] is True and doc["last_scan"]
+    assert doc["dicom"]["port"] == d.dicom_port
+    _, metrics = d.get("/metrics")
+    assert 'psg_dicom_associations_total{result="rejected"} 1.0' in metrics
+    assert 'psg_dicom_instances_total{result="duplicate"} 3.0' in metrics
+    assert "psg_stage_seconds_count" in metrics
+
+    assert d.stop(signal.SIGTERM) == 0
+    events = d.log_events()
+    names = [e["event"] for e in events]
+    for name in ("daemon.ready", "study.received", "study.inferred", "daemon.stopping", "daemon.stopped"):
+        assert name in names, name
+    log_text = d.log.read_text()
+    for phi in ("SYN-0004", "SYNACC-0004", "night.edf", "Synthetic"):  # identifiers and file names
+        assert phi not in log_text, phi
+
+
+def test_kill9_mid_study_then_restart_finishes_it_once(daemon, tmp_path):
+    d = daemon().start()
+    src = write_synthetic_night(tmp_path / "src" / "long.edf", hours=2.0, seed=12)
+    d.drop.mkdir(exist_ok=True)
+    shutil.copy(src, d.drop / "long.edf")
+    working = (State.DECODED, State.MAPPED)
+    study = d.wait_for(lambda: [s for s in d.repo.list() if s.state in working], timeout=60,
+                       what="study in progress")[0]
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(timeout=10)
+    assert d.repo.get(study.id).state in working  # killed mid-study
+    d.start()
+    done = d.wait_for(lambda: (s := d.repo.get(study.id)) and s.state == State.INFERRED and s, timeout=90,
+                      what="resumed study INFERRED")
+    assert len(d.repo.list()) == 1
+    events = [e.to_state for e in d.repo.events(study.id)]
+    assert events.count("INFERRED") == 1 and events.count("READY") == 1
+    outputs = d.repo.outputs(study.id)
+    assert len(outputs) == len({o.name for o in outputs})  # each output recorded once
+    assert Path(done.input_path).read_bytes() == src.read_bytes()
+    assert not any((d.var / "spool" / "incoming").iterdir())
+    assert d.stop() == 0
+
+
+def test_sigterm_while_busy_checkpoints_and_resumes(daemon, tmp_path):
+    d = daemon(service__shutdown_timeout_seconds=0.5).start()
+    src = write_synthetic_night(tmp_path / "src" / "n.edf", hours=3.0, seed=13)
+    d.drop.mkdir(exist_ok=True)
+    shutil.copy(src, d.drop / "n.edf")
+    study = d.wait_for(lambda: [s for s in d.repo.list() if s.state in (State.DECODED, State.MAPPED)],
+                       what="study in progress")[0]
+    t0 = time.monotonic()
+    assert d.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - t0 < 15
+    left = d.repo.get(study.id)
+    if left.state != State.INFERRED:  # it did not finish in 0.5 s: lease released, resumed next start
+        assert left.claimed_by is None
+        d.start()
+        d.wait_for(lambda: d.repo.get(study.id).state == State.INFERRED, what="resumed after SIGTERM")
+        assert d.stop() == 0
+
+
+def test_config_error_exits_with_key_path(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("dicom:\n  port: 99999\n")
+    r = subprocess.run([str(EXE), "run", "--config", str(cfg)], capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 2 and "dicom.port" in r.stderr

@@ -1,0 +1,413 @@
+"""The DICOM receiver (Storage SCP) against real peers: DCMTK storescu/echoscu and pynetdicom.
+
+DCMTK tests skip when the tools are missing, unless ``PSG_REQUIRE_DCMTK=1`` (CI), where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from gateway.config import DicomCaller, DicomConfig, TlsConfig
+from gateway.metrics import Metrics
+from gateway.readers.dicom_synthetic import (
+    GENERAL_ECG,
+    MULTICHANNEL_RESPIRATORY,
+    SLEEP_EEG,
+    WaveformChannel,
+    WaveformGroup,
+    make_waveform_dataset,
+    write_psg_study,
+)
+from gateway.sources.dicom_scp import (
+    STATUS_DATASET_MISMATCH,
+    STATUS_OUT_OF_RESOURCES,
+    DicomReceiver,
+    ReceivedInstance,
+    spool_path_for,
+)
+
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+TS = [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian]
+SOP_CLASSES = (SLEEP_EEG, MULTICHANNEL_RESPIRATORY, GENERAL_ECG)
+
+
+def dcmtk(tool: str) -> str:
+    """Path of a DCMTK tool; skip without it, or fail under ``PSG_REQUIRE_DCMTK=1``."""
+    path = shutil.which(tool)
+    if path is None:
+        if os.environ.get("PSG_REQUIRE_DCMTK", "") not in ("", "0", "false", "no"):
+            pytest.fail(f"PSG_REQUIRE_DCMTK=1 but DCMTK's {tool} is not installed")
+        pytest.skip(f"DCMTK's {tool} is not installed")
+    return path
+
+
+class MemorySink:
+    def __init__(self) -> None:
+        self.instances: dict[str, ReceivedInstance] = {}
+        self.fail = False
+        self.lock = threading.Lock()
+
+    def known_instance(self, sop_instance_uid: str) -> bool:
+        with self.lock:
+            return sop_instance_uid in self.instances
+
+    def instance_received(self, instance: ReceivedInstance) -> None:
+        if self.fail:
+            raise RuntimeError("database is down")
+        assert instance.path.is_file()
+        with self.lock:
+            self.instances[instance.sop_instance_uid] = instance
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return write_psg_study(tmp_path_factory.mktemp("study"), hours=0.05, seed=7)
+
+
+def _cfg(**kw) -> DicomConfig:
+    kw.setdefault("port", 0)
+    kw.setdefault("network_timeout_seconds", 10.0)
+    return DicomConfig(**kw)
+
+
+@pytest.fixture
+def make_receiver(tmp_path: Path):
+    started: list[DicomReceiver] = []
+
+    def make(cfg: DicomConfig | None = None, sink: MemorySink | None = None):
+        sink = sink or MemorySink()
+        metrics = Metrics()
+        receiver = DicomReceiver(cfg or _cfg(), tmp_path / "spool", sink, metrics)
+        receiver.start()
+        started.append(receiver)
+        return receiver, sink, metrics
+
+    yield make
+    for receiver in started:
+        receiver.stop(timeout=2.0)
+
+
+def _metric(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+
+def _spooled(spool: Path) -> list[Path]:
+    return sorted(p for p in (spool / "dicom").rglob("*") if p.is_file())
+
+
+def _storescu(port: int, files: list[Path], *extra: str, aet: str = "MODALITY",
+              aec: str = "PSGGATEWAY") -> subprocess.CompletedProcess:
+    # -R: propose only the SOP classes of the files (the default list is full at 128 contexts and lacks
+    # Sleep EEG, so storescu would then fail with "no presentation context").
+    return subprocess.run([dcmtk("storescu"), "-R", "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(port),
+                           *map(str, files)], check=False, env=DCMTK_ENV, capture_output=True, text=True, timeout=30)
+
+
+def _scu(ae_title: str = "PYSCU") -> AE:
+    ae = AE(ae_title=ae_title)
+    for uid in SOP_CLASSES:
+        ae.add_requested_context(uid, TS)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
+    return ae
+
+
+def _send(port: int, files: list[Path], ae_title: str = "PYSCU", called: str = "PSGGATEWAY",
+          **kw) -> list[int]:
+    assoc = _scu(ae_title).associate("127.0.0.1", port, ae_title=called, **kw)
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(pydicom.dcmread(f)).Status) for f in files]
+    finally:
+        assoc.release()
+
+
+def _wait(predicate, timeout: float = 3.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+# ---- storing ----------------------------------------------------------------------------------------------
+
+
+def test_storescu_study_stored_then_duplicates(make_receiver, study, tmp_path):
+    receiver, sink, metrics = make_receiver()
+    result = _storescu(receiver.port, study)
+    assert result.returncode == 0, result.stderr
+
+    assert len(sink.instances) == 3
+    expected = {pydicom.dcmread(f).SOPInstanceUID: pydicom.dcmread(f) for f in study}
+    for uid, inst in sink.instances.items():
+        src = expected[uid]
+        assert inst.study_uid == src.StudyInstanceUID
+        assert inst.series_uid == src.SeriesInstanceUID
+        assert inst.sop_class_uid == src.SOPClassUID
+        assert inst.calling_ae == "MODALITY" and inst.peer_host == "127.0.0.1"
+        assert inst.path == spool_path_for(tmp_path / "spool", src.StudyInstanceUID, uid)
+        assert inst.size == inst.path.stat().st_size
+        ds = pydicom.dcmread(inst.path)
+        assert ds.preamble is not None and ds.file_meta.TransferSyntaxUID
+        assert ds.SOPInstanceUID == uid and ds.StudyInstanceUID == src.StudyInstanceUID
+        assert ds.WaveformSequence[0].WaveformData == src.WaveformSequence[0].WaveformData
+        assert ds.PatientID == src.PatientID
+    # no identifier in any path, nothing left over
+    assert len(_spooled(tmp_path / "spool")) == 3
+    assert all("1.2." not in str(p.relative_to(tmp_path)) for p in _spooled(tmp_path / "spool"))
+    assert _metric(metrics, "psg_dicom_instances_total", result="stored") == 3
+    assert _metric(metrics, "psg_dicom_received_bytes_total") == sum(i.size for i in sink.instances.values())
+
+    again = _storescu(receiver.port, study)
+    assert again.returncode == 0, again.stderr
+    assert len(sink.instances) == 3 and len(_spooled(tmp_path / "spool")) == 3
+    assert _metric(metrics, "psg_dicom_instances_total", result="duplicate") == 3
+    assert _metric(metrics, "psg_dicom_associations_total", result="accepted") == 2
+    assert _wait(lambda: receiver.active_associations == 0)
+    assert _metric(metrics, "psg_dicom_active_associations") == 0
+
+
+def test_pynetdicom_sender_study_stored(make_receiver, study, tmp_path, monkeypatch):
+    # pynetdicom's temporary files go to the spool's own incoming folder, never the system temp folder.
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    receiver, sink, _ = make_receiver()
+    assert _send(receiver.port, study) == [0, 0, 0]
+    assert {i.sop_class_uid for i in sink.instances.values()} == set(SOP_CLASSES)
+    for inst in sink.instances.values():
+        assert pydicom.dcmread(inst.path).StudyInstanceUID == inst.study_uid
+    assert list(system_tmp.iterdir()) == []
+    assert list((tmp_path / "spool" / "dicom" / ".incoming").iterdir()) == []
+
+
+def test_big_endian_and_implicit_transfer_syntaxes(make_receiver, study):
+    receiver, sink, _ = make_receiver()
+    for ts in (ExplicitVRBigEndian, ImplicitVRLittleEndian):
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context(SLEEP_EEG, ts)
+        assoc = ae.associate("127.0.0.1", receiver.port, ae_title="PSGGATEWAY")
+        assert assoc.is_established
+        ds = make_waveform_dataset(SLEEP_EEG, [WaveformGroup(256, [WaveformChannel("C3-M2", np.zeros(512))])],
+                                   transfer_syntax=ts)
+        assert assoc.send_c_store(ds).Status == 0
+        assoc.release()
+        stored = sink.instances[ds.SOPInstanceUID]
+        back = pydicom.dcmread(stored.path)
+        assert back.file_meta.TransferSyntaxUID == ts
+        assert back.StudyInstanceUID == ds.StudyInstanceUID
+        assert back.WaveformSequence[0].WaveformData == ds.WaveformSequence[0].WaveformData
+
+
+def test_echoscu(make_receiver):
+    receiver, _, _ = make_receiver()
+    result = subprocess.run([dcmtk("echoscu"), "-aet", "MODALITY", "-aec", "PSGGATEWAY", "127.0.0.1",
+                             str(receiver.port)], check=False, env=DCMTK_ENV, capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+
+
+def test_pynetdicom_echo(make_receiver):
+    receiver, _, _ = make_receiver()
+    assoc = _scu().associate("127.0.0.1", receiver.port, ae_title="PSGGATEWAY")
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0
+    assoc.release()
+
+
+# ---- association security -----------------------------------------------------------------------------------
+
+
+def test_unknown_calling_ae_rejected(make_receiver, study, tmp_path):
+    receiver, sink, metrics = make_receiver(_cfg(allowed_callers=[DicomCaller(ae_title="GOODPACS")]))
+    result = _storescu(receiver.port, study, aet="INTRUDER")
+    assert result.returncode != 0
+    assoc = _scu("INTRUDER").associate("127.0.0.1", receiver.port, ae_title="PSGGATEWAY")
+    assert assoc.is_rejected
+    assert sink.instances == {} and _spooled(tmp_path / "spool") == []
+    assert _metric(metrics, "psg_dicom_associations_total", result="rejected") == 2
+    assert _metric(metrics, "psg_dicom_associations_total", result="accepted") == 0
+    # the allowed caller is accepted
+    assert _send(receiver.port, study[:1], ae_title="GOODPACS") == [0]
+
+
+def test_wrong_called_ae_rejected(make_receiver, study, tmp_path):
+    receiver, sink, metrics = make_receiver()
+    assert _storescu(receiver.port, study, aec="OTHERAE").returncode != 0
+    assoc = _scu().associate("127.0.0.1", receiver.port, ae_title="OTHERAE")
+    assert assoc.is_rejected
+    assert sink.instances == {} and _spooled(tmp_path / "spool") == []
+    assert _metric(metrics, "psg_dicom_associations_total", result="rejected") == 2
+
+
+def test_called_ae_not_checked_when_disabled(make_receiver, study):
+    receiver, sink, _ = make_receiver(_cfg(require_called_ae=False))
+    assert _send(receiver.port, study[:1], called="ANYTHING") == [0]
+    assert len(sink.instances) == 1
+
+
+def test_caller_host_must_match(make_receiver, study, tmp_path):
+    receiver, sink, metrics = make_receiver(_cfg(allowed_callers=[DicomCaller(ae_title="PYSCU",
+                                                                              host="10.9.9.9")]))
+    assoc = _scu("PYSCU").associate("127.0.0.1", receiver.port, ae_title="PSGGATEWAY")
+    assert assoc.is_rejected
+    assert _metric(metrics, "psg_dicom_associations_total", result="rejected") == 1
+    assert sink.instances == {} and _spooled(tmp_path / "spool") == []
+
+    ok, _, _ = make_receiver(_cfg(allowed_callers=[DicomCaller(ae_title="PYSCU", host="10.9.9.9"),
+                                                         DicomCaller(ae_title="PYSCU", host="127.0.0.1")]))
+    assert _send(ok.port, study[:1]) == [0]
+
+
+def test_max_associations(make_receiver):
+    receiver, _, metrics = make_receiver(_cfg(max_associations=1))
+    first = _scu().associate("127.0.0.1", receiver.port, ae_title="PSGGATEWAY")
+    assert first.is_established
+    assert _wait(lambda: receiver.active_associations == 1)
+    second = _scu().associate("127.0.0.1", receiver.port, ae_title="PSGGATEWAY")
+    assert second.is_rejected
+    first.release()
+    assert _metric(metrics, "psg_dicom_associations_total", result="rejected") == 1
+    assert _wait(lambda: receiver.active_associations == 0)
+
+
+# ---- failures -----------------------------------------------------------------------------------------------
+
+
+def test_sink_failure_answers_out_of_resources(make_receiver, study, tmp_path):
+    sink = MemorySink()
+    sink.fail = True
+    receiver, _, metrics = make_receiver(sink=sink)
+    assert _send(receiver.port, study[:1]) == [STATUS_OUT_OF_RESOURCES]
+    assert _spooled(tmp_path / "spool") == []
+    assert _metric(metrics, "psg_dicom_instances_total", result="failed") == 1
+    sink.fail = False
+    assert _send(receiver.port, study[:1]) == [0]
+    assert len(sink.instances) == 1 and len(_spooled(tmp_path / "spool")) == 1
+
+
+def test_known_instance_failure_answers_out_of_resources(make_receiver, study, tmp_path):
+    sink = MemorySink()
+    receiver, _, _ = make_receiver(sink=sink)
+
+    def broken(uid: str) -> bool:
+        raise OSError("database unreachable")
+
+    sink.known_instance = broken  # type: ignore[method-assign]
+    assert _send(receiver.port, study[:1]) == [STATUS_OUT_OF_RESOURCES]
+    assert _spooled(tmp_path / "spool") == []
+
+
+def test_missing_study_uid_refused(make_receiver, tmp_path):
+    receiver, sink, metrics = make_receiver()
+    ds = make_waveform_dataset(SLEEP_EEG, [WaveformGroup(256, [WaveformChannel("C3-M2", np.zeros(512))])])
+    del ds.StudyInstanceUID
+    assoc = _scu().associate("127.0.0.1", receiver.port, ae_title="PSGGATEWAY")
+    assert assoc.is_established
+    status = assoc.send_c_store(ds).Status
+    assoc.release()
+    assert status == STATUS_DATASET_MISMATCH
+    assert sink.instances == {} and _spooled(tmp_path / "spool") == []
+    assert _metric(metrics, "psg_dicom_instances_total", result="refused") == 1
+
+
+# ---- TLS ----------------------------------------------------------------------------------------------------
+
+
+def _self_signed(folder: Path, name: str) -> tuple[Path, Path]:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    f"/CN={name}", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    folder = tmp_path_factory.mktemp("certs")
+    return {"server": _self_signed(folder, "server"), "client": _self_signed(folder, "client")}
+
+
+def _client_ctx(server_cert: Path, client: tuple[Path, Path] | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(server_cert))
+    if client is not None:
+        ctx.load_cert_chain(str(client[0]), str(client[1]))
+    return ctx
+
+
+def test_tls(make_receiver, study, certs, tmp_path):
+    cert, key = certs["server"]
+    receiver, sink, _ = make_receiver(_cfg(tls=TlsConfig(enabled=True, cert_file=cert, key_file=key)))
+    # plain TCP to the TLS port: no association, and the server is not stalled by it
+    plain = _scu().associate("127.0.0.1", receiver.port, ae_title="PSGGATEWAY")
+    assert not plain.is_established
+    idle = socket.create_connection(("127.0.0.1", receiver.port))  # connects, never says anything
+    try:
+        assert _send(receiver.port, study, tls_args=(_client_ctx(cert), "localhost")) == [0, 0, 0]
+    finally:
+        idle.close()
+    assert len(sink.instances) == 3
+
+    # DCMTK over TLS (anonymous client, server certificate checked)
+    storescu = dcmtk("storescu")
+    result = subprocess.run([storescu, "-R", "+tla", "+cf", str(cert), "-aet", "MODALITY", "-aec", "PSGGATEWAY",
+                             "127.0.0.1", str(receiver.port), *map(str, study)], check=False, env=DCMTK_ENV,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+
+
+def test_mutual_tls(make_receiver, study, certs):
+    cert, key = certs["server"]
+    client_cert, _ = certs["client"]
+    receiver, sink, _ = make_receiver(_cfg(tls=TlsConfig(enabled=True, cert_file=cert, key_file=key,
+                                                         ca_file=client_cert, require_client_cert=True)))
+    anonymous = _scu().associate("127.0.0.1", receiver.port, ae_title="PSGGATEWAY",
+                                 tls_args=(_client_ctx(cert), "localhost"))
+    assert not anonymous.is_established
+    assert sink.instances == {}
+    statuses = _send(receiver.port, study[:1], tls_args=(_client_ctx(cert, certs["client"]), "localhost"))
+    assert statuses == [0] and len(sink.instances) == 1
+
+
+# ---- stop ---------------------------------------------------------------------------------------------------
+
+
+def test_stop_closes_port(make_receiver, study):
+    receiver, _, _ = make_receiver()
+    port = receiver.port
+    assert _send(port, study[:1]) == [0]
+    receiver.stop(timeout=1.0)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+def test_stop_aborts_lingering_association(make_receiver):
+    receiver, _, metrics = make_receiver()
+    assoc = _scu().associate("127.0.0.1", receiver.port, ae_title="PSGGATEWAY")
+    assert assoc.is_established
+    assert _wait(lambda: receiver.active_associations == 1)
+    start = time.monotonic()
+    receiver.stop(timeout=0.5)
+    assert time.monotonic() - start < 5
+    assert _wait(lambda: not assoc.is_established)
+    assert _wait(lambda: receiver.active_associations == 0)
+    assert _metric(metrics, "psg_dicom_associations_total", result="aborted") == 1
