@@ -101,7 +101,7 @@ class ModelConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     threads: int = Field(0, ge=0)  # 0: torch's default
-    windows_per_batch: int = Field(4, ge=1, le=256)
+    windows_per_batch: int | None = Field(None, ge=1, le=256)  # None: 4 on CPU, 64 on CUDA
 
 
 class MontageConfig(_Section):

@@ -25,9 +25,10 @@ def _keys(model: type[BaseModel], prefix: str = "") -> list[str]:
             continue
         path = f"{prefix}{name}"
         ann = field.annotation
-        inner = getattr(ann, "__args__", (None,))[0] if getattr(ann, "__origin__", None) is list else ann
+        is_list = getattr(ann, "__origin__", None) is list
+        inner = getattr(ann, "__args__", (None,))[0] if is_list else ann
         if isinstance(inner, type) and issubclass(inner, BaseModel):
-            out += _keys(inner, path + ".")
+            out += _keys(inner, path + ("[]." if is_list else "."))
         else:
             out.append(path)
     return out
