@@ -76,6 +76,8 @@ def classify(exc: BaseException) -> StepError:
         return StepError("out of memory during inference", transient=True)
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNO:
         return StepError(f"storage: {errno.errorcode.get(exc.errno or 0, 'error')} ({exc.strerror})", transient=True)
+    if isinstance(exc, OSError):  # str(exc) would quote the file name, which can hold an MRN
+        return StepError(f"storage: {type(exc).__name__}: {exc.strerror}", transient=False)
     return StepError(f"internal error: {type(exc).__name__}: {str(exc)[:300]}", transient=False)
 
 

@@ -65,9 +65,10 @@ class Daemon:
         self._engine = make_engine(db_url)
         self.repo = Repo(self._engine)
 
-    def start(self, timeout: float = 60) -> Daemon:
+    def start(self, timeout: float = 60, **env_extra: str) -> Daemon:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PSG")}
         env["PSG__DATABASE__URL"] = self.db_url
+        env.update(env_extra)
         self.proc = subprocess.Popen([str(EXE), "run", "--config", str(self.config)], env=env,
                                      stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))  # noqa: SIM115
         deadline = time.monotonic() + timeout
@@ -129,6 +130,24 @@ def daemon(tmp_path, db_url, bundle):
         d.close()
 
 
+def _late_report(template):
+    """A small non-waveform object of the same study (the readers skip it; the receiver keeps it)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    for keyword in ("PatientName", "PatientID", "StudyInstanceUID", "StudyDate", "AccessionNumber"):
+        if keyword in template:
+            setattr(ds, keyword, getattr(template, keyword))
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
+    ds.SOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "OT"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
 def _slow_copy(src: Path, dst: Path, pieces: int, pause: float) -> None:
     data = src.read_bytes()
     step = len(data) // pieces + 1
@@ -177,6 +196,20 @@ def test_drop_folder_and_dicom_studies_processed_once(daemon, tmp_path):
     assert len(studies) == 2  # ... and not stored or processed twice
     again = d.repo.get(dcm.id)
     assert again.version == 1 and again.state == State.INFERRED and len(d.repo.instances_of(dcm.id)) == 3
+
+    # A late instance (here a report object sent after the study was processed) reopens the study
+    # as version 2, which is processed again: a correction downstream, never silently dropped.
+    late = _late_report(datasets[0])
+    ae2 = AE(ae_title="PYNETDICOM")
+    ae2.add_requested_context(late.SOPClassUID)
+    assoc = ae2.associate("127.0.0.1", d.dicom_port, ae_title="PSGGATEWAY")
+    assert assoc.send_c_store(late).Status == 0
+    assoc.release()
+    v2 = d.wait_for(lambda: (s := d.repo.get(dcm.id)) and s.version == 2 and s.state == State.INFERRED and s,
+                    what="study version 2 INFERRED")
+    assert len(d.repo.instances_of(dcm.id)) == 4 and len(d.repo.list()) == 2
+    assert "study.reopened" in [e.event for e in d.repo.events(dcm.id)]
+    assert all(Path(i.path).parent == Path(v2.input_path) for i in d.repo.instances_of(dcm.id))
 
     r = subprocess.run([dcmtk("echoscu"), "-aet", "ECHOSCU", "-aec", "PSGGATEWAY", "127.0.0.1", str(d.dicom_port)],
                        env=DCMTK_ENV, check=False, capture_output=True, timeout=30)
@@ -251,3 +284,26 @@ def test_config_error_exits_with_key_path(tmp_path):
     cfg.write_text("dicom:\n  port: 99999\n")
     r = subprocess.run([str(EXE), "run", "--config", str(cfg)], capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 2 and "dicom.port" in r.stderr
+
+
+def test_systemd_notify_ready_watchdog_stopping(daemon, tmp_path):
+    import socket
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="psgn"))  # AF_UNIX paths must stay under 108 bytes
+    path = folder / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(30)
+    try:
+        d = daemon(dicom__enabled=False).start(NOTIFY_SOCKET=str(path), WATCHDOG_USEC="1000000")
+        messages = []
+        while not any("WATCHDOG=1" in m for m in messages):
+            messages.append(sock.recv(4096).decode())
+        assert messages[0].startswith("READY=1")
+        assert d.stop() == 0
+        while not any("STOPPING=1" in m for m in messages):
+            messages.append(sock.recv(4096).decode())
+    finally:
+        sock.close()
+        shutil.rmtree(folder)

@@ -220,3 +220,12 @@ def test_reconcile_finishes_a_move_interrupted_by_a_crash(env, night_bytes):
     assert pipe.reconcile() == 1
     assert (paths.processed / study.key / "night.edf").read_bytes() == night_bytes
     assert repo.get(study.id).input_path == str(paths.processed / study.key / "night.edf")
+
+
+def test_error_reasons_never_quote_file_names():
+    from gateway.pipeline import classify
+
+    err = classify(FileNotFoundError(2, "No such file or directory", "/drop/1234567_DOE_JANE.edf"))
+    assert "DOE" not in str(err) and "No such file" in str(err) and not err.transient
+    full = classify(OSError(28, "No space left on device", "/spool/1234567_DOE_JANE.edf"))
+    assert full.transient and "DOE" not in str(full)
