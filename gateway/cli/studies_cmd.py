@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..store.db import make_engine, upgrade
+from ..store.models import Study
+from ..store.repo import Repo
 from .service_cmd import ConfigOption, load_or_exit
 
 studies_app = typer.Typer(help="List studies, show one with its history, retry or reprocess.",
@@ -19,17 +23,14 @@ err = Console(stderr=True)
 JsonOption = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
 
 
-def _repo(config):
-    from ..store.db import make_engine, upgrade
-    from ..store.repo import Repo
-
+def _repo(config: Path | None) -> Repo:
     cfg = load_or_exit(config)
     engine = make_engine(cfg.database_url)
     upgrade(engine)
     return Repo(engine)
 
 
-def _find(repo, ref: str):
+def _find(repo: Repo, ref: str) -> Study:
     study = repo.get(ref)
     if study is None:
         err.print(f"no study {ref!r} (give the row id or the st-... key)")
@@ -37,7 +38,7 @@ def _find(repo, ref: str):
     return study
 
 
-def _summary(s) -> dict[str, Any]:
+def _summary(s: Study) -> dict[str, Any]:
     return {"id": s.id, "key": s.key, "state": s.state, "version": s.version, "source": s.source,
             "received_at": s.received_at.isoformat() if s.received_at else None,
             "finished_at": s.finished_at.isoformat() if s.finished_at else None,
@@ -88,28 +89,25 @@ def studies_show(ref: Annotated[str, typer.Argument(help="Study id or key")], co
     out.print_json(data=doc, default=str)
 
 
-@studies_app.command("retry")
-def studies_retry(ref: Annotated[str, typer.Argument(help="Study id or key")], config: ConfigOption = None) -> None:
-    """Put a FAILED study back in the queue (after fixing its cause: montage, bundle, disk)."""
+def _reopen(ref: str, config: Path | None, action: str) -> None:
     repo = _repo(config)
     s = _find(repo, ref)
     try:
-        s = repo.retry(s.id, actor="cli")
+        s = getattr(repo, action)(s.id, actor="cli")
     except ValueError as exc:
         err.print(str(exc))
         raise typer.Exit(1) from None
-    out.print(f"study {s.key}: {s.state} (a running daemon picks it up)")
+    out.print(f"study {s.key}: {s.state}, version {s.version} (a running daemon picks it up)")
+
+
+@studies_app.command("retry")
+def studies_retry(ref: Annotated[str, typer.Argument(help="Study id or key")], config: ConfigOption = None) -> None:
+    """Put a FAILED study back in the queue (after fixing its cause: montage, bundle, disk)."""
+    _reopen(ref, config, "retry")
 
 
 @studies_app.command("reprocess")
 def studies_reprocess(ref: Annotated[str, typer.Argument(help="Study id or key")],
                       config: ConfigOption = None) -> None:
     """Run a finished study again as a new version (new montage or model); outputs are replaced."""
-    repo = _repo(config)
-    s = _find(repo, ref)
-    try:
-        s = repo.reprocess(s.id, actor="cli")
-    except ValueError as exc:
-        err.print(str(exc))
-        raise typer.Exit(1) from None
-    out.print(f"study {s.key}: {s.state}, version {s.version} (a running daemon picks it up)")
+    _reopen(ref, config, "reprocess")

@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import Engine, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from .db import is_sqlite, session_factory
 from .models import FINAL_STATES, WORKING_STATES, Event, Instance, Output, State, Study
@@ -134,18 +135,10 @@ class Repo:
                         s.flush()
                         self._event(s, study, "study.received", None, State.RECEIVED, actor, None)
                     elif study.state != State.RECEIVED:
-                        previous = study.state
                         study.version += 1
-                        study.state = State.RECEIVED
-                        study.attempts = 0
-                        study.claimed_by = None
-                        study.lease_until = None
-                        study.next_attempt_at = None
-                        study.finished_at = None
                         study.last_instance_at = now
-                        study.updated_at = now
-                        self._event(s, study, "study.reopened", previous, State.RECEIVED, actor,
-                                    {"reason": "instance arrived after the study was complete"})
+                        self._reopen(s, study, "study.reopened", actor, State.RECEIVED,
+                                     {"reason": "instance arrived after the study was complete"})
                     else:
                         study.last_instance_at = now
                         study.updated_at = now
@@ -275,18 +268,20 @@ class Repo:
             self._reopen(s, study, "study.reprocess", actor)
         return self._reload(study)
 
-    def _reopen(self, s, study: Study, event: str, actor: str) -> None:
+    def _reopen(self, s: Session, study: Study, event: str, actor: str, to_state: State = State.READY,
+                detail: dict[str, Any] | None = None) -> None:
+        """Back into the queue (READY) or collecting instances again (RECEIVED), attempts reset."""
         previous = study.state
         now = utcnow()
-        study.state = State.READY
+        study.state = to_state
         study.attempts = 0
         study.next_attempt_at = None
         study.claimed_by = None
         study.lease_until = None
         study.finished_at = None
-        study.ready_at = now
+        study.ready_at = now if to_state == State.READY else None
         study.updated_at = now
-        self._event(s, study, event, previous, State.READY, actor, None)
+        self._event(s, study, event, previous, to_state, actor, detail)
 
     def get(self, ref: str | int) -> Study | None:
         with self.sessions() as s:
@@ -324,14 +319,14 @@ class Repo:
             return s.scalar(select(Study.id).where(Study.input_path == path).limit(1)) is not None
 
     # ---- internals ----------------------------------------------------------------------------
-    def _guarded(self, s, study: Study, from_state: State, to_state: State,
+    def _guarded(self, s: Session, study: Study, from_state: State, to_state: State,
                  fields: dict[str, Any]) -> bool:
         values = {"state": str(to_state), "updated_at": utcnow(), **fields}
         n = s.execute(update(Study).where(Study.id == study.id, Study.version == study.version,
                                           Study.state == str(from_state)).values(**values), execution_options=_NO_SYNC).rowcount
         return n == 1
 
-    def _event(self, s, study: Study, event: str, from_state: str | None, to_state: str | None,
+    def _event(self, s: Session, study: Study, event: str, from_state: str | None, to_state: str | None,
                actor: str, detail: dict[str, Any] | None) -> None:
         s.add(Event(study_id=study.id, at=utcnow(), event=event, from_state=from_state and str(from_state),
                     to_state=to_state and str(to_state), version=study.version, actor=actor, detail=detail))
