@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy.exc import SQLAlchemyError
 
-from inference.bundle import ensure_demo_bundle, load_bundle
+from inference.bundle import BundleError, ensure_demo_bundle, load_bundle
+from inference.checkpoints import CheckpointError
 from inference.engine import Engine, EngineOptions
 
 from .config import GatewayConfig
@@ -40,13 +42,17 @@ from .store.db import make_engine, upgrade
 from .store.models import State
 from .store.repo import Repo
 
-__all__ = ["Daemon", "DaemonLockedError"]
+__all__ = ["Daemon", "DaemonLockedError", "StartupError"]
 
 log = get_logger("psg.daemon")
 
 
 class DaemonLockedError(RuntimeError):
     pass
+
+
+class StartupError(RuntimeError):
+    """The daemon cannot start (port taken, database unreachable, bad bundle); the message says why."""
 
 
 class _InstanceSink:
@@ -93,15 +99,37 @@ class Daemon:
 
     # ---- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
+        """Bring everything up; on failure, stop what was started and raise StartupError."""
+        try:
+            self._start()
+        except DaemonLockedError:
+            raise
+        except StartupError as exc:
+            log.error("daemon.start_failed", reason=str(exc))
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         cfg, paths = self.cfg, self.cfg.paths
-        for folder in (paths.var_dir, paths.spool, paths.outputs, paths.processed, paths.quarantine,
-                       *(f.path for f in cfg.drop_folders)):
-            Path(folder).mkdir(parents=True, exist_ok=True)
+        try:
+            for folder in (paths.var_dir, paths.spool, paths.outputs, paths.processed, paths.quarantine,
+                           *(f.path for f in cfg.drop_folders)):
+                Path(folder).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"cannot create {exc.filename}: {exc.strerror}") from None
         self._lock()
         self.db = make_engine(cfg.database_url, echo=cfg.database.echo)
-        upgrade(self.db)
+        try:
+            upgrade(self.db)
+        except SQLAlchemyError as exc:
+            where = self.db.url.render_as_string(hide_password=True)
+            raise StartupError(f"database {where} unavailable: {type(getattr(exc, 'orig', exc)).__name__}: "
+                               f"{str(getattr(exc, 'orig', exc)).strip()[:200]}") from None
         self.repo = Repo(self.db)
-        bundle = load_bundle(Path(cfg.model.bundle)) if cfg.model.bundle != "demo" else load_bundle(ensure_demo_bundle())
+        try:
+            bundle = load_bundle(Path(cfg.model.bundle) if cfg.model.bundle != "demo" else ensure_demo_bundle())
+        except (BundleError, CheckpointError, OSError) as exc:
+            raise StartupError(f"model bundle: {exc}") from None
         engine = Engine(bundle, EngineOptions(device=cfg.model.device, precision=cfg.model.precision,
                                               threads=cfg.model.threads or None,
                                               windows_per_batch=cfg.model.windows_per_batch))
@@ -126,9 +154,18 @@ class Daemon:
             self._workers.append(t)
         if cfg.dicom.enabled:
             self.receiver = DicomReceiver(cfg.dicom, Path(paths.spool), _InstanceSink(self), self.metrics)
-            self.receiver.start()
+            try:
+                self.receiver.start()
+            except OSError as exc:
+                self.receiver = None
+                raise StartupError(f"cannot listen for DICOM on {cfg.dicom.host}:{cfg.dicom.port}: "
+                                   f"{exc.strerror}") from None
         if cfg.http.enabled:
-            self.ops = OpsServer(cfg.http.host, cfg.http.port, self.metrics.registry, self.health)
+            try:
+                self.ops = OpsServer(cfg.http.host, cfg.http.port, self.metrics.registry, self.health)
+            except OSError as exc:
+                raise StartupError(f"cannot listen for HTTP on {cfg.http.host}:{cfg.http.port}: "
+                                   f"{exc.strerror}") from None
             self.ops.start()
             log.info("http.listening", host=cfg.http.host, port=self.ops.port)
         self._start_scheduler()

@@ -307,3 +307,24 @@ def test_systemd_notify_ready_watchdog_stopping(daemon, tmp_path):
     finally:
         sock.close()
         shutil.rmtree(folder)
+
+
+def test_startup_failures_exit_1_with_the_reason(tmp_path, bundle):
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"paths": {"var_dir": str(tmp_path / "v")}, "model": {"bundle": str(bundle)},
+                                   "dicom": {"port": port}, "http": {"enabled": False}}))
+    r = subprocess.run([str(EXE), "run", "--config", str(cfg)], capture_output=True, text=True, timeout=120,
+                       check=False)
+    taken.close()
+    assert r.returncode == 1 and f"cannot listen for DICOM on 127.0.0.1:{port}" in r.stderr
+    cfg.write_text(yaml.safe_dump({"paths": {"var_dir": str(tmp_path / "v")},
+                                   "database": {"url": "postgresql://psg:secret@127.0.0.1:1/x"}}))
+    r = subprocess.run([str(EXE), "run", "--config", str(cfg)], capture_output=True, text=True, timeout=120,
+                       check=False)
+    assert r.returncode == 1 and "unavailable" in r.stderr and "secret" not in r.stderr

@@ -34,12 +34,12 @@ def load_or_exit(path: Path | None) -> GatewayConfig:
 
 def run(config: ConfigOption = None) -> None:
     """Run the gateway daemon: drop folders, DICOM receiver, study pipeline, ops endpoint."""
-    from ..daemon import Daemon, DaemonLockedError
+    from ..daemon import Daemon, DaemonLockedError, StartupError
 
     cfg = load_or_exit(config)
     try:
         code = Daemon(cfg).run()
-    except DaemonLockedError as exc:
+    except (DaemonLockedError, StartupError) as exc:
         err.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(1) from None
     raise typer.Exit(code)
