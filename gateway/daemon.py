@@ -39,7 +39,7 @@ from .sdnotify import notify, watchdog_interval
 from .sources.dicom_scp import DicomReceiver, ReceivedInstance
 from .sources.dropfolder import ClaimedFile, DropFolderWatcher, recover_claims
 from .store.db import make_engine, upgrade
-from .store.models import State
+from .store.models import State, Study
 from .store.repo import Repo
 
 __all__ = ["Daemon", "DaemonLockedError", "StartupError"]
@@ -300,8 +300,22 @@ class Daemon:
             self._busy[worker] = study.key
             try:
                 self.pipeline.process(study, worker)
+            except Exception as exc:  # noqa: BLE001 - the database went away while recording a failure
+                log.error("worker.error", worker=worker, study_key=study.key, error=type(exc).__name__)
+                self._release_when_possible(study)
             finally:
                 self._busy.pop(worker, None)
+
+    def _release_when_possible(self, study: Study) -> None:
+        """Give the study back as soon as the database answers again, so it does not wait out its lease."""
+        delay = 1.0
+        while not self.stopping.is_set():
+            try:
+                self.repo.release(study)
+                return
+            except Exception:  # noqa: BLE001 - still down
+                self.stopping.wait(delay)
+                delay = min(delay * 2, 30.0)
 
     # ---- periodic housekeeping ----------------------------------------------------------------
     def update_stats(self) -> None:
