@@ -33,7 +33,10 @@ __all__ = [
     "DicomCaller",
     "DicomConfig",
     "DropFolderConfig",
+    "FlagOutcome",
+    "FlagsConfig",
     "GatewayConfig",
+    "Hl7Config",
     "HttpConfig",
     "LoggingConfig",
     "ModelConfig",
@@ -42,6 +45,7 @@ __all__ = [
     "PipelineConfig",
     "RetentionConfig",
     "ServiceConfig",
+    "SleepFinding",
     "TlsConfig",
     "load_config",
 ]
@@ -211,6 +215,90 @@ class RetentionConfig(_Section):
     check_interval_seconds: float = Field(3600.0, gt=0)
 
 
+DEFAULT_OUTCOMES = ("death", "Dementia", "Myocardial Infarction", "Heart Failure", "Chronic Kidney Disease",
+                    "Stroke", "Atrial Fibrillation and Flutter")
+
+
+class FlagOutcome(_Section):
+    """One outcome to watch: a label of the diagnosis head (phecode or phenotype in label_mapping.csv)."""
+
+    label: str
+    code: str | None = None  # our local code in OBX-3/OBX-5; default PSG-<label, upper-cased>
+    hazard_ratio: float | None = Field(None, gt=0)  # flag when the hazard ratio is at least this
+    percentile: float | None = Field(95.0, gt=0, lt=100)  # or when it is in the site's top (100 - p) %
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> FlagOutcome:
+        if self.hazard_ratio is None and self.percentile is None:
+            raise ValueError("set hazard_ratio or percentile (or both: either one flags)")
+        return self
+
+
+class SleepFinding(_Section):
+    """A finding from the hypnogram's metrics, e.g. sleep efficiency below 70 %."""
+
+    metric: Literal["tst_min", "sleep_efficiency_pct", "sleep_onset_latency_min", "waso_min",
+                    "rem_latency_min"]
+    below: float | None = None
+    above: float | None = None
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _bound(self) -> SleepFinding:
+        if self.below is None and self.above is None:
+            raise ValueError("set below or above")
+        return self
+
+
+class FlagsConfig(_Section):
+    outcomes: list[FlagOutcome] = Field(default_factory=lambda: [FlagOutcome(label=x) for x in DEFAULT_OUTCOMES])
+    # Percentile thresholds stay inactive until the site's reference holds this many studies (same model).
+    percentile_min_reference: int = Field(200, ge=1)
+    sleep_findings: list[SleepFinding] = Field(default_factory=list)
+    # flagged_only: a message only when something is flagged; always: every study; shadow: messages are
+    # built and stored, never sent (how a site validates before go-live).
+    send_mode: Literal["flagged_only", "always", "shadow"] = "flagged_only"
+    include_sleep_metrics: bool = True
+
+
+class Hl7TlsConfig(_Section):
+    enabled: bool = False
+    ca_file: Path | None = None  # CA bundle the EHR's certificate must chain to (default: system CAs)
+    verify: bool = True
+    client_cert: Path | None = None  # optional client certificate (mutual TLS)
+    client_key: Path | None = None
+    server_hostname: str | None = None
+
+
+class Hl7Config(_Section):
+    """Where results go: one MLLP destination, and how the ORU^R01 is addressed and coded."""
+
+    enabled: bool = False  # False: flags are evaluated and stored, no message is built
+    host: str = "127.0.0.1"
+    port: int = Field(2575, ge=1, le=65535)
+    timeout_seconds: float = Field(30.0, gt=0)
+    idle_reconnect_seconds: float = Field(60.0, gt=0)
+    tls: Hl7TlsConfig = Field(default_factory=Hl7TlsConfig)
+    sending_application: str = "PSG-GATEWAY"
+    sending_facility: str = "SLEEPLAB"
+    receiving_application: str = "EHR"
+    receiving_facility: str = "HOSPITAL"
+    mrn_assigning_authority: str | None = None
+    local_code_system: str = "99PSG"
+    phecode_system: str = "99PHECODE"
+    result_status: Literal["P", "F"] = "F"
+    abnormal_flag: str | None = None  # OBX-8; empty by default: an abnormal flag can raise in-basket alerts
+    # Retries of AR/CR, timeouts and refused connections: exponential backoff with jitter.
+    retry_backoff_seconds: float = Field(10.0, gt=0)
+    retry_backoff_max_seconds: float = Field(600.0, gt=0)
+    max_attempts: int = Field(0, ge=0)  # 0: retry for ever (the queue holds behind the message)
+    drain_interval_seconds: float = Field(1.0, gt=0)
+
+    @property
+    def destination(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
 class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -228,6 +316,8 @@ class GatewayConfig(_Section):
     http: HttpConfig = Field(default_factory=HttpConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    flags: FlagsConfig = Field(default_factory=FlagsConfig)
+    hl7: Hl7Config = Field(default_factory=Hl7Config)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)  # the config file's folder
 
@@ -339,11 +429,12 @@ def resolve_paths(cfg: GatewayConfig, base: Path) -> GatewayConfig:
         cfg.montage.table = _under(base, cfg.montage.table)
     for folder in cfg.drop_folders:
         folder.path = _under(base, folder.path)
-    tls = cfg.dicom.tls
-    for key in ("cert_file", "key_file", "ca_file"):
-        value = getattr(tls, key)
-        if value is not None:
-            setattr(tls, key, _under(base, value))
+    for section, keys in ((cfg.dicom.tls, ("cert_file", "key_file", "ca_file")),
+                          (cfg.hl7.tls, ("ca_file", "client_cert", "client_key"))):
+        for key in keys:
+            value = getattr(section, key)
+            if value is not None:
+                setattr(section, key, _under(base, value))
     if cfg.model.bundle != "demo":
         cfg.model.bundle = str(_under(base, Path(cfg.model.bundle)))
     db = cfg.database.url

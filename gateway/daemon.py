@@ -31,6 +31,7 @@ from inference.checkpoints import CheckpointError
 from inference.engine import Engine, EngineOptions
 
 from .config import GatewayConfig
+from .hl7.delivery import Deliverer
 from .http import OpsServer
 from .logging import configure_logging, get_logger
 from .metrics import Metrics
@@ -39,7 +40,7 @@ from .sdnotify import notify, watchdog_interval
 from .sources.dicom_scp import DicomReceiver, ReceivedInstance
 from .sources.dropfolder import ClaimedFile, DropFolderWatcher, recover_claims
 from .store.db import make_engine, upgrade
-from .store.models import State, Study
+from .store.models import WORKING_STATES, MessageState, State, Study
 from .store.repo import Repo
 
 __all__ = ["Daemon", "DaemonLockedError", "StartupError"]
@@ -94,6 +95,7 @@ class Daemon:
         self.ops: OpsServer | None = None
         self.watcher: DropFolderWatcher | None = None
         self.scheduler: BackgroundScheduler | None = None
+        self.deliverer: Deliverer | None = None
         self.worker_prefix = f"{cfg.service.node_name}:"
         self.worker_id = f"{cfg.service.node_name}:{os.getpid()}"
 
@@ -134,7 +136,9 @@ class Daemon:
                                               threads=cfg.model.threads or None,
                                               windows_per_batch=cfg.model.windows_per_batch))
         self.montage = MontageHolder(cfg.montage.table)
-        self.pipeline = Pipeline(self.repo, engine, bundle, self.montage, paths, cfg.pipeline, self.metrics)
+        self.pipeline = Pipeline(self.repo, engine, bundle, self.montage, paths, cfg.pipeline, self.metrics,
+                                 flags=cfg.flags, hl7=cfg.hl7)
+        self.deliverer = Deliverer(self.repo, cfg.hl7, self.metrics) if cfg.hl7.enabled else None
         log.info("daemon.starting", site=cfg.site, node=cfg.service.node_name, database=self.db.dialect.name,
                  bundle=bundle.identity.name, validated=bundle.identity.validated,
                  montage=self.montage.table.version, device=str(engine.device))
@@ -180,6 +184,9 @@ class Daemon:
                   next_run_time=datetime.now(UTC))
         s.add_job(self.montage.check, "interval", seconds=cfg.montage.reload_check_seconds, id="montage")
         s.add_job(self.update_stats, "interval", seconds=15, id="stats", next_run_time=datetime.now(UTC))
+        if self.deliverer is not None:
+            s.add_job(self.deliver, "interval", seconds=cfg.hl7.drain_interval_seconds, id="deliver",
+                      next_run_time=datetime.now(UTC))
         if cfg.retention.processed_days or cfg.retention.quarantine_days:
             s.add_job(self.apply_retention, "interval", seconds=cfg.retention.check_interval_seconds,
                       id="retention", next_run_time=datetime.now(UTC) + timedelta(seconds=60))
@@ -209,6 +216,8 @@ class Daemon:
             # Their studies keep their last committed state; free the leases so the next start resumes them.
             self.repo.release_leases(self.worker_id)
             log.warning("daemon.stop_timeout", unfinished=list(self._busy.values()))
+        if self.deliverer is not None:
+            self.deliverer.close()
         if self.ops is not None:
             self.ops.stop()
         self.ready = False
@@ -318,13 +327,25 @@ class Daemon:
                 delay = min(delay * 2, 30.0)
 
     # ---- periodic housekeeping ----------------------------------------------------------------
+    def deliver(self) -> None:
+        """Drain the outbox (scheduler job); errors are logged and the next run tries again."""
+        if self.deliverer is None or self.stopping.is_set():
+            return
+        try:
+            self.deliverer.drain(self.stopping)
+        except Exception as exc:  # noqa: BLE001 - database trouble: the message stays in the outbox
+            log.error("delivery.failed", error=type(exc).__name__)
+
     def update_stats(self) -> None:
         try:
             counts = self.repo.counts_by_state()
+            outbox = self.repo.outbox_counts()
         except Exception:  # noqa: BLE001 - health reports the database state
             return
         for state in State:
             self.metrics.studies_by_state.labels(str(state)).set(counts.get(str(state), 0))
+        self.metrics.outbox_depth.set(outbox.get(str(MessageState.PENDING), 0))
+        self.metrics.dead_letters.set(outbox.get(str(MessageState.DEAD), 0))
 
     def apply_retention(self) -> None:
         """Delete processed/quarantined inputs older than the configured days (only when configured)."""
@@ -352,7 +373,8 @@ class Daemon:
     def health(self) -> tuple[bool, dict[str, Any]]:
         db_ok = self.repo.ping() if self.repo is not None else False
         counts = self.repo.counts_by_state() if db_ok else {}
-        working = sum(counts.get(str(s), 0) for s in (State.READY, State.DECODED, State.MAPPED))
+        outbox = self.repo.outbox_counts() if db_ok else {}
+        working = sum(counts.get(str(s), 0) for s in WORKING_STATES)
         doc = {
             "status": "stopping" if self.stopping.is_set() else ("ok" if self.ready and db_ok else "unavailable"),
             "ready": self.ready,
@@ -360,7 +382,9 @@ class Daemon:
             "last_scan": self.last_scan.isoformat() if self.last_scan else None,
             "queues": {"receiving": counts.get(str(State.RECEIVED), 0), "waiting": working,
                        "in_progress": len(self._busy), "failed": counts.get(str(State.FAILED), 0),
-                       "pending_files": self.watcher.pending if self.watcher else 0},
+                       "pending_files": self.watcher.pending if self.watcher else 0,
+                       "outbox": outbox.get(str(MessageState.PENDING), 0),
+                       "dead_letters": outbox.get(str(MessageState.DEAD), 0)},
             "dicom": ({"port": self.receiver.port, "active_associations": self.receiver.active_associations}
                       if self.receiver else None),
             "montage": self.montage.table.version if hasattr(self, "montage") else None,

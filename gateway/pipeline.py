@@ -1,9 +1,10 @@
 """The study pipeline: a worker claims a study and carries it through decode -> map -> infer.
 
-Every step ends in a committed state (DECODED, MAPPED, INFERRED); after a crash the study is resumed
+Every step ends in a committed state (DECODED, MAPPED, INFERRED, then FLAGGED/QUEUED/SHADOW); after a crash the study is resumed
 from the last committed one (intermediate arrays are recomputed, which is cheaper than storing them).
-The flag and deliver steps join here with the HL7 work; until then INFERRED, with outputs stored, is
-the end of the road.
+Then the flag step applies the site's flag policy to the stored outputs and, when a message is due,
+commits the ORU^R01 to the outbox in the same transaction that moves the study to QUEUED (or SHADOW);
+the delivery job sends it. A study with nothing to send ends FLAGGED.
 
 Errors are sorted into two kinds:
 
@@ -25,7 +26,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -35,7 +36,10 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from inference.bundle import BundleIdentity, ModelBundle
 from inference.engine import Engine, InputError
 
-from .config import PathsConfig, PipelineConfig
+from .config import FlagsConfig, Hl7Config, PathsConfig, PipelineConfig
+from .flags import FlagDecision, HazardRow, evaluate, read_hazards, read_sleep_metrics, watched_hazards
+from .hl7.compose import build_study_message, new_control_id
+from .hl7.oru import OruError
 from .logging import get_logger
 from .metrics import Metrics
 from .montage import MontageTable
@@ -43,10 +47,10 @@ from .prepare import MappingError
 from .readers.errors import ReaderError
 from .recording import Recording
 from .steps import decode_inputs, infer_prepared, map_recording, store_outputs
-from .store.models import State, Study
+from .store.models import MessageState, State, Study
 from .store.repo import Repo, StudyChanged
 
-__all__ = ["Pipeline", "StepError", "classify"]
+__all__ = ["MontageHolder", "Pipeline", "StepError", "classify", "study_decision"]
 
 log = get_logger("psg.pipeline")
 
@@ -69,6 +73,8 @@ def classify(exc: BaseException) -> StepError:
         return StepError(f"montage: {exc}", transient=False)
     if isinstance(exc, InputError):
         return StepError(f"model input: {exc}", transient=False)
+    if isinstance(exc, OruError):
+        return StepError(f"result message: {exc}", transient=False)
     if isinstance(exc, (OperationalError, PoolTimeout)):
         return StepError(f"database unavailable: {type(exc.orig if hasattr(exc, 'orig') else exc).__name__}",
                          transient=True)
@@ -121,7 +127,9 @@ class Pipeline:
     paths: PathsConfig
     cfg: PipelineConfig
     metrics: Metrics
-    on_finished: Callable[[Study], None] | None = None
+    flags: FlagsConfig = field(default_factory=FlagsConfig)
+    hl7: Hl7Config = field(default_factory=Hl7Config)
+    on_queued: Callable[[], None] | None = None  # wakes the delivery job
 
     # ---- worker loop --------------------------------------------------------------------------
     def run_once(self, worker: str) -> bool:
@@ -146,6 +154,8 @@ class Pipeline:
         return study
 
     def _steps(self, study: Study, worker: str) -> Study:
+        if study.state == State.INFERRED:  # resumed after a crash: outputs are stored, only flagging is left
+            return self._flag(study, worker)
         timings = dict(study.timings or {})
         t0 = time.perf_counter()
         recording = self._decode(study)
@@ -158,7 +168,10 @@ class Pipeline:
                              patient_id=recording.identifiers.patient_id,
                              patient_id_issuer=recording.identifiers.patient_id_issuer,
                              accession=recording.identifiers.admin_code,
-                             study_uid=recording.identifiers.study_uid or study.study_uid)
+                             study_uid=recording.identifiers.study_uid or study.study_uid,
+                             patient_name=recording.identifiers.patient_name,
+                             birth_date=recording.demographics.birth_date, sex=recording.demographics.sex,
+                             recording_start=recording.start)
 
         table = self.montage.table
         t0 = time.perf_counter()
@@ -186,9 +199,46 @@ class Pipeline:
                          {"tokens": result.n_tokens, "missing": result.missing_modalities,
                           "validated": result.validated},
                          output_path=str(out_dir), bundle_name=identity.name, bundle_version=identity.version,
-                         bundle_hash=_bundle_hash(identity), timings=timings, finished_at=_now(),
-                         claimed_by=None, lease_until=None, last_error=None, error_kind=None)
-        self.finalize(study, State.INFERRED)
+                         bundle_hash=_bundle_hash(identity), bundle_validated=identity.validated,
+                         timings=timings)
+        return self._flag(study, worker)
+
+    def _flag(self, study: Study, worker: str) -> Study:
+        """INFERRED -> FLAGGED (nothing to send), QUEUED (message committed with the state) or SHADOW.
+
+        Works from the stored outputs only, so a study resumed at INFERRED after a crash needs no model.
+        """
+        t0 = time.perf_counter()
+        decision, hazards, sleep = study_decision(self.repo, self.flags, study)
+        if hazards:
+            self.repo.add_reference(study.id, study.bundle_hash or "", watched_hazards(self.flags, hazards))
+        done = {"finished_at": _now(), "claimed_by": None, "lease_until": None, "last_error": None,
+                "error_kind": None, "flags": decision.as_dict()}
+        detail = {"flags": [f.code for f in decision.flags], "findings": [f.metric for f in decision.findings],
+                  "notes": len(decision.notes)}
+        self.metrics.stage_seconds.labels("flag").observe(time.perf_counter() - t0)
+        mode = self.flags.send_mode
+        if not self.hl7.enabled or (mode == "flagged_only" and not decision.flagged):
+            study = self._to(study, State.FLAGGED, worker, "study.flagged", detail, **done)
+            self.finalize(study, State.FLAGGED)
+            return study
+        correction = self.repo.was_delivered(study.id)
+        control_id = new_control_id()
+        er7 = build_study_message(study, decision, sleep, self.hl7, control_id=control_id, now=_now(),
+                                  correction=correction, validated=bool(study.bundle_validated),
+                                  include_metrics=self.flags.include_sleep_metrics)
+        to_state = State.SHADOW if mode == "shadow" else State.QUEUED
+        study, _ = self.repo.queue_message(
+            study, to_state, worker, "study.queued" if to_state == State.QUEUED else "study.shadow",
+            {**detail, "correction": correction}, destination=self.hl7.destination, control_id=control_id,
+            er7=er7, message_state=MessageState.SHADOW if mode == "shadow" else MessageState.PENDING,
+            correction=correction, **done)
+        self.metrics.study_transitions.labels(str(to_state)).inc()
+        log.info("study.queued" if to_state == State.QUEUED else "study.shadow", study_key=study.key,
+                 version=study.version, control_id=control_id, correction=correction, **detail)
+        if self.on_queued is not None and to_state == State.QUEUED:
+            self.on_queued()
+        self.finalize(study, to_state)
         return study
 
     def _decode(self, study: Study) -> Recording:
@@ -240,8 +290,6 @@ class Pipeline:
             self._move_input(study, state)
         except OSError as exc:
             log.error("study.input_move_failed", study_key=study.key, error=exc.strerror)
-        if self.on_finished is not None:
-            self.on_finished(study)
 
     def _owned(self, path: Path) -> bool:
         roots = [Path(self.paths.spool), Path(self.paths.processed), Path(self.paths.quarantine)]
@@ -286,6 +334,19 @@ class Pipeline:
             self._move_input(study, State(study.state))
             n += 1
         return n
+
+
+def study_decision(repo: Repo, flags: FlagsConfig, study: Study
+                   ) -> tuple[FlagDecision, list[HazardRow] | None, dict | None]:
+    """The flag decision for a study from its stored outputs (hazards.csv, metrics.json) and the
+    site's reference distribution for the same model (the study itself left out)."""
+    out_dir = Path(study.output_path or "")
+    hazards = read_hazards(out_dir / "hazards.csv") if (out_dir / "hazards.csv").is_file() else None
+    sleep = read_sleep_metrics(out_dir / "metrics.json") if (out_dir / "metrics.json").is_file() else None
+    model = study.bundle_hash or ""
+    decision = evaluate(flags, hazards, sleep,
+                        lambda label, value: repo.percentile(label, model, value, exclude_study=study.id))
+    return decision, hazards, sleep
 
 
 def _bundle_hash(identity: BundleIdentity) -> str | None:

@@ -164,8 +164,8 @@ def test_drop_folder_and_dicom_studies_processed_once(daemon, tmp_path):
     d.drop.mkdir(exist_ok=True)
     # Pieces arrive slower than stable_seconds: only the header's size check keeps it from being taken.
     _slow_copy(src, d.drop / "night.edf", pieces=4, pause=1.0)
-    edf = d.wait_for(lambda: [s for s in d.repo.list() if s.source_kind == "file" and s.state == State.INFERRED],
-                     what="EDF study INFERRED")[0]
+    edf = d.wait_for(lambda: [s for s in d.repo.list() if s.source_kind == "file" and s.state == State.FLAGGED],
+                     what="EDF study FLAGGED")[0]
     assert Path(edf.input_path).read_bytes() == src.read_bytes()
     assert not (d.drop / "night.edf").exists()
     assert (Path(edf.output_path) / "night.npy").is_file()
@@ -175,8 +175,8 @@ def test_drop_folder_and_dicom_studies_processed_once(daemon, tmp_path):
     r = subprocess.run([dcmtk("storescu"), "-R", "-aet", "STORESCU", "-aec", "PSGGATEWAY", "127.0.0.1",
                         str(d.dicom_port), *map(str, files)], env=DCMTK_ENV, check=False, capture_output=True, timeout=60)
     assert r.returncode == 0, r.stderr.decode()
-    dcm = d.wait_for(lambda: [s for s in d.repo.list() if s.source_kind == "dicom" and s.state == State.INFERRED],
-                     what="DICOM study INFERRED")[0]
+    dcm = d.wait_for(lambda: [s for s in d.repo.list() if s.source_kind == "dicom" and s.state == State.FLAGGED],
+                     what="DICOM study FLAGGED")[0]
     assert len(d.repo.instances_of(dcm.id)) == 3
 
     from pydicom import dcmread
@@ -195,7 +195,7 @@ def test_drop_folder_and_dicom_studies_processed_once(daemon, tmp_path):
     studies = d.repo.list()
     assert len(studies) == 2  # ... and not stored or processed twice
     again = d.repo.get(dcm.id)
-    assert again.version == 1 and again.state == State.INFERRED and len(d.repo.instances_of(dcm.id)) == 3
+    assert again.version == 1 and again.state == State.FLAGGED and len(d.repo.instances_of(dcm.id)) == 3
 
     # A late instance (here a report object sent after the study was processed) reopens the study
     # as version 2, which is processed again: a correction downstream, never silently dropped.
@@ -205,8 +205,8 @@ def test_drop_folder_and_dicom_studies_processed_once(daemon, tmp_path):
     assoc = ae2.associate("127.0.0.1", d.dicom_port, ae_title="PSGGATEWAY")
     assert assoc.send_c_store(late).Status == 0
     assoc.release()
-    v2 = d.wait_for(lambda: (s := d.repo.get(dcm.id)) and s.version == 2 and s.state == State.INFERRED and s,
-                    what="study version 2 INFERRED")
+    v2 = d.wait_for(lambda: (s := d.repo.get(dcm.id)) and s.version == 2 and s.state == State.FLAGGED and s,
+                    what="study version 2 FLAGGED")
     assert len(d.repo.instances_of(dcm.id)) == 4 and len(d.repo.list()) == 2
     assert "study.reopened" in [e.event for e in d.repo.events(dcm.id)]
     assert all(Path(i.path).parent == Path(v2.input_path) for i in d.repo.instances_of(dcm.id))
@@ -249,8 +249,8 @@ def test_kill9_mid_study_then_restart_finishes_it_once(daemon, tmp_path):
     d.proc.wait(timeout=10)
     assert d.repo.get(study.id).state in working  # killed mid-study
     d.start()
-    done = d.wait_for(lambda: (s := d.repo.get(study.id)) and s.state == State.INFERRED and s, timeout=90,
-                      what="resumed study INFERRED")
+    done = d.wait_for(lambda: (s := d.repo.get(study.id)) and s.state == State.FLAGGED and s, timeout=90,
+                      what="resumed study FLAGGED")
     assert len(d.repo.list()) == 1
     events = [e.to_state for e in d.repo.events(study.id)]
     assert events.count("INFERRED") == 1 and events.count("READY") == 1
@@ -272,10 +272,10 @@ def test_sigterm_while_busy_checkpoints_and_resumes(daemon, tmp_path):
     assert d.stop(signal.SIGTERM) == 0
     assert time.monotonic() - t0 < 15
     left = d.repo.get(study.id)
-    if left.state != State.INFERRED:  # it did not finish in 0.5 s: lease released, resumed next start
+    if left.state != State.FLAGGED:  # it did not finish in 0.5 s: lease released, resumed next start
         assert left.claimed_by is None
         d.start()
-        d.wait_for(lambda: d.repo.get(study.id).state == State.INFERRED, what="resumed after SIGTERM")
+        d.wait_for(lambda: d.repo.get(study.id).state == State.FLAGGED, what="resumed after SIGTERM")
         assert d.stop() == 0
 
 

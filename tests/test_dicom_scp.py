@@ -411,3 +411,125 @@ def test_stop_aborts_lingering_association(make_receiver):
     assert _wait(lambda: not assoc.is_established)
     assert _wait(lambda: receiver.active_associations == 0)
     assert _metric(metrics, "psg_dicom_associations_total", result="aborted") == 1
+
+
+# ---- fast paths (pynetdicom internals mirrored for our associations) ---------------------------------------
+
+# sha256(source)[:16] of the pynetdicom 3.0.4 code that dicom_scp's fast paths mirror or hook. A pynetdicom
+# upgrade that changes any of them fails here: re-read the new code, update the fast paths, then these values.
+_MIRRORED = {
+    "DULServiceProvider.run_reactor": "e3a10eb3a0931e48",
+    "DULServiceProvider._read_pdu_data": "19f2d4e38c13c835",
+    "Association._run_reactor": "f28838c5559e462a",
+    "DIMSEServiceProvider.send_msg": "a839cf2fb46976d9",
+    "DIMSEMessage.decode_msg": "f51c777e841a76be",
+    "create_file_meta": "035ed415f5aeea15",
+}
+
+
+def test_fast_paths_match_installed_pynetdicom():
+    import hashlib
+    import inspect
+
+    from pynetdicom import association, dimse, dimse_messages, dsutils, dul
+
+    from gateway.sources import dicom_scp
+
+    assert dicom_scp._FAST_PATHS, "fast paths disabled for this pynetdicom version"
+    funcs = (dul.DULServiceProvider.run_reactor, dul.DULServiceProvider._read_pdu_data,
+             association.Association._run_reactor, dimse.DIMSEServiceProvider.send_msg,
+             dimse_messages.DIMSEMessage.decode_msg, dsutils.create_file_meta)
+    got = {f.__qualname__: hashlib.sha256(inspect.getsource(f).encode()).hexdigest()[:16] for f in funcs}
+    assert got == _MIRRORED
+    # the module-level names the chunked receive looks up, and the attributes the fast paths replace
+    for name in ("NamedTemporaryFile", "create_file_meta", "write_file_meta_info"):
+        assert hasattr(dimse_messages, name)
+    ae = AE()
+    assoc = association.Association(ae, "acceptor")
+    for obj, attrs in ((assoc.dul, ("to_provider_queue", "to_user_queue", "_recv_pdu", "event_queue",
+                                    "_run_loop_delay", "_kill_thread", "artim_timer", "_idle_timer")),
+                       (assoc.dimse, ("msg_queue",)),
+                       (assoc, ("_dul_ready", "_reactor_checkpoint", "_is_paused", "_kill"))):
+        for attr in attrs:
+            assert hasattr(obj, attr), attr
+
+
+def test_fast_paths_used_by_our_associations(make_receiver, study, monkeypatch):
+    from gateway.sources import dicom_scp
+
+    waits, fallbacks, syncs = [], [], []
+    wait_dul = dicom_scp._Waker.wait_dul
+    monkeypatch.setattr(dicom_scp._Waker, "wait_dul", lambda self, t: waits.append(1) or wait_dul(self, t))
+    monkeypatch.setattr(dicom_scp, "_ORIGINAL_SEND_MSG", lambda *a: fallbacks.append(a[1]))
+    monkeypatch.setattr(dicom_scp, "_WRITEBACK_STEP", 4096)
+    fdatasync = dicom_scp._fdatasync
+    monkeypatch.setattr(dicom_scp, "_fdatasync", lambda fd: syncs.append(fd) or fdatasync(fd))
+    receiver, sink, _ = make_receiver(_cfg(fsync=True))
+    result = _storescu(receiver.port, study)
+    assert result.returncode == 0, result.stderr
+    assert len(sink.instances) == 3
+    assert waits and not fallbacks  # event-driven DUL; C-STORE responses encoded directly
+    assert _wait(lambda: bool(syncs))  # early writeback ran (helper thread)
+    for inst in sink.instances.values():
+        src = pydicom.dcmread(next(f for f in study if pydicom.dcmread(f).SOPInstanceUID == inst.sop_instance_uid))
+        ds = pydicom.dcmread(inst.path)
+        assert ds.WaveformSequence[0].WaveformData == src.WaveformSequence[0].WaveformData
+        assert ds.file_meta.MediaStorageSOPInstanceUID == inst.sop_instance_uid
+
+
+@pytest.mark.parametrize("status", [0x0000, 0xA700, 0xA900, 0xC000])
+@pytest.mark.parametrize("uid", ["1.2.3", "1.2.34", "1.2.826.0.1.3680043.8.498.12345678901234567890"])
+def test_store_response_encoded_like_pynetdicom(status, uid):
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from gateway.sources.dicom_scp import _encode_store_rsp
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 65535
+    rsp.AffectedSOPClassUID = SLEEP_EEG
+    rsp.AffectedSOPInstanceUID = uid
+    rsp.Status = status
+    msg = C_STORE_RSP()
+    msg.primitive_to_message(rsp)
+    (pdata,) = msg.encode_msg(1, 16384)
+    assert pdata.presentation_data_value_list[0][1] == b"\x03" + _encode_store_rsp(rsp)
+    rsp.ErrorComment = "detail"
+    assert _encode_store_rsp(rsp) is None  # anything unusual goes through pynetdicom
+
+
+@pytest.mark.parametrize("ts", TS)
+@pytest.mark.parametrize("uid", ["1.2.3", "1.2.34"])
+def test_file_meta_encoded_like_pydicom(ts, uid):
+    import io
+
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom.dsutils import create_file_meta
+
+    from gateway.sources.dicom_scp import _encode_file_meta
+
+    kw = {"sop_class_uid": pydicom.uid.UID(SLEEP_EEG), "sop_instance_uid": pydicom.uid.UID(uid),
+          "transfer_syntax": ts}
+    buf = io.BytesIO()
+    write_file_meta_info(buf, create_file_meta(**kw))
+    assert buf.getvalue() == _encode_file_meta(**kw)
+
+
+def test_p_data_decoded_like_pynetdicom():
+    from pynetdicom.pdu import P_DATA_TF
+
+    from gateway.sources.dicom_scp import _decode_p_data_tf
+
+    pdvs = [(1, b"\x03" + b"c" * 9), (3, b"\x00" + bytes(range(256)) * 40), (5, b"\x02")]
+    body = b"".join((len(d) + 1).to_bytes(4, "big") + bytes([c]) + d
+                    for c, d in pdvs)
+    reference = P_DATA_TF()
+    reference.decode(b"\x04\x00" + len(body).to_bytes(4, "big") + body)
+    fast = _decode_p_data_tf(bytearray(body))
+    assert [(i.presentation_context_id, bytes(i.presentation_data_value))
+            for i in fast.presentation_data_value_items] == \
+        [(i.presentation_context_id, i.presentation_data_value) for i in reference.presentation_data_value_items]
+    assert [(c, bytes(d)) for c, d in fast.to_primitive().presentation_data_value_list] == pdvs
+    for broken in (body[:-1], body + b"\x00\x00", b"\x00\x00\x00\x00\x01"):
+        with pytest.raises(ValueError):
+            _decode_p_data_tf(bytearray(broken))

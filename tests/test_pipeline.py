@@ -64,7 +64,7 @@ def test_file_study_goes_to_inferred_with_outputs_and_input_in_processed(env, ni
     study = _spool(paths, "night.edf", night_bytes, repo)
     assert pipe.run_once("n:1:w0")
     done = repo.get(study.id)
-    assert done.state == State.INFERRED and done.last_error is None and done.claimed_by is None
+    assert done.state == State.FLAGGED and done.last_error is None and done.claimed_by is None
     out = Path(done.output_path)
     assert out == paths.outputs / study.key
     for name in ("night.npy", "hypnogram.csv", "metrics.json", "hazards.csv", "embeddings/BAS.npy"):
@@ -76,7 +76,9 @@ def test_file_study_goes_to_inferred_with_outputs_and_input_in_processed(env, ni
     assert (paths.processed / study.key / "claim.json").is_file()
     assert not (paths.spool / "incoming" / "c1").exists()
     events = [(e.event, e.to_state) for e in repo.events(study.id)]
-    assert events[-3:] == [("study.decoded", "DECODED"), ("study.mapped", "MAPPED"), ("study.inferred", "INFERRED")]
+    assert events[-4:] == [("study.decoded", "DECODED"), ("study.mapped", "MAPPED"), ("study.inferred", "INFERRED"),
+                           ("study.flagged", "FLAGGED")]
+    assert set(done.flags) == {"flags", "findings", "notes"}
     assert done.montage_version and done.bundle_name == "sleepfm-demo-untrained" and len(done.bundle_hash) == 64
     assert set(done.timings) == {"decode_s", "map_s", "infer_s"}
     assert not pipe.run_once("n:1:w0")  # nothing left
@@ -99,7 +101,7 @@ def test_dicom_study_decodes_all_instances(env, tmp_path):
     [study] = repo.promote_stable(0)
     assert pipe.run_once("w")
     done = repo.get(study.id)
-    assert done.state == State.INFERRED, done.last_error
+    assert done.state == State.FLAGGED, done.last_error
     assert done.patient_id == "SYN-0002" and done.accession == "SYNACC-0002"
     assert set(done.mapping["channels"]) == {"BAS", "RESP", "EKG", "EMG"}
     assert all(Path(i.path).parent == paths.processed / study.key for i in repo.instances_of(study.id))
@@ -136,7 +138,7 @@ def test_unmapped_channels_fail_with_montage_reason_then_retry_after_fix(env, ni
     repo.retry(study.id, "cli")
     pipe.run_once("w")
     done = repo.get(study.id)
-    assert done.state == State.INFERRED
+    assert done.state == State.FLAGGED
     assert Path(done.input_path) == paths.processed / study.key / "night.edf"
 
 
@@ -174,7 +176,7 @@ def test_transient_error_is_retried_with_backoff_then_succeeds(env, night_bytes,
 
     time.sleep(0.05)
     pipe.run_once("w")
-    assert repo.get(study.id).state == State.INFERRED
+    assert repo.get(study.id).state == State.FLAGGED
     assert any(e.event == "study.retry_scheduled" for e in repo.events(study.id))
 
 
@@ -205,7 +207,7 @@ def test_resume_from_mapped_after_crash_and_reconcile_moves(env, night_bytes):
     assert repo.release_leases("n:") == 1
     assert pipe.run_once("n:2:w0")
     done = repo.get(study.id)
-    assert done.state == State.INFERRED
+    assert done.state == State.FLAGGED
     states = [e.to_state for e in repo.events(study.id)]
     assert states.count("DECODED") == 1 and states.count("MAPPED") == 1 and states.count("INFERRED") == 1
 
@@ -214,9 +216,9 @@ def test_reconcile_finishes_a_move_interrupted_by_a_crash(env, night_bytes):
     repo, pipe, paths = env
     study = _spool(paths, "night.edf", night_bytes, repo)
     c = repo.claim("w", 60)
-    for s in (State.DECODED, State.MAPPED, State.INFERRED):
+    for s in (State.DECODED, State.MAPPED, State.INFERRED, State.FLAGGED):
         c = repo.transition(c, s, "w", "x")
-    # committed INFERRED, crashed before the move
+    # committed FLAGGED, crashed before the move
     assert pipe.reconcile() == 1
     assert (paths.processed / study.key / "night.edf").read_bytes() == night_bytes
     assert repo.get(study.id).input_path == str(paths.processed / study.key / "night.edf")
@@ -229,3 +231,92 @@ def test_error_reasons_never_quote_file_names():
     assert "DOE" not in str(err) and "No such file" in str(err) and not err.transient
     full = classify(OSError(28, "No space left on device", "/spool/1234567_DOE_JANE.edf"))
     assert full.transient and "DOE" not in str(full)
+
+
+# ---- flag step and outbox (the HL7 part of the pipeline) -------------------------------------------------
+def _hl7_pipe(pipe, send_mode="flagged_only", hr=1e-9, outcomes=("death", "Stroke")):
+    from gateway.config import FlagOutcome, FlagsConfig, Hl7Config
+
+    pipe.flags = FlagsConfig(outcomes=[FlagOutcome(label=o, hazard_ratio=hr, percentile=None) for o in outcomes],
+                             send_mode=send_mode)
+    pipe.hl7 = Hl7Config(enabled=True, port=2575, mrn_assigning_authority="HOSP")
+    return pipe
+
+
+def test_flagged_study_is_queued_with_its_message_in_one_step(env, night_bytes):
+    import hl7
+
+    repo, pipe, paths = env
+    _hl7_pipe(pipe)
+    study = _spool(paths, "night.edf", night_bytes, repo)
+    pipe.run_once("w")
+    done = repo.get(study.id)
+    assert done.state == State.QUEUED and [f["label"] for f in done.flags["flags"]] == ["death", "Stroke"]
+    [msg] = repo.messages(study_id=study.id)
+    assert msg.state == "PENDING" and msg.destination == "127.0.0.1:2575" and not msg.correction
+    parsed = hl7.parse(msg.message)
+    assert str(parsed.segment("MSH")[10]) == msg.control_id
+    assert str(parsed.segment("MSH")[11]) == "T"  # demo weights: a test message
+    assert str(parsed.segment("PID")[3][0][0]) == "SYN-0005"
+    events = [e.event for e in repo.events(study.id)]
+    assert events[-2:] == ["study.inferred", "study.queued"]
+    assert Path(done.input_path).parent == paths.processed / study.key
+    # the reference now holds this study's watched hazards
+    assert repo.percentile("death", done.bundle_hash, 1e9)[1] == 1
+
+
+def test_nothing_flagged_ends_flagged_without_message(env, night_bytes):
+    repo, pipe, paths = env
+    _hl7_pipe(pipe, hr=1e9)
+    study = _spool(paths, "night.edf", night_bytes, repo)
+    pipe.run_once("w")
+    assert repo.get(study.id).state == State.FLAGGED and repo.messages(study_id=study.id) == []
+
+
+def test_shadow_mode_stores_but_never_queues(env, night_bytes):
+    repo, pipe, paths = env
+    _hl7_pipe(pipe, send_mode="shadow")
+    study = _spool(paths, "night.edf", night_bytes, repo)
+    pipe.run_once("w")
+    assert repo.get(study.id).state == State.SHADOW
+    [msg] = repo.messages(study_id=study.id)
+    assert msg.state == "SHADOW" and repo.next_message("127.0.0.1:2575") is None
+
+
+def test_reprocessing_a_delivered_study_sends_a_correction(env, night_bytes):
+    import hl7
+
+    repo, pipe, paths = env
+    _hl7_pipe(pipe, send_mode="always")
+    study = _spool(paths, "night.edf", night_bytes, repo)
+    pipe.run_once("w")
+    first = repo.next_message("127.0.0.1:2575")
+    repo.message_sent(first, "AA", None, actor="test")
+    assert repo.get(study.id).state == State.DELIVERED
+    repo.reprocess(study.id, "cli")
+    pipe.run_once("w")
+    again = repo.get(study.id)
+    assert again.state == State.QUEUED and again.version == 2
+    second = repo.next_message("127.0.0.1:2575")
+    assert second.correction and second.control_id != first.control_id
+    a, b = hl7.parse(first.message), hl7.parse(second.message)
+    assert str(a.segment("OBR")[25]) == "F" and str(b.segment("OBR")[25]) == "C"
+    assert str(a.segment("ORC")[2]) == str(b.segment("ORC")[2]) and str(a.segment("ORC")[3]) == str(b.segment("ORC")[3])
+    assert [str(s[3]) for s in a.segments("OBX")] == [str(s[3]) for s in b.segments("OBX")]
+
+
+def test_resume_at_inferred_runs_only_the_flag_step(env, night_bytes, monkeypatch):
+    repo, pipe, paths = env
+    study = _spool(paths, "night.edf", night_bytes, repo)
+    pipe.run_once("w")  # FLAGGED with outputs
+    done = repo.get(study.id)
+    # pretend the process died right after committing INFERRED: back to INFERRED, model must not run
+    with repo.sessions.begin() as s:
+        row = s.get(type(done), done.id)
+        row.state = "INFERRED"
+    import gateway.pipeline as pl
+
+    monkeypatch.setattr(pl, "infer_prepared", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-ran")))
+    _hl7_pipe(pipe)
+    pipe.run_once("w")
+    assert repo.get(study.id).state == State.QUEUED

@@ -38,7 +38,7 @@ def test_migration_matches_models_and_is_idempotent(db_url: str) -> None:
     assert current_revision(engine) is None
     upgrade(engine)
     upgrade(engine)  # every daemon start does this
-    assert current_revision(engine) == head_revision() == "0001"
+    assert current_revision(engine) == head_revision() == "0002"
     with engine.connect() as conn:
         diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diffs == []
@@ -145,7 +145,23 @@ def test_retry_and_reprocess_rules(repo: Repo) -> None:
     done = repo.transition(c, State.DECODED, "w", "x")
     done = repo.transition(done, State.MAPPED, "w", "x")
     done = repo.transition(done, State.INFERRED, "w", "x")
+    done = repo.transition(done, State.FLAGGED, "w", "x")
     again = repo.reprocess(done.id, "cli")
     assert again.state == State.READY and again.version == 2 and again.attempts == 0
     assert repo.events(s.id)[-1].actor == "cli"
     assert repo.counts_by_state() == {"READY": 1}
+
+
+def test_upgrade_from_0001_keeps_existing_studies(db_url: str) -> None:
+    engine = make_engine(db_url)
+    upgrade(engine, "0001")
+    from sqlalchemy import text
+
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO studies (key, state, version, source, source_kind, attempts, received_at, "
+                          "updated_at) VALUES ('st-old', 'INFERRED', 1, 'cli', 'file', 0, :t, :t)"),
+                     {"t": "2026-01-01 00:00:00"})
+    upgrade(engine)
+    study = Repo(engine).get("st-old")
+    assert study.state == "INFERRED" and study.flags is None and study.patient_name is None
+    engine.dispose()

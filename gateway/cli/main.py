@@ -16,6 +16,7 @@ from rich.table import Table
 
 from .demo_cmd import demo
 from .montage_cmd import montage_app
+from .outbox_cmd import hl7_app, outbox_app
 from .service_cmd import config_app, db_app, run
 from .studies_cmd import studies_app
 
@@ -33,6 +34,8 @@ app.add_typer(montage_app, name="montage")
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
 app.add_typer(studies_app, name="studies")
+app.add_typer(outbox_app, name="outbox")
+app.add_typer(hl7_app, name="hl7")
 app.command("run")(run)
 app.command("demo")(demo)
 

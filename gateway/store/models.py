@@ -7,14 +7,27 @@ state change is guarded by (id, version) so a worker never overwrites a newer ve
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Date,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["FINAL_STATES", "WORKING_STATES", "Base", "Event", "Instance", "Output", "State", "Study"]
+__all__ = ["FINAL_STATES", "PIPELINE_DONE", "WORKING_STATES", "Base", "Event", "Instance", "Message", "MessageState", "Output", "ReferenceHazard", "State", "Study"]
 
 
 class State(StrEnum):
@@ -32,8 +45,10 @@ class State(StrEnum):
 
 
 # States a worker picks a study up from (after a crash, the last committed one).
-WORKING_STATES = (State.READY, State.DECODED, State.MAPPED)
-FINAL_STATES = (State.INFERRED, State.DELIVERED, State.SHADOW, State.DUPLICATE, State.FAILED)
+WORKING_STATES = (State.READY, State.DECODED, State.MAPPED, State.INFERRED)
+# FLAGGED is final when nothing is to be sent; QUEUED waits for the delivery job, not for a worker.
+FINAL_STATES = (State.FLAGGED, State.DELIVERED, State.SHADOW, State.DUPLICATE, State.FAILED)
+PIPELINE_DONE = (*FINAL_STATES, State.QUEUED)  # the worker's part is over: the input leaves the spool
 
 _TS = DateTime(timezone=True)
 
@@ -62,11 +77,17 @@ class Study(Base):
     patient_id_issuer: Mapped[str | None] = mapped_column(String(128))
     accession: Mapped[str | None] = mapped_column(String(128))
     study_uid: Mapped[str | None] = mapped_column(String(64))
+    patient_name: Mapped[str | None] = mapped_column(String(256))  # as recorded (family^given or free text)
+    birth_date: Mapped[date | None] = mapped_column(Date)
+    sex: Mapped[str | None] = mapped_column(String(1))
+    recording_start: Mapped[datetime | None] = mapped_column(_TS)
+    flags: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # the flag decision (flags, findings, notes)
     montage_name: Mapped[str | None] = mapped_column(String(128))
     montage_version: Mapped[str | None] = mapped_column(String(64))
     bundle_name: Mapped[str | None] = mapped_column(String(128))
     bundle_version: Mapped[str | None] = mapped_column(String(64))
     bundle_hash: Mapped[str | None] = mapped_column(String(64))
+    bundle_validated: Mapped[bool | None] = mapped_column(Boolean)  # False: demo weights, test messages only
     output_path: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(_TS)
@@ -131,3 +152,54 @@ class Output(Base):
     name: Mapped[str] = mapped_column(String(256))  # relative to the study's output folder
     size: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(_TS)
+
+
+class MessageState(StrEnum):
+    PENDING = "PENDING"  # committed, waiting to be sent (or retried)
+    SENT = "SENT"  # ACK AA/CA received
+    DEAD = "DEAD"  # dead letter: AE/CE, or gave up after hl7.max_attempts
+    SHADOW = "SHADOW"  # built and stored, never sent (flags.send_mode: shadow)
+    SUPERSEDED = "SUPERSEDED"  # a newer version of the study replaced it before it was sent
+
+
+class Message(Base):
+    """The outbox: one ORU^R01 per study version, committed with the study's QUEUED/SHADOW state."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    study_version: Mapped[int] = mapped_column(Integer)
+    destination: Mapped[str] = mapped_column(String(256))
+    control_id: Mapped[str] = mapped_column(String(64), unique=True)  # MSH-10, the same on every retry
+    message: Mapped[str] = mapped_column(Text)  # ER7 exactly as sent
+    state: Mapped[str] = mapped_column(String(16))
+    correction: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(_TS)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    ack_code: Mapped[str | None] = mapped_column(String(4))
+    ack_text: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(_TS)
+    sent_at: Mapped[datetime | None] = mapped_column(_TS)
+    updated_at: Mapped[datetime] = mapped_column(_TS)
+
+    __table_args__ = (Index("ix_outbox_drain", "destination", "state", "id"),)
+
+
+class ReferenceHazard(Base):
+    """The site's own distribution of each watched outcome's hazard, per model (percentile flags)."""
+
+    __tablename__ = "reference_hazards"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"))
+    model_hash: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str] = mapped_column(String(128))
+    log_hazard: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(_TS)
+
+    __table_args__ = (
+        Index("uq_reference_study_label", "study_id", "label", unique=True),
+        Index("ix_reference_lookup", "label", "model_hash", "log_hazard"),
+    )

@@ -20,7 +20,19 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from .db import is_sqlite, session_factory
-from .models import FINAL_STATES, WORKING_STATES, Event, Instance, Output, State, Study
+from .models import (
+    FINAL_STATES,
+    PIPELINE_DONE,
+    WORKING_STATES,
+    Event,
+    Instance,
+    Message,
+    MessageState,
+    Output,
+    ReferenceHazard,
+    State,
+    Study,
+)
 
 __all__ = ["Repo", "StudyChanged", "new_study_key", "utcnow"]
 
@@ -309,10 +321,157 @@ class Repo:
             return {state: n for state, n in s.execute(select(Study.state, func.count()).group_by(Study.state))}
 
     def finished_with_input_under(self, prefix: str) -> list[Study]:
-        """Finished studies whose input is still in the spool (a crash between the state and the move)."""
+        """Studies past the worker whose input is still in the spool (a crash between the state and the move)."""
         with self.sessions() as s:
-            return list(s.scalars(select(Study).where(Study.state.in_([str(x) for x in FINAL_STATES]),
+            return list(s.scalars(select(Study).where(Study.state.in_([str(x) for x in PIPELINE_DONE]),
                                                       Study.input_path.like(f"{prefix}%"))))
+
+    # ---- outbox ---------------------------------------------------------------------------------
+    def queue_message(self, study: Study, to_state: State, actor: str, event: str, detail: dict[str, Any] | None,
+                      *, destination: str, control_id: str, er7: str, message_state: MessageState,
+                      correction: bool, **fields: Any) -> tuple[Study, Message]:
+        """Move the study to QUEUED or SHADOW and commit its message in the same transaction.
+
+        Older unsent messages of the same study are superseded: the EHR gets the newest version only.
+        """
+        now = utcnow()
+        with self.sessions.begin() as s:
+            if not self._guarded(s, study, State(study.state), to_state, fields):
+                raise StudyChanged(study.key)
+            s.execute(update(Message).where(Message.study_id == study.id,
+                                            Message.state == str(MessageState.PENDING))
+                      .values(state=str(MessageState.SUPERSEDED), updated_at=now), execution_options=_NO_SYNC)
+            msg = Message(study_id=study.id, study_version=study.version, destination=destination,
+                          control_id=control_id, message=er7, state=str(message_state), correction=correction,
+                          attempts=0, created_at=now, updated_at=now)
+            s.add(msg)
+            s.flush()
+            self._event(s, study, event, study.state, to_state, actor,
+                        {**(detail or {}), "message_id": msg.id, "control_id": control_id})
+        return self._reload(study), msg
+
+    def next_message(self, destination: str) -> Message | None:
+        """The oldest pending message for ``destination``; None when there is none or it is not due yet
+        (the queue holds behind a message in backoff: results arrive in order)."""
+        with self.sessions() as s:
+            msg = s.scalar(select(Message).where(Message.destination == destination,
+                                                 Message.state == str(MessageState.PENDING))
+                           .order_by(Message.id).limit(1))
+            if msg is None:
+                return None
+            due = aware(msg.next_attempt_at)
+            return msg if due is None or due <= utcnow() else None
+
+    def message_sent(self, msg: Message, ack_code: str, ack_text: str | None, actor: str) -> None:
+        now = utcnow()
+        with self.sessions.begin() as s:
+            s.execute(update(Message).where(Message.id == msg.id).values(
+                state=str(MessageState.SENT), ack_code=ack_code, ack_text=ack_text, sent_at=now, updated_at=now,
+                attempts=Message.attempts + 1, last_error=None), execution_options=_NO_SYNC)
+            study = s.get(Study, msg.study_id)
+            if study is not None and study.version == msg.study_version and study.state in (
+                    State.QUEUED, State.FAILED):
+                previous = study.state
+                study.state = State.DELIVERED
+                study.updated_at = now
+                study.last_error = None
+                study.error_kind = None
+                self._event(s, study, "study.delivered", previous, State.DELIVERED, actor,
+                            {"message_id": msg.id, "control_id": msg.control_id, "ack": ack_code})
+
+    def message_retry_later(self, msg: Message, error: str, delay_seconds: float) -> int:
+        """Count the attempt, keep the message first in line; returns the attempts so far."""
+        with self.sessions.begin() as s:
+            s.execute(update(Message).where(Message.id == msg.id).values(
+                attempts=Message.attempts + 1, last_error=error, updated_at=utcnow(),
+                next_attempt_at=utcnow() + timedelta(seconds=delay_seconds)), execution_options=_NO_SYNC)
+            return s.get(Message, msg.id).attempts
+
+    def message_dead(self, msg: Message, reason: str, ack_code: str | None, actor: str) -> None:
+        """Dead letter: the message leaves the queue (the next one goes), the study is FAILED with the reason."""
+        now = utcnow()
+        with self.sessions.begin() as s:
+            s.execute(update(Message).where(Message.id == msg.id).values(
+                state=str(MessageState.DEAD), ack_code=ack_code, last_error=reason, updated_at=now,
+                attempts=Message.attempts + 1), execution_options=_NO_SYNC)
+            study = s.get(Study, msg.study_id)
+            if study is not None and study.version == msg.study_version and study.state == State.QUEUED:
+                study.state = State.FAILED
+                study.last_error = f"delivery: {reason}"
+                study.error_kind = "delivery"
+                study.updated_at = now
+                self._event(s, study, "message.dead_letter", State.QUEUED, State.FAILED, actor,
+                            {"message_id": msg.id, "control_id": msg.control_id, "reason": reason})
+
+    def message_requeue(self, message_id: int, actor: str, *, resend: bool) -> Message:
+        """``retry`` a dead letter, or ``resend`` a sent message (same ER7, same MSH-10)."""
+        allowed = (MessageState.SENT,) if resend else (MessageState.DEAD,)
+        now = utcnow()
+        with self.sessions.begin() as s:
+            msg = s.get(Message, message_id)
+            if msg is None:
+                raise KeyError(message_id)
+            if msg.state not in [str(x) for x in allowed]:
+                raise ValueError(f"message {message_id} is {msg.state}; "
+                                 f"{'resend' if resend else 'retry'} takes {allowed[0]} messages")
+            msg.state = str(MessageState.PENDING)
+            msg.attempts = 0
+            msg.next_attempt_at = None
+            msg.updated_at = now
+            study = s.get(Study, msg.study_id)
+            if study is not None and study.version == msg.study_version and study.state in (
+                    State.FAILED, State.DELIVERED):
+                previous = study.state
+                study.state = State.QUEUED
+                study.updated_at = now
+                self._event(s, study, "message.resend" if resend else "message.retry", previous, State.QUEUED,
+                            actor, {"message_id": msg.id})
+        return self.message(message_id)
+
+    def message(self, message_id: int) -> Message | None:
+        with self.sessions() as s:
+            return s.get(Message, message_id)
+
+    def messages(self, state: str | None = None, study_id: int | None = None, limit: int = 50) -> list[Message]:
+        with self.sessions() as s:
+            q = select(Message).order_by(Message.id.desc()).limit(limit)
+            if state:
+                q = q.where(Message.state == state.upper())
+            if study_id is not None:
+                q = q.where(Message.study_id == study_id)
+            return list(s.scalars(q))
+
+    def outbox_counts(self) -> dict[str, int]:
+        with self.sessions() as s:
+            return {st: n for st, n in s.execute(select(Message.state, func.count()).group_by(Message.state))}
+
+    def was_delivered(self, study_id: int) -> bool:
+        with self.sessions() as s:
+            return s.scalar(select(Message.id).where(Message.study_id == study_id,
+                                                     Message.state == str(MessageState.SENT)).limit(1)) is not None
+
+    # ---- the site's reference distribution --------------------------------------------------------
+    def add_reference(self, study_id: int, model_hash: str, values: dict[str, float]) -> None:
+        """Record (or, on reprocessing, replace) a study's watched hazards in the reference."""
+        now = utcnow()
+        with self.sessions.begin() as s:
+            s.execute(ReferenceHazard.__table__.delete().where(ReferenceHazard.study_id == study_id))
+            s.add_all(ReferenceHazard(study_id=study_id, model_hash=model_hash, label=label, log_hazard=value,
+                                      created_at=now) for label, value in values.items())
+
+    def percentile(self, label: str, model_hash: str, log_hazard: float,
+                   exclude_study: int | None = None) -> tuple[float, int] | None:
+        """(percent of the reference below ``log_hazard``, reference size), or None without a reference."""
+        with self.sessions() as s:
+            base = [ReferenceHazard.label == label, ReferenceHazard.model_hash == model_hash]
+            if exclude_study is not None:
+                base.append(ReferenceHazard.study_id != exclude_study)
+            n = s.scalar(select(func.count()).select_from(ReferenceHazard).where(*base)) or 0
+            if n == 0:
+                return None
+            below = s.scalar(select(func.count()).select_from(ReferenceHazard)
+                             .where(*base, ReferenceHazard.log_hazard < log_hazard)) or 0
+            return 100.0 * below / n, n
 
     def known_input(self, path: str) -> bool:
         with self.sessions() as s:

@@ -1,0 +1,136 @@
+"""``psg-gateway outbox list|show|retry|resend`` and ``psg-gateway hl7 test-destination|preview``."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..store.models import Message
+from .service_cmd import ConfigOption, load_or_exit
+from .studies_cmd import JsonOption, _find, _repo
+
+outbox_app = typer.Typer(help="The HL7 outbox: messages waiting, sent, and dead letters.", no_args_is_help=True)
+hl7_app = typer.Typer(help="HL7: test the destination, preview a study's ORU^R01.", no_args_is_help=True)
+out = Console()
+err = Console(stderr=True)
+
+
+def _row(m: Message) -> dict[str, Any]:
+    return {"id": m.id, "study_id": m.study_id, "version": m.study_version, "destination": m.destination,
+            "control_id": m.control_id, "state": m.state, "correction": m.correction, "attempts": m.attempts,
+            "next_attempt_at": m.next_attempt_at.isoformat() if m.next_attempt_at else None,
+            "ack": m.ack_code, "last_error": m.last_error,
+            "created_at": m.created_at.isoformat(), "sent_at": m.sent_at.isoformat() if m.sent_at else None}
+
+
+@outbox_app.command("list")
+def outbox_list(config: ConfigOption = None,
+                state: Annotated[str | None, typer.Option(help="PENDING, SENT, DEAD, SHADOW, SUPERSEDED")] = None,
+                study: Annotated[int | None, typer.Option(help="Only this study id")] = None,
+                limit: Annotated[int, typer.Option(help="Newest N messages")] = 50,
+                as_json: JsonOption = False) -> None:
+    """Newest messages first."""
+    rows = [_row(m) for m in _repo(config).messages(state=state, study_id=study, limit=limit)]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("id", "study", "state", "MSH-10", "attempts", "ack", "last error")
+    for r in rows:
+        table.add_row(str(r["id"]), str(r["study_id"]), r["state"], r["control_id"], str(r["attempts"]),
+                      r["ack"] or "", (r["last_error"] or "")[:60])
+    out.print(table)
+
+
+@outbox_app.command("show")
+def outbox_show(message_id: int, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """One message with its ER7 text (it holds PHI: the terminal is the admin's, never a log)."""
+    m = _repo(config).message(message_id)
+    if m is None:
+        err.print(f"no message {message_id}")
+        raise typer.Exit(1)
+    doc = _row(m) | {"ack_text": m.ack_text, "message": m.message}
+    if as_json:
+        print(json.dumps(doc, indent=2))
+        return
+    for key, value in _row(m).items():
+        out.print(f"{key}: {value}", highlight=False)
+    print(m.message.replace("\r", "\n"))
+
+
+def _requeue(message_id: int, config: Path | None, resend: bool) -> None:
+    try:
+        m = _repo(config).message_requeue(message_id, actor="cli", resend=resend)
+    except KeyError:
+        err.print(f"no message {message_id}")
+        raise typer.Exit(1) from None
+    except ValueError as exc:
+        err.print(str(exc))
+        raise typer.Exit(1) from None
+    out.print(f"message {m.id} ({m.control_id}): {m.state}; the daemon's delivery job sends it")
+
+
+@outbox_app.command("retry")
+def outbox_retry(message_id: int, config: ConfigOption = None) -> None:
+    """Send a dead letter again (after the destination's problem is fixed); same MSH-10."""
+    _requeue(message_id, config, resend=False)
+
+
+@outbox_app.command("resend")
+def outbox_resend(message_id: int, config: ConfigOption = None) -> None:
+    """Send an already delivered message once more (the EHR lost it); same ER7, same MSH-10."""
+    _requeue(message_id, config, resend=True)
+
+
+@hl7_app.command("test-destination")
+def hl7_test_destination(config: ConfigOption = None) -> None:
+    """Send a test ORU^R01 (MSH-11 T, a fictitious patient) to the destination and print the ACK."""
+    from ..hl7.compose import new_control_id, oru_settings
+    from ..hl7.delivery import destination_of
+    from ..hl7.mllp import MllpClient, MllpError
+    from ..hl7.oru import OruPatient, OruStudy, build_oru
+
+    cfg = load_or_exit(config)
+    study = OruStudy(study_key="st-test", study_id=0, accession=None, study_uid=None, observed_at=None,
+                     patient=OruPatient(patient_id="TEST0000", issuer=None, family_name="TEST",
+                                        given_name="PSGGATEWAY", birth_date=None, sex=None),
+                     model_name="connectivity-test", model_version="0", model_hash=None, validated=False,
+                     head="none")
+    er7 = build_oru(study, [], [], oru_settings(cfg.hl7), control_id=new_control_id(), now=datetime.now(UTC),
+                    notes=["psg-gateway connectivity test: not a result"])
+    dest = destination_of(cfg.hl7)
+    try:
+        with MllpClient(dest) as client:
+            ack = client.send(er7)
+    except MllpError as exc:
+        err.print(f"{cfg.hl7.destination}: {type(exc).__name__}: {exc}")
+        raise typer.Exit(1) from None
+    out.print(f"{cfg.hl7.destination}: ACK {ack.code}" + (f" ({ack.text})" if ack.text else ""))
+    print(ack.raw.replace("\r", "\n"))
+    raise typer.Exit(0 if ack.accepted else 1)
+
+
+@hl7_app.command("preview")
+def hl7_preview(ref: Annotated[str, typer.Argument(help="Study id or key")], config: ConfigOption = None) -> None:
+    """The ER7 text the study would send now (flags re-evaluated; nothing stored or sent)."""
+    from ..hl7.compose import build_study_message
+    from ..pipeline import study_decision
+
+    cfg = load_or_exit(config)
+    repo = _repo(config)
+    study = _find(repo, ref)
+    if not study.output_path:
+        err.print(f"study {study.key} has no outputs yet ({study.state})")
+        raise typer.Exit(1)
+    decision, _, sleep = study_decision(repo, cfg.flags, study)
+    er7 = build_study_message(study, decision, sleep, cfg.hl7, control_id="PREVIEW", now=datetime.now(UTC),
+                              correction=repo.was_delivered(study.id), validated=bool(study.bundle_validated),
+                              include_metrics=cfg.flags.include_sleep_metrics)
+    if not decision.flagged and cfg.flags.send_mode == "flagged_only":
+        err.print("nothing flagged: with send_mode flagged_only this study sends no message")
+    print(er7.replace("\r", "\n"))

@@ -1,0 +1,177 @@
+"""The site's flag policy: which outcomes and sleep findings of a study are worth a quiet result.
+
+Pure decisions over a study's stored results: :func:`evaluate` takes the hazards and sleep metrics
+(as written to ``hazards.csv`` and ``metrics.json``) and a percentile lookup into the site's own
+reference distribution, and returns the flags with the reason each was raised, plus notes the
+result must carry (for example that percentile thresholds are not active yet).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import FlagOutcome, FlagsConfig, SleepFinding
+
+__all__ = [
+    "Finding",
+    "Flag",
+    "FlagDecision",
+    "HazardRow",
+    "evaluate",
+    "outcome_code",
+    "read_hazards",
+    "read_sleep_metrics",
+    "watched_hazards",
+]
+
+# (label, log_hazard) -> (percentile 0-100, reference size); None when no reference exists for the model.
+PercentileLookup = Callable[[str, float], tuple[float, int] | None]
+
+_FINDING_TEXT = {
+    "tst_min": "Total sleep time",
+    "sleep_efficiency_pct": "Sleep efficiency",
+    "sleep_onset_latency_min": "Sleep onset latency",
+    "waso_min": "Wake after sleep onset",
+    "rem_latency_min": "REM latency",
+}
+
+
+@dataclass(frozen=True)
+class HazardRow:
+    index: int
+    phecode: str
+    phenotype: str
+    log_hazard: float
+
+    @property
+    def hazard_ratio(self) -> float:
+        return math.exp(self.log_hazard)
+
+
+@dataclass(frozen=True)
+class Flag:
+    label: str  # as configured (phecode or phenotype)
+    code: str  # local code
+    phecode: str
+    phenotype: str
+    log_hazard: float
+    hazard_ratio: float
+    percentile: float | None  # None while percentile thresholds are inactive
+    reason: str
+
+
+@dataclass(frozen=True)
+class Finding:
+    metric: str
+    value: float
+    text: str
+    reason: str
+
+
+@dataclass
+class FlagDecision:
+    flags: list[Flag] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def flagged(self) -> bool:
+        return bool(self.flags or self.findings)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"flags": [asdict(f) for f in self.flags], "findings": [asdict(f) for f in self.findings],
+                "notes": list(self.notes)}
+
+
+def outcome_code(outcome: FlagOutcome) -> str:
+    if outcome.code:
+        return outcome.code
+    slug = "".join(ch if ch.isalnum() else "-" for ch in outcome.label.upper()).strip("-")
+    return f"PSG-{slug}"[:20]
+
+
+def read_hazards(path: Path) -> list[HazardRow]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return [HazardRow(int(r["index"]), r["phecode"], r["phenotype"], float(r["log_hazard"]))
+                for r in csv.DictReader(f)]
+
+
+def read_sleep_metrics(path: Path) -> dict[str, Any] | None:
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    return doc.get("sleep")
+
+
+def _find(rows: list[HazardRow], label: str) -> HazardRow | None:
+    wanted = label.strip().lower()
+    for row in rows:
+        if row.phecode.lower() == wanted or row.phenotype.lower() == wanted:
+            return row
+    return None
+
+
+def watched_hazards(cfg: FlagsConfig, rows: list[HazardRow]) -> dict[str, float]:
+    """label -> log-hazard of every watched outcome the model has (what the reference keeps)."""
+    out = {}
+    for outcome in cfg.outcomes:
+        row = _find(rows, outcome.label)
+        if row is not None:
+            out[outcome.label] = row.log_hazard
+    return out
+
+
+def evaluate(cfg: FlagsConfig, hazards: list[HazardRow] | None, sleep: dict[str, Any] | None,
+             percentile_of: PercentileLookup) -> FlagDecision:
+    decision = FlagDecision()
+    inactive_noted = False
+    for outcome in cfg.outcomes if hazards else []:
+        row = _find(hazards, outcome.label)
+        if row is None:
+            decision.notes.append(f"outcome '{outcome.label}' is not in this model's diagnosis head")
+            continue
+        reasons = []
+        hr = row.hazard_ratio
+        if outcome.hazard_ratio is not None and hr >= outcome.hazard_ratio:
+            reasons.append(f"hazard ratio {hr:.2f} >= {outcome.hazard_ratio:g}")
+        percentile = None
+        if outcome.percentile is not None:
+            ref = percentile_of(outcome.label, row.log_hazard)
+            if ref is None or ref[1] < cfg.percentile_min_reference:
+                if not inactive_noted:
+                    size = 0 if ref is None else ref[1]
+                    decision.notes.append(
+                        f"percentile thresholds inactive: the site reference holds {size} studies for this "
+                        f"model, {cfg.percentile_min_reference} needed")
+                    inactive_noted = True
+            else:
+                percentile = ref[0]
+                if percentile >= outcome.percentile:
+                    reasons.append(f"percentile {percentile:.1f} >= {outcome.percentile:g} "
+                                   f"(site reference of {ref[1]} studies)")
+        if reasons:
+            decision.flags.append(Flag(outcome.label, outcome_code(outcome), row.phecode, row.phenotype,
+                                       row.log_hazard, hr, percentile, "; ".join(reasons)))
+    if hazards is None and cfg.outcomes:
+        decision.notes.append("no diagnosis head in the model bundle: no risk flags")
+    for rule in cfg.sleep_findings:
+        finding = _finding(rule, sleep)
+        if finding is not None:
+            decision.findings.append(finding)
+    return decision
+
+
+def _finding(rule: SleepFinding, sleep: dict[str, Any] | None) -> Finding | None:
+    if not sleep or sleep.get(rule.metric) is None:
+        return None
+    value = float(sleep[rule.metric])
+    text = rule.text or _FINDING_TEXT[rule.metric]
+    if rule.below is not None and value < rule.below:
+        return Finding(rule.metric, value, text, f"{text} {value:.1f} < {rule.below:g}")
+    if rule.above is not None and value > rule.above:
+        return Finding(rule.metric, value, text, f"{text} {value:.1f} > {rule.above:g}")
+    return None

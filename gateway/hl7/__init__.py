@@ -1,0 +1,1 @@
+"""HL7 v2: ORU^R01 results and MLLP delivery."""
