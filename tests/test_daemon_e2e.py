@@ -328,3 +328,72 @@ def test_startup_failures_exit_1_with_the_reason(tmp_path, bundle):
     r = subprocess.run([str(EXE), "run", "--config", str(cfg)], capture_output=True, text=True, timeout=120,
                        check=False)
     assert r.returncode == 1 and "unavailable" in r.stderr and "secret" not in r.stderr
+
+
+# ---- HL7: flags delivered to an independent MLLP peer ---------------------------------------------------
+def _hl7_daemon(daemon, peer, **extra):
+    d = daemon(dicom__enabled=False)
+    cfg = yaml.safe_load(d.config.read_text())
+    cfg["flags"] = {"outcomes": [{"label": "death", "hazard_ratio": 1e-9, "percentile": None},
+                                 {"label": "Stroke", "hazard_ratio": 1e-9, "percentile": None}]}
+    cfg["hl7"] = {"enabled": True, "port": peer.port, "timeout_seconds": 2, "retry_backoff_seconds": 0.5,
+                  "retry_backoff_max_seconds": 2, "drain_interval_seconds": 0.2,
+                  "mrn_assigning_authority": "HOSP", **extra}
+    d.config.write_text(yaml.safe_dump(cfg))
+    return d
+
+
+def test_dropped_edf_reaches_the_ehr_as_a_valid_oru(daemon, tmp_path):
+    from hl7apy.consts import VALIDATION_LEVEL
+    from hl7apy.parser import parse_message
+    from mllp_peer import MllpPeer
+
+    with MllpPeer() as peer:
+        d = _hl7_daemon(daemon, peer).start()
+        src = write_synthetic_night(tmp_path / "src" / "n.edf", hours=0.1, seed=21)
+        d.drop.mkdir(exist_ok=True)
+        shutil.copy(src, d.drop / "n.edf")
+        study = d.wait_for(lambda: [s for s in d.repo.list() if s.state == State.DELIVERED], what="DELIVERED")[0]
+        assert peer.wait_for(1)
+        [msg] = d.repo.messages(study_id=study.id)
+        assert peer.control_ids == [msg.control_id] and msg.ack_code == "AA"
+        parsed = peer.messages[0]  # python-hl7, an independent parser
+        assert str(parsed.segment("MSH")[9]) == "ORU^R01^ORU_R01" and str(parsed.segment("MSH")[11]) == "T"
+        assert str(parsed.segment("PID")[3]) == "SYN-0021^^^HOSP^MR"
+        assert str(parsed.segment("OBR")[4]) == "90568-7^Polysomnography panel^LN"
+        obx3 = [str(s[3]) for s in parsed.segments("OBX")]
+        assert any(x.startswith("PSG-DEATH") for x in obx3) and any(x.startswith("93832-4") for x in obx3)
+        notes = " ".join(str(s[3]) for s in parsed.segments("NTE"))
+        assert "not a diagnosis" in notes and "NOT FOR CLINICAL USE" in notes
+        strict = parse_message(peer.received[0].replace("\n", "\r"), validation_level=VALIDATION_LEVEL.STRICT)
+        strict.validate()
+        _, metrics = d.get("/metrics")
+        assert "psg_outbox_depth 0.0" in metrics
+        assert d.stop() == 0
+        assert "SYN-0021" not in d.log.read_text()  # the MRN went to the EHR, not to the log
+
+
+def test_ehr_down_for_a_minute_then_every_result_arrives_in_order(daemon, tmp_path):
+    from mllp_peer import MllpPeer
+
+    with MllpPeer() as peer:
+        port = peer.port
+        peer.down()
+        d = _hl7_daemon(daemon, peer).start()
+        d.drop.mkdir(exist_ok=True)
+        t0 = time.monotonic()
+        for i in range(3):
+            night = write_synthetic_night(tmp_path / "src" / f"n{i}.edf", hours=0.1, seed=30 + i)
+            shutil.copy(night, d.drop / f"n{i}.edf")
+            d.wait_for(lambda i=i: len([s for s in d.repo.list() if s.state == State.QUEUED]) == i + 1,
+                       what=f"{i + 1} studies QUEUED")
+        time.sleep(max(0.0, 60 - (time.monotonic() - t0)))
+        waiting = d.repo.messages(state="PENDING")
+        assert len(waiting) == 3 and max(m.attempts for m in waiting) >= 2
+        peer.up()
+        assert peer.port == port
+        d.wait_for(lambda: len([s for s in d.repo.list() if s.state == State.DELIVERED]) == 3, timeout=30,
+                   what="3 studies DELIVERED")
+        sent = sorted(d.repo.messages(state="SENT"), key=lambda m: m.id)
+        assert peer.control_ids == [m.control_id for m in sent]  # in order, none lost, none twice
+        assert d.stop() == 0
