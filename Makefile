@@ -8,7 +8,7 @@ DEMO_DIR ?= demo-out
 DEMO_HOURS ?= 8
 PYTEST_ARGS ?=
 
-.PHONY: install demo run peers test bench bench-receiver lint clean
+.PHONY: install demo run peers test bench bench-receiver bench-hl7 lint clean
 
 # torch first, pinned: a bare or open-ended torch requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -46,6 +46,9 @@ bench: $(STAMP)
 
 bench-receiver: $(STAMP) peers
 	$(BIN)/python bench/bench_receiver.py
+
+bench-hl7: $(STAMP)
+	$(BIN)/python bench/bench_hl7.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway inference tests bench

@@ -49,6 +49,30 @@ Process-wide settings
     (its debug output can show patient data). The sockets of this receiver's associations (only those)
     read PDUs with one ``recv_into`` buffer instead of pynetdicom's 4 KiB reads.
 
+Fast paths (pynetdicom 3.0.x internals, this receiver's associations only)
+    pynetdicom polls: its DUL thread and its association thread each sleep 1 ms between checks, and every
+    C-STORE costs several pydicom Datasets (file meta, response command set). For the associations of a
+    gateway receiver (installed from ``EVT_CONN_OPEN``, before their threads start; other pynetdicom users in
+    the process are untouched):
+
+    - event-driven reactors: the DUL thread waits in ``select`` on the peer's socket and a wake-up socket
+      pair (written on each put into ``to_provider_queue``), the association thread on an Event (set on each
+      put into ``dimse.msg_queue`` and ``dul.to_user_queue``); both wake at least every 10 ms to check timers
+      and kill flags as before. The loops are pynetdicom's ``run_reactor`` / ``_run_reactor`` with the sleep
+      replaced (``_dul_run_reactor``, ``_assoc_run_reactor``).
+    - P-DATA-TF PDUs are read into one buffer and their PDVs handed on as memoryviews (pynetdicom copies a
+      128 KiB PDU five times); other PDUs, or an association with ``EVT_DATA_RECV`` handlers, take pynetdicom's
+      decoder.
+    - C-STORE responses are encoded directly (byte-identical; anything with an error comment or offending
+      element, or with ``EVT_DIMSE_SENT`` handlers, goes through pynetdicom).
+    - the chunked-receive file meta is written directly (``dimse_messages.create_file_meta`` and
+      ``write_file_meta_info``, scoped to our DUL threads like ``NamedTemporaryFile``; byte-identical).
+    - with ``cfg.fsync``, every 8 MiB written to an incoming file a helper thread fdatasyncs it (by name), so
+      the fsync before Success has only the tail left; that fsync and the folder fsync still happen.
+
+    The fast paths are enabled for pynetdicom 3.0.x only (``_FAST_PATHS``); tests/test_dicom_scp.py pins a
+    hash of the source of every pynetdicom function they mirror, so an upgrade that changes one fails loudly.
+
 Logs carry calling AE titles, peer addresses and ``study_key`` (a short hash of the Study Instance UID),
 never patient names or IDs.
 """
