@@ -24,7 +24,8 @@ def demo(
     hours: Annotated[float, typer.Option(help="Length of each generated night")] = 8.0,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for both studies")] = 600.0,
 ) -> None:
-    """Run the daemon, feed it one EDF (drop folder) and one DICOM study (C-STORE), show the results."""
+    """Run the daemon, feed it one EDF (drop folder) and one DICOM study (C-STORE), show the results
+    (and, with hl7 enabled on 127.0.0.1, the ORU^R01 each sent to a stand-in EHR)."""
     from pydicom import dcmread
     from pynetdicom import AE
 
@@ -37,6 +38,13 @@ def demo(
     if not cfg.drop_folders or not cfg.dicom.enabled:
         out.print("the demo needs a drop folder and the DICOM receiver in the configuration")
         raise typer.Exit(2)
+    listener = None
+    inbox = Path(cfg.paths.var_dir) / "ehr-inbox"
+    if cfg.hl7.enabled and cfg.hl7.host in ("127.0.0.1", "localhost"):
+        from ..hl7.listener import FileMllpListener
+
+        listener = FileMllpListener(cfg.hl7.host, cfg.hl7.port, inbox).start()
+        out.print(f"stand-in EHR listening on {cfg.hl7.host}:{cfg.hl7.port}, writing results to {inbox}")
     daemon = Daemon(cfg)
     daemon.start()
     before = max((s.id for s in daemon.repo.list(limit=1)), default=0)
@@ -82,9 +90,16 @@ def demo(
         for s in sorted(studies, key=lambda s: s.id):
             out.print(f"[bold]{s.key}[/] from {s.source}: [bold]{s.state}[/]"
                       + (f" ({s.last_error})" if s.last_error else ""))
+            flags = [f["label"] for f in (s.flags or {}).get("flags", [])]
+            out.print(f"    flags:   {', '.join(flags) or 'none'}")
             out.print(f"    outputs: {s.output_path or '-'}", soft_wrap=True)
             out.print(f"    input:   {s.input_path or '-'}", soft_wrap=True)
+            for m in daemon.repo.messages(study_id=s.id, limit=1):
+                where = inbox / f"{m.control_id}.hl7" if listener else cfg.hl7.destination
+                out.print(f"    ORU^R01: {m.state} (ACK {m.ack_code or '-'}) -> {where}", soft_wrap=True)
         out.print("inspect one with: psg-gateway studies show <study> "
                   + (f"--config {config}" if config else ""))
     finally:
         daemon.stop()
+        if listener is not None:
+            listener.stop()

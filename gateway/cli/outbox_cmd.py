@@ -134,3 +134,27 @@ def hl7_preview(ref: Annotated[str, typer.Argument(help="Study id or key")], con
     if not decision.flagged and cfg.flags.send_mode == "flagged_only":
         err.print("nothing flagged: with send_mode flagged_only this study sends no message")
     print(er7.replace("\r", "\n"))
+
+
+@hl7_app.command("listen")
+def hl7_listen(
+    folder: Annotated[Path, typer.Argument(help="Folder the received messages are written to")],
+    port: Annotated[int, typer.Option(help="Port to listen on")] = 2575,
+    host: Annotated[str, typer.Option(help="Address to listen on")] = "127.0.0.1",
+) -> None:
+    """A stand-in EHR: receive MLLP messages, write each to FOLDER/<MSH-10>.hl7, answer AA (Ctrl-C stops)."""
+    import signal
+    import threading
+
+    from ..hl7.listener import FileMllpListener
+
+    listener = FileMllpListener(host, port, folder).start()
+    out.print(f"listening for MLLP on {host}:{listener.port}, writing messages to {folder}")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    listener.stop()
+    out.print(f"{listener.received} message(s) received")

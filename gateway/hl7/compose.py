@@ -74,10 +74,13 @@ def _metrics(sleep: dict[str, Any] | None) -> list[OruMetric]:
 
 
 def study_message_parts(study: Study, decision: FlagDecision, sleep: dict[str, Any] | None, *,
-                        validated: bool, include_metrics: bool = True
+                        validated: bool, include_metrics: bool = True, site_authority: str | None = None
                         ) -> tuple[OruStudy, list[OruFlag], list[OruMetric], list[str]]:
+    """The builder's inputs. ``site_authority`` (hl7.mrn_assigning_authority), when set, is the MRN's
+    assigning authority on every message: the EHR knows the site's authority, not each modality's issuer."""
     family, given = _split_name(study.patient_name)
-    patient = OruPatient(patient_id=study.patient_id, issuer=study.patient_id_issuer, family_name=family,
+    issuer = site_authority or study.patient_id_issuer
+    patient = OruPatient(patient_id=study.patient_id, issuer=issuer, family_name=family,
                          given_name=given, birth_date=study.birth_date, sex=study.sex)
     oru_study = OruStudy(study_key=study.key, study_id=study.id, accession=study.accession,
                          study_uid=study.study_uid, observed_at=study.recording_start, patient=patient,
@@ -97,6 +100,7 @@ def build_study_message(study: Study, decision: FlagDecision, sleep: dict[str, A
                         include_metrics: bool = True) -> str:
     """The validated ER7 text of the study's ORU^R01."""
     oru_study, flags, metrics, notes = study_message_parts(study, decision, sleep, validated=validated,
-                                                           include_metrics=include_metrics)
+                                                           include_metrics=include_metrics,
+                                                           site_authority=cfg.mrn_assigning_authority)
     return build_oru(oru_study, flags, metrics, oru_settings(cfg), control_id=control_id, now=now,
                      correction=correction, notes=notes)
