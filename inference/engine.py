@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -126,6 +127,14 @@ def _validate(study: StudyInput, position: int) -> tuple[dict[str, np.ndarray], 
     return signals, n_tokens
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively here (AVX512-BF16 or AMX); without it, bf16 is emulated."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class Engine:
     """Runs a :class:`ModelBundle` over studies. Create once; reuse for many studies."""
 
@@ -136,6 +145,9 @@ class Engine:
         self.device = resolve_device(self.options.device)
         if self.options.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("fp16 runs on CUDA only; use bf16 on CPU")
+        if self.options.precision == "bf16" and self.device.type == "cpu" and not cpu_has_native_bf16():
+            warnings.warn("this CPU has no native bf16 (AVX512-BF16/AMX): bf16 is emulated and several times "
+                          "slower than fp32; use fp32", RuntimeWarning, stacklevel=2)
         if self.options.threads:
             torch.set_num_threads(int(self.options.threads))
         self.bundle = bundle

@@ -184,3 +184,17 @@ def test_nights_longer_than_the_staging_table_are_staged_in_equal_segments(demo_
     with torch.inference_mode():
         first = torch.softmax(short(tokens[None, :, :43]), dim=-1)[0].numpy()
     np.testing.assert_allclose(probs[:43], first, atol=1e-5)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(demo_bundle_dir, monkeypatch):
+    import inference.engine as eng
+
+    monkeypatch.setattr(eng, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match="no native bf16"):
+        Engine(load_bundle(demo_bundle_dir), EngineOptions(device="cpu", precision="bf16"))
+    monkeypatch.setattr(eng, "cpu_has_native_bf16", lambda: True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Engine(load_bundle(demo_bundle_dir), EngineOptions(device="cpu", precision="bf16"))
