@@ -5,7 +5,6 @@ DCMTK tests skip when the tools are missing, unless ``PSG_REQUIRE_DCMTK=1`` (CI)
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import ssl
@@ -18,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from peers import DCMTK_ENV, dcmtk
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
@@ -41,19 +41,8 @@ from gateway.sources.dicom_scp import (
     spool_path_for,
 )
 
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 TS = [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian]
 SOP_CLASSES = (SLEEP_EEG, MULTICHANNEL_RESPIRATORY, GENERAL_ECG)
-
-
-def dcmtk(tool: str) -> str:
-    """Path of a DCMTK tool; skip without it, or fail under ``PSG_REQUIRE_DCMTK=1``."""
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("PSG_REQUIRE_DCMTK", "") not in ("", "0", "false", "no"):
-            pytest.fail(f"PSG_REQUIRE_DCMTK=1 but DCMTK's {tool} is not installed")
-        pytest.skip(f"DCMTK's {tool} is not installed")
-    return path
 
 
 class MemorySink:
