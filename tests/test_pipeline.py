@@ -320,3 +320,32 @@ def test_resume_at_inferred_runs_only_the_flag_step(env, night_bytes, monkeypatc
     _hl7_pipe(pipe)
     pipe.run_once("w")
     assert repo.get(study.id).state == State.QUEUED
+
+
+def test_retention_deletes_only_old_processed_inputs_when_configured(db_url, tmp_path):
+    import os
+
+    from gateway.config import GatewayConfig, RetentionConfig, resolve_paths
+    from gateway.daemon import Daemon
+
+    cfg = resolve_paths(GatewayConfig(retention=RetentionConfig(processed_days=30)), tmp_path)
+    cfg.database.url = db_url
+    daemon = Daemon(cfg, configure_logs=False)
+    engine = make_engine(db_url)
+    upgrade(engine)
+    daemon.repo = Repo(engine)
+    study = daemon.repo.register_file(source="t", path=str(cfg.paths.processed / "x" / "a.edf"), name="a.edf",
+                                      sha256="e" * 64, filename_pattern=None, actor="t").study
+    old = cfg.paths.processed / study.key
+    new = cfg.paths.processed / "st-recent"
+    kept = cfg.paths.quarantine / "st-old-failed"  # quarantine_days not set: kept for ever
+    for folder in (old, new, kept):
+        folder.mkdir(parents=True)
+        (folder / "a.edf").write_bytes(b"x")
+    long_ago = os.stat(old).st_mtime - 31 * 86400
+    for folder in (old, kept):
+        os.utime(folder, (long_ago, long_ago))
+    daemon.apply_retention()
+    assert not old.exists() and new.exists() and kept.exists()
+    assert daemon.repo.get(study.id).input_path is None
+    engine.dispose()
