@@ -25,7 +25,6 @@ import random
 import shutil
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -129,7 +128,6 @@ class Pipeline:
     metrics: Metrics
     flags: FlagsConfig = field(default_factory=FlagsConfig)
     hl7: Hl7Config = field(default_factory=Hl7Config)
-    on_queued: Callable[[], None] | None = None  # wakes the delivery job
 
     # ---- worker loop --------------------------------------------------------------------------
     def run_once(self, worker: str) -> bool:
@@ -236,8 +234,6 @@ class Pipeline:
         self.metrics.study_transitions.labels(str(to_state)).inc()
         log.info("study.queued" if to_state == State.QUEUED else "study.shadow", study_key=study.key,
                  version=study.version, control_id=control_id, correction=correction, **detail)
-        if self.on_queued is not None and to_state == State.QUEUED:
-            self.on_queued()
         self.finalize(study, to_state)
         return study
 

@@ -165,3 +165,10 @@ def test_upgrade_from_0001_keeps_existing_studies(db_url: str) -> None:
     study = Repo(engine).get("st-old")
     assert study.state == "INFERRED" and study.flags is None and study.patient_name is None
     engine.dispose()
+
+
+def test_outputs_of_a_rerun_version_replace_the_crashed_record(repo: Repo) -> None:
+    study = _file(repo).study
+    repo.add_outputs(study, [("night.npy", 10), ("metrics.json", 5)])
+    repo.add_outputs(study, [("night.npy", 11), ("metrics.json", 6)])  # the same version ran again
+    assert sorted((o.name, o.size) for o in repo.outputs(study.id)) == [("metrics.json", 6), ("night.npy", 11)]

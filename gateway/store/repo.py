@@ -243,8 +243,10 @@ class Repo:
         return self._reload(study)
 
     def add_outputs(self, study: Study, files: Sequence[tuple[str, int]]) -> None:
+        """Record the files of this version's outputs (replacing a record a crashed run left)."""
         now = utcnow()
         with self.sessions.begin() as s:
+            s.execute(Output.__table__.delete().where(Output.study_id == study.id, Output.version == study.version))
             s.add_all(Output(study_id=study.id, version=study.version, name=n, size=size, created_at=now)
                       for n, size in files)
 
