@@ -264,7 +264,8 @@ class Daemon:
             if claimed or promoted:
                 self._wake.set()
         except Exception as exc:  # noqa: BLE001 - the next scan tries again; the daemon keeps running
-            log.error("scan.failed", error=type(exc).__name__, reason=str(exc)[:300])
+            # str(exc) of an OSError quotes the path, which may hold an MRN: the kind and errno text only.
+            log.error("scan.failed", error=type(exc).__name__, reason=getattr(exc, "strerror", None))
 
     def _claim_known(self, path: Path) -> bool:
         return self.repo.known_input(str(path))
