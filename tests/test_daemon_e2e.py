@@ -130,6 +130,12 @@ def daemon(tmp_path, db_url, bundle):
         d.close()
 
 
+def _settled(study, d: Daemon) -> bool:
+    """FLAGGED and its input moved out of the spool (the move follows the committed state)."""
+    return study.state == State.FLAGGED and bool(study.input_path) and not study.input_path.startswith(
+        str(d.var / "spool"))
+
+
 def _late_report(template):
     """A small non-waveform object of the same study (the readers skip it; the receiver keeps it)."""
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -164,7 +170,7 @@ def test_drop_folder_and_dicom_studies_processed_once(daemon, tmp_path):
     d.drop.mkdir(exist_ok=True)
     # Pieces arrive slower than stable_seconds: only the header's size check keeps it from being taken.
     _slow_copy(src, d.drop / "night.edf", pieces=4, pause=1.0)
-    edf = d.wait_for(lambda: [s for s in d.repo.list() if s.source_kind == "file" and s.state == State.FLAGGED],
+    edf = d.wait_for(lambda: [s for s in d.repo.list() if s.source_kind == "file" and _settled(s, d)],
                      what="EDF study FLAGGED")[0]
     assert Path(edf.input_path).read_bytes() == src.read_bytes()
     assert not (d.drop / "night.edf").exists()
@@ -175,7 +181,7 @@ def test_drop_folder_and_dicom_studies_processed_once(daemon, tmp_path):
     r = subprocess.run([dcmtk("storescu"), "-R", "-aet", "STORESCU", "-aec", "PSGGATEWAY", "127.0.0.1",
                         str(d.dicom_port), *map(str, files)], env=DCMTK_ENV, check=False, capture_output=True, timeout=60)
     assert r.returncode == 0, r.stderr.decode()
-    dcm = d.wait_for(lambda: [s for s in d.repo.list() if s.source_kind == "dicom" and s.state == State.FLAGGED],
+    dcm = d.wait_for(lambda: [s for s in d.repo.list() if s.source_kind == "dicom" and _settled(s, d)],
                      what="DICOM study FLAGGED")[0]
     assert len(d.repo.instances_of(dcm.id)) == 3
 
@@ -205,7 +211,7 @@ def test_drop_folder_and_dicom_studies_processed_once(daemon, tmp_path):
     assoc = ae2.associate("127.0.0.1", d.dicom_port, ae_title="PSGGATEWAY")
     assert assoc.send_c_store(late).Status == 0
     assoc.release()
-    v2 = d.wait_for(lambda: (s := d.repo.get(dcm.id)) and s.version == 2 and s.state == State.FLAGGED and s,
+    v2 = d.wait_for(lambda: (s := d.repo.get(dcm.id)) and s.version == 2 and _settled(s, d) and s,
                     what="study version 2 FLAGGED")
     assert len(d.repo.instances_of(dcm.id)) == 4 and len(d.repo.list()) == 2
     assert "study.reopened" in [e.event for e in d.repo.events(dcm.id)]
@@ -249,7 +255,7 @@ def test_kill9_mid_study_then_restart_finishes_it_once(daemon, tmp_path):
     d.proc.wait(timeout=10)
     assert d.repo.get(study.id).state in working  # killed mid-study
     d.start()
-    done = d.wait_for(lambda: (s := d.repo.get(study.id)) and s.state == State.FLAGGED and s, timeout=90,
+    done = d.wait_for(lambda: (s := d.repo.get(study.id)) and _settled(s, d) and s, timeout=90,
                       what="resumed study FLAGGED")
     assert len(d.repo.list()) == 1
     events = [e.to_state for e in d.repo.events(study.id)]

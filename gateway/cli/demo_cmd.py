@@ -82,7 +82,9 @@ def demo(
         studies = []
         while time.monotonic() < deadline:
             studies = [s for s in daemon.repo.list(limit=10) if s.id > before]
-            if len(studies) >= 2 and all(s.state in final for s in studies):
+            spool = str(cfg.paths.spool)
+            if len(studies) >= 2 and all(s.state in final and not (s.input_path or "").startswith(spool)
+                                         for s in studies):
                 break
             time.sleep(0.5)
         else:
