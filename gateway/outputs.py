@@ -17,8 +17,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,28 +24,7 @@ import numpy as np
 
 from inference.results import STAGES, TOKEN_SECONDS, TOKENS_PER_EPOCH, StudyResult
 
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# Output files get the permissions an ordinary open() would give (mkstemp's are 0600).
-_FILE_MODE = 0o666 & ~_current_umask()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    # A reader (or a crash) never sees a half-written output file.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, _FILE_MODE)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from .fsutil import atomic_write
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -104,7 +81,7 @@ def write_study_outputs(result: StudyResult, out_dir: Path, extra: dict[str, Any
 
     def put(rel: str, data: bytes) -> None:
         path = out_dir / rel
-        _atomic_write(path, data)
+        atomic_write(path, data)
         written.append(path)
 
     for modality in result.modalities:

@@ -37,6 +37,7 @@ from inference.engine import Engine, InputError
 
 from .config import FlagsConfig, Hl7Config, PathsConfig, PipelineConfig
 from .flags import FlagDecision, HazardRow, evaluate, read_hazards, read_sleep_metrics, watched_hazards
+from .fsutil import atomic_write
 from .hl7.compose import build_study_message, new_control_id
 from .hl7.oru import OruError
 from .logging import get_logger
@@ -307,7 +308,8 @@ class Pipeline:
                     shutil.move(src, target)
                 if target.exists():
                     self.repo.move_instance(inst.id, str(target))
-            _remove_empty(Path(study.input_path)) if study.input_path else None
+            if study.input_path:
+                _remove_empty(Path(study.input_path))
             self.repo.set_fields(study, input_path=str(dest))
             return
         if not study.input_path:
@@ -358,9 +360,7 @@ def _write_reason(path: Path, study: Study) -> None:
             f"state: {study.state}\nwhen: {_now().isoformat()}\n"
             f"kind: {study.error_kind or 'permanent'}\nreason: {study.last_error or ''}\n"
             f"retry: psg-gateway studies retry {study.id}\n")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, text.encode("utf-8"))
 
 
 def _remove_empty(folder: Path) -> None:

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ..fsutil import fsync_dir
 from ..montage import (
     BUILTIN_NAME,
     DEFAULT_RESOURCE,
@@ -667,12 +668,7 @@ def _write_atomic(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    fsync_dir(path.parent, best_effort=True)
 
 
 def audit_log_path(table_path: Path) -> Path:

@@ -13,6 +13,8 @@ import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
+from ..fsutil import atomic_write
+
 __all__ = ["FileMllpListener"]
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
@@ -64,9 +66,7 @@ class FileMllpListener:
     def _store(self, message: str) -> None:
         msh = message.split("\r", 1)[0].split("|")
         name = _SAFE.sub("_", msh[9] if len(msh) > 9 and msh[9] else f"message-{self.received}")
-        tmp = self.folder / f".{name}.tmp"
-        tmp.write_text(message.replace("\r", "\n"), encoding="utf-8")
-        tmp.replace(self.folder / f"{name}.hl7")
+        atomic_write(self.folder / f"{name}.hl7", message.replace("\r", "\n").encode("utf-8"))
         self.received += 1
 
     def start(self) -> FileMllpListener:

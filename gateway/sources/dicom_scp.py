@@ -122,6 +122,7 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification
 
 from ..config import DicomConfig, TlsConfig
+from ..fsutil import fsync_dir
 from ..logging import get_logger
 from ..metrics import Metrics
 
@@ -211,14 +212,6 @@ def spool_path_for(spool_dir: Path, study_uid: str, sop_instance_uid: str) -> Pa
 
 def _clean_uid(value: Any) -> str:
     return str(value or "").strip(" \x00")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---- pynetdicom's temporary files in the receiver's own spool ---------------------------------------------
@@ -1121,7 +1114,7 @@ class DicomReceiver:
             self._place(received, final)
             created = True
             if self.cfg.fsync:
-                _fsync_dir(folder)
+                fsync_dir(folder)
             size = final.stat().st_size
             instance = ReceivedInstance(study_uid=study_uid, series_uid=series_uid, sop_instance_uid=sop_uid,
                                         sop_class_uid=sop_class, path=final, size=size, calling_ae=calling,
@@ -1132,7 +1125,7 @@ class DicomReceiver:
                 try:
                     final.unlink()
                     if self.cfg.fsync:
-                        _fsync_dir(folder)
+                        fsync_dir(folder)
                 except OSError:
                     pass
             raise

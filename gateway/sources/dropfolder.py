@@ -44,6 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ..config import DropFolderConfig
+from ..fsutil import fsync_dir
 from ..logging import get_logger
 from ..metrics import Metrics
 
@@ -95,19 +96,6 @@ def _new_claim_id() -> str:
     value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
     value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
     return uuid.UUID(int=value).hex
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _hash_file(path: Path) -> tuple[str, int]:
@@ -420,7 +408,7 @@ class DropFolderWatcher:
                 folder.mkdir()
             except FileExistsError:
                 continue
-            _fsync_dir(self._incoming)
+            fsync_dir(self._incoming, best_effort=True)
             return claim_id, folder
 
     def _claim(self, index: int, path: Path, stamp: tuple[int, int], sidecars: list[Path], track: _Track,
@@ -486,8 +474,8 @@ class DropFolderWatcher:
                                 reason=exc.strerror or type(exc).__name__)
                     if move.src == path:
                         self._leftovers[path] = stamp
-        _fsync_dir(claim_dir)
-        _fsync_dir(path.parent)
+        fsync_dir(claim_dir, best_effort=True)
+        fsync_dir(path.parent, best_effort=True)
 
         spool_path = claim_dir / path.name
         try:
