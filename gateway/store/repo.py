@@ -370,16 +370,9 @@ class Repo:
             s.execute(update(Message).where(Message.id == msg.id).values(
                 state=str(MessageState.SENT), ack_code=ack_code, ack_text=ack_text, sent_at=now, updated_at=now,
                 attempts=Message.attempts + 1, last_error=None), execution_options=_NO_SYNC)
-            study = s.get(Study, msg.study_id)
-            if study is not None and study.version == msg.study_version and study.state in (
-                    State.QUEUED, State.FAILED):
-                previous = study.state
-                study.state = State.DELIVERED
-                study.updated_at = now
-                study.last_error = None
-                study.error_kind = None
-                self._event(s, study, "study.delivered", previous, State.DELIVERED, actor,
-                            {"message_id": msg.id, "control_id": msg.control_id, "ack": ack_code})
+            self._move_study_of(s, msg, (State.QUEUED, State.FAILED), State.DELIVERED, "study.delivered", actor,
+                                {"message_id": msg.id, "control_id": msg.control_id, "ack": ack_code},
+                                last_error=None, error_kind=None)
 
     def message_retry_later(self, msg: Message, error: str, delay_seconds: float) -> int:
         """Count the attempt, keep the message first in line; returns the attempts so far."""
@@ -396,14 +389,9 @@ class Repo:
             s.execute(update(Message).where(Message.id == msg.id).values(
                 state=str(MessageState.DEAD), ack_code=ack_code, last_error=reason, updated_at=now,
                 attempts=Message.attempts + 1), execution_options=_NO_SYNC)
-            study = s.get(Study, msg.study_id)
-            if study is not None and study.version == msg.study_version and study.state == State.QUEUED:
-                study.state = State.FAILED
-                study.last_error = f"delivery: {reason}"
-                study.error_kind = "delivery"
-                study.updated_at = now
-                self._event(s, study, "message.dead_letter", State.QUEUED, State.FAILED, actor,
-                            {"message_id": msg.id, "control_id": msg.control_id, "reason": reason})
+            self._move_study_of(s, msg, (State.QUEUED,), State.FAILED, "message.dead_letter", actor,
+                                {"message_id": msg.id, "control_id": msg.control_id, "reason": reason},
+                                last_error=f"delivery: {reason}", error_kind="delivery")
 
     def message_requeue(self, message_id: int, actor: str, *, resend: bool) -> Message:
         """``retry`` a dead letter, or ``resend`` a sent message (same ER7, same MSH-10)."""
@@ -420,15 +408,23 @@ class Repo:
             msg.attempts = 0
             msg.next_attempt_at = None
             msg.updated_at = now
-            study = s.get(Study, msg.study_id)
-            if study is not None and study.version == msg.study_version and study.state in (
-                    State.FAILED, State.DELIVERED):
-                previous = study.state
-                study.state = State.QUEUED
-                study.updated_at = now
-                self._event(s, study, "message.resend" if resend else "message.retry", previous, State.QUEUED,
-                            actor, {"message_id": msg.id})
+            self._move_study_of(s, msg, (State.FAILED, State.DELIVERED), State.QUEUED,
+                                "message.resend" if resend else "message.retry", actor, {"message_id": msg.id})
         return self.message(message_id)
+
+    def _move_study_of(self, s: Session, msg: Message, from_states: tuple[State, ...], to_state: State,
+                       event: str, actor: str, detail: dict[str, Any], **fields: Any) -> None:
+        """The message's study follows it, when the study is still at the message's version and in
+        one of ``from_states`` (a newer version or a CLI action has the last word otherwise)."""
+        study = s.get(Study, msg.study_id)
+        if study is None or study.version != msg.study_version or study.state not in from_states:
+            return
+        previous = study.state
+        study.state = to_state
+        study.updated_at = utcnow()
+        for name, value in fields.items():
+            setattr(study, name, value)
+        self._event(s, study, event, previous, to_state, actor, detail)
 
     def message(self, message_id: int) -> Message | None:
         with self.sessions() as s:
