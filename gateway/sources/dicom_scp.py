@@ -917,6 +917,13 @@ class DicomReceiver:
         for assoc in remaining:
             log.warning("dicom.association.aborting", calling_ae=self._calling_ae(assoc),
                         peer_host=self._peer_host(assoc), reason="shutdown")
+            # Counted here, not by the aborted event: for an abort of our own, the connection can close
+            # (and leave _active) before that event runs, and the abort would go uncounted.
+            with self._lock:
+                first = id(assoc) not in self._aborted
+                self._aborted.add(id(assoc))
+            if first:
+                self._count("dicom_associations", "aborted")
             assoc.abort()
         join_until = time.monotonic() + 5.0
         for assoc in list(server.active_associations):
