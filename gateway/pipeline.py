@@ -34,6 +34,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from inference.bundle import BundleIdentity, ModelBundle
 from inference.engine import Engine, InputError
+from inference.results import StudyResult
 
 from .config import FlagsConfig, Hl7Config, PathsConfig, PipelineConfig
 from .flags import FlagDecision, HazardRow, evaluate, read_hazards, read_sleep_metrics, watched_hazards
@@ -45,8 +46,7 @@ from .metrics import Metrics
 from .montage import MontageTable
 from .prepare import MappingError
 from .readers.errors import ReaderError
-from .recording import Recording
-from .steps import decode_inputs, infer_prepared, map_recording, store_outputs
+from .steps import Decoded, decode_and_map, infer_prepared, store_outputs
 from .store.models import MessageState, State, Study
 from .store.repo import Repo, StudyChanged
 
@@ -129,6 +129,8 @@ class Pipeline:
     metrics: Metrics
     flags: FlagsConfig = field(default_factory=FlagsConfig)
     hl7: Hl7Config = field(default_factory=Hl7Config)
+    # An archive batch without --send: messages are built and held (HELD) until ``outbox release``.
+    hold_messages: bool = False
 
     # ---- worker loop --------------------------------------------------------------------------
     def run_once(self, worker: str) -> bool:
@@ -155,11 +157,18 @@ class Pipeline:
     def _steps(self, study: Study, worker: str) -> Study:
         if study.state == State.INFERRED:  # resumed after a crash: outputs are stored, only flagging is left
             return self._flag(study, worker)
-        timings = dict(study.timings or {})
+        decoded = decode_and_map(self.input_paths(study), study.filename_pattern, self.montage.table, study.key,
+                                 study.source)
+        study = self.record_decoded(study, decoded, worker)
         t0 = time.perf_counter()
-        recording = self._decode(study)
-        timings["decode_s"] = round(time.perf_counter() - t0, 3)
-        self.metrics.stage_seconds.labels("decode").observe(timings["decode_s"])
+        result = infer_prepared(self.engine, decoded.prepared)
+        return self.record_inferred(study, decoded, result, worker, time.perf_counter() - t0)
+
+    def record_decoded(self, study: Study, decoded: Decoded, worker: str) -> Study:
+        """Commit READY -> DECODED -> MAPPED (the steps this study has not committed yet)."""
+        recording, prepared, table = decoded.recording, decoded.prepared, decoded.table
+        for stage in ("decode", "map"):
+            self.metrics.stage_seconds.labels(stage).observe(decoded.timings.get(f"{stage}_s", 0.0))
         if study.state == State.READY:
             study = self._to(study, State.DECODED, worker, "study.decoded",
                              {"channels": len(recording.channels), "duration_s": round(recording.duration_s, 1),
@@ -171,12 +180,6 @@ class Pipeline:
                              patient_name=recording.identifiers.patient_name,
                              birth_date=recording.demographics.birth_date, sex=recording.demographics.sex,
                              recording_start=recording.start)
-
-        table = self.montage.table
-        t0 = time.perf_counter()
-        prepared = map_recording(recording, table, study.key, study.source)
-        timings["map_s"] = round(time.perf_counter() - t0, 3)
-        self.metrics.stage_seconds.labels("map").observe(timings["map_s"])
         if study.state == State.DECODED:
             study = self._to(study, State.MAPPED, worker, "study.mapped",
                              {"montage": table.version,
@@ -185,14 +188,18 @@ class Pipeline:
                              montage_name=table.name, montage_version=table.version,
                              mapping={"channels": prepared.channels, "unmapped": prepared.match.unmapped,
                                       "ignored": prepared.match.ignored})
+        return study
 
+    def record_inferred(self, study: Study, decoded: Decoded, result: StudyResult, worker: str,
+                        infer_s: float) -> Study:
+        """Store the outputs, commit INFERRED, then apply the flag policy."""
         t0 = time.perf_counter()
-        result = infer_prepared(self.engine, prepared)
         out_dir = Path(self.paths.outputs) / study.key
-        written = store_outputs(result, out_dir, table, study.source, prepared, recording)
-        timings["infer_s"] = round(time.perf_counter() - t0, 3)
-        self.metrics.stage_seconds.labels("infer").observe(timings["infer_s"])
+        written = store_outputs(result, out_dir, decoded.table, study.source, decoded.prepared, decoded.recording)
         self.repo.add_outputs(study, [(str(p.relative_to(out_dir)), p.stat().st_size) for p in written])
+        timings = {**(study.timings or {}), **decoded.timings, "infer_s": round(infer_s, 3),
+                   "store_s": round(time.perf_counter() - t0, 3)}
+        self.metrics.stage_seconds.labels("infer").observe(infer_s)
         identity = self.bundle.identity
         study = self._to(study, State.INFERRED, worker, "study.inferred",
                          {"tokens": result.n_tokens, "missing": result.missing_modalities,
@@ -226,19 +233,21 @@ class Pipeline:
         er7 = build_study_message(study, decision, sleep, self.hl7, control_id=control_id, now=_now(),
                                   correction=correction, validated=bool(study.bundle_validated),
                                   include_metrics=self.flags.include_sleep_metrics)
-        to_state = State.SHADOW if mode == "shadow" else State.QUEUED
+        to_state, msg_state = ((State.SHADOW, MessageState.SHADOW) if mode == "shadow" else
+                               (State.HELD, MessageState.HELD) if self.hold_messages else
+                               (State.QUEUED, MessageState.PENDING))
+        event = f"study.{to_state.lower()}"
         study, _ = self.repo.queue_message(
-            study, to_state, worker, "study.queued" if to_state == State.QUEUED else "study.shadow",
-            {**detail, "correction": correction}, destination=self.hl7.destination, control_id=control_id,
-            er7=er7, message_state=MessageState.SHADOW if mode == "shadow" else MessageState.PENDING,
-            correction=correction, **done)
+            study, to_state, worker, event, {**detail, "correction": correction}, destination=self.hl7.destination,
+            control_id=control_id, er7=er7, message_state=msg_state, correction=correction, **done)
         self.metrics.study_transitions.labels(str(to_state)).inc()
-        log.info("study.queued" if to_state == State.QUEUED else "study.shadow", study_key=study.key,
-                 version=study.version, control_id=control_id, correction=correction, **detail)
+        log.info(event, study_key=study.key, version=study.version, control_id=control_id, correction=correction,
+                 **detail)
         self.finalize(study, to_state)
         return study
 
-    def _decode(self, study: Study) -> Recording:
+    def input_paths(self, study: Study) -> list[Path]:
+        """The files to decode: the study's file, or its recorded DICOM instances."""
         if study.source_kind == "dicom":
             paths = [Path(i.path) for i in self.repo.instances_of(study.id)]
             if not paths:
@@ -247,7 +256,7 @@ class Pipeline:
             if not study.input_path:
                 raise StepError("the study has no input file", transient=False)
             paths = [Path(study.input_path)]
-        return decode_inputs(paths, study.filename_pattern)
+        return paths
 
     def _to(self, study: Study, state: State, worker: str, event: str, detail: dict, **fields) -> Study:
         study = self.repo.transition(study, state, worker, event, detail, **fields)

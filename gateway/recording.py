@@ -13,6 +13,7 @@ be logged or shown in a traceback without leaking them.
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -27,6 +28,11 @@ ValiditySource = Callable[[], np.ndarray]
 """Returns a bool array, one per sample, True where the sample was measured (False in a gap)."""
 
 _REDACTED = "<redacted>"
+
+
+def _detached_source() -> np.ndarray:
+    raise RuntimeError("the samples of a detached recording are not available")
+
 _DAYS_PER_YEAR = 365.2425
 
 
@@ -204,6 +210,12 @@ class Recording:
     def age_years(self) -> float | None:
         """The patient's age at the recording start, if known."""
         return self.demographics.age_at(self.start)
+
+    def detached(self) -> Recording:
+        """This recording without its sample sources (which hold open files): metadata, identifiers
+        and annotations only, cheap to pickle into another process. Reading a channel then raises."""
+        channels = [dataclasses.replace(c, _source=_detached_source, _valid=None) for c in self.channels]
+        return dataclasses.replace(self, channels=channels)
 
     def __repr__(self) -> str:
         # Deliberately no identifiers, no dates, no path, no annotation texts (free text may hold PHI).

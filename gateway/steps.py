@@ -6,7 +6,9 @@ the daemon's folder give the same outputs.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ from .recording import Annotation, Recording
 from .scoring import agreement, reference_hypnogram
 
 __all__ = [
+    "Decoded",
+    "decode_and_map",
     "decode_inputs",
     "infer_prepared",
     "outputs_extra",
@@ -90,3 +94,27 @@ def store_outputs(result: StudyResult, out_dir: Path, table: MontageTable, sourc
 def map_recording(recording: Recording, table: MontageTable, key: str, source: str | None,
                   progress: Progress | None = None) -> PreparedStudy:
     return prepare_study(recording, table, key=key, source=source, progress=progress)
+
+
+@dataclass
+class Decoded:
+    """A study decoded and mapped, ready for the engine: the recording's metadata (its sample sources
+    detached, so this crosses process boundaries), the engine's input and the table that mapped it."""
+
+    recording: Recording
+    prepared: PreparedStudy
+    table: MontageTable
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def decode_and_map(paths: Sequence[Path], filename_pattern: str | None, table: MontageTable, key: str,
+                   source: str | None) -> Decoded:
+    """Decode the inputs and map and preprocess their channels: the CPU part of a study, which the
+    daemon runs in its worker and an archive batch in worker processes."""
+    t0 = time.perf_counter()
+    recording = decode_inputs(paths, filename_pattern)
+    t1 = time.perf_counter()
+    prepared = map_recording(recording, table, key, source)
+    t2 = time.perf_counter()
+    return Decoded(recording.detached(), prepared, table,
+                   {"decode_s": round(t1 - t0, 3), "map_s": round(t2 - t1, 3)})

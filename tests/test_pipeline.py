@@ -80,7 +80,7 @@ def test_file_study_goes_to_inferred_with_outputs_and_input_in_processed(env, ni
                            ("study.flagged", "FLAGGED")]
     assert set(done.flags) == {"flags", "findings", "notes"}
     assert done.montage_version and done.bundle_name == "sleepfm-demo-untrained" and len(done.bundle_hash) == 64
-    assert set(done.timings) == {"decode_s", "map_s", "infer_s"}
+    assert set(done.timings) == {"decode_s", "map_s", "infer_s", "store_s"}
     assert not pipe.run_once("n:1:w0")  # nothing left
 
 

@@ -25,9 +25,9 @@ def test_db_upgrade_and_current(tmp_path, db_url):
     r = runner.invoke(app, ["db", "current", "--config", str(cfg)], env=env)
     assert r.exit_code == 1 and "empty" in r.output and "db upgrade" in r.output
     r = runner.invoke(app, ["db", "upgrade", "--config", str(cfg)], env=env)
-    assert r.exit_code == 0 and "empty -> 0002" in r.output
+    assert r.exit_code == 0 and "empty -> 0003" in r.output
     r = runner.invoke(app, ["db", "current", "--config", str(cfg)], env=env)
-    assert r.exit_code == 0 and "database: 0002" in r.output
+    assert r.exit_code == 0 and "database: 0003" in r.output
 
 
 def test_studies_list_show_retry_reprocess(tmp_path, db_url):

@@ -27,7 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["FINAL_STATES", "PIPELINE_DONE", "WORKING_STATES", "Base", "Event", "Instance", "Message", "MessageState", "Output", "ReferenceHazard", "State", "Study"]
+__all__ = ["ArchiveFile", "BatchRun", "FINAL_STATES", "PIPELINE_DONE", "WORKING_STATES", "Base", "Event", "Instance", "Message", "MessageState", "Output", "ReferenceHazard", "State", "Study"]
 
 
 class State(StrEnum):
@@ -42,12 +42,13 @@ class State(StrEnum):
     DUPLICATE = "DUPLICATE"
     FAILED = "FAILED"
     SHADOW = "SHADOW"
+    HELD = "HELD"  # batch --no-send: results stored, the message held until ``outbox release``
 
 
 # States a worker picks a study up from (after a crash, the last committed one).
 WORKING_STATES = (State.READY, State.DECODED, State.MAPPED, State.INFERRED)
 # FLAGGED is final when nothing is to be sent; QUEUED waits for the delivery job, not for a worker.
-FINAL_STATES = (State.FLAGGED, State.DELIVERED, State.SHADOW, State.DUPLICATE, State.FAILED)
+FINAL_STATES = (State.FLAGGED, State.DELIVERED, State.SHADOW, State.HELD, State.DUPLICATE, State.FAILED)
 PIPELINE_DONE = (*FINAL_STATES, State.QUEUED)  # the worker's part is over: the input leaves the spool
 
 _TS = DateTime(timezone=True)
@@ -102,6 +103,8 @@ class Study(Base):
     updated_at: Mapped[datetime] = mapped_column(_TS)
     timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     mapping: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # Registered by an archive batch: only batch runs process it (the daemon's workers leave it alone).
+    batch_run_id: Mapped[int | None] = mapped_column(ForeignKey("batch_runs.id"), index=True)
 
     __table_args__ = (
         # One original per content hash; later copies are rows with duplicate_of set.
@@ -160,6 +163,7 @@ class MessageState(StrEnum):
     DEAD = "DEAD"  # dead letter: AE/CE, or gave up after hl7.max_attempts
     SHADOW = "SHADOW"  # built and stored, never sent (flags.send_mode: shadow)
     SUPERSEDED = "SUPERSEDED"  # a newer version of the study replaced it before it was sent
+    HELD = "HELD"  # built by a batch run with --no-send; ``outbox release`` makes it PENDING
 
 
 class Message(Base):
@@ -203,3 +207,35 @@ class ReferenceHazard(Base):
         Index("uq_reference_study_label", "study_id", "label", unique=True),
         Index("ix_reference_lookup", "label", "model_hash", "log_hazard"),
     )
+
+
+class BatchRun(Base):
+    """One ``psg-gateway batch`` invocation: what it was asked, where it ran, how it ended."""
+
+    __tablename__ = "batch_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(_TS)
+    finished_at: Mapped[datetime | None] = mapped_column(_TS)
+    status: Mapped[str] = mapped_column(String(16))  # running | finished | interrupted | failed
+    host: Mapped[str] = mapped_column(String(256))
+    pid: Mapped[int] = mapped_column(Integer)
+    options: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class ArchiveFile(Base):
+    """An archive file the batch has hashed: (path, size, mtime) -> content hash and study, so a
+    resumed run does not read every file of a large archive again."""
+
+    __tablename__ = "archive_files"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    seen_at: Mapped[datetime] = mapped_column(_TS)
+
+    __table_args__ = (Index("uq_archive_files_path", "path", unique=True),)

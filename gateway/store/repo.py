@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from .db import is_sqlite, session_factory
 from .models import (
     FINAL_STATES,
+    ArchiveFile,
     PIPELINE_DONE,
     WORKING_STATES,
     Event,
@@ -85,8 +86,13 @@ class Repo:
 
     # ---- registration -------------------------------------------------------------------------
     def register_file(self, *, source: str, path: str, name: str, sha256: str, filename_pattern: str | None,
-                      actor: str) -> Registered:
-        """Record a claimed file: a new study (READY: it was stable when claimed) or a duplicate."""
+                      actor: str, batch_run_id: int | None = None,
+                      stamp: tuple[int, int] | None = None) -> Registered:
+        """Record a claimed file: a new study (READY: it was stable when claimed) or a duplicate.
+
+        An archive batch passes its run (the study is then the batch's, not the daemon's) and the
+        file's (size, mtime_ns): the hash is cached under the path in the same transaction.
+        """
         now = utcnow()
         for _ in range(3):  # a concurrent insert of the same content loses the unique index race
             with self.sessions.begin() as s:
@@ -94,7 +100,8 @@ class Repo:
                                                         Study.duplicate_of.is_(None)))
                 study = Study(key=new_study_key(), state=State.RECEIVED, version=1, source=source,
                               source_kind="file", content_hash=sha256, input_path=path, input_name=name,
-                              filename_pattern=filename_pattern, attempts=0, received_at=now, updated_at=now)
+                              filename_pattern=filename_pattern, attempts=0, received_at=now, updated_at=now,
+                              batch_run_id=batch_run_id)
                 if original is not None:
                     study.state = State.DUPLICATE
                     study.duplicate_of = original.id
@@ -114,6 +121,10 @@ class Repo:
                     study.state = State.READY
                     study.ready_at = now
                     self._event(s, study, "study.ready", State.RECEIVED, State.READY, actor, None)
+                if stamp is not None:
+                    s.execute(ArchiveFile.__table__.delete().where(ArchiveFile.path == path))
+                    s.add(ArchiveFile(path=path, size=stamp[0], mtime_ns=stamp[1], sha256=sha256,
+                                      study_id=study.id, seen_at=now))
                 return Registered(study, original is not None)
         raise RuntimeError("could not register file after repeated conflicts")
 
@@ -122,14 +133,15 @@ class Repo:
             return s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)) is not None
 
     def register_instance(self, *, study_uid: str, sop_instance_uid: str, sop_class_uid: str, path: str,
-                          folder: str, size: int, calling_ae: str) -> tuple[Study, bool]:
+                          folder: str, size: int, calling_ae: str, source: str | None = None,
+                          batch_run_id: int | None = None) -> tuple[Study, bool]:
         """Record one received DICOM instance; returns (study, stored). stored=False: a duplicate UID.
 
         The study collects instances in RECEIVED until ``stable_age`` passes. An instance for a study
         that is already past RECEIVED reopens it as a new version (reprocessed: a correction).
         """
         now = utcnow()
-        actor = f"dicom:{calling_ae}"
+        actor = source or f"dicom:{calling_ae}"
         for _ in range(3):
             with self.sessions.begin() as s:
                 if s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)):
@@ -142,7 +154,7 @@ class Repo:
                         study = Study(key=new_study_key(), state=State.RECEIVED, version=1, source=actor,
                                       source_kind="dicom", dicom_study_uid=study_uid, study_uid=study_uid,
                                       input_path=folder, attempts=0, received_at=now, updated_at=now,
-                                      last_instance_at=now)
+                                      last_instance_at=now, batch_run_id=batch_run_id)
                         s.add(study)
                         s.flush()
                         self._event(s, study, "study.received", None, State.RECEIVED, actor, None)
@@ -164,13 +176,17 @@ class Repo:
                 return study, True
         raise RuntimeError("could not register instance after repeated conflicts")
 
-    def promote_stable(self, stable_age_seconds: float, actor: str = "scheduler") -> list[Study]:
-        """RECEIVED DICOM studies with no new instance for ``stable_age_seconds`` become READY."""
+    def promote_stable(self, stable_age_seconds: float, actor: str = "scheduler",
+                       study_ids: Sequence[int] | None = None) -> list[Study]:
+        """RECEIVED DICOM studies with no new instance for ``stable_age_seconds`` become READY
+        (a batch passes the studies it has read completely, with age 0)."""
         cutoff = utcnow() - timedelta(seconds=stable_age_seconds)
         promoted = []
         with self.sessions.begin() as s:
-            rows = s.scalars(select(Study).where(Study.state == State.RECEIVED, Study.source_kind == "dicom",
-                                                 Study.last_instance_at <= cutoff)).all()
+            q = select(Study).where(Study.state == State.RECEIVED, Study.source_kind == "dicom",
+                                    Study.last_instance_at <= cutoff)
+            q = q.where(Study.id.in_(study_ids)) if study_ids is not None else q.where(Study.batch_run_id.is_(None))
+            rows = s.scalars(q).all()
             for study in rows:
                 n = self._guarded(s, study, State.RECEIVED, State.READY, {"ready_at": utcnow()})
                 if n:
@@ -186,7 +202,7 @@ class Repo:
         now = utcnow()
         with self._claim_lock, self.sessions.begin() as s:
             q = (select(Study)
-                 .where(Study.state.in_([str(x) for x in WORKING_STATES]),
+                 .where(Study.state.in_([str(x) for x in WORKING_STATES]), Study.batch_run_id.is_(None),
                         or_(Study.next_attempt_at.is_(None), Study.next_attempt_at <= now),
                         or_(Study.lease_until.is_(None), Study.lease_until < now))
                  .order_by(Study.id).limit(1))
@@ -341,7 +357,8 @@ class Repo:
             if not self._guarded(s, study, State(study.state), to_state, fields):
                 raise StudyChanged(study.key)
             s.execute(update(Message).where(Message.study_id == study.id,
-                                            Message.state == str(MessageState.PENDING))
+                                            Message.state.in_([str(MessageState.PENDING),
+                                                               str(MessageState.HELD)]))
                       .values(state=str(MessageState.SUPERSEDED), updated_at=now), execution_options=_NO_SYNC)
             msg = Message(study_id=study.id, study_version=study.version, destination=destination,
                           control_id=control_id, message=er7, state=str(message_state), correction=correction,
@@ -411,6 +428,24 @@ class Repo:
             self._move_study_of(s, msg, (State.FAILED, State.DELIVERED), State.QUEUED,
                                 "message.resend" if resend else "message.retry", actor, {"message_id": msg.id})
         return self.message(message_id)
+
+    def message_release(self, message_ids: Sequence[int] | None, actor: str) -> list[int]:
+        """HELD messages (a batch run with --no-send) become PENDING, their studies QUEUED; None: all."""
+        now = utcnow()
+        with self.sessions.begin() as s:
+            q = select(Message).where(Message.state == str(MessageState.HELD)).order_by(Message.id)
+            if message_ids is not None:
+                q = q.where(Message.id.in_(message_ids))
+            released = []
+            for msg in s.scalars(q).all():
+                msg.state = str(MessageState.PENDING)
+                msg.attempts = 0
+                msg.next_attempt_at = None
+                msg.updated_at = now
+                self._move_study_of(s, msg, (State.HELD,), State.QUEUED, "message.release", actor,
+                                    {"message_id": msg.id})
+                released.append(msg.id)
+        return released
 
     def _move_study_of(self, s: Session, msg: Message, from_states: tuple[State, ...], to_state: State,
                        event: str, actor: str, detail: dict[str, Any], **fields: Any) -> None:
