@@ -196,6 +196,18 @@ class PipelineConfig(_Section):
     lease_seconds: float = Field(900.0, gt=0)  # a claimed study another worker may take after this
 
 
+class BatchConfig(_Section):
+    """``psg-gateway batch``: worker processes, the bounded queue and where its files go."""
+
+    workers: int = Field(0, ge=0, le=256)  # decode/preprocess processes; 0: auto (cores/4 on CPU, cores-2 with a GPU)
+    queue_size: int = Field(2, ge=1, le=64)  # prepared nights waiting for the engine (bounds memory)
+    nights_per_call: int = Field(0, ge=0, le=64)  # nights per engine call; 0: auto (1 on CPU, 4 on a GPU)
+    filename_pattern: str | None = None  # identifiers from archive file names, as drop_folders[].filename_pattern
+    progress_interval_seconds: float = Field(30.0, gt=0)  # log line cadence when not on a terminal
+    spill_dir: Path | None = None  # prepared signals on their way to the engine; default /dev/shm or var/batch
+    summary_dir: Path | None = None  # run summaries; default <var_dir>/batch
+
+
 class HttpConfig(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -313,6 +325,7 @@ class GatewayConfig(_Section):
     drop_folders: list[DropFolderConfig] = Field(default_factory=list)
     dicom: DicomConfig = Field(default_factory=DicomConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
@@ -429,6 +442,9 @@ def resolve_paths(cfg: GatewayConfig, base: Path) -> GatewayConfig:
         cfg.montage.table = _under(base, cfg.montage.table)
     for folder in cfg.drop_folders:
         folder.path = _under(base, folder.path)
+    for key in ("spill_dir", "summary_dir"):
+        if getattr(cfg.batch, key) is not None:
+            setattr(cfg.batch, key, _under(base, getattr(cfg.batch, key)))
     for section, keys in ((cfg.dicom.tls, ("cert_file", "key_file", "ca_file")),
                           (cfg.hl7.tls, ("ca_file", "client_cert", "client_key"))):
         for key in keys:

@@ -508,6 +508,12 @@ class MontageTable:
             else:
                 self._regexes.append(rule)
 
+
+    def __setstate__(self, state: dict) -> None:
+        # Unpickled (a batch's worker processes get the table this way): the rules are new objects,
+        # so the position index, keyed by identity, is rebuilt.
+        self.__dict__.update(state)
+        self._position = {id(r): i for i, r in enumerate(self.rules)}
     def __repr__(self) -> str:
         return f"MontageTable(name={self.name!r}, version={self.version!r}, rules={len(self.rules)})"
 

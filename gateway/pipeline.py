@@ -121,7 +121,7 @@ class MontageHolder:
 @dataclass
 class Pipeline:
     repo: Repo
-    engine: Engine
+    engine: Engine | None  # None: the engine runs elsewhere (an archive batch on Ray)
     bundle: ModelBundle
     montage: MontageHolder
     paths: PathsConfig
@@ -156,11 +156,12 @@ class Pipeline:
 
     def _steps(self, study: Study, worker: str) -> Study:
         if study.state == State.INFERRED:  # resumed after a crash: outputs are stored, only flagging is left
-            return self._flag(study, worker)
+            return self.flag(study, worker)
         decoded = decode_and_map(self.input_paths(study), study.filename_pattern, self.montage.table, study.key,
                                  study.source)
         study = self.record_decoded(study, decoded, worker)
         t0 = time.perf_counter()
+        assert self.engine is not None, "this pipeline has no engine of its own"
         result = infer_prepared(self.engine, decoded.prepared)
         return self.record_inferred(study, decoded, result, worker, time.perf_counter() - t0)
 
@@ -207,9 +208,9 @@ class Pipeline:
                          output_path=str(out_dir), bundle_name=identity.name, bundle_version=identity.version,
                          bundle_hash=_bundle_hash(identity), bundle_validated=identity.validated,
                          timings=timings)
-        return self._flag(study, worker)
+        return self.flag(study, worker)
 
-    def _flag(self, study: Study, worker: str) -> Study:
+    def flag(self, study: Study, worker: str) -> Study:
         """INFERRED -> FLAGGED (nothing to send), QUEUED (message committed with the state) or SHADOW.
 
         Works from the stored outputs only, so a study resumed at INFERRED after a crash needs no model.
@@ -263,6 +264,10 @@ class Pipeline:
         self.metrics.study_transitions.labels(str(state)).inc()
         log.info(event, study_key=study.key, version=study.version, **detail)
         return study
+
+    def fail(self, study: Study, worker: str, exc: BaseException) -> Study | None:
+        """Record a failure of ``study``: a retry later (transient) or FAILED with its input quarantined."""
+        return self._failed(study, worker, classify(exc))
 
     def _failed(self, study: Study, worker: str, err: StepError) -> Study | None:
         current = self.repo.get(study.id)

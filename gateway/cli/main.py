@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .batch_cmd import batch
 from .demo_cmd import demo
 from .montage_cmd import montage_app
 from .outbox_cmd import hl7_app, outbox_app
@@ -38,6 +39,7 @@ app.add_typer(outbox_app, name="outbox")
 app.add_typer(hl7_app, name="hl7")
 app.command("run")(run)
 app.command("demo")(demo)
+app.command("batch")(batch)
 
 err = Console(stderr=True)
 out = Console()

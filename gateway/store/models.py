@@ -27,7 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["ArchiveFile", "BatchRun", "FINAL_STATES", "PIPELINE_DONE", "WORKING_STATES", "Base", "Event", "Instance", "Message", "MessageState", "Output", "ReferenceHazard", "State", "Study"]
+__all__ = ["FINAL_STATES", "PIPELINE_DONE", "WORKING_STATES", "ArchiveFile", "Base", "BatchRun", "Event", "Instance", "Message", "MessageState", "Output", "ReferenceHazard", "State", "Study"]
 
 
 class State(StrEnum):

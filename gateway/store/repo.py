@@ -22,9 +22,9 @@ from sqlalchemy.orm import Session
 from .db import is_sqlite, session_factory
 from .models import (
     FINAL_STATES,
-    ArchiveFile,
     PIPELINE_DONE,
     WORKING_STATES,
+    ArchiveFile,
     Event,
     Instance,
     Message,

@@ -1,0 +1,105 @@
+"""Where a batch's work runs. The runner asks a backend for futures and never waits on one study:
+
+* :class:`LocalBackend`: decode/preprocess (and hashing) in worker processes, the engine in this
+  process, fed several nights per call while the workers prepare the next ones;
+* ``RayBackend`` (``ray_backend.py``, the ``[ray]`` extra): the same two steps as Ray CPU tasks
+  and GPU (or CPU) actors across a cluster.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any, Protocol
+
+from inference.engine import Engine
+from inference.results import StudyResult
+
+from ..montage import MontageTable
+from .work import FileHash, Prepared, PrepareJob, WorkFailure, discard, hash_file, init_worker, load, prepare
+
+__all__ = ["Backend", "InferOutcome", "LocalBackend", "infer_many"]
+
+InferOutcome = StudyResult | BaseException
+
+
+class Backend(Protocol):
+    name: str
+    workers: int
+    infer_slots: int  # inference calls that may be in flight at once
+
+    def hash(self, path: str) -> Future[FileHash]: ...
+    def prepare(self, job: PrepareJob) -> Future[Prepared | WorkFailure]: ...
+    def infer(self, items: list[Prepared]) -> Future[list[InferOutcome]]: ...
+    def release(self, item: Prepared) -> None: ...
+    def close(self) -> None: ...
+
+
+def infer_many(engine: Engine, decoded: list) -> list[InferOutcome]:
+    """Run the engine over several nights at once; when the call fails, run them one by one so one
+    bad night fails alone (its error is returned in its place)."""
+    try:
+        return list(engine.run_many([d.prepared.study for d in decoded]))
+    except Exception as exc:  # noqa: BLE001 - isolate the night that caused it
+        if len(decoded) == 1:
+            return [exc]
+    out: list[InferOutcome] = []
+    for d in decoded:
+        try:
+            out.append(engine.run_many([d.prepared.study])[0])
+        except Exception as exc:  # noqa: BLE001
+            out.append(exc)
+    return out
+
+
+class LocalBackend:
+    name = "local"
+    infer_slots = 1
+
+    def __init__(self, engine: Engine, table: MontageTable, workers: int, spill_dir: Path):
+        self.engine = engine
+        self.workers = workers
+        self.spill_dir = spill_dir
+        self.table = table
+        # spawn, not fork: the engine's process has torch threads and open database connections.
+        self.pool = self._pool()
+
+    def _pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=init_worker, initargs=(self.table, str(self.spill_dir)))
+
+    def _submit(self, fn: Any, arg: Any) -> Future:
+        try:
+            return self.pool.submit(fn, arg)
+        except BrokenProcessPool:
+            # A worker died (killed for memory, a crash in C code): its studies come back as
+            # BrokenProcessPool and are retried; a fresh pool takes the work on.
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = self._pool()
+            return self.pool.submit(fn, arg)
+
+    def hash(self, path: str) -> Future[FileHash]:
+        return self._submit(hash_file, path)
+
+    def prepare(self, job: PrepareJob) -> Future[Prepared | WorkFailure]:
+        return self._submit(prepare, job)
+
+    def infer(self, items: list[Prepared]) -> Future[list[InferOutcome]]:
+        """Runs now, in this process (the workers keep preparing meanwhile); returns a done future."""
+        done: Future[list[InferOutcome]] = Future()
+        done.set_result(infer_many(self.engine, [load(p) for p in items]))
+        return done
+
+    def release(self, item: Prepared) -> None:
+        discard(item)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.spill_dir.name.startswith("psg-batch-"):  # our own folder under /dev/shm
+            shutil.rmtree(self.spill_dir, ignore_errors=True)
+        else:
+            for leftover in self.spill_dir.glob("*.f32"):
+                leftover.unlink(missing_ok=True)

@@ -1,0 +1,196 @@
+"""Walking a PSG archive: EDF/BDF files, and DICOM waveform files grouped into studies by StudyInstanceUID.
+
+Only headers are read here (an EDF's 256 bytes, a DICOM file's top-level elements up to the waveform
+data), so listing a large archive is quick. A file whose header cannot be read is not fatal: an EDF
+goes on as an item and fails, with its reason, when it is decoded; a DICOM file that cannot be parsed
+at all (so its study is unknown) is listed as unreadable.
+
+``--include``/``--exclude`` patterns are shell globs matched against the path relative to the archive
+root given on the command line (``*`` also matches ``/``, so ``*.edf`` matches at any depth);
+``--since`` compares the recording's date (EDF start date, DICOM Study/Acquisition date) and falls
+back to the file's modification date when the header has none.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+from ..readers import DICOM_SUFFIXES, EDF_SUFFIXES
+from ..readers.dicom_waveform import ACCEPTED_SOP_CLASSES
+from ..readers.edf_header import read_header
+from ..readers.errors import ReaderError
+
+__all__ = ["ArchiveItem", "DicomInstanceRef", "Discovery", "discover"]
+
+_SKIP_SUFFIXES = (".part", ".tmp", "~", ".crdownload")
+
+
+@dataclass(frozen=True)
+class DicomInstanceRef:
+    path: Path
+    sop_instance_uid: str
+    sop_class_uid: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ArchiveItem:
+    """One study found in the archive: an EDF/BDF file, or the DICOM instances of one study."""
+
+    kind: str  # "file" | "dicom"
+    root: Path  # the archive path given on the command line
+    name: str  # relative to root (a DICOM study: its first instance's folder); for the summary only
+    paths: tuple[Path, ...]
+    recorded: date | None
+    study_uid: str | None = None
+    instances: tuple[DicomInstanceRef, ...] = ()
+
+    @property
+    def source(self) -> str:
+        return f"archive:{self.root}"
+
+
+@dataclass
+class Discovery:
+    items: list[ArchiveItem] = field(default_factory=list)
+    skipped: Counter[str] = field(default_factory=Counter)  # why files were passed over -> count
+    unreadable: list[tuple[str, str]] = field(default_factory=list)  # (relative name, reason)
+
+
+def discover(roots: Sequence[Path], *, since: date | None = None, include: Sequence[str] = (),
+             exclude: Sequence[str] = ()) -> Discovery:
+    """Every study under ``roots`` that passes the filters, in a stable order (path order)."""
+    found = Discovery()
+    dicom: dict[str, list[DicomInstanceRef]] = {}
+    dicom_meta: dict[str, tuple[Path, str, date | None]] = {}
+    seen: set[Path] = set()
+    for root in roots:
+        root = Path(root)
+        for path in _walk(root):
+            real = path.resolve()
+            if real in seen:  # the same file under two of the archive paths given
+                continue
+            seen.add(real)
+            rel = path.relative_to(root).as_posix() if path != root else path.name
+            if include and not any(fnmatch.fnmatchcase(rel, p) for p in include):
+                found.skipped["not included (--include)"] += 1
+                continue
+            if any(fnmatch.fnmatchcase(rel, p) for p in exclude):
+                found.skipped["excluded (--exclude)"] += 1
+                continue
+            kind = _kind(path)
+            if kind == "edf":
+                recorded = _edf_date(path)
+                if since and (recorded or _mtime_date(path)) < since:
+                    found.skipped["recorded before --since"] += 1
+                    continue
+                found.items.append(ArchiveItem("file", root, rel, (path,), recorded))
+            elif kind == "dicom":
+                meta = _dicom_meta(path)
+                if isinstance(meta, str):
+                    found.unreadable.append((rel, meta))
+                    continue
+                study_uid, sop_uid, sop_class, recorded = meta
+                if sop_class not in ACCEPTED_SOP_CLASSES:
+                    found.skipped["DICOM object that is not a PSG waveform"] += 1
+                    continue
+                if since and (recorded or _mtime_date(path)) < since:
+                    found.skipped["recorded before --since"] += 1
+                    continue
+                ref = DicomInstanceRef(path, sop_uid, sop_class, path.stat().st_size)
+                if study_uid not in dicom:
+                    dicom[study_uid] = []
+                    dicom_meta[study_uid] = (root, str(Path(rel).parent.as_posix()), recorded)
+                    # Placeholder keeps the study at the position of its first instance.
+                    found.items.append(ArchiveItem("dicom", root, study_uid, (), recorded, study_uid))
+                dicom[study_uid].append(ref)
+            else:
+                found.skipped["not a PSG file"] += 1
+    found.items = [_complete(item, dicom, dicom_meta) for item in found.items]
+    return found
+
+
+def _complete(item: ArchiveItem, dicom: dict[str, list[DicomInstanceRef]],
+              meta: dict[str, tuple[Path, str, date | None]]) -> ArchiveItem:
+    if item.kind != "dicom":
+        return item
+    refs = tuple(sorted(dicom[item.name], key=lambda r: str(r.path)))
+    root, folder, recorded = meta[item.name]
+    return ArchiveItem("dicom", root, f"{folder}/ ({len(refs)} DICOM object{'s' if len(refs) != 1 else ''})",
+                       tuple(r.path for r in refs), recorded, item.name, refs)
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    if root.is_file():
+        yield root
+        return
+    for folder, dirs, files in os.walk(root, onerror=None):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith(".") or name.lower().endswith(_SKIP_SUFFIXES):
+                continue
+            yield Path(folder) / name
+
+
+def _kind(path: Path) -> str | None:
+    suffix = path.suffix.lower()
+    if suffix in EDF_SUFFIXES:
+        return "edf"
+    if suffix in (".json", ".csv", ".txt", ".tsv", ".xml"):  # sidecars, scoring exports
+        return None
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return None
+    if head[:8] == b"0       " or head[:8] == b"\xffBIOSEMI":
+        return "edf"
+    if suffix in DICOM_SUFFIXES or (len(head) >= 132 and head[128:132] == b"DICM"):
+        return "dicom"
+    return None
+
+
+def _edf_date(path: Path) -> date | None:
+    try:
+        start = read_header(path).start
+    except (ReaderError, OSError):
+        return None  # decoding will fail and say why; it is still an item of the archive
+    return start.date() if start else None
+
+
+def _mtime_date(path: Path) -> date:
+    return datetime.fromtimestamp(path.stat().st_mtime, UTC).date()
+
+
+def _dicom_meta(path: Path) -> tuple[str, str, str, date | None] | str:
+    """(study UID, SOP instance UID, SOP class UID, date) from the header, or why it cannot be read."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, defer_size="4 KB",
+                             specific_tags=["StudyInstanceUID", "SOPInstanceUID", "SOPClassUID", "StudyDate",
+                                            "AcquisitionDateTime", "ContentDate"])
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        return f"not a readable DICOM file: {type(exc).__name__}"
+    study_uid = str(ds.get("StudyInstanceUID", "") or "")
+    sop_uid = str(ds.get("SOPInstanceUID", "") or "")
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    if not study_uid or not sop_uid or not sop_class:
+        return "DICOM file without StudyInstanceUID, SOPInstanceUID or SOPClassUID"
+    text = str(ds.get("StudyDate", "") or ds.get("AcquisitionDateTime", "") or ds.get("ContentDate", "") or "")
+    return study_uid, sop_uid, sop_class, _da(text)
+
+
+def _da(text: str) -> date | None:
+    try:
+        return datetime.strptime(text[:8], "%Y%m%d").date() if len(text) >= 8 else None
+    except ValueError:
+        return None
+

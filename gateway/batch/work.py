@@ -1,0 +1,183 @@
+"""What a batch's worker processes (or Ray's CPU tasks) do: hash a file, decode + map + preprocess a study.
+
+A prepared 8-hour night is ~250 MB of float32 signals. Sent back through a pipe it would be pickled,
+copied and unpickled in the process that runs the engine; instead a local worker writes the arrays
+to a spill file (on ``/dev/shm`` where there is room) and the engine's process maps them read-only:
+one copy, made by the worker, while the engine keeps computing. Ray's object store does the same for
+its tasks, so there the arrays travel inline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..montage import MontageTable
+from ..steps import Decoded, decode_and_map
+
+__all__ = [
+    "FileHash",
+    "PrepareJob",
+    "Prepared",
+    "WorkFailure",
+    "choose_spill_dir",
+    "discard",
+    "hash_file",
+    "init_worker",
+    "load",
+    "prepare",
+]
+
+_table: MontageTable | None = None
+_spill_dir: Path | None = None
+
+
+def init_worker(table: MontageTable, spill_dir: str | None) -> None:
+    """Process initializer: one thread per worker (the workers are the parallelism), the site's table."""
+    global _table, _spill_dir
+    from inference.preprocess import set_default_workers
+
+    set_default_workers(1)
+    # Ctrl-C reaches the whole process group: the runner stops the batch in order, the workers must
+    # not die under it mid-study.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:  # pragma: no cover - torch is a dependency; workers do not need it
+        pass
+    _table = table
+    _spill_dir = Path(spill_dir) if spill_dir else None
+
+
+@dataclass(frozen=True)
+class FileHash:
+    sha256: str
+    size: int
+    mtime_ns: int
+    seconds: float
+
+
+def hash_file(path: str) -> FileHash:
+    """SHA-256 of the file's content with the size and mtime it had when read (the cache's key)."""
+    t0 = time.perf_counter()
+    st = os.stat(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            digest.update(block)
+    return FileHash(digest.hexdigest(), st.st_size, st.st_mtime_ns, time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class PrepareJob:
+    study_id: int
+    key: str  # the study key: the only name a spill file or a log line carries
+    paths: tuple[str, ...]
+    filename_pattern: str | None
+    source: str
+
+
+@dataclass(frozen=True)
+class SpillRef:
+    path: str
+    layout: tuple[tuple[str, int, int, int], ...]  # (modality, rows, columns, byte offset)
+
+
+@dataclass
+class Prepared:
+    job: PrepareJob
+    decoded: Decoded
+    spill: SpillRef | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WorkFailure:
+    """A study's CPU part failed: the reason as the pipeline classifies it (no paths, no identifiers).
+    Returned, not raised, so that no exception type has to survive pickling between processes."""
+
+    job: PrepareJob
+    reason: str
+    transient: bool
+
+
+def prepare(job: PrepareJob, table: MontageTable | None = None,
+            spill_dir: str | None = None) -> Prepared | WorkFailure:
+    """Decode, map and preprocess one study; a failure comes back classified."""
+    from ..pipeline import classify
+
+    try:
+        return _prepare(job, table, spill_dir)
+    except Exception as exc:  # noqa: BLE001 - every failure is the study's, recorded by the runner
+        err = classify(exc)
+        return WorkFailure(job, str(err), err.transient)
+
+
+def _prepare(job: PrepareJob, table: MontageTable | None, spill_dir: str | None) -> Prepared:
+    table = table or _table
+    if table is None:
+        raise RuntimeError("worker not initialised with a montage table")
+    t0 = time.perf_counter()
+    decoded = decode_and_map([Path(p) for p in job.paths], job.filename_pattern, table, job.key, job.source)
+    where = Path(spill_dir) if spill_dir else _spill_dir
+    spill = _spill(decoded, where, job.key) if where is not None else None
+    return Prepared(job, decoded, spill, {"worker_s": round(time.perf_counter() - t0, 3)})
+
+
+def _spill(decoded: Decoded, folder: Path, key: str) -> SpillRef:
+    signals = decoded.prepared.study.signals
+    path = folder / f"{key}.{os.getpid()}.f32"
+    layout = []
+    offset = 0
+    with open(path, "wb") as fh:
+        for modality, arr in signals.items():
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+            fh.write(memoryview(arr).cast("B"))
+            layout.append((modality, int(arr.shape[0]), int(arr.shape[1]), offset))
+            offset += arr.nbytes
+    decoded.prepared.study.signals = {}
+    return SpillRef(str(path), tuple(layout))
+
+
+def load(prepared: Prepared) -> Decoded:
+    """The decoded study with its signals mapped back from the spill file (read-only, no copy)."""
+    spill = prepared.spill
+    if spill is not None and not prepared.decoded.prepared.study.signals:
+        signals = {}
+        for modality, rows, cols, offset in spill.layout:
+            signals[modality] = (np.memmap(spill.path, dtype=np.float32, mode="r", offset=offset, shape=(rows, cols))
+                                 if rows * cols else np.empty((rows, cols), np.float32))
+        prepared.decoded.prepared.study.signals = signals
+    return prepared.decoded
+
+
+def discard(prepared: Prepared) -> None:
+    """Drop the spill file (the mapping, if any, lives on until the arrays are garbage)."""
+    if prepared.spill is not None:
+        try:
+            os.unlink(prepared.spill.path)
+        except FileNotFoundError:
+            pass
+    prepared.decoded.prepared.study.signals = {}
+
+
+def choose_spill_dir(fallback: Path, configured: Path | None = None, need_bytes: int = 2 << 30) -> Path:
+    """Where workers put prepared signals: the configured folder, else ``/dev/shm`` when it has room
+    for the queue (memory-backed, no disk writes), else ``fallback`` (a folder under var/)."""
+    if configured is not None:
+        folder = Path(configured)
+    else:
+        shm = Path("/dev/shm")
+        ok = shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= need_bytes
+        folder = shm / f"psg-batch-{os.getpid()}" if ok else Path(fallback)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
