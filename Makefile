@@ -8,7 +8,7 @@ DEMO_DIR ?= demo-out
 DEMO_HOURS ?= 8
 PYTEST_ARGS ?=
 
-.PHONY: install demo run peers test bench bench-receiver bench-hl7 lint clean
+.PHONY: install demo run peers test bench bench-receiver bench-hl7 bench-batch lint clean
 
 # torch first, pinned: a bare or open-ended torch requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -18,6 +18,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# The tests also cover the optional Ray backend (psg-gateway[ray]) on a local Ray instance.
+TEST_EXTRAS := $(VENV)/.psg-test-extras
+$(TEST_EXTRAS): $(STAMP)
+	$(BIN)/pip install --quiet -e ".[dev,ray]"
+	touch $(TEST_EXTRAS)
 
 # The daemon on the embedded defaults (deploy/demo.yaml: SQLite and folders under ./var, DICOM on
 # 127.0.0.1:11112): one EDF dropped into the folder, one DICOM study sent to the port, results shown.
@@ -38,7 +44,7 @@ peers:
 	  { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q dcmtk >/dev/null; } || \
 	  echo "could not install DCMTK: DICOM peer tests will be skipped"; }
 
-test: $(STAMP) peers
+test: $(STAMP) $(TEST_EXTRAS) peers
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
@@ -49,6 +55,10 @@ bench-receiver: $(STAMP) peers
 
 bench-hl7: $(STAMP)
 	$(BIN)/python bench/bench_hl7.py
+
+# 12 synthetic 8-hour nights through psg-gateway batch, against the single-night rate (same process).
+bench-batch: $(STAMP)
+	$(BIN)/python bench/bench_batch.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway inference tests bench

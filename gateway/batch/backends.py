@@ -34,7 +34,7 @@ class Backend(Protocol):
     def hash(self, path: str) -> Future[FileHash]: ...
     def prepare(self, job: PrepareJob) -> Future[Prepared | WorkFailure]: ...
     def infer(self, items: list[Prepared]) -> Future[list[InferOutcome]]: ...
-    def release(self, item: Prepared) -> None: ...
+    def release(self, item: Prepared | WorkFailure) -> None: ...
     def close(self) -> None: ...
 
 
@@ -93,8 +93,9 @@ class LocalBackend:
         done.set_result(infer_many(self.engine, [load(p) for p in items]))
         return done
 
-    def release(self, item: Prepared) -> None:
-        discard(item)
+    def release(self, item: Prepared | WorkFailure) -> None:
+        if isinstance(item, Prepared):
+            discard(item)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

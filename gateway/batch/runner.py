@@ -437,6 +437,7 @@ class BatchRunner:
 
     def _prepared(self, entry: _Entry, outcome: Prepared | WorkFailure | BaseException) -> None:
         if isinstance(outcome, WorkFailure):
+            self.backend.release(outcome)
             self._failed(entry, StepError(outcome.reason, outcome.transient))
             return
         if isinstance(outcome, BrokenProcessPool):  # not this study's fault alone: try it again

@@ -1,4 +1,4 @@
-"""``psg-gateway outbox list|show|retry|resend`` and ``psg-gateway hl7 test-destination|preview``."""
+"""``psg-gateway outbox list|show|retry|resend|release`` and ``psg-gateway hl7 test-destination|preview``."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _row(m: Message) -> dict[str, Any]:
 
 @outbox_app.command("list")
 def outbox_list(config: ConfigOption = None,
-                state: Annotated[str | None, typer.Option(help="PENDING, SENT, DEAD, SHADOW, SUPERSEDED")] = None,
+                state: Annotated[str | None, typer.Option(help="PENDING, SENT, DEAD, SHADOW, HELD, SUPERSEDED")] = None,
                 study: Annotated[int | None, typer.Option(help="Only this study id")] = None,
                 limit: Annotated[int, typer.Option(help="Newest N messages")] = 50,
                 as_json: JsonOption = False) -> None:
@@ -85,6 +85,27 @@ def outbox_retry(message_id: int, config: ConfigOption = None) -> None:
 def outbox_resend(message_id: int, config: ConfigOption = None) -> None:
     """Send an already delivered message once more (the EHR lost it); same ER7, same MSH-10."""
     _requeue(message_id, config, resend=True)
+
+
+@outbox_app.command("release")
+def outbox_release(
+    message_ids: Annotated[list[int] | None, typer.Argument(help="HELD messages to release")] = None,
+    all_held: Annotated[bool, typer.Option("--all", help="Release every HELD message")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Send messages an archive batch held (run without --send): HELD -> PENDING, their studies QUEUED.
+
+    The daemon's delivery job then sends them in order, as it sends its own.
+    """
+    if not message_ids and not all_held:
+        err.print("[bold red]error:[/] name the messages to release, or --all")
+        raise typer.Exit(2)
+    released = _repo(config).message_release(None if all_held else message_ids, actor="cli")
+    missing = sorted(set(message_ids or ()) - set(released))
+    out.print(f"released {len(released)} message(s)")
+    if missing:
+        err.print(f"not HELD (or unknown): {', '.join(map(str, missing))}")
+        raise typer.Exit(1)
 
 
 @hl7_app.command("test-destination")
