@@ -21,7 +21,7 @@ import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -199,7 +199,9 @@ class PipelineConfig(_Section):
 class BatchConfig(_Section):
     """``psg-gateway batch``: worker processes, the bounded queue and where its files go."""
 
-    workers: int = Field(0, ge=0, le=256)  # decode/preprocess processes; 0: auto (cores/4 on CPU, cores-2 with a GPU)
+    # decode/preprocess processes; 0: inline in the engine's process; auto: cores-2 with a GPU,
+    # cores/4 on a CPU engine with more than 4 cores, else inline
+    workers: Annotated[int, Field(ge=0, le=256)] | Literal["auto"] = "auto"
     queue_size: int = Field(2, ge=1, le=64)  # prepared nights waiting for the engine (bounds memory)
     nights_per_call: int = Field(0, ge=0, le=64)  # nights per engine call; 0: auto (1 on CPU, 4 on a GPU)
     filename_pattern: str | None = None  # identifiers from archive file names, as drop_folders[].filename_pattern

@@ -99,6 +99,17 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
+def set_default_workers(n: int) -> None:
+    """Threads one channel's preprocessing may use (default: up to 4). A process that is itself one of
+    several parallel workers (an archive batch) sets 1, so the workers do not fight over the cores."""
+    global _DEFAULT_WORKERS, _POOL
+    if n < 1:
+        raise ValueError(f"workers must be >= 1, got {n}")
+    with _POOL_LOCK:
+        _DEFAULT_WORKERS = int(n)
+        _POOL = None  # the next call makes a pool of the new size
+
+
 def _forget_pool_after_fork() -> None:  # pragma: no cover - runs in forked children
     # A forked child inherits the executor object but not its threads; start a fresh one there.
     global _POOL, _POOL_LOCK

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import shutil
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,22 +56,30 @@ def infer_many(engine: Engine, decoded: list) -> list[InferOutcome]:
 
 
 class LocalBackend:
+    """``workers`` >= 1: decode/preprocess in that many worker processes, overlapping the engine.
+    ``workers`` = 0 (inline): each study is prepared in this process, with all cores, just before the
+    engine runs it; only hashing overlaps (a thread: hashlib releases the GIL). On a small CPU-only
+    machine the engine already keeps every core busy, and a worker process beside it only slows it
+    down (``bench/bench_batch.py``), so that is the automatic choice there."""
+
     name = "local"
     infer_slots = 1
 
-    def __init__(self, engine: Engine, table: MontageTable, workers: int, spill_dir: Path):
+    def __init__(self, engine: Engine, table: MontageTable, workers: int, spill_dir: Path | None):
         self.engine = engine
         self.workers = workers
         self.spill_dir = spill_dir
         self.table = table
         # spawn, not fork: the engine's process has torch threads and open database connections.
-        self.pool = self._pool()
+        self.pool: ProcessPoolExecutor | None = self._pool() if workers else None
+        self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="psg-hash") if not workers else None
 
     def _pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=init_worker, initargs=(self.table, str(self.spill_dir)))
 
     def _submit(self, fn: Any, arg: Any) -> Future:
+        assert self.pool is not None
         try:
             return self.pool.submit(fn, arg)
         except BrokenProcessPool:
@@ -82,9 +90,15 @@ class LocalBackend:
             return self.pool.submit(fn, arg)
 
     def hash(self, path: str) -> Future[FileHash]:
+        if self.hasher is not None:
+            return self.hasher.submit(hash_file, path)
         return self._submit(hash_file, path)
 
     def prepare(self, job: PrepareJob) -> Future[Prepared | WorkFailure]:
+        if self.pool is None:  # inline: now, in this process, signals kept in memory
+            done: Future[Prepared | WorkFailure] = Future()
+            done.set_result(prepare(job, self.table))
+            return done
         return self._submit(prepare, job)
 
     def infer(self, items: list[Prepared]) -> Future[list[InferOutcome]]:
@@ -98,7 +112,11 @@ class LocalBackend:
             discard(item)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        for pool in (self.pool, self.hasher):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        if self.spill_dir is None:
+            return
         if self.spill_dir.name.startswith("psg-batch-"):  # our own folder under /dev/shm
             shutil.rmtree(self.spill_dir, ignore_errors=True)
         else:

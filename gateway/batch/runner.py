@@ -261,22 +261,25 @@ class BatchRunner:
         device = resolve_device(self.cfg.model.device) if self.opts.ray is None else None
         gpu = device is not None and device.type == "cuda"
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        workers = self.opts.workers or cfg.workers or (max(1, cores - 2) if gpu else max(1, cores // 4))
+        chosen = self.opts.workers if self.opts.workers is not None else cfg.workers
+        workers = _auto_workers(cores, gpu) if chosen == "auto" else int(chosen)
         self.nights_per_call = cfg.nights_per_call or (4 if gpu or self.opts.ray else 1)
         if self.opts.ray is not None:
             from .ray_backend import RayBackend
 
             backend: Backend = RayBackend(self.opts.ray, self.bundle_dir, self.montage.table, self.cfg.model,
-                                          workers=self.opts.workers or cfg.workers or None)
+                                          workers=None if chosen == "auto" else int(chosen) or None)
         else:
+            # On a CPU engine, the worker processes' cores are not the engine's: no oversubscription.
+            threads = self.cfg.model.threads or (max(1, cores - workers) if workers and not gpu else None)
             engine = Engine(self.bundle, EngineOptions(device=self.cfg.model.device,
-                                                       precision=self.cfg.model.precision,
-                                                       threads=self.cfg.model.threads or None,
+                                                       precision=self.cfg.model.precision, threads=threads,
                                                        windows_per_batch=self.cfg.model.windows_per_batch))
             spill = choose_spill_dir(Path(self.cfg.paths.var_dir) / "batch" / "spill", cfg.spill_dir,
-                                     need_bytes=(workers + cfg.queue_size + 1) * (300 << 20))
+                                     need_bytes=(workers + cfg.queue_size + 1) * (300 << 20)) if workers else None
             backend = LocalBackend(engine, self.montage.table, workers, spill)
-        self.depth = backend.workers + cfg.queue_size  # prepared or preparing, not yet in the engine
+        # Prepared or preparing, not yet in the engine: the bound on memory. Inline, one at a time.
+        self.depth = backend.workers + cfg.queue_size if backend.workers else 1
         log.info("batch.backend", backend=backend.name, workers=backend.workers, queue=cfg.queue_size,
                  nights_per_call=self.nights_per_call)
         return backend
@@ -292,7 +295,7 @@ class BatchRunner:
         self.inferring: dict[Future, list[tuple[_Entry, Prepared]]] = {}
         while not self.stop_requested:
             # 1. register: files by their hash (in the workers, cached by path/size/mtime), DICOM by UID
-            while pending and len(self.hashing) < 2 * self.backend.workers and \
+            while pending and len(self.hashing) < 2 * max(1, self.backend.workers) and \
                     len(self.to_prepare) < 2 * self.depth and not self._limit_reached():
                 self._register(pending.popleft())
             if self._limit_reached() and pending:
@@ -555,6 +558,15 @@ class BatchRunner:
         log.info("batch.exported", run=self.run_id, studies=report.studies, written=report.files_written,
                  kept=report.files_kept, skipped=len(report.skipped))
         return report
+
+
+def _auto_workers(cores: int, gpu: bool) -> int:
+    """Worker processes by default: with a GPU, every core but two (the engine's feeder and the
+    database); on a CPU engine a quarter of the cores, and none (inline) up to 4 cores, where the
+    engine alone keeps them busy and a worker beside it costs more than it overlaps (bench_batch)."""
+    if gpu:
+        return max(1, cores - 2)
+    return cores // 4 if cores > 4 else 0
 
 
 def _result(fut: Future) -> Any:

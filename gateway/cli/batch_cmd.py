@@ -35,7 +35,8 @@ def batch(
         help="Only paths matching this glob (relative to the archive; repeatable)")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Skip paths matching this glob (repeatable)")] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Process at most N studies in this run")] = None,
-    workers: Annotated[int | None, typer.Option(min=1, help="Decode/preprocess processes (default: batch.workers)")
+    workers: Annotated[int | None, typer.Option(
+        min=0, help="Decode/preprocess processes; 0: inline in the engine's process (default: batch.workers)")
                        ] = None,
     send: Annotated[bool, typer.Option(
         "--send/--no-send", help="Queue ORU messages for the EHR like the daemon (default: hold them)")] = False,
