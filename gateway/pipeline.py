@@ -312,8 +312,11 @@ class Pipeline:
             dest.mkdir(parents=True, exist_ok=True)
             _write_reason(dest / "REASON.txt", study)
         if study.source_kind == "dicom":
+            instances = self.repo.instances_of(study.id)
+            if not any(self._owned(Path(i.path)) for i in instances):
+                return  # an archive batch's study: its files stay in the archive
             dest.mkdir(parents=True, exist_ok=True)
-            for inst in self.repo.instances_of(study.id):
+            for inst in instances:
                 src = Path(inst.path)
                 if src.parent == dest or not self._owned(src):
                     continue

@@ -222,6 +222,8 @@ class BatchRunner:
                 self._loop([_Entry(item) for item in found.items], bar)
             if self.stop_requested:
                 status = "interrupted"
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now, still in order below
+            status = "interrupted"
         except SQLAlchemyError as exc:
             status = "failed"
             log.error("batch.database_failed", run=self.run_id, error=type(getattr(exc, "orig", exc)).__name__)
