@@ -48,10 +48,17 @@ class HazardRow:
     phecode: str
     phenotype: str
     log_hazard: float
+    head: str = ""  # "" for the bundle's diagnosis head, else the site head's name@checksum
 
     @property
     def hazard_ratio(self) -> float:
         return math.exp(self.log_hazard)
+
+    @property
+    def reference_label(self) -> str:
+        """The key of this outcome in the site reference: a site head's outcomes are kept per head
+        version, so a re-fitted head starts a fresh reference."""
+        return self.phecode if not self.head else f"{self.phecode}@{self.head.rsplit('@', 1)[-1]}"
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,7 @@ class Flag:
     hazard_ratio: float
     percentile: float | None  # None while percentile thresholds are inactive
     reason: str
+    head: str = ""  # "" for the bundle's diagnosis head, else the site head's name@checksum
 
 
 @dataclass(frozen=True)
@@ -98,7 +106,7 @@ def outcome_code(outcome: FlagOutcome) -> str:
 
 def read_hazards(path: Path) -> list[HazardRow]:
     with open(path, newline="", encoding="utf-8") as f:
-        return [HazardRow(int(r["index"]), r["phecode"], r["phenotype"], float(r["log_hazard"]))
+        return [HazardRow(int(r["index"]), r["phecode"], r["phenotype"], float(r["log_hazard"]), r.get("head") or "")
                 for r in csv.DictReader(f)]
 
 
@@ -121,8 +129,12 @@ def watched_hazards(cfg: FlagsConfig, rows: list[HazardRow]) -> dict[str, float]
     for outcome in cfg.outcomes:
         row = _find(rows, outcome.label)
         if row is not None:
-            out[outcome.label] = row.log_hazard
+            out[_ref_label(outcome.label, row)] = row.log_hazard
     return out
+
+
+def _ref_label(label: str, row: HazardRow) -> str:
+    return label if not row.head else f"{label}@{row.head.rsplit('@', 1)[-1]}"
 
 
 def evaluate(cfg: FlagsConfig, hazards: list[HazardRow] | None, sleep: dict[str, Any] | None,
@@ -132,7 +144,7 @@ def evaluate(cfg: FlagsConfig, hazards: list[HazardRow] | None, sleep: dict[str,
     for outcome in cfg.outcomes if hazards else []:
         row = _find(hazards, outcome.label)
         if row is None:
-            decision.notes.append(f"outcome '{outcome.label}' is not in this model's diagnosis head")
+            decision.notes.append(f"outcome '{outcome.label}' is not in this model's diagnosis head or site heads")
             continue
         reasons = []
         hr = row.hazard_ratio
@@ -140,7 +152,7 @@ def evaluate(cfg: FlagsConfig, hazards: list[HazardRow] | None, sleep: dict[str,
             reasons.append(f"hazard ratio {hr:.2f} >= {outcome.hazard_ratio:g}")
         percentile = None
         if outcome.percentile is not None:
-            ref = percentile_of(outcome.label, row.log_hazard)
+            ref = percentile_of(_ref_label(outcome.label, row), row.log_hazard)
             if ref is None or ref[1] < cfg.percentile_min_reference:
                 if not inactive_noted:
                     size = 0 if ref is None else ref[1]
@@ -155,7 +167,7 @@ def evaluate(cfg: FlagsConfig, hazards: list[HazardRow] | None, sleep: dict[str,
                                    f"(site reference of {ref[1]} studies)")
         if reasons:
             decision.flags.append(Flag(outcome.label, outcome_code(outcome), row.phecode, row.phenotype,
-                                       row.log_hazard, hr, percentile, "; ".join(reasons)))
+                                       row.log_hazard, hr, percentile, "; ".join(reasons), row.head))
     if hazards is None and cfg.outcomes:
         decision.notes.append("no diagnosis head in the model bundle: no risk flags")
     for rule in cfg.sleep_findings:

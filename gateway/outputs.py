@@ -8,7 +8,7 @@ OUT/
   night.npy                 (512,)   float32  BAS|RESP|EKG|EMG window means; NaN for a missing modality
   hypnogram.csv             epoch, onset_s, stage, p_W, p_N1, p_N2, p_N3, p_REM
   metrics.json              sleep metrics, modalities, montage, model bundle, timings
-  hazards.csv               index, phecode, phenotype, log_hazard, hazard_ratio
+  hazards.csv               index, phecode, phenotype, log_hazard, hazard_ratio, head ("" or a site head)
 ```
 """
 
@@ -67,6 +67,8 @@ def metrics_document(result: StudyResult, extra: dict[str, Any] | None = None) -
         "precision": result.precision,
         "timings_s": {k: round(v, 4) for k, v in result.timings_s.items()},
     }
+    if result.site_results:
+        doc["site_heads"] = result.site_results
     if not result.validated:
         doc["notice"] = "Model bundle not validated by this site: NOT FOR CLINICAL USE."
     doc.update(extra or {})
@@ -93,8 +95,8 @@ def write_study_outputs(result: StudyResult, out_dir: Path, extra: dict[str, Any
                                         hypnogram_rows(result)))
     if result.hazards is not None:
         hz = result.hazards
-        rows = [[o.index, o.phecode, o.name, f"{lh:.6f}", f"{hr:.6f}"]
+        rows = [[o.index, o.phecode, o.name, f"{lh:.6f}", f"{hr:.6f}", o.head]
                 for o, lh, hr in zip(hz.outcomes, hz.log_hazard, hz.hazard_ratio)]
-        put("hazards.csv", _csv_bytes(["index", "phecode", "phenotype", "log_hazard", "hazard_ratio"], rows))
+        put("hazards.csv", _csv_bytes(["index", "phecode", "phenotype", "log_hazard", "hazard_ratio", "head"], rows))
     put("metrics.json", (json.dumps(metrics_document(result, extra), indent=2) + "\n").encode("utf-8"))
     return written

@@ -22,6 +22,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -32,6 +33,10 @@ from .models import DiagnosisHead, EncoderConfig, HeadConfig, SleepEncoder, Stag
 BASE_DIR, STAGING_DIR, DIAGNOSIS_DIR = "model_base", "model_sleep_staging", "model_diagnosis"
 DEMO_BUNDLE_NAME = "sleepfm-demo-untrained"
 DEMO_BUNDLE_VERSION = "1"
+
+
+if TYPE_CHECKING:
+    from .site_heads import SiteHead
 
 
 class BundleError(ValueError):
@@ -67,6 +72,7 @@ class Outcome:
     index: int
     phecode: str
     name: str
+    head: str = ""  # "" for the bundle's diagnosis head; a site head's ``name@checksum`` otherwise
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,7 @@ class BundleIdentity:
     validated: bool
     path: str
     checkpoints: dict[str, str] = field(default_factory=dict)  # component -> SHA-256
+    site_heads: dict[str, str] = field(default_factory=dict)  # a site's own heads in use: name -> SHA-256
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -94,6 +101,7 @@ class ModelBundle:
     outcomes: list[Outcome]
     demographics: DemographicsEncoding
     modalities: tuple[str, ...] = ("BAS", "RESP", "EKG", "EMG")
+    site_heads: list[SiteHead] = field(default_factory=list)  # the site's own heads (psg-gateway heads)
 
     def modules(self) -> list[nn.Module]:
         return [m for m in (self.encoder, self.staging, self.diagnosis) if m is not None]

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .bundle import ModelBundle, load_bundle
+from .bundle import ModelBundle, Outcome, load_bundle
 from .hypnogram import build_staging
 from .results import (
     MODALITIES,
@@ -282,6 +282,7 @@ class Engine:
             demo = torch.tensor([[age_feature, sex_feature]], device=self.device)
             log_hazard = self.bundle.diagnosis(stacked, demo, modality_mask)
             hazards = Hazards(log_hazard[0].float().cpu().numpy(), self.bundle.outcomes)
+        hazards, site_results = self._site_heads(study, night, tokens, hazards)
         return StudyResult(
             key=study.key,
             n_tokens=n_tokens,
@@ -299,7 +300,29 @@ class Engine:
             },
             device=str(self.device),
             precision=self.options.precision,
+            site_results=site_results,
         )
+
+    def _site_heads(self, study: StudyInput, night: np.ndarray, tokens: dict[str, Tensor],
+                    hazards: Hazards | None) -> tuple[Hazards | None, dict[str, dict]]:
+        """The site's own heads on this night: Cox outcomes join the hazards (named by their head),
+        the apnea head's result goes beside them."""
+        if not self.bundle.site_heads:
+            return hazards, {}
+        from .site_heads import apply_apnea, apply_cox
+
+        values = [] if hazards is None else list(hazards.log_hazard.astype(np.float32))
+        outcomes = [] if hazards is None else list(hazards.outcomes)
+        site: dict[str, dict] = {}
+        for head in self.bundle.site_heads:
+            if head.cox:
+                for label, lp in apply_cox(head, night, study.age_years, study.sex):
+                    outcomes.append(Outcome(len(outcomes), label, label, head.ident))
+                    values.append(lp)
+            if head.apnea is not None:
+                site[head.name] = apply_apnea(head, night, {m: t.numpy() for m, t in tokens.items()})
+        merged = Hazards(np.asarray(values, dtype=np.float32), outcomes) if outcomes else hazards
+        return merged, site
 
     def _stage(self, stacked: Tensor, modality_mask: Tensor) -> np.ndarray:
         """Stage probabilities per token; nights longer than the head's positional table go in

@@ -115,6 +115,7 @@ class StudyResult:
     device: str
     precision: str
     timings_s: dict[str, float] = field(default_factory=dict)
+    site_results: dict[str, dict] = field(default_factory=dict)  # a site's non-hazard heads (apnea)
 
     @property
     def validated(self) -> bool:

@@ -49,7 +49,7 @@ def test_phecode_labels_and_unknown_outcomes():
                                 FlagOutcome(label="Not an outcome", hazard_ratio=1.0, percentile=None)])
     d = evaluate(cfg, ROWS, None, no_reference)
     assert [(f.code, f.phecode) for f in d.flags] == [("HF428", "428.0")]
-    assert d.notes == ["outcome 'Not an outcome' is not in this model's diagnosis head"]
+    assert d.notes == ["outcome 'Not an outcome' is not in this model's diagnosis head or site heads"]
 
 
 def test_sleep_findings():

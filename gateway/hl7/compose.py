@@ -87,9 +87,11 @@ def study_message_parts(study: Study, decision: FlagDecision, sleep: dict[str, A
                          model_name=study.bundle_name or "unknown", model_version=study.bundle_version or "",
                          model_hash=study.bundle_hash, validated=validated,
                          head="SleepFM diagnosis head (CoxPH)")
-    flags = [OruFlag(code=f.code, text=f"{f.phenotype} risk (SleepFM)", phecode=f.phecode,
+    # A site head's outcome is the site's own label, not a phecode: no 99PHECODE alternate code.
+    flags = [OruFlag(code=f.code, text=f"{f.phenotype} risk (SleepFM)", phecode=None if f.head else f.phecode,
                      hazard_ratio=round(f.hazard_ratio, 3),
-                     percentile=None if f.percentile is None else round(f.percentile, 1), reason=f.reason)
+                     percentile=None if f.percentile is None else round(f.percentile, 1), reason=f.reason,
+                     head=f"Site head {f.head} (CoxPH)" if f.head else None)
              for f in decision.flags]
     notes = [f"Finding: {f.reason}" for f in decision.findings] + list(decision.notes)
     return oru_study, flags, _metrics(sleep) if include_metrics else [], notes

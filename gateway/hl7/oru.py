@@ -121,6 +121,7 @@ class OruFlag:
     hazard_ratio: float
     percentile: float | None  # None when percentile thresholds are not active
     reason: str  # e.g. "hazard ratio 2.31 >= 2.0"
+    head: str | None = None  # OBX-17 for this flag when not the study's head (a site head: name@checksum)
 
 
 @dataclass(frozen=True)
@@ -296,7 +297,7 @@ class _Obx:
         self.equipment = _equipment(study)
 
     def add(self, value_type: str, ident: tuple[str, str, str], value: str | tuple[str | None, ...], *,
-            sub_id: str | None = None, units: str | None = None, flag: bool = False):
+            sub_id: str | None = None, units: str | None = None, flag: bool = False, head: str | None = None):
         self.set_id += 1
         group = self.order.add_group("ORU_R01_OBSERVATION")
         obx = group.add_segment("OBX")
@@ -323,8 +324,9 @@ class _Obx:
             obx.obx_8 = _ident(self.s.abnormal_flag, f"{what} OBX-8 abnormal flag", _IS)
         obx.obx_11 = self.status  # checked: P, F or C
         if flag:
-            if _clean(self.study.head):
-                obx.obx_17.ce_2 = _st(self.study.head)
+            method = head or self.study.head
+            if _clean(method):
+                obx.obx_17.ce_2 = _st(method)
             if self.equipment:
                 obx.obx_18.ei_1 = _ST(self.equipment)
         return group
@@ -394,15 +396,15 @@ def build_oru(study: OruStudy, flags: Sequence[OruFlag], metrics: Sequence[OruMe
             if not code:
                 raise OruError(f"flag {n}: no code")
             obx.add("NM", (f"{code}-HR", f"{text} hazard ratio", system),
-                    _nm(flag.hazard_ratio, f"flag {code} hazard ratio"), sub_id=sub, flag=True)
+                    _nm(flag.hazard_ratio, f"flag {code} hazard ratio"), sub_id=sub, flag=True, head=flag.head)
             if flag.percentile is not None:
                 obx.add("NM", (f"{code}-PCT", f"{text} percentile", system),
-                        _nm(flag.percentile, f"flag {code} percentile"), sub_id=sub, flag=True)
+                        _nm(flag.percentile, f"flag {code} percentile"), sub_id=sub, flag=True, head=flag.head)
             phecode = _clean(flag.phecode)
             value = (_esc(code), _text(text), _esc(_clean(system)),
                      _esc(phecode) if phecode else None, _text(f"Phecode {phecode}") if phecode else None,
                      _esc(_clean(s.phecode_system)) if phecode else None)
-            group = obx.add("CWE", (code, text, system), value, sub_id=sub, flag=True)
+            group = obx.add("CWE", (code, text, system), value, sub_id=sub, flag=True, head=flag.head)
             if _clean(flag.reason):
                 _nte(group, 1, flag.reason)
 
