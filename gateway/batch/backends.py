@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import shutil
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -76,7 +77,7 @@ class LocalBackend:
 
     def _pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=init_worker, initargs=(self.table, str(self.spill_dir)))
+                                   initializer=init_worker, initargs=(self.table, str(self.spill_dir), os.getpid()))
 
     def _submit(self, fn: Any, arg: Any) -> Future:
         assert self.pool is not None

@@ -14,7 +14,7 @@ from ..montage import MontageTable
 from ..readers.errors import ReaderError
 from ..steps import decode_inputs
 from ..store.batch_repo import BatchRepo
-from ..store.models import FINAL_STATES, State, Study
+from ..store.models import PIPELINE_DONE, State, Study
 from .discover import ArchiveItem, Discovery
 from .work import hash_file
 
@@ -97,7 +97,7 @@ def _known(item: ArchiveItem, brepo: BatchRepo) -> Study | None:
 
 
 def _status(study: Study, restart: bool) -> str:
-    final = study.state in [str(s) for s in FINAL_STATES]
+    final = study.state in [str(s) for s in PIPELINE_DONE]
     if study.batch_run_id is None and not final:
         return "daemon"
     if restart and study.batch_run_id is not None and final:

@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ _table: MontageTable | None = None
 _spill_dir: Path | None = None
 
 
-def init_worker(table: MontageTable, spill_dir: str | None) -> None:
+def init_worker(table: MontageTable, spill_dir: str | None, parent: int | None = None) -> None:
     """Process initializer: one thread per worker (the workers are the parallelism), the site's table."""
     global _table, _spill_dir
     from inference.preprocess import set_default_workers
@@ -48,6 +49,7 @@ def init_worker(table: MontageTable, spill_dir: str | None) -> None:
     # Ctrl-C reaches the whole process group: the runner stops the batch in order, the workers must
     # not die under it mid-study.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent(parent or os.getppid())
     try:
         import torch
 
@@ -56,6 +58,17 @@ def init_worker(table: MontageTable, spill_dir: str | None) -> None:
         pass
     _table = table
     _spill_dir = Path(spill_dir) if spill_dir else None
+
+
+def _exit_with_parent(parent: int, interval_s: float = 1.0) -> None:
+    """A worker must not outlive its batch (kill -9, out of memory): it would hold its memory for ever."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="psg-parent-watch", daemon=True).start()
 
 
 @dataclass(frozen=True)
@@ -177,7 +190,20 @@ def choose_spill_dir(fallback: Path, configured: Path | None = None, need_bytes:
         folder = Path(configured)
     else:
         shm = Path("/dev/shm")
+        _remove_dead_spills(shm)
         ok = shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= need_bytes
         folder = shm / f"psg-batch-{os.getpid()}" if ok else Path(fallback)
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def _remove_dead_spills(shm: Path) -> None:
+    """Spill folders of batches that were killed (their prepared nights would stay in RAM until reboot)."""
+    from ..store.batch_repo import pid_alive
+
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        return
+    for old in shm.glob("psg-batch-*"):
+        pid = old.name.removeprefix("psg-batch-")
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)

@@ -14,10 +14,10 @@ from typing import Any
 
 from sqlalchemy import or_, select, update
 
-from .models import FINAL_STATES, WORKING_STATES, ArchiveFile, BatchRun, State, Study
+from .models import FINAL_STATES, WORKING_STATES, ArchiveFile, BatchRun, Study
 from .repo import _NO_SYNC, Repo, utcnow
 
-__all__ = ["BatchRepo"]
+__all__ = ["BatchRepo", "pid_alive"]
 
 
 class BatchRepo:
@@ -87,6 +87,16 @@ class BatchRepo:
                         attempts=Study.attempts + 1, updated_at=now), execution_options=_NO_SYNC).rowcount
         return self.repo.get(study.id) if n == 1 else None
 
+    def close_dead_runs(self, host: str) -> int:
+        """Runs of this host whose process is gone (killed, crashed) are marked interrupted."""
+        with self.sessions.begin() as s:
+            runs = s.scalars(select(BatchRun).where(BatchRun.status == "running", BatchRun.host == host)).all()
+            dead = [r for r in runs if r.pid != os.getpid() and not pid_alive(r.pid)]
+            for run in dead:
+                run.status = "interrupted"
+                run.finished_at = utcnow()
+            return len(dead)
+
     def release_dead_leases(self, host: str, alive: Sequence[int]) -> int:
         """Leases held by batch processes of this host that are gone (killed, crashed) are freed now,
         not when they expire: a re-run continues at once."""
@@ -99,7 +109,7 @@ class BatchRepo:
                     pid = int(claimed_by[len(prefix):].split(":", 1)[0])
                 except ValueError:
                     continue
-                if pid in alive or _pid_alive(pid):
+                if pid in alive or pid_alive(pid):
                     continue
                 freed += s.execute(update(Study).where(Study.id == study_id, Study.claimed_by == claimed_by)
                                    .values(claimed_by=None, lease_until=None), execution_options=_NO_SYNC).rowcount
@@ -114,11 +124,9 @@ class BatchRepo:
                 out += s.scalars(select(Study).where(Study.id.in_(ids[i:i + 500]))).all()
         return sorted(out, key=lambda st: st.id)
 
-    def in_state(self, study: Study, *states: State) -> bool:
-        return study.state in [str(x) for x in states]
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
