@@ -106,6 +106,10 @@ class ModelConfig(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     threads: int = Field(0, ge=0)  # 0: torch's default
     windows_per_batch: int | None = Field(None, ge=1, le=256)  # None: 4 on CPU, 64 on CUDA
+    # The site's own heads (psg-gateway heads fit): Cox risk and apnea head folders, and a re-fitted
+    # staging head that replaces the bundle's. Each is checked against its checksum and the bundle.
+    site_heads: list[Path] = Field(default_factory=list)
+    staging_head: Path | None = None
 
 
 class MontageConfig(_Section):
@@ -444,6 +448,9 @@ def resolve_paths(cfg: GatewayConfig, base: Path) -> GatewayConfig:
         cfg.montage.table = _under(base, cfg.montage.table)
     for folder in cfg.drop_folders:
         folder.path = _under(base, folder.path)
+    cfg.model.site_heads = [_under(base, p) for p in cfg.model.site_heads]
+    if cfg.model.staging_head is not None:
+        cfg.model.staging_head = _under(base, cfg.model.staging_head)
     for key in ("spill_dir", "summary_dir"):
         if getattr(cfg.batch, key) is not None:
             setattr(cfg.batch, key, _under(base, getattr(cfg.batch, key)))

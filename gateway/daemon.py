@@ -26,15 +26,17 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.exc import SQLAlchemyError
 
-from inference.bundle import BundleError, ensure_demo_bundle, load_bundle
+from inference.bundle import BundleError
 from inference.checkpoints import CheckpointError
 from inference.engine import Engine, EngineOptions
 
 from .config import GatewayConfig
+from .heads.store import HeadError
 from .hl7.delivery import Deliverer
 from .http import OpsServer
 from .logging import configure_logging, get_logger
 from .metrics import Metrics
+from .model import load_model
 from .pipeline import MontageHolder, Pipeline
 from .sdnotify import notify, watchdog_interval
 from .sources.dicom_scp import DicomReceiver, ReceivedInstance
@@ -129,8 +131,8 @@ class Daemon:
                                f"{str(getattr(exc, 'orig', exc)).strip()[:200]}") from None
         self.repo = Repo(self.db)
         try:
-            bundle = load_bundle(Path(cfg.model.bundle) if cfg.model.bundle != "demo" else ensure_demo_bundle())
-        except (BundleError, CheckpointError, OSError) as exc:
+            bundle = load_model(cfg.model)
+        except (BundleError, CheckpointError, HeadError, OSError) as exc:
             raise StartupError(f"model bundle: {exc}") from None
         engine = Engine(bundle, EngineOptions(device=cfg.model.device, precision=cfg.model.precision,
                                               threads=cfg.model.threads or None,

@@ -20,7 +20,6 @@ Inputs are moved, never deleted: a finished study's input goes to ``processed/<s
 from __future__ import annotations
 
 import errno
-import hashlib
 import random
 import shutil
 import threading
@@ -32,7 +31,7 @@ from pathlib import Path
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from inference.bundle import BundleIdentity, ModelBundle
+from inference.bundle import ModelBundle
 from inference.engine import Engine, InputError
 from inference.results import StudyResult
 
@@ -206,7 +205,7 @@ class Pipeline:
                          {"tokens": result.n_tokens, "missing": result.missing_modalities,
                           "validated": result.validated},
                          output_path=str(out_dir), bundle_name=identity.name, bundle_version=identity.version,
-                         bundle_hash=_bundle_hash(identity), bundle_validated=identity.validated,
+                         bundle_hash=identity.model_hash, bundle_validated=identity.validated,
                          timings=timings)
         return self.flag(study, worker)
 
@@ -362,14 +361,6 @@ def study_decision(repo: Repo, flags: FlagsConfig, study: Study
     decision = evaluate(flags, hazards, sleep,
                         lambda label, value: repo.percentile(label, model, value, exclude_study=study.id))
     return decision, hazards, sleep
-
-
-def _bundle_hash(identity: BundleIdentity) -> str | None:
-    """One hash over the bundle's checkpoint hashes: the model identity a result was made with."""
-    if not identity.checkpoints:
-        return None
-    joined = "".join(f"{k}={v};" for k, v in sorted(identity.checkpoints.items()))
-    return hashlib.sha256(joined.encode()).hexdigest()
 
 
 def _write_reason(path: Path, study: Study) -> None:

@@ -15,6 +15,7 @@ The only file I/O in ``inference``: reading (and, for the demo bundle, writing) 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -88,6 +89,15 @@ class BundleIdentity:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def model_hash(self) -> str | None:
+        """One hash over the checkpoints' hashes: the model identity a result was made with (a site
+        head's outcomes are named by their own checksum, so deploying one does not change it)."""
+        if not self.checkpoints:
+            return None
+        joined = "".join(f"{k}={v};" for k, v in sorted(self.checkpoints.items()))
+        return hashlib.sha256(joined.encode()).hexdigest()
 
 
 @dataclass

@@ -16,7 +16,6 @@ from __future__ import annotations
 import itertools
 import os
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig
@@ -43,14 +42,15 @@ def _prepare_task(job: PrepareJob, table: MontageTable) -> tuple[Prepared | Work
 class _InferActor:
     """Holds one engine (one GPU, or the CPUs Ray gives it) for the whole run."""
 
-    def __init__(self, bundle_dir: str, device: str, precision: str, threads: int | None,
-                 windows_per_batch: int | None) -> None:
-        from inference.bundle import load_bundle
+    def __init__(self, model: ModelConfig, device: str) -> None:
         from inference.engine import Engine, EngineOptions
 
-        self.engine = Engine(load_bundle(bundle_dir), EngineOptions(device=device, precision=precision,
-                                                                    threads=threads,
-                                                                    windows_per_batch=windows_per_batch))
+        from ..model import load_model
+
+        # The same bundle and site heads as the driver (the paths are the same on every node).
+        self.engine = Engine(load_model(model), EngineOptions(device=device, precision=model.precision,
+                                                              threads=model.threads or None,
+                                                              windows_per_batch=model.windows_per_batch))
 
     def infer(self, metas: list[Prepared], *signals: dict[str, Any]) -> list[InferOutcome]:
         from .backends import infer_many
@@ -63,8 +63,7 @@ class _InferActor:
 class RayBackend:
     name = "ray"
 
-    def __init__(self, address: str, bundle_dir: Path, table: MontageTable, model: ModelConfig,
-                 workers: int | None = None) -> None:
+    def __init__(self, address: str, table: MontageTable, model: ModelConfig, workers: int | None = None) -> None:
         import ray
 
         self.ray = ray
@@ -85,8 +84,7 @@ class RayBackend:
         actor_cls = ray.remote(num_gpus=1, num_cpus=1)(_InferActor) if gpus else \
             ray.remote(num_cpus=1)(_InferActor)
         device = model.device if gpus else "cpu"
-        self.actors = [actor_cls.remote(str(bundle_dir), device, model.precision, model.threads or None,
-                                        model.windows_per_batch) for _ in range(max(1, gpus))]
+        self.actors = [actor_cls.remote(model, device) for _ in range(max(1, gpus))]
         self._next_actor = itertools.cycle(self.actors)
         self.workers = workers or max(1, cpus - len(self.actors))
         self.infer_slots = 2 * len(self.actors)  # one running, one waiting per actor: the GPU never idles

@@ -31,19 +31,22 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from inference.bundle import BundleError, ModelBundle, ensure_demo_bundle, load_bundle
+from inference.bundle import BundleError, ModelBundle
 from inference.checkpoints import CheckpointError
 from inference.engine import Engine, EngineOptions, resolve_device
 
 from ..config import GatewayConfig
+from ..heads.store import HeadError
 from ..logging import get_logger
 from ..metrics import Metrics
+from ..model import load_model
 from ..pipeline import MontageHolder, Pipeline, StepError
 from ..store.batch_repo import BatchRepo
-from ..store.db import make_engine, upgrade
-from ..store.models import FINAL_STATES, State, Study
+from ..store.db import make_engine, normalise_url, upgrade
+from ..store.models import PIPELINE_DONE, State, Study
 from ..store.repo import Repo, StudyChanged
 from .backends import Backend, InferOutcome, LocalBackend
 from .discover import ArchiveItem, Discovery, discover
@@ -56,7 +59,8 @@ __all__ = ["BatchError", "BatchOptions", "BatchOutcome", "BatchRunner"]
 
 log = get_logger("psg.batch")
 
-_FINAL = [str(s) for s in FINAL_STATES]
+# The pipeline's part is over (QUEUED included: delivery is the daemon's job, not the batch's).
+_FINAL = [str(s) for s in PIPELINE_DONE]
 
 
 class BatchError(Exception):
@@ -153,20 +157,20 @@ class BatchRunner:
         except OSError as exc:
             raise BatchError(f"cannot create {exc.filename}: {exc.strerror}") from None
         self._take_lock(var / "batch.lock")
-        self.db = make_engine(self.cfg.database_url, echo=self.cfg.database.echo)
+        where = make_url(normalise_url(self.cfg.database_url)).render_as_string(hide_password=True)
         try:
+            self.db = make_engine(self.cfg.database_url, echo=self.cfg.database.echo)
             upgrade(self.db)
+        except OSError as exc:  # an SQLite folder that cannot be created
+            raise BatchError(f"database {where} unavailable: {type(exc).__name__}: {exc.strerror}") from None
         except SQLAlchemyError as exc:
-            where = self.db.url.render_as_string(hide_password=True)
             orig = getattr(exc, "orig", exc)
             raise BatchError(f"database {where} unavailable: {type(orig).__name__}: {str(orig).strip()[:200]}") from None
         self.repo = Repo(self.db)
         self.brepo = BatchRepo(self.repo)
         try:
-            self.bundle_dir = (Path(self.cfg.model.bundle) if self.cfg.model.bundle != "demo"
-                               else ensure_demo_bundle())
-            self.bundle: ModelBundle = load_bundle(self.bundle_dir)
-        except (BundleError, CheckpointError, OSError) as exc:
+            self.bundle: ModelBundle = load_model(self.cfg.model)
+        except (BundleError, CheckpointError, HeadError, OSError) as exc:
             raise BatchError(f"model bundle: {exc}") from None
         try:
             self.montage = MontageHolder(self.cfg.montage.table)
@@ -206,6 +210,7 @@ class BatchRunner:
         for name, reason in found.unreadable:
             self.tally.add("unreadable")
             self.tally.failures.append({"file": name, "study_key": "", "reason": reason})
+        self.brepo.close_dead_runs(self.host)
         self.run_id = self.brepo.start_run(self.host, self.opts.as_dict())
         freed = self.brepo.release_dead_leases(self.host, alive=[os.getpid()])
         log.info("batch.started", run=self.run_id, studies=len(found.items), unreadable=len(found.unreadable),
@@ -269,7 +274,7 @@ class BatchRunner:
         if self.opts.ray is not None:
             from .ray_backend import RayBackend
 
-            backend: Backend = RayBackend(self.opts.ray, self.bundle_dir, self.montage.table, self.cfg.model,
+            backend: Backend = RayBackend(self.opts.ray, self.montage.table, self.cfg.model,
                                           workers=None if chosen == "auto" else int(chosen) or None)
         else:
             # On a CPU engine, the worker processes' cores are not the engine's: no oversubscription.
@@ -367,13 +372,13 @@ class BatchRunner:
         """Decide what a registered study needs: counted as done/duplicate/..., or queued."""
         if study.state == State.DUPLICATE:
             original = self.repo.get(study.duplicate_of) if study.duplicate_of else None
-            if original is None or original.id in self._seen or original.state in _FINAL or \
-                    original.batch_run_id is None:
+            if original is None or original.id in self._seen:  # the same content twice in this archive
                 self.tally.add("duplicate")
-                if original is not None and original.output_path:
-                    self.export_ids.append(original.id)
                 return
-            study = original  # an unfinished earlier batch study with the same content: finish it
+            # Content known as another study (the daemon's or an earlier run's): it counts as that
+            # study does (already processed, with the daemon, failed before), or is finished now when
+            # an earlier batch run left it unfinished.
+            study = original
         if study.id in self._seen:
             self.tally.add("duplicate")
             return

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from .batch_cmd import batch
 from .demo_cmd import demo
+from .heads_cmd import heads_app
 from .montage_cmd import montage_app
 from .outbox_cmd import hl7_app, outbox_app
 from .service_cmd import config_app, db_app, run
@@ -37,6 +38,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(studies_app, name="studies")
 app.add_typer(outbox_app, name="outbox")
 app.add_typer(hl7_app, name="hl7")
+app.add_typer(heads_app, name="heads")
 app.command("run")(run)
 app.command("demo")(demo)
 app.command("batch")(batch)
