@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 
-from ..readers import DICOM_SUFFIXES, EDF_SUFFIXES
+from ..readers import DICOM_SUFFIXES, EDF_SUFFIXES, sniff_format
 from ..readers.dicom_waveform import ACCEPTED_SOP_CLASSES
 from ..readers.edf_header import read_header
 from ..readers.errors import ReaderError
@@ -144,16 +144,10 @@ def _kind(path: Path) -> str | None:
         return "edf"
     if suffix in (".json", ".csv", ".txt", ".tsv", ".xml"):  # sidecars, scoring exports
         return None
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return None
-    if head[:8] == b"0       " or head[:8] == b"\xffBIOSEMI":
-        return "edf"
-    if suffix in DICOM_SUFFIXES or (len(head) >= 132 and head[128:132] == b"DICM"):
-        return "dicom"
-    return None
+    sniffed = sniff_format(path)
+    if sniffed is None and suffix in DICOM_SUFFIXES:
+        return "dicom"  # a .dcm without the preamble: the header parse decides
+    return sniffed
 
 
 def _edf_date(path: Path) -> date | None:

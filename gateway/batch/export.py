@@ -28,7 +28,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from gateway.flags import HazardRow, read_hazards
-from gateway.fsutil import atomic_write
+from gateway.fsutil import atomic_write, atomic_write_with
 from gateway.store.models import Study
 
 __all__ = ["ExportError", "ExportReport", "check_export_dir", "export_studies"]
@@ -54,15 +54,6 @@ EMBEDDINGS_DIR = "embeddings"
 _BLOCK_ROWS = 4096
 
 IDENTIFIER_COLUMNS = ("patient_id", "accession", "study_uid", "recording_start")
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_current_umask()
 
 
 class ExportError(Exception):
@@ -304,19 +295,6 @@ def _iso(value: Any) -> str | None:
 # ---- the export ------------------------------------------------------------------------------------
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` on a temporary name beside ``path``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, _FILE_MODE)  # what an ordinary open() gives: mkstemp's 0600 would hide it from the group
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _outcomes_csv(phecodes: list[str], phenotypes: list[str]) -> bytes:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
@@ -431,9 +409,9 @@ def export_studies(studies: Iterable[Study], out_dir: Path, *, identifiers: bool
     table_path = out_dir / TABLE_NAME
     csv_path = out_dir / CSV_NAME if csv else None
     try:
-        _write_atomically(table_path, lambda tmp: pq.write_table(table, tmp))
+        atomic_write_with(table_path, lambda tmp: pq.write_table(table, tmp))
         if csv_path is not None:
-            _write_atomically(csv_path, lambda tmp: pacsv.write_csv(table, tmp))
+            atomic_write_with(csv_path, lambda tmp: pacsv.write_csv(table, tmp))
         if hazards.phecodes is not None:
             atomic_write(out_dir / OUTCOMES_NAME, _outcomes_csv(hazards.phecodes, hazards.phenotypes))
     except OSError as exc:
