@@ -286,6 +286,25 @@ def test_export_writes_one_row_per_processed_study_and_loadable_embeddings(tmp_p
     assert not (export / "embeddings" / failed).exists()
 
 
+def test_a_failed_export_still_ends_the_run_with_its_summary(tmp_path, db_url, repo, monkeypatch):
+    """The export comes after every study is stored: when it fails (here a table-column clash, which a
+    real archive would need a site label such as 'sex' to produce), the run ends with its summary."""
+    from gateway.batch import runner as runner_mod
+    from gateway.batch.export import ExportError
+
+    def clash(*_a, **_k):
+        raise ExportError("outcome phecodes ['sex'] clash with table columns of the same name")
+
+    monkeypatch.setattr(runner_mod, "export_studies", clash)
+    root = tmp_path / "archive"
+    _nights(root, (24,))
+    r = _batch(_config(tmp_path, db_url), root, "--export", tmp_path / "export")
+    doc = _doc(r)
+    assert r.exit_code == 1, r.output
+    assert doc["studies"]["processed"] == 1 and "clash" in doc["export_error"] and "export" not in doc
+    assert [s.state for s in _studies(repo)] == [State.FLAGGED]
+
+
 def test_processed_studies_seed_the_reference_distribution(tmp_path, db_url, repo):
     root = tmp_path / "archive"
     _nights(root, (22, 23))

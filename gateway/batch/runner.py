@@ -106,12 +106,13 @@ class BatchOutcome:
 
     @property
     def exit_code(self) -> int:
-        """0: finished and nothing failed; 1: finished with failures; 130: interrupted; 3: aborted."""
+        """0: finished and nothing failed; 1: finished with failed studies or a failed export;
+        130: interrupted; 3: aborted."""
         if self.status == "interrupted":
             return 130
         if self.status == "failed":
             return 3
-        return 1 if self.summary["studies"].get("failed") else 0
+        return 1 if self.summary["studies"].get("failed") or self.summary.get("export_error") else 0
 
 
 @dataclass
@@ -242,6 +243,8 @@ class BatchRunner:
         wall = time.perf_counter() - t0
         doc = self.tally.document(run_id=self.run_id, wall_s=wall, options=self.opts.as_dict(), status=status)
         doc["skipped_files"] = dict(found.skipped)
+        if self.tally.export_error:
+            doc["export_error"] = self.tally.export_error
         if report is not None:
             doc["export"] = {"folder": str(self.opts.export), "studies": report.studies,
                              "files_written": report.files_written, "files_kept": report.files_kept,
@@ -560,8 +563,13 @@ class BatchRunner:
         if self.opts.export is None:
             return None
         studies = self.brepo.studies(sorted(set(self.export_ids)))
-        report = export_studies(studies, self.opts.export, identifiers=self.opts.export_identifiers,
-                                csv=self.opts.export_csv, tokens=self.opts.export_tokens)
+        try:
+            report = export_studies(studies, self.opts.export, identifiers=self.opts.export_identifiers,
+                                    csv=self.opts.export_csv, tokens=self.opts.export_tokens)
+        except ExportError as exc:  # the results are stored: the run still ends with its summary
+            log.error("batch.export_failed", run=self.run_id, error=str(exc)[:300])
+            self.tally.export_error = str(exc)
+            return None
         log.info("batch.exported", run=self.run_id, studies=report.studies, written=report.files_written,
                  kept=report.files_kept, skipped=len(report.skipped))
         return report

@@ -47,6 +47,7 @@ class Tally:
     stage_seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     recorded_hours: float = 0.0
     retries: int = 0
+    export_error: str | None = None  # --export failed (the results are stored; run the export again)
 
     @property
     def done(self) -> int:
@@ -126,6 +127,8 @@ def render_text(doc: dict[str, Any]) -> str:
     if cov["combinations"]:
         lines += ["", "modality coverage: " + ", ".join(f"{m} {n}" for m, n in cov["studies_with"].items())]
         lines += [f"  {n:>6}  {combo}" for combo, n in cov["combinations"].items()]
+    if doc.get("export_error"):
+        lines += ["", f"export failed: {doc['export_error']}"]
     if doc["stage_seconds_per_study"]:
         lines += ["", "seconds per processed study: " + ", ".join(
             f"{k} {v}" for k, v in doc["stage_seconds_per_study"].items())]

@@ -61,7 +61,7 @@ def batch(
 ) -> None:
     """Process a whole archive through the daemon's pipeline: resumable, deduplicated, results held by default.
 
-    Exit codes: 0 done, 1 done with failed studies, 2 a problem before any work (missing archive,
+    Exit codes: 0 done, 1 done with failed studies or a failed export, 2 a problem before any work (missing archive,
     unwritable export folder, database unreachable), 3 aborted (database lost), 130 interrupted.
     """
     from ..batch.runner import BatchError, BatchOptions, BatchRunner
