@@ -54,12 +54,6 @@ class HazardRow:
     def hazard_ratio(self) -> float:
         return math.exp(self.log_hazard)
 
-    @property
-    def reference_label(self) -> str:
-        """The key of this outcome in the site reference: a site head's outcomes are kept per head
-        version, so a re-fitted head starts a fresh reference."""
-        return self.phecode if not self.head else f"{self.phecode}@{self.head.rsplit('@', 1)[-1]}"
-
 
 @dataclass(frozen=True)
 class Flag:
@@ -134,6 +128,8 @@ def watched_hazards(cfg: FlagsConfig, rows: list[HazardRow]) -> dict[str, float]
 
 
 def _ref_label(label: str, row: HazardRow) -> str:
+    """The key of an outcome in the site reference: a site head's outcomes are kept per head version,
+    so a re-fitted head starts a fresh reference."""
     return label if not row.head else f"{label}@{row.head.rsplit('@', 1)[-1]}"
 
 

@@ -47,7 +47,7 @@ from ..pipeline import MontageHolder, Pipeline, StepError
 from ..store.batch_repo import BatchRepo
 from ..store.db import make_engine, normalise_url, upgrade
 from ..store.models import PIPELINE_DONE, State, Study
-from ..store.repo import Repo, StudyChanged
+from ..store.repo import Repo, StudyChanged, aware
 from .backends import Backend, InferOutcome, LocalBackend
 from .discover import ArchiveItem, Discovery, discover
 from .export import ExportError, ExportReport, check_export_dir, export_studies
@@ -525,11 +525,11 @@ class BatchRunner:
         self.tally.add("superseded")
 
     def _next_retry_in(self) -> float:
-        now = _utc_ts()
+        now = time.time()
         return min((_ts(e.study.next_attempt_at) - now for e in self.retry if e.study), default=0.0)
 
     def _due_retries(self) -> None:
-        now = _utc_ts()
+        now = time.time()
         for entry in [e for e in self.retry if e.study is None or _ts(e.study.next_attempt_at) <= now]:
             self.retry.remove(entry)
             self.to_prepare.append(entry)
@@ -592,11 +592,5 @@ def _result(fut: Future) -> Any:
         return exc
 
 
-def _utc_ts() -> float:
-    return time.time()
-
-
 def _ts(dt: Any) -> float:
-    from ..store.repo import aware
-
     return aware(dt).timestamp() if dt is not None else 0.0

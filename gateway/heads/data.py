@@ -150,6 +150,18 @@ def _studies_of(row: dict[str, str], data: ExportData, by_patient: dict[str, lis
     return by_patient.get(pid) or f"unknown patient_id '{pid}'"
 
 
+def _nonnegative(row: dict[str, str], column: str) -> float | str:
+    """The column's value as a finite number >= 0, or what is wrong with it."""
+    text = row[column]
+    try:
+        value = float(text)
+    except ValueError:
+        return f"{column} '{text}' is not a number"
+    if not math.isfinite(value) or value < 0:
+        return f"{column} {text} is negative or not finite"
+    return value
+
+
 def _by_patient(data: ExportData) -> dict[str, list[int]]:
     out: dict[str, list[int]] = defaultdict(list)
     for i, p in enumerate(data.patients):
@@ -182,13 +194,9 @@ def read_survival_labels(path: Path, data: ExportData) -> SurvivalLabels:
         if not label:
             problems.append(f"{where}: empty label")
             continue
-        try:
-            t = float(row["time_to_event"])
-        except ValueError:
-            problems.append(f"{where}: time_to_event '{row['time_to_event']}' is not a number")
-            continue
-        if not math.isfinite(t) or t < 0:
-            problems.append(f"{where}: time_to_event {row['time_to_event']} is negative or not finite")
+        t = _nonnegative(row, "time_to_event")
+        if isinstance(t, str):
+            problems.append(f"{where}: {t}")
             continue
         if row["event"] not in ("0", "1"):
             problems.append(f"{where}: event '{row['event']}' must be 0 or 1")
@@ -227,13 +235,9 @@ def read_ahi(path: Path, data: ExportData) -> ApneaLabels:
         if isinstance(studies, str):
             problems.append(f"row {n}: {studies}")
             continue
-        try:
-            ahi = float(row["ahi"])
-        except ValueError:
-            problems.append(f"row {n}: ahi '{row['ahi']}' is not a number")
-            continue
-        if not math.isfinite(ahi) or ahi < 0:
-            problems.append(f"row {n}: ahi {row['ahi']} is negative or not finite")
+        ahi = _nonnegative(row, "ahi")
+        if isinstance(ahi, str):
+            problems.append(f"row {n}: {ahi}")
             continue
         if len(studies) > 1:
             problems.append(f"row {n}: patient has {len(studies)} studies: give study_key (AHI is per night)")

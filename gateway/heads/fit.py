@@ -23,7 +23,7 @@ from inference.survival import choose_l2, fit_cox
 from inference.survival_metrics import harrell_c
 
 from .data import ApneaLabels, ExportData, StageLabels, SurvivalLabels
-from .store import HeadError, write_head
+from .store import HeadError, plain, write_head
 
 __all__ = ["FitOptions", "fit_apnea_head", "fit_cox_head", "fit_staging_head", "split"]
 
@@ -144,21 +144,8 @@ def fit_staging_head(data: ExportData, labels: StageLabels, bundle, out: Path, o
     buf = io.BytesIO()
     torch.save(head.state_dict(), buf)
     doc = {"kind": "staging", "name": opts.name, **_base(data), "weights": "staging.pt",
-           "report": _plain(asdict(report))}
+           "report": plain(asdict(report))}
     splits = {"staging": {"validation_study_keys": [data.keys[rows[i]] for i in val]}}
     checksum = write_head(out, doc, _manifest(data, opts, labels.sha256, splits),
                           files={"staging.pt": buf.getvalue()}, force=opts.force)
     return {**doc, "checksum": checksum}
-
-
-def _plain(value: Any) -> Any:
-    """numpy values inside a report as JSON-ready Python values."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value

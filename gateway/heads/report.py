@@ -32,6 +32,8 @@ from matplotlib.figure import Figure
 
 from gateway.fsutil import atomic_write
 
+from .store import plain
+
 __all__ = [
     "ablation_figure",
     "calibration_figure",
@@ -733,23 +735,6 @@ def _build_html(ev: dict, plots: _Plots) -> str:
             "evaluation.json next to this file.</footer></body></html>\n")
 
 
-def _jsonable(v: Any) -> Any:
-    """The evaluation as strict JSON: NaN/inf become null, numpy scalars and arrays plain Python."""
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return _jsonable(v.tolist())
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, Path):
-        return str(v)
-    return v
-
-
 def render_report(evaluation: dict, out_dir: Path) -> Path:
     """Write out_dir/report.html (one self-contained file: every plot a PNG embedded as a data: URI, inline
     CSS, no JavaScript, no external resources) and out_dir/evaluation.json (the input, indented) and return
@@ -764,7 +749,7 @@ def render_report(evaluation: dict, out_dir: Path) -> Path:
     page = _build_html(ev, plots)
     for name, png in plots.files.items():
         atomic_write(plots_dir / f"{name}.png", png)
-    text = json.dumps(_jsonable(evaluation), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    text = json.dumps(plain(evaluation, strict=True), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     atomic_write(out_dir / "evaluation.json", text.encode("utf-8"))
     path = out_dir / "report.html"
     atomic_write(path, page.encode("utf-8"))

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import platform
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -25,11 +26,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from inference.bundle import ModelBundle
 
 from ..fsutil import atomic_write
 
-__all__ = ["HEAD_FORMAT", "HeadError", "attach_site_heads", "library_versions", "read_head", "write_head"]
+__all__ = ["HEAD_FORMAT", "HeadError", "attach_site_heads", "library_versions", "plain", "read_head", "write_head"]
 
 HEAD_FORMAT = 1
 KINDS = ("cox", "apnea", "staging")
@@ -47,6 +50,24 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def plain(value: Any, *, strict: bool = False) -> Any:
+    """``value`` with numpy scalars and arrays (and paths) as plain Python, ready for ``json.dumps``;
+    ``strict``: NaN and infinities become null too (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): plain(v, strict=strict) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v, strict=strict) for v in value]
+    if isinstance(value, np.ndarray):
+        return plain(value.tolist(), strict=strict)
+    if isinstance(value, np.generic):
+        value = value.item()
+    if strict and isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 def _sha256(data: bytes) -> str:

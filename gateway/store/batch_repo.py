@@ -38,14 +38,6 @@ class BatchRepo:
             s.execute(update(BatchRun).where(BatchRun.id == run_id)
                       .values(status=status, finished_at=utcnow(), summary=summary), execution_options=_NO_SYNC)
 
-    def run(self, run_id: int) -> BatchRun | None:
-        with self.sessions() as s:
-            return s.get(BatchRun, run_id)
-
-    def runs(self, limit: int = 20) -> list[BatchRun]:
-        with self.sessions() as s:
-            return list(s.scalars(select(BatchRun).order_by(BatchRun.id.desc()).limit(limit)))
-
     # ---- the archive hash cache ---------------------------------------------------------------------
     def cached(self, path: str, size: int, mtime_ns: int) -> Study | None:
         """The study a file was registered as, when the file is unchanged since (same size and mtime)."""
