@@ -4,7 +4,6 @@ files and one Parquet/CSV table, on SQLite and PostgreSQL; resume, skipped studi
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -16,18 +15,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pipeline_env import pipeline_env, spool_file
 from pyedflib import highlevel
 
 from gateway.batch import export as export_mod
 from gateway.batch.export import ExportError, check_export_dir, export_studies
-from gateway.config import PathsConfig, PipelineConfig
 from gateway.fsutil import atomic_write
-from gateway.metrics import Metrics
-from gateway.pipeline import MontageHolder, Pipeline
 from gateway.readers.synthetic import write_synthetic_night
-from gateway.store.db import make_engine, upgrade
 from gateway.store.models import State, Study
-from gateway.store.repo import Repo
 from inference.bundle import load_bundle, make_demo_bundle
 from inference.engine import Engine, EngineOptions
 
@@ -59,27 +54,14 @@ def nights(tmp_path_factory) -> list[bytes]:
 @pytest.fixture
 def processed(db_url, tmp_path, model, nights):
     """A database with two FLAGGED studies (real output folders) and one FAILED study (no outputs)."""
-    engine = make_engine(db_url)
-    upgrade(engine)
-    repo = Repo(engine)
-    paths = PathsConfig(var_dir=tmp_path).resolved(tmp_path)
-    for p in (paths.spool, paths.outputs, paths.processed, paths.quarantine):
-        p.mkdir(parents=True)
-    bundle, eng = model
-    pipe = Pipeline(repo, eng, bundle, MontageHolder(None), paths, PipelineConfig(retry_backoff_seconds=0.01),
-                    Metrics())
+    db, repo, pipe, paths = pipeline_env(db_url, tmp_path, *model)
     for i, data in enumerate([nights[0], b"0       " + b"garbage" * 100, nights[1]]):
-        folder = paths.spool / "incoming" / f"c{i}"
-        folder.mkdir(parents=True)
-        (folder / "night.edf").write_bytes(data)
-        (folder / "claim.json").write_text("{}")
-        repo.register_file(source="folder:/in", path=str(folder / "night.edf"), name="night.edf",
-                           sha256=hashlib.sha256(data).hexdigest(), filename_pattern=None, actor="folder:/in")
+        spool_file(paths, "night.edf", data, repo, claim=f"c{i}")
         assert pipe.run_once("w")
     studies = sorted(repo.list(limit=10), key=lambda s: s.id)
     assert [s.state for s in studies] == [State.FLAGGED, State.FAILED, State.FLAGGED]
     yield studies, tmp_path
-    engine.dispose()
+    db.dispose()
 
 
 def _hazards(study: Study) -> list[dict[str, str]]:

@@ -3,15 +3,14 @@ resume from a committed state, and input moves (processed/ or quarantine/, never
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
 import pytest
+from pipeline_env import pipeline_env, spool_file
 
-from gateway.config import PathsConfig, PipelineConfig
-from gateway.metrics import Metrics
-from gateway.pipeline import MontageHolder, Pipeline
+from gateway.config import PipelineConfig
+from gateway.pipeline import MontageHolder
 from gateway.readers.dicom_synthetic import write_psg_study
 from gateway.readers.synthetic import write_synthetic_night
 from gateway.store.db import make_engine, upgrade
@@ -36,32 +35,15 @@ def night_bytes(tmp_path_factory) -> bytes:
 
 @pytest.fixture
 def env(db_url, tmp_path, model):
-    engine = make_engine(db_url)
-    upgrade(engine)
-    repo = Repo(engine)
-    paths = PathsConfig(var_dir=tmp_path).resolved(tmp_path)
-    for p in (paths.spool, paths.outputs, paths.processed, paths.quarantine):
-        p.mkdir(parents=True)
-    bundle, eng = model
-    pipe = Pipeline(repo, eng, bundle, MontageHolder(None), paths, PipelineConfig(retry_backoff_seconds=0.01),
-                    Metrics())
+    db, repo, pipe, paths = pipeline_env(db_url, tmp_path, *model)
     yield repo, pipe, paths
-    engine.dispose()
+    db.dispose()
 
-
-def _spool(paths: PathsConfig, name: str, data: bytes, repo: Repo, claim: str = "c1"):
-    folder = paths.spool / "incoming" / claim
-    folder.mkdir(parents=True)
-    (folder / name).write_bytes(data)
-    (folder / "claim.json").write_text("{}")
-    return repo.register_file(source="folder:/in", path=str(folder / name), name=name,
-                              sha256=hashlib.sha256(data).hexdigest(), filename_pattern=None,
-                              actor="folder:/in").study
 
 
 def test_file_study_goes_to_inferred_with_outputs_and_input_in_processed(env, night_bytes):
     repo, pipe, paths = env
-    study = _spool(paths, "night.edf", night_bytes, repo)
+    study = spool_file(paths, "night.edf", night_bytes, repo)
     assert pipe.run_once("n:1:w0")
     done = repo.get(study.id)
     assert done.state == State.FLAGGED and done.last_error is None and done.claimed_by is None
@@ -111,7 +93,7 @@ def test_dicom_study_decodes_all_instances(env, tmp_path):
 def test_corrupt_file_is_failed_and_quarantined_with_reason(env):
     repo, pipe, paths = env
     data = b"0       " + b"garbage" * 100
-    study = _spool(paths, "broken.edf", data, repo)
+    study = spool_file(paths, "broken.edf", data, repo)
     pipe.run_once("w")
     failed = repo.get(study.id)
     assert failed.state == State.FAILED and failed.error_kind == "permanent"
@@ -128,7 +110,7 @@ def test_unmapped_channels_fail_with_montage_reason_then_retry_after_fix(env, ni
     table = tmp_path / "empty.yaml"
     table.write_text("name: site\nformat: 2\nrules: []\n")
     pipe.montage = MontageHolder(table)
-    study = _spool(paths, "night.edf", night_bytes, repo)
+    study = spool_file(paths, "night.edf", night_bytes, repo)
     pipe.run_once("w")
     failed = repo.get(study.id)
     assert failed.state == State.FAILED and "no channel maps to a modality" in failed.last_error
@@ -167,7 +149,7 @@ def test_transient_error_is_retried_with_backoff_then_succeeds(env, night_bytes,
         return real(engine, prepared, progress)
 
     monkeypatch.setattr(pl, "infer_prepared", flaky)
-    study = _spool(paths, "night.edf", night_bytes, repo)
+    study = spool_file(paths, "night.edf", night_bytes, repo)
     pipe.run_once("w")
     waiting = repo.get(study.id)
     assert waiting.state == State.MAPPED and waiting.error_kind == "transient"
@@ -186,7 +168,7 @@ def test_transient_error_gives_up_after_max_attempts(env, night_bytes, monkeypat
 
     monkeypatch.setattr(pl, "infer_prepared", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
     pipe.cfg = PipelineConfig(retry_backoff_seconds=0.001, max_attempts=2)
-    study = _spool(paths, "night.edf", night_bytes, repo)
+    study = spool_file(paths, "night.edf", night_bytes, repo)
     import time
 
     for _ in range(3):
@@ -199,7 +181,7 @@ def test_transient_error_gives_up_after_max_attempts(env, night_bytes, monkeypat
 
 def test_resume_from_mapped_after_crash_and_reconcile_moves(env, night_bytes):
     repo, pipe, paths = env
-    study = _spool(paths, "night.edf", night_bytes, repo)
+    study = spool_file(paths, "night.edf", night_bytes, repo)
     claimed = repo.claim("n:1:w0", 600)
     claimed = repo.transition(claimed, State.DECODED, "n:1:w0", "study.decoded")
     repo.transition(claimed, State.MAPPED, "n:1:w0", "study.mapped")
@@ -214,7 +196,7 @@ def test_resume_from_mapped_after_crash_and_reconcile_moves(env, night_bytes):
 
 def test_reconcile_finishes_a_move_interrupted_by_a_crash(env, night_bytes):
     repo, pipe, paths = env
-    study = _spool(paths, "night.edf", night_bytes, repo)
+    study = spool_file(paths, "night.edf", night_bytes, repo)
     c = repo.claim("w", 60)
     for s in (State.DECODED, State.MAPPED, State.INFERRED, State.FLAGGED):
         c = repo.transition(c, s, "w", "x")
@@ -248,7 +230,7 @@ def test_flagged_study_is_queued_with_its_message_in_one_step(env, night_bytes):
 
     repo, pipe, paths = env
     _hl7_pipe(pipe)
-    study = _spool(paths, "night.edf", night_bytes, repo)
+    study = spool_file(paths, "night.edf", night_bytes, repo)
     pipe.run_once("w")
     done = repo.get(study.id)
     assert done.state == State.QUEUED and [f["label"] for f in done.flags["flags"]] == ["death", "Stroke"]
@@ -268,7 +250,7 @@ def test_flagged_study_is_queued_with_its_message_in_one_step(env, night_bytes):
 def test_nothing_flagged_ends_flagged_without_message(env, night_bytes):
     repo, pipe, paths = env
     _hl7_pipe(pipe, hr=1e9)
-    study = _spool(paths, "night.edf", night_bytes, repo)
+    study = spool_file(paths, "night.edf", night_bytes, repo)
     pipe.run_once("w")
     assert repo.get(study.id).state == State.FLAGGED and repo.messages(study_id=study.id) == []
 
@@ -276,7 +258,7 @@ def test_nothing_flagged_ends_flagged_without_message(env, night_bytes):
 def test_shadow_mode_stores_but_never_queues(env, night_bytes):
     repo, pipe, paths = env
     _hl7_pipe(pipe, send_mode="shadow")
-    study = _spool(paths, "night.edf", night_bytes, repo)
+    study = spool_file(paths, "night.edf", night_bytes, repo)
     pipe.run_once("w")
     assert repo.get(study.id).state == State.SHADOW
     [msg] = repo.messages(study_id=study.id)
@@ -288,7 +270,7 @@ def test_reprocessing_a_delivered_study_sends_a_correction(env, night_bytes):
 
     repo, pipe, paths = env
     _hl7_pipe(pipe, send_mode="always")
-    study = _spool(paths, "night.edf", night_bytes, repo)
+    study = spool_file(paths, "night.edf", night_bytes, repo)
     pipe.run_once("w")
     first = repo.next_message("127.0.0.1:2575")
     repo.message_sent(first, "AA", None, actor="test")
@@ -307,7 +289,7 @@ def test_reprocessing_a_delivered_study_sends_a_correction(env, night_bytes):
 
 def test_resume_at_inferred_runs_only_the_flag_step(env, night_bytes, monkeypatch):
     repo, pipe, paths = env
-    study = _spool(paths, "night.edf", night_bytes, repo)
+    study = spool_file(paths, "night.edf", night_bytes, repo)
     pipe.run_once("w")  # FLAGGED with outputs
     done = repo.get(study.id)
     # pretend the process died right after committing INFERRED: back to INFERRED, model must not run

@@ -1,0 +1,43 @@
+"""A pipeline on a fresh database and var folder, and a file spooled as the drop folder would: what
+the pipeline and export tests build their studies with."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from sqlalchemy import Engine as DbEngine
+
+from gateway.config import PathsConfig, PipelineConfig
+from gateway.metrics import Metrics
+from gateway.pipeline import MontageHolder, Pipeline
+from gateway.store.db import make_engine, upgrade
+from gateway.store.models import Study
+from gateway.store.repo import Repo
+from inference.bundle import ModelBundle
+from inference.engine import Engine
+
+
+def pipeline_env(db_url: str, var: Path, bundle: ModelBundle, engine: Engine
+                 ) -> tuple[DbEngine, Repo, Pipeline, PathsConfig]:
+    """(database engine, repo, pipeline, paths) with retries 10 ms apart; dispose the engine after."""
+    db = make_engine(db_url)
+    upgrade(db)
+    repo = Repo(db)
+    paths = PathsConfig(var_dir=var).resolved(var)
+    for p in (paths.spool, paths.outputs, paths.processed, paths.quarantine):
+        p.mkdir(parents=True)
+    pipe = Pipeline(repo, engine, bundle, MontageHolder(None), paths, PipelineConfig(retry_backoff_seconds=0.01),
+                    Metrics())
+    return db, repo, pipe, paths
+
+
+def spool_file(paths: PathsConfig, name: str, data: bytes, repo: Repo, claim: str = "c1") -> Study:
+    """``data`` claimed into the spool as ``name`` and registered (READY, or a duplicate)."""
+    folder = paths.spool / "incoming" / claim
+    folder.mkdir(parents=True)
+    (folder / name).write_bytes(data)
+    (folder / "claim.json").write_text("{}")
+    return repo.register_file(source="folder:/in", path=str(folder / name), name=name,
+                              sha256=hashlib.sha256(data).hexdigest(), filename_pattern=None,
+                              actor="folder:/in").study
