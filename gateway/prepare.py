@@ -54,6 +54,9 @@ def prepare_study(
             "add the site's labels to the montage table"
         )
     n_out = n_target_samples(recording.duration_s)
+    # The release's reader brings every channel up to the recording's highest rate first (mapped or
+    # not, as MNE reads them all); preprocessing reproduces that, see inference.upsample.
+    top_rate = recording.highest_rate
     total = sum(len(ix) for ix in match.groups.values())
     done, t_read, t_pre = 0, 0.0, 0.0
     signals: dict[str, np.ndarray] = {}
@@ -70,7 +73,8 @@ def prepare_study(
             valid = channel.read_valid()
             t1 = time.perf_counter()
             try:
-                block[len(rows)], gap = preprocess_with_gaps(samples, valid, channel.sampling_rate, n_out)
+                block[len(rows)], gap = preprocess_with_gaps(
+                    samples, valid, channel.sampling_rate, n_out, recording_rate=top_rate)
             except ValueError as exc:
                 # One dead channel (all gap) must not sink the study; it is reported instead.
                 dropped[channel.label] = str(exc)

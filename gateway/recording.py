@@ -207,6 +207,19 @@ class Recording:
         return [channel.label for channel in self.channels]
 
     @property
+    def highest_rate(self) -> float | None:
+        """The recording's highest sampling rate: the top rate over all its signal channels, mapped or
+        not (annotation signals are not channels).
+
+        This is the rate the SleepFM release's reader (MNE) brings every channel to before its own
+        preprocessing, and preprocessing reproduces that step. For an EDF+D/BDF+D file it is the top
+        rate of its signals whatever the gaps; for a DICOM study, the top rate over all its waveform
+        objects and multiplex groups, as if the study had been exported to one EDF file. None for a
+        recording without channels.
+        """
+        return max((c.sampling_rate for c in self.channels), default=None)
+
+    @property
     def age_years(self) -> float | None:
         """The patient's age at the recording start, if known."""
         return self.demographics.age_at(self.start)

@@ -30,22 +30,27 @@ def validity_at_target(valid: np.ndarray, rate: float, n_out: int, target_rate: 
 
 
 def preprocess_with_gaps(
-    samples: np.ndarray, valid: np.ndarray | None, rate: float, n_out: int
+    samples: np.ndarray,
+    valid: np.ndarray | None,
+    rate: float,
+    n_out: int,
+    recording_rate: float | None = None,
 ) -> tuple[np.ndarray, float]:
     """Resample and z-score a channel, honouring its gaps.
 
     Returns the float32 128 Hz signal and the fraction of it that was a gap. With ``valid`` None
-    (no gaps) this is exactly :func:`~inference.preprocess.preprocess_channel`. A channel with no
-    measured sample at all raises ``ValueError``.
+    (no gaps) this is exactly :func:`~inference.preprocess.preprocess_channel`. ``recording_rate``
+    (the recording's highest rate) is passed on to it: the gap-filled channel is upsampled like any
+    other. A channel with no measured sample at all raises ``ValueError``.
     """
     if valid is None or valid.all():
-        return preprocess_channel(samples, rate, n_out=n_out), 0.0
+        return preprocess_channel(samples, rate, n_out=n_out, recording_rate=recording_rate), 0.0
     valid = np.asarray(valid, dtype=bool)
     if not valid.any():
         raise ValueError("channel has no measured samples (all gap)")
     samples = np.array(samples, dtype=np.float32, copy=True)
     samples[~valid] = samples[valid].mean(dtype=np.float64)
-    out = resample_to_target(samples, rate, n_out=n_out)
+    out = resample_to_target(samples, rate, n_out=n_out, recording_rate=recording_rate)
     del samples
     ok = validity_at_target(valid, rate, n_out)
     measured = out[ok]

@@ -1,6 +1,9 @@
 """SleepFM-compatible preprocessing of one PSG channel to 128 Hz (pure compute, no I/O).
 
-The public reference preprocessing does, per channel:
+The release's own path reads a recording with MNE, which first FFT-upsamples every channel below the
+recording's highest rate to that rate; ``recording_rate=`` reproduces that step without building the
+upsampled channel (see :mod:`inference.upsample`, which composes it with steps 1 and 2 below). Then,
+per channel, at the (upsampled) rate:
 
 1. if the sampling rate is above 128 Hz, a 4th-order Butterworth low-pass at 64 Hz applied
    forward-backward (``filtfilt``: odd extension of 15 samples at each end, steady-state initial
@@ -441,6 +444,15 @@ def n_target_samples(duration_s: float, target_rate: float = TARGET_RATE) -> int
     return max(1, math.ceil(d * rate - _LENGTH_TOL))
 
 
+def _needs_upsampling(rate: float, recording_rate: float | None) -> bool:
+    if recording_rate is None:
+        return False
+    r = _check_rate("recording_rate", recording_rate)
+    if r < rate * (1.0 - 1e-9):
+        raise ValueError(f"recording_rate {r} Hz is below the channel's own rate {rate} Hz")
+    return r > rate * (1.0 + 1e-9)
+
+
 def _resample_centered(
     samples: np.ndarray,
     rate: float,
@@ -448,9 +460,10 @@ def _resample_centered(
     n_out: int | None,
     workers: int | None,
     always_center: bool,
+    recording_rate: float | None = None,
 ) -> tuple[np.ndarray, float]:
     """Resample ``samples - center``; returns the float32 result and ``center``. The centre is
-    the channel mean when filtering or when ``always_center``, else 0 (exact pass-through)."""
+    the channel mean when filtering, upsampling or when ``always_center``, else 0 (exact pass-through)."""
     x = _check_samples(samples)
     rate = _check_rate("rate", rate)
     target_rate = _check_rate("target_rate", target_rate)
@@ -461,6 +474,21 @@ def _resample_centered(
         raise ValueError(f"n_out must be a positive integer, got {n_out!r}")
     n_out = int(n_out)
     center = _finite_mean(x, nw, "channel")
+    if _needs_upsampling(rate, recording_rate):
+        # Imported here: upsample is a leaf that receives this module's interpolation as a callable.
+        from .upsample import upsampled_resample
+
+        assert recording_rate is not None
+        _, _, edge = _lowpass(float(recording_rate), target_rate / 2.0) if recording_rate > target_rate \
+            else (None, None, 0)
+        centred = np.empty(x.size, dtype=_F32)
+        _to_centered_f32(x, center, centred, nw)
+        out = upsampled_resample(
+            centred, rate, float(recording_rate), target_rate, n_out,
+            cutoff=target_rate / 2.0, order=FILTER_ORDER, edge=edge,
+            interpolate=lambda y, r, t, n: _interpolate(y, r, t, n, nw), workers=nw,
+        )
+        return out, center
     if not (always_center or rate > target_rate):
         center = 0.0
 
@@ -483,6 +511,7 @@ def resample_to_target(
     n_out: int | None = None,
     *,
     workers: int | None = None,
+    recording_rate: float | None = None,
 ) -> np.ndarray:
     """Resample one channel to ``target_rate`` (no z-score), returning a new float32 array.
 
@@ -499,11 +528,16 @@ def resample_to_target(
         n_out: output length; default ``n_target_samples(len(samples) / rate, target_rate)``.
             Pass the recording-wide value so all channels have the same length.
         workers: threads to use (default: up to 4, the CPUs available); 1 runs serially.
+        recording_rate: the recording's highest rate. A channel below it is first treated as the
+            release's MNE reader treats it, FFT-upsampled to that rate (see :mod:`inference.upsample`),
+            and the low-pass then applies when ``recording_rate > target_rate``. ``None`` (or the
+            channel's own rate) skips that step.
 
     Raises:
         ValueError: empty or non-1-D input, non-finite values, invalid rate or ``n_out``.
     """
-    out, center = _resample_centered(samples, rate, target_rate, n_out, workers, always_center=False)
+    out, center = _resample_centered(samples, rate, target_rate, n_out, workers, always_center=False,
+                                     recording_rate=recording_rate)
     if center != 0.0:
         out += _F32(center)
     return out
@@ -567,13 +601,21 @@ def standardize(x: np.ndarray, *, workers: int | None = None) -> np.ndarray:
 
 
 def preprocess_channel(
-    samples: np.ndarray, rate: float, n_out: int | None = None, *, workers: int | None = None
+    samples: np.ndarray,
+    rate: float,
+    n_out: int | None = None,
+    *,
+    workers: int | None = None,
+    recording_rate: float | None = None,
 ) -> np.ndarray:
     """SleepFM-compatible preprocessing of one channel: resample to 128 Hz, then z-score.
 
-    Equivalent to ``standardize(resample_to_target(samples, rate, TARGET_RATE, n_out))`` (see
-    those functions), computed without re-adding the channel mean. Returns a new C-contiguous
-    float32 array of length ``n_out`` (default: what ``len(samples) / rate`` seconds gives).
+    Equivalent to ``standardize(resample_to_target(samples, rate, TARGET_RATE, n_out,
+    recording_rate=recording_rate))`` (see those functions), computed without re-adding the channel
+    mean. Returns a new C-contiguous float32 array of length ``n_out`` (default: what
+    ``len(samples) / rate`` seconds gives). Pass the recording's highest rate as ``recording_rate``
+    to reproduce the release's own path (its reader upsamples every channel to that rate first).
     """
-    out, _ = _resample_centered(samples, rate, TARGET_RATE, n_out, workers, always_center=True)
+    out, _ = _resample_centered(samples, rate, TARGET_RATE, n_out, workers, always_center=True,
+                                recording_rate=recording_rate)
     return standardize(out, workers=workers)

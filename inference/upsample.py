@@ -1,0 +1,248 @@
+"""The release reader's FFT upsampling, composed with the low-pass and the 128 Hz grid (pure compute).
+
+The SleepFM release's own path (``EDFToHDF5Converter.convert``) reads a recording with MNE
+(``read_raw_edf(preload=True)``), which first brings every channel below the file's highest rate ``R``
+up to ``R``: ``mne.filter.resample(x, up=M, down=N, npad=0)`` on the whole channel, i.e.
+
+    u = irfft(rfft(x) * M / N, M)      (the old Nyquist bin halved when N is even)
+
+for a channel of ``N`` samples and ``M = round(N * R / rate)``. Only then does the release low-pass
+(4th-order Butterworth at 64 Hz, ``filtfilt``, when ``R > 128``), interpolate linearly onto the 128 Hz
+grid and z-score. ``u`` is the channel's trigonometric interpolant ``p`` sampled at ``t = m N / M``
+(source-sample units), so every value of it, and of the filtered ``u`` away from the ends, is a
+value of a trigonometric polynomial that we can evaluate on whatever grid the output needs without
+ever building ``u`` at ``R``:
+
+* **interior** -- ``filtfilt`` away from the ends is the filter's zero-phase response, which in the
+  frequency domain multiplies bin ``k`` by ``|H(e^{2 pi i k / M})|^2``. When ``R`` is a multiple
+  ``d`` of 128 Hz, the 128 Hz output takes every ``d``-th sample of the filtered ``u``: that is the
+  filtered polynomial on a grid of ``P = M / d`` points per period, one inverse FFT of the output's
+  length (bins above the output's Nyquist fold onto it, exactly as sampling folds them). For any
+  other ``R`` (500, 200, 1000 Hz...) the linear interpolation needs the filtered ``u`` on its own
+  grid, so it is built once (float64, ``M`` samples) and interpolated as usual.
+* **ends** -- ``filtfilt`` pads with an odd extension and starts each pass from the steady state of
+  its first sample, which the frequency-domain response does not see. Within ``E`` samples of either
+  end (``E`` = the filter's decay to 1e-12, see ``preprocess._lowpass``) the output is replaced by an
+  exact time-domain ``filtfilt`` over the first and last ``2E`` samples of ``u``; those ``u`` values
+  come from a chirp-z transform of the spectrum (``O(N log N)``, no ``M``-sample array).
+
+Without a low-pass (``R <= 128``), ``u`` has at most as many samples as the 128 Hz output and is
+built directly. The equality with MNE's resampler followed by the release's filter and interpolation
+is proved in ``tests/test_upsample.py`` (rate pairs 1->512, 32->512, 100->200, 256->512, 500->512 and
+the release's own fixture).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from scipy import fft as sfft
+from scipy import signal
+
+__all__ = ["recording_grid_length", "upsampled_resample"]
+
+_PADLEN = 15  # filtfilt's odd extension for a 4th-order filter: 3 * max(len(a), len(b))
+_SMALL = 1 << 15  # below this many samples at R, build u whole (cheap) and filter it exactly
+
+
+def recording_grid_length(n: int, rate: float, recording_rate: float) -> int:
+    """Samples of a channel of ``n`` samples at ``rate`` once upsampled to ``recording_rate``
+    (MNE's ``round(n * up / down)``; exact for EDF, where both are whole samples per record)."""
+    return max(1, int(round(n * float(recording_rate) / float(rate))))
+
+
+def _real_coefficients(x: np.ndarray, workers: int) -> np.ndarray:
+    """One-sided coefficients ``a`` with ``p(t) = Re(sum_k a_k exp(2 pi i k t / N)) / N`` the
+    trigonometric interpolant of ``x`` as MNE's upsampling evaluates it (Nyquist term split evenly)."""
+    n = x.size
+    a = sfft.rfft(x, workers=workers)
+    a[1 : (n + 1) // 2] *= 2.0  # each positive bin stands for itself and its conjugate
+    return a
+
+
+def _grid_values(a: np.ndarray, n: int, q: int, workers: int) -> np.ndarray:
+    """``p(j * n / q)`` for ``j = 0 .. q-1``: the polynomial on ``q`` points per period."""
+    # Bins beyond the grid's own range alias onto it (k and k + q are the same on this grid).
+    folded = np.zeros(q, dtype=a.dtype)
+    for lo in range(0, a.size, q):
+        part = a[lo : lo + q]
+        folded[: part.size] += part
+    # Re(sum_m A_m e^{..}) is the inverse FFT of the Hermitian (A_m + conj(A_-m)) / 2.
+    half = q // 2 + 1
+    herm = folded[:half].copy()
+    herm[0] = herm[0].real
+    mirror = folded[q - half + 1 :][::-1]  # A_{q-m} for m = 1 .. half-1
+    herm[1:] += np.conj(mirror)
+    herm[1:] *= 0.5
+    out = sfft.irfft(herm, q, workers=workers)
+    out *= q / n
+    return out
+
+
+_TAYLOR_TERMS = 18  # |theta| <= 1/2 below: the first term left out is < 0.5**18 / 18! ~ 6e-22
+
+
+@lru_cache(maxsize=4)
+def _edge_basis(n: int, m_total: int, k: int, n_coef: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The parts of :func:`_edge_values` that depend only on the lengths (shared by a recording's
+    channels of one rate): the Taylor matrix (width, terms), the carrier times the powers of the
+    normalised time (bands, terms, 2k), and the band width."""
+    t = np.arange(-k, k, dtype=np.float64) * (n / m_total)  # source-sample units
+    tau = float(np.abs(t).max()) or 1.0
+    width = max(1, int(0.5 * n / (np.pi * tau)))  # bins per band, so that |theta| <= 1/2
+    n_bands = -(-n_coef // width)
+    offset = np.arange(width, dtype=np.float64) - (width - 1) / 2.0
+    theta = offset * (2.0 * np.pi * tau / n)
+    terms = np.arange(_TAYLOR_TERMS)
+    factorial = np.cumprod(np.concatenate([[1.0], np.arange(1, _TAYLOR_TERMS, dtype=np.float64)]))
+    taylor = ((1j * theta[:, None]) ** terms[None, :] / factorial[None, :]).astype(np.complex64)
+    centre = np.arange(n_bands, dtype=np.float64) * width + (width - 1) / 2.0
+    carrier = np.exp((2j * np.pi / n) * np.outer(centre, t))  # (bands, 2k)
+    powers = (t / tau)[None, :] ** terms[:, None]  # (terms, 2k)
+    evaluate = carrier[:, None, :] * powers[None, :, :]  # (bands, terms, 2k)
+    for arr in (taylor, evaluate):
+        arr.flags.writeable = False
+    return taylor, evaluate, width
+
+
+def _edge_values(a: np.ndarray, n: int, m_total: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``u`` (the upsampled channel, ``m_total`` samples) at its first and its last ``k`` samples.
+
+    Those are ``p(t)`` at ``t = m n / M`` for ``m = -k .. k-1`` (wrapping round the end). The spectrum
+    is cut into bands narrow enough that, over that short stretch of ``t``, each band is its centre
+    frequency times a polynomial in ``t``: the Taylor series of ``exp(i theta)`` with ``|theta| <= 1/2``,
+    exact to float64 with 18 terms. That costs two small matrix products instead of a transform of the
+    whole upsampled channel.
+    """
+    taylor, evaluate, width = _edge_basis(n, m_total, k, a.size)
+    n_bands = evaluate.shape[0]
+    bands = np.zeros(n_bands * width, dtype=np.complex64)
+    bands[: a.size] = a
+    coef = bands.reshape(n_bands, width) @ taylor  # (bands, terms)
+    vals = np.einsum("bj,bjm->m", coef.astype(np.complex128), evaluate).real / n
+    return vals[k:], vals[:k]
+
+
+@lru_cache(maxsize=4)  # the channels of one recording share their rates: computed once per rate pair
+def _lowpass_response(order: int, cutoff: float, rate: float, n_bins: int, m_total: int) -> np.ndarray:
+    """``|H|^2`` at ``omega_k = 2 pi k / M`` for ``k < n_bins``: filtfilt's gain for the digital
+    Butterworth that ``scipy.signal.butter`` designs (bilinear transform with a pre-warped cut-off),
+    ``1 / (1 + (tan(omega / 2) / tan(omega_c / 2)) ** (2 order))``; float32 (it scales float32 bins)."""
+    half_omega = np.arange(n_bins, dtype=np.float64) * (np.pi / m_total)
+    ratio = (np.tan(half_omega) / np.tan(np.pi * cutoff / rate)).astype(np.float32)
+    ratio **= 2 * order
+    ratio += 1.0
+    np.reciprocal(ratio, out=ratio)
+    ratio.flags.writeable = False
+    return ratio
+
+
+def _filtfilt(sos: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """scipy's ``filtfilt`` (odd padding, steady-state start of each pass) in float64."""
+    return signal.sosfiltfilt(sos, x, padtype="odd", padlen=min(_PADLEN, x.size - 1))
+
+
+def _left_end(sos: np.ndarray, zi: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """``filtfilt`` of the whole channel on its first samples, from ``u``'s first ``len(u)``;
+    exact up to the backward pass's start-up, which has decayed by ``len(u) / 2`` samples in."""
+    pad = 2.0 * u[0] - u[_PADLEN:0:-1]
+    ext = np.concatenate([pad, u])
+    fwd, _ = signal.sosfilt(sos, ext, zi=zi * ext[0])
+    back, _ = signal.sosfilt(sos, fwd[::-1], zi=zi * fwd[-1])
+    return back[::-1][_PADLEN:]
+
+
+def _right_end(sos: np.ndarray, zi: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """The same on the channel's last samples; the forward pass's start-up decays the same way."""
+    pad = 2.0 * u[-1] - u[-2 : -_PADLEN - 2 : -1]
+    ext = np.concatenate([u, pad])
+    fwd, _ = signal.sosfilt(sos, ext, zi=zi * ext[0])
+    back, _ = signal.sosfilt(sos, fwd[::-1], zi=zi * fwd[-1])
+    return back[::-1][: u.size]
+
+
+def upsampled_resample(
+    x: np.ndarray,
+    rate: float,
+    recording_rate: float,
+    target_rate: float,
+    n_out: int,
+    *,
+    cutoff: float,
+    order: int,
+    edge: int,
+    interpolate,
+    workers: int = 1,
+) -> np.ndarray:
+    """What the release makes of ``x`` (centred float64 samples at ``rate``) before its z-score.
+
+    Parameters
+    ----------
+    x : ndarray
+        The channel's samples, float32 (or float64 for float64 transforms), centred on their mean:
+        the result is linear in ``x`` and centring keeps float32 precision for offsets like SpO2's.
+    rate, recording_rate : float
+        The channel's rate and the recording's highest rate ``R`` (``R > rate``).
+    target_rate : float
+        Output rate (128 Hz).
+    n_out : int
+        Output samples; positions past the upsampled channel's end hold its last value.
+    cutoff, order : float, int
+        The release's low-pass (64 Hz, 4), applied at ``R`` when ``R > target_rate``.
+    edge : int
+        Samples at ``R`` from each end within which the frequency-domain response is replaced by the
+        exact ``filtfilt`` (the filter's decay length).
+    interpolate : callable
+        ``interpolate(y, rate, target_rate, n_out)``: the linear interpolation onto the output grid,
+        ``y`` float32 at ``rate`` (``preprocess._interpolate``).
+    workers : int
+        Threads for the FFTs.
+
+    Returns
+    -------
+    ndarray
+        float32, ``n_out`` samples at ``target_rate``.
+    """
+    n = x.size
+    m_total = recording_grid_length(n, rate, recording_rate)
+    a = _real_coefficients(x, workers)
+    if recording_rate <= target_rate:  # no low-pass: u is no longer than the output itself
+        u = _grid_values(a, n, m_total, workers)
+        return interpolate(u.astype(np.float32), recording_rate, target_rate, n_out)
+
+    sos = signal.butter(order, cutoff, btype="low", fs=recording_rate, output="sos")
+    zi = signal.sosfilt_zi(sos)
+    k = max(2 * edge, 4 * _PADLEN)
+    if m_total <= max(_SMALL, 4 * k):  # short channel: build u, filter it exactly
+        y = _filtfilt(sos, _grid_values(a, n, m_total, workers))
+        return interpolate(y.astype(np.float32), recording_rate, target_rate, n_out)
+
+    u_head, u_tail = _edge_values(a, n, m_total, k)
+    head = _left_end(sos, zi, u_head)[:edge]
+    tail = _right_end(sos, zi, u_tail)[k - edge :]
+    a *= _lowpass_response(order, cutoff, recording_rate, a.size, m_total)
+
+    step = recording_rate / target_rate
+    d = int(round(step))
+    if abs(step - d) < 1e-9 and m_total % d == 0:
+        # The output grid is every d-th sample of the filtered u: evaluate it there directly.
+        p_len = m_total // d
+        main = _grid_values(a, n, p_len, workers)
+        out = np.empty(n_out, dtype=np.float32)
+        n_main = min(n_out, p_len)
+        out[:n_main] = main[:n_main]
+        j_head = min(n_main, -(-edge // d))  # outputs j with j * d < edge
+        out[:j_head] = head[: j_head * d : d]
+        j_tail = -(-(m_total - edge) // d)  # first output j with j * d >= M - edge
+        if j_tail < n_main:
+            offset = j_tail * d - (m_total - edge)
+            out[j_tail:n_main] = tail[offset::d][: n_main - j_tail]
+        out[n_main:] = tail[-1]  # past the end of u: np.interp holds the last value
+        return out
+
+    y = _grid_values(a, n, m_total, workers)
+    y[:edge] = head
+    y[m_total - edge :] = tail
+    return interpolate(y.astype(np.float32), recording_rate, target_rate, n_out)
+
