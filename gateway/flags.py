@@ -109,6 +109,21 @@ def read_sleep_metrics(path: Path) -> dict[str, Any] | None:
     return doc.get("sleep")
 
 
+def read_demographics_encoding(path: Path) -> str:
+    """The age/sex encoding a study's hazards were computed with, from its metrics.json (outputs written
+    before it was recorded count as unconfirmed)."""
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    return str(doc.get("demographics_encoding") or "unconfirmed")
+
+
+def demographics_note(encoding: str) -> str:
+    """The ORU note that names the age/sex encoding behind the risk estimates: never silence."""
+    if encoding == "unconfirmed":
+        return ("Age/sex encoding UNCONFIRMED: the model bundle does not declare how age and sex were "
+                "encoded in training; risk estimates may not match the model's.")
+    return f"Age/sex inputs encoded as: {encoding} (declared by the model bundle)."
+
+
 def _find(rows: list[HazardRow], label: str) -> HazardRow | None:
     wanted = label.strip().lower()
     for row in rows:

@@ -6,8 +6,9 @@ OUT/
   embeddings/BAS_5min.npy   (N, 128) float32  one row per 5-minute window
   ...                                         (one pair per modality present)
   night.npy                 (512,)   float32  BAS|RESP|EKG|EMG window means; NaN for a missing modality
-  hypnogram.csv             epoch, onset_s, stage, p_W, p_N1, p_N2, p_N3, p_REM
-  metrics.json              sleep metrics, modalities, montage, model bundle, timings
+  hypnogram.csv             epoch, onset_s, stage, p_W, p_N1, p_N2, p_N3, p_REM, tail
+  metrics.json              sleep metrics, modalities, windows (tail), diagnosis input, demographics
+                            encoding, montage, model bundle, timings
   hazards.csv               index, phecode, phenotype, log_hazard, hazard_ratio, head ("" or a site head)
 ```
 """
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from inference.results import STAGES, TOKEN_SECONDS, TOKENS_PER_EPOCH, StudyResult
+from inference.results import STAGES, TOKEN_SECONDS, TOKENS_PER_EPOCH, TOKENS_PER_WINDOW, StudyResult
 
 from .fsutil import atomic_write
 
@@ -45,10 +46,26 @@ def hypnogram_rows(result: StudyResult) -> list[list[Any]]:
     if result.staging is None:
         return []
     epoch_s = TOKEN_SECONDS * TOKENS_PER_EPOCH
+    staging = result.staging
+    # tail = 1: the epoch lies past the last whole 5-minute window and was staged as its own segment.
     return [
-        [i, i * epoch_s, stage, *(f"{p:.4f}" for p in probs)]
-        for i, (stage, probs) in enumerate(zip(result.staging.hypnogram, result.staging.epoch_probs))
+        [i, i * epoch_s, stage, *(f"{p:.4f}" for p in probs), int(staging.is_tail(i))]
+        for i, (stage, probs) in enumerate(zip(staging.hypnogram, staging.epoch_probs))
     ]
+
+
+def windows_document(result: StudyResult) -> dict[str, Any]:
+    """Which tokens came from the release's whole 5-minute windows and which from the tail."""
+    tail_start = result.n_tokens if result.tail_start is None else result.tail_start
+    whole = tail_start // TOKENS_PER_WINDOW
+    n_windows = len(next(iter(result.window_embeddings.values()))) if result.window_embeddings else 0
+    return {
+        "whole_windows": whole,
+        "tail_start_token": tail_start,
+        "tail_tokens": result.n_tokens - tail_start,
+        # the extra window aligned to the end of the night (its last tail_tokens tokens are the tail's)
+        "tail_window_index": n_windows - 1 if result.n_tokens > tail_start else None,
+    }
 
 
 def metrics_document(result: StudyResult, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -60,7 +77,15 @@ def metrics_document(result: StudyResult, extra: dict[str, Any] | None = None) -
         "modalities": result.modalities,
         "missing_modalities": result.missing_modalities,
         "sleep": result.staging.metrics.as_dict() if result.staging else None,
+        "windows": windows_document(result),
+        "diagnosis_input": {
+            "tokens_used": result.diagnosis_tokens,
+            # the release feeds its diagnosis head the first 6480 tokens (9 h) of the whole windows
+            "cut": result.hazards is not None and result.diagnosis_tokens < (
+                result.n_tokens if result.tail_start is None else result.tail_start),
+        },
         "demographics_used": result.demographics_used,
+        "demographics_encoding": result.demographics_encoding,
         "model_bundle": result.bundle.as_dict(),
         "validated": result.validated,
         "device": result.device,
@@ -91,7 +116,7 @@ def write_study_outputs(result: StudyResult, out_dir: Path, extra: dict[str, Any
         put(f"embeddings/{modality}_5min.npy", _npy_bytes(result.window_embeddings[modality]))
     put("night.npy", _npy_bytes(result.night_vector))
     if result.staging is not None:
-        put("hypnogram.csv", _csv_bytes(["epoch", "onset_s", "stage", *(f"p_{s}" for s in STAGES)],
+        put("hypnogram.csv", _csv_bytes(["epoch", "onset_s", "stage", *(f"p_{s}" for s in STAGES), "tail"],
                                         hypnogram_rows(result)))
     if result.hazards is not None:
         hz = result.hazards

@@ -36,7 +36,16 @@ from inference.engine import Engine, InputError
 from inference.results import StudyResult
 
 from .config import FlagsConfig, Hl7Config, PathsConfig, PipelineConfig
-from .flags import FlagDecision, HazardRow, evaluate, read_hazards, read_sleep_metrics, watched_hazards
+from .flags import (
+    FlagDecision,
+    HazardRow,
+    demographics_note,
+    evaluate,
+    read_demographics_encoding,
+    read_hazards,
+    read_sleep_metrics,
+    watched_hazards,
+)
 from .fsutil import atomic_write
 from .hl7.compose import build_study_message, new_control_id
 from .hl7.oru import OruError
@@ -360,6 +369,8 @@ def study_decision(repo: Repo, flags: FlagsConfig, study: Study
     model = study.bundle_hash or ""
     decision = evaluate(flags, hazards, sleep,
                         lambda label, value: repo.percentile(label, model, value, exclude_study=study.id))
+    if hazards and (out_dir / "metrics.json").is_file():
+        decision.notes.append(demographics_note(read_demographics_encoding(out_dir / "metrics.json")))
     return decision, hazards, sleep
 
 

@@ -48,10 +48,12 @@ class BundleError(ValueError):
 class DemographicsEncoding:
     """How age and sex become the diagnosis head's two inputs.
 
-    The public release does not document its encoding; its example inputs are a centred, scaled
-    age and a 0/1 sex. The default is ``(age - 50) / 20`` and male 1, female 0; a study with unknown
-    sex gets ``sex_unknown`` and one with unknown age gets age feature 0 (the centre). A site with a
-    trained bundle sets these in ``bundle.json`` to what the bundle was trained with.
+    The public release does not document its encoding; its example inputs are a normalised age
+    (0.0306...) and a 0/1 sex. The default is ``(age - 50) / 20`` and male 1, female 0; a study with
+    unknown sex gets ``sex_unknown`` and one with unknown age gets age feature 0 (the centre). A site
+    with a trained bundle sets these in ``bundle.json`` (``"demographics": {...}``, with a ``name``)
+    to what the bundle was trained with. ``declared`` is False when ``bundle.json`` says nothing:
+    the default is then only a guess, and every output says ``unconfirmed``.
     """
 
     age_center: float = 50.0
@@ -59,6 +61,21 @@ class DemographicsEncoding:
     sex_male: float = 1.0
     sex_female: float = 0.0
     sex_unknown: float = 0.5
+    name: str = ""
+    declared: bool = True
+
+    @property
+    def label(self) -> str:
+        """What outputs and messages call this encoding: its name (or its formula when unnamed), or
+        ``unconfirmed`` when the bundle does not declare one."""
+        if not self.declared:
+            return "unconfirmed"
+        return self.name or self.formula
+
+    @property
+    def formula(self) -> str:
+        return (f"age ({self.age_center:g}-centred, /{self.age_scale:g}); sex M={self.sex_male:g} "
+                f"F={self.sex_female:g} unknown={self.sex_unknown:g}")
 
     def encode(self, age_years: float | None, sex: str | None) -> tuple[float, float]:
         age = 0.0 if age_years is None else (float(age_years) - self.age_center) / self.age_scale
@@ -222,9 +239,15 @@ def load_bundle(path: str | os.PathLike) -> ModelBundle:
                 f"{root}: label mapping has {len(outcomes)} outcomes, diagnosis head has {cfg.num_classes}"
             )
 
-    demo_cfg = meta.get("demographics", {})
+    demo_cfg = meta.get("demographics")
     try:
-        demographics = DemographicsEncoding(**demo_cfg)
+        if demo_cfg is None:
+            demographics = DemographicsEncoding(declared=False)
+        elif not isinstance(demo_cfg, dict) or "declared" in demo_cfg:
+            raise TypeError("expected an object of age_center, age_scale, sex_male, sex_female, "
+                            "sex_unknown and name")
+        else:
+            demographics = DemographicsEncoding(**demo_cfg)
     except TypeError as exc:
         raise BundleError(f"{root / 'bundle.json'}: demographics: {exc}") from exc
     identity = BundleIdentity(
@@ -287,7 +310,8 @@ def make_demo_bundle(path: str | os.PathLike, seed: int = 0) -> Path:
         "version": f"{DEMO_BUNDLE_VERSION}-seed{seed}",
         "validated": False,
         "description": "Untrained demo weights generated locally by psg-gateway. NOT FOR CLINICAL USE.",
-        "demographics": asdict(DemographicsEncoding()),
+        "demographics": {**{k: v for k, v in asdict(DemographicsEncoding()).items() if k != "declared"},
+                         "name": "psg-gateway demo (age-50)/20"},
     }
     (tmp / "bundle.json").write_text(json.dumps(meta, indent=2) + "\n")
     # Publish atomically so a crash never leaves a half-written bundle under the final name.

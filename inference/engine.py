@@ -5,6 +5,13 @@ partial window; here one more window, aligned to the end of the recording, cover
 new tokens are kept, so every full 5 s of the night gets a token. A night shorter than 5 minutes
 is encoded as one shorter window.
 
+The heads see the night as the release does: staging of the whole night and the hazards are computed
+on the tokens of the whole 5-minute windows only (the release's windows), and the diagnosis head on at
+most its positional table's length of them (6480 tokens, 9 h, in the release). The tail (the tokens
+past the last whole window) is staged on its own, as a short segment, so that the hypnogram covers the
+night without the tail changing what the bidirectional heads see of the rest; its tokens and epochs
+are marked (``StudyResult.tail_start``).
+
 Windows of every modality and every study in a call are batched together: the tokenizer runs on
 all their channels at once, channel pooling per group of equal channel count (no padding, so no
 compute is wasted on padded channels), and the temporal transformer on all windows at once.
@@ -70,6 +77,13 @@ class _Window:
     start: int  # first token
     length: int  # tokens in the window
     keep_from: int  # tokens before this are already covered by the previous window
+
+
+def release_tokens(n_tokens: int) -> int:
+    """Tokens covered by whole 5-minute windows (the release's windows); a night shorter than one
+    window has none, and then its one short window stands in for them."""
+    whole = (n_tokens // TOKENS_PER_WINDOW) * TOKENS_PER_WINDOW
+    return whole if whole else n_tokens
 
 
 def plan_windows(n_tokens: int) -> list[tuple[int, int, int]]:
@@ -262,10 +276,14 @@ class Engine:
         present = [m for m in MODALITIES if m in signals]
         missing = [m for m in MODALITIES if m not in signals]
         embed = self.bundle.encoder.cfg.embed_dim
+        # The release's windows: whole 5-minute windows (the end-aligned tail window overlaps the last
+        # of them, so it stays out of the night vector), or the one short window of a short night.
+        tail_start = release_tokens(n_tokens)
+        n_whole = max(1, tail_start // TOKENS_PER_WINDOW)
         night = np.full(len(MODALITIES) * embed, np.nan, dtype=np.float32)
         for i, m in enumerate(MODALITIES):
             if m in windows:
-                night[i * embed : (i + 1) * embed] = windows[m].mean(dim=0).numpy()
+                night[i * embed : (i + 1) * embed] = windows[m][:n_whole].mean(dim=0).numpy()
         stacked = torch.zeros(1, len(MODALITIES), n_tokens, embed)
         for i, m in enumerate(MODALITIES):
             if m in tokens:
@@ -276,11 +294,16 @@ class Engine:
         age_feature, sex_feature = self.bundle.demographics.encode(study.age_years, study.sex)
         staging = None
         if self.bundle.staging is not None:
-            staging = build_staging(self._stage(stacked, modality_mask))
+            probs = [self._stage(stacked[:, :, :tail_start], modality_mask)]
+            if tail_start < n_tokens:
+                probs.append(self._stage(stacked[:, :, tail_start:], modality_mask))
+            staging = build_staging(np.concatenate(probs), tail_start)
         hazards = None
+        diagnosis_tokens = 0
         if self.bundle.diagnosis is not None:
+            diagnosis_tokens = min(tail_start, self.bundle.diagnosis.positional_encoding.max_length)
             demo = torch.tensor([[age_feature, sex_feature]], device=self.device)
-            log_hazard = self.bundle.diagnosis(stacked, demo, modality_mask)
+            log_hazard = self.bundle.diagnosis(stacked[:, :, :diagnosis_tokens], demo, modality_mask)
             hazards = Hazards(log_hazard[0].float().cpu().numpy(), self.bundle.outcomes)
         hazards, site_results = self._site_heads(study, night, tokens, hazards)
         return StudyResult(
@@ -298,6 +321,9 @@ class Engine:
                 "age_years": study.age_years, "sex": study.sex,
                 "age_feature": age_feature, "sex_feature": sex_feature,
             },
+            demographics_encoding=self.bundle.demographics.label,
+            tail_start=tail_start,
+            diagnosis_tokens=diagnosis_tokens,
             device=str(self.device),
             precision=self.options.precision,
             site_results=site_results,

@@ -46,13 +46,21 @@ def sleep_metrics(stages: np.ndarray) -> SleepMetrics:
     )
 
 
-def build_staging(token_probs: np.ndarray) -> Staging:
-    """Package token probabilities with their hypnogram and metrics."""
+def build_staging(token_probs: np.ndarray, tail_start_token: int | None = None) -> Staging:
+    """Package token probabilities with their hypnogram and metrics; tokens from ``tail_start_token``
+    on were staged as their own segment (the tail past the last whole 5-minute window)."""
     epochs = epoch_probabilities(token_probs)
     stages = epochs.argmax(axis=1) if len(epochs) else np.zeros(0, dtype=np.int64)
+    tail_epoch = None
+    if tail_start_token is not None and tail_start_token < token_probs.shape[0]:
+        # Whole windows hold 60 tokens, so the tail starts on an epoch boundary.
+        tail_epoch = tail_start_token // TOKENS_PER_EPOCH
+        if tail_epoch >= len(epochs):
+            tail_epoch = None  # the tail is shorter than one epoch: no epoch of it is scored
     return Staging(
         token_probs=token_probs.astype(np.float32, copy=False),
         epoch_probs=epochs,
         hypnogram=[STAGES[i] for i in stages],
         metrics=sleep_metrics(stages),
+        tail_start_epoch=tail_epoch,
     )

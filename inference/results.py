@@ -69,6 +69,11 @@ class Staging:
     epoch_probs: np.ndarray  # (E, 5) float32, mean of the six token probabilities per 30 s
     hypnogram: list[str]  # E labels from STAGES
     metrics: SleepMetrics
+    tail_start_epoch: int | None = None  # first epoch of the tail (staged on its own); None: no tail
+
+    def is_tail(self, epoch: int) -> bool:
+        """Whether the epoch lies past the last whole 5-minute window (staged as its own segment)."""
+        return self.tail_start_epoch is not None and epoch >= self.tail_start_epoch
 
 
 @dataclass
@@ -97,8 +102,16 @@ class StudyResult:
     * ``token_embeddings[m]``: ``(T, 128)`` float32, one per 5-s token, T = floor(duration / 5 s).
     * ``window_embeddings[m]``: ``(N, 128)`` float32, one per 5-minute window, N = ceil(T / 60); the
       last window is aligned to the end of the recording when T is not a multiple of 60.
-    * ``night_vector``: ``(512,)`` float32, the mean of each modality's window embeddings,
-      concatenated in BAS, RESP, EKG, EMG order; a missing modality's 128 values are NaN.
+    * ``night_vector``: ``(512,)`` float32, the mean of each modality's whole-window embeddings
+      (the end-aligned tail window left out), concatenated in BAS, RESP, EKG, EMG order; a missing
+      modality's 128 values are NaN.
+    * ``tail_start``: the first token past the last whole 5-minute window (``T`` when there is no
+      tail). Staging of tokens before it and the hazards come from those whole windows only, as in
+      the release; tokens from it on were staged as their own segment.
+    * ``diagnosis_tokens``: how many tokens the diagnosis head was given (the first ones, at most its
+      positional table's length: 6480 in the release).
+    * ``demographics_encoding``: the name of the bundle's age/sex encoding, or ``"unconfirmed"``
+      when the bundle does not declare one.
     """
 
     key: str | None
@@ -116,6 +129,14 @@ class StudyResult:
     precision: str
     timings_s: dict[str, float] = field(default_factory=dict)
     site_results: dict[str, dict] = field(default_factory=dict)  # a site's non-hazard heads (apnea)
+    demographics_encoding: str = "unconfirmed"
+    tail_start: int | None = None  # None: not recorded (results built by hand); the engine always sets it
+    diagnosis_tokens: int = 0
+
+    @property
+    def tail_tokens(self) -> int:
+        """Tokens past the last whole 5-minute window."""
+        return 0 if self.tail_start is None else self.n_tokens - self.tail_start
 
     @property
     def validated(self) -> bool:

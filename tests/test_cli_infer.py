@@ -64,6 +64,14 @@ def test_infer_writes_every_output_with_documented_shapes(short_night, demo_bund
     assert metrics["missing_modalities"] == []
     assert metrics["sleep"]["tib_min"] == pytest.approx(len(rows) / 2)
     assert metrics["demographics_used"]["sex"] in ("M", "F")
+    # 209 tokens: three whole 5-minute windows (the release's) and a 29-token tail, staged on its own
+    assert metrics["windows"] == {"whole_windows": 3, "tail_start_token": 180, "tail_tokens": 29,
+                                  "tail_window_index": 3}
+    assert metrics["diagnosis_input"] == {"tokens_used": 180, "cut": False}
+    assert metrics["demographics_encoding"] == "psg-gateway demo (age-50)/20"
+    assert [r["tail"] for r in rows] == ["0"] * 30 + ["1"] * 4
+    bas = np.load(out / "embeddings" / "BAS_5min.npy")
+    np.testing.assert_allclose(night[:128], bas[:3].mean(axis=0), rtol=1e-6)
 
 
 def test_logs_carry_no_phi(short_night, demo_bundle, tmp_path):

@@ -99,12 +99,16 @@ def test_missing_modality_is_masked_and_reported(engine):
     assert not np.allclose(with_zeros.hazards.log_hazard, result.hazards.log_hazard)
 
 
-def test_night_vector_is_mean_of_window_embeddings(engine):
+def test_night_vector_is_mean_of_whole_window_embeddings(engine):
     result = engine.run(StudyInput(_night(130)))
+    # two whole windows and the end-aligned tail window, which overlaps the second and stays out
+    assert all(len(result.window_embeddings[m]) == 3 for m in result.modalities)
     for i, m in enumerate(("BAS", "RESP", "EKG", "EMG")):
         np.testing.assert_allclose(
-            result.night_vector[i * 128 : (i + 1) * 128], result.window_embeddings[m].mean(axis=0), rtol=1e-6
+            result.night_vector[i * 128 : (i + 1) * 128], result.window_embeddings[m][:2].mean(axis=0), rtol=1e-6
         )
+        assert not np.allclose(result.night_vector[i * 128 : (i + 1) * 128],
+                               result.window_embeddings[m].mean(axis=0), rtol=1e-6)
 
 
 def test_demographics_change_hazards_and_are_recorded(engine):
@@ -179,11 +183,16 @@ def test_nights_longer_than_the_staging_table_are_staged_in_equal_segments(demo_
     probs = result.staging.token_probs
     assert probs.shape == (130, 5)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
-    # 130 tokens with a 64-token table: three segments of 43/44 tokens, each staged on its own.
+    # 130 tokens with a 64-token table: the 120 tokens of the whole windows in two segments of 60, each
+    # staged on its own, and the 10-token tail as a segment of its own.
     tokens = torch.stack([torch.from_numpy(result.token_embeddings[m]) for m in ("BAS", "RESP", "EKG", "EMG")])
     with torch.inference_mode():
-        first = torch.softmax(short(tokens[None, :, :43]), dim=-1)[0].numpy()
-    np.testing.assert_allclose(probs[:43], first, atol=1e-5)
+        first = torch.softmax(short(tokens[None, :, :60]), dim=-1)[0].numpy()
+        second = torch.softmax(short(tokens[None, :, 60:120]), dim=-1)[0].numpy()
+        tail = torch.softmax(short(tokens[None, :, 120:]), dim=-1)[0].numpy()
+    np.testing.assert_allclose(probs[:60], first, atol=1e-5)
+    np.testing.assert_allclose(probs[60:120], second, atol=1e-5)
+    np.testing.assert_allclose(probs[120:], tail, atol=1e-5)
 
 
 def test_bf16_on_a_cpu_without_native_bf16_warns(demo_bundle_dir, monkeypatch):
@@ -198,3 +207,93 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(demo_bundle_dir, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Engine(load_bundle(demo_bundle_dir), EngineOptions(device="cpu", precision="bf16"))
+
+
+def _with_short_tables(bundle_dir, staging: int | None = None, diagnosis: int | None = None):
+    """The demo bundle with shorter positional tables (the weights are otherwise the same)."""
+    import dataclasses
+
+    from inference.models import DiagnosisHead, StagingHead
+
+    bundle = load_bundle(bundle_dir)
+    for name, cls, length in (("staging", StagingHead, staging), ("diagnosis", DiagnosisHead, diagnosis)):
+        if length is None:
+            continue
+        head = getattr(bundle, name)
+        short = cls(dataclasses.replace(head.cfg, max_seq_length=length)).eval()
+        weights = {k: v for k, v in head.state_dict().items() if k != "positional_encoding.pe"}
+        short.load_state_dict(weights, strict=False)
+        setattr(bundle, name, short)
+    return bundle
+
+
+def test_tail_changes_neither_whole_night_staging_nor_hazards(engine):
+    """The release drops the partial last window: its staging and hazards of the whole windows must be
+    what we report, whatever the tail holds; the tail is staged on its own and marked."""
+    signals = _night(130)
+    full = engine.run(StudyInput(signals, 60, "F"))
+    whole = engine.run(StudyInput({m: a[:, : 120 * 640] for m, a in signals.items()}, 60, "F"))
+    assert (full.tail_start, full.tail_tokens, full.diagnosis_tokens) == (120, 10, 120)
+    assert (whole.tail_start, whole.tail_tokens) == (120, 0)
+    np.testing.assert_allclose(full.staging.token_probs[:120], whole.staging.token_probs, atol=1e-6)
+    np.testing.assert_allclose(full.hazards.log_hazard, whole.hazards.log_hazard, atol=1e-6)
+    np.testing.assert_allclose(full.night_vector, whole.night_vector, atol=1e-6)
+    # the tail's own segment: the head over the tail tokens alone
+    tokens = torch.stack([torch.from_numpy(full.token_embeddings[m]) for m in ("BAS", "RESP", "EKG", "EMG")])
+    with torch.inference_mode():
+        tail = torch.softmax(engine.bundle.staging(tokens[None, :, 120:]), dim=-1)[0].numpy()
+    np.testing.assert_allclose(full.staging.token_probs[120:], tail, atol=1e-5)
+    # 130 tokens = 21 whole epochs (the last 4 tokens are no epoch); epochs 20.. are the tail's
+    assert full.staging.tail_start_epoch == 20
+    assert [full.staging.is_tail(e) for e in (19, 20)] == [False, True]
+    assert whole.staging.tail_start_epoch is None
+
+
+def test_a_different_tail_leaves_the_whole_windows_results_alone(engine):
+    a, b = _night(130, seed=1), _night(130, seed=2)
+    mixed = {m: np.concatenate([a[m][:, : 120 * 640], b[m][:, 120 * 640 :]], axis=1) for m in a}
+    one, two = engine.run(StudyInput(a, 50, "M")), engine.run(StudyInput(mixed, 50, "M"))
+    np.testing.assert_allclose(one.hazards.log_hazard, two.hazards.log_hazard, atol=1e-6)
+    np.testing.assert_allclose(one.staging.token_probs[:120], two.staging.token_probs[:120], atol=1e-6)
+    assert not np.allclose(one.staging.token_probs[120:], two.staging.token_probs[120:], atol=1e-4)
+
+
+def test_short_night_is_its_own_window_without_tail(engine):
+    result = engine.run(StudyInput(_night(45)))
+    assert (result.tail_start, result.tail_tokens, result.diagnosis_tokens) == (45, 0, 45)
+    assert result.staging.tail_start_epoch is None
+
+
+def test_diagnosis_head_gets_the_first_tokens_up_to_its_table(demo_bundle_dir):
+    """The release feeds its diagnosis head at most max_seq_length (6480) tokens: the rest of a long
+    night is cut, and the hazards equal those of the night cut there."""
+    bundle = _with_short_tables(demo_bundle_dir, diagnosis=120)
+    engine = Engine(bundle, EngineOptions())
+    signals = _night(190)
+    long = engine.run(StudyInput(signals, 40, "M"))
+    cut = engine.run(StudyInput({m: a[:, : 120 * 640] for m, a in signals.items()}, 40, "M"))
+    assert (long.tail_start, long.diagnosis_tokens) == (180, 120)
+    np.testing.assert_allclose(long.hazards.log_hazard, cut.hazards.log_hazard, atol=1e-6)
+    assert long.staging.token_probs.shape == (190, 5)  # staging still covers the whole night
+
+
+def test_demographics_encoding_is_named_or_unconfirmed(demo_bundle_dir, tmp_path):
+    import json
+    import shutil
+
+    declared = Engine(load_bundle(demo_bundle_dir)).run(StudyInput(_night(60), 50, "M"))
+    assert declared.demographics_encoding == "psg-gateway demo (age-50)/20"
+    bare = tmp_path / "bare"
+    shutil.copytree(demo_bundle_dir, bare)
+    meta = json.loads((bare / "bundle.json").read_text())
+    del meta["demographics"]
+    (bare / "bundle.json").write_text(json.dumps(meta))
+    unconfirmed = Engine(load_bundle(bare)).run(StudyInput(_night(60), 50, "M"))
+    assert unconfirmed.demographics_encoding == "unconfirmed"
+    # the features are the default guess either way
+    assert unconfirmed.demographics_used["age_feature"] == declared.demographics_used["age_feature"] == 0.0
+    meta["demographics"] = {"age_center": 0.0, "age_scale": 100.0}
+    (bare / "bundle.json").write_text(json.dumps(meta))
+    unnamed = Engine(load_bundle(bare)).run(StudyInput(_night(60), 50, "M"))
+    assert unnamed.demographics_encoding.startswith("age (0-centred, /100)")
+    assert unnamed.demographics_used["age_feature"] == pytest.approx(0.5)

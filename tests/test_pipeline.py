@@ -240,6 +240,8 @@ def test_flagged_study_is_queued_with_its_message_in_one_step(env, night_bytes):
     assert str(parsed.segment("MSH")[10]) == msg.control_id
     assert str(parsed.segment("MSH")[11]) == "T"  # demo weights: a test message
     assert str(parsed.segment("PID")[3][0][0]) == "SYN-0005"
+    notes = [str(seg[3]) for seg in parsed.segments("NTE")]
+    assert "Age/sex inputs encoded as: psg-gateway demo (age-50)/20 (declared by the model bundle)." in notes
     events = [e.event for e in repo.events(study.id)]
     assert events[-2:] == ["study.inferred", "study.queued"]
     assert Path(done.input_path).parent == paths.processed / study.key
@@ -331,3 +333,32 @@ def test_retention_deletes_only_old_processed_inputs_when_configured(db_url, tmp
     assert not old.exists() and new.exists() and kept.exists()
     assert daemon.repo.get(study.id).input_path is None
     engine.dispose()
+
+
+def test_a_bundle_without_a_declared_encoding_says_unconfirmed_in_outputs_and_message(db_url, tmp_path, night_bytes):
+    """The release's own age/sex encoding is not public: a bundle that does not declare one must say so in
+    metrics.json and in the message, never silently use a guess."""
+    import json
+    import shutil
+
+    import hl7
+
+    bare = tmp_path / "bundle"
+    shutil.copytree(make_demo_bundle(tmp_path / "demo"), bare)
+    meta = json.loads((bare / "bundle.json").read_text())
+    del meta["demographics"]
+    (bare / "bundle.json").write_text(json.dumps(meta))
+    bundle = load_bundle(bare)
+    db, repo, pipe, paths = pipeline_env(db_url, tmp_path / "var", bundle, Engine(bundle, EngineOptions()))
+    try:
+        _hl7_pipe(pipe, send_mode="always")
+        study = spool_file(paths, "night.edf", night_bytes, repo)
+        pipe.run_once("w")
+        done = repo.get(study.id)
+        metrics = json.loads((Path(done.output_path) / "metrics.json").read_text())
+        assert metrics["demographics_encoding"] == "unconfirmed"
+        [msg] = repo.messages(study_id=study.id)
+        notes = [str(seg[3]) for seg in hl7.parse(msg.message).segments("NTE")]
+        assert any(n.startswith("Age/sex encoding UNCONFIRMED") for n in notes)
+    finally:
+        db.dispose()

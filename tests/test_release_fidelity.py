@@ -1,0 +1,137 @@
+"""End to end against the SleepFM release's own data path on the mixed-rate fixture: what our reader,
+montage, preprocessing, encoder and heads make of ``fixture_10min.edf`` equals what the release's
+``EDFToHDF5Converter.convert`` (MNE read), dataset, collate functions and models made of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.montage import load_table
+from gateway.prepare import prepare_study
+from gateway.readers.edf import read_edf
+from gateway.recording import Channel, Recording
+from inference.bundle import load_bundle
+from inference.engine import Engine, EngineOptions
+from inference.results import StudyInput
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.reference
+
+
+@pytest.fixture(scope="module")
+def fixture(reference_dir):
+    pre = reference_dir / "preprocessing"
+    recording = read_edf(pre / "fixture_10min.edf")
+    prepared = prepare_study(recording, load_table(ROOT / "mappings" / "release-exact.yaml"))
+    return {
+        "recording": recording,
+        "prepared": prepared,
+        "signals_128": np.load(pre / "fixture_10min_release_128hz.npz"),
+        "outputs": np.load(pre / "fixture_10min_release_outputs.npz"),
+        "bundle": reference_dir / "sleepfm",
+    }
+
+
+def test_the_recordings_highest_rate_is_its_top_channel_rate(fixture):
+    recording = fixture["recording"]
+    assert sorted({c.sampling_rate for c in recording.channels}) == [1.0, 32.0, 200.0, 256.0, 500.0, 512.0]
+    assert recording.highest_rate == float(fixture["signals_128"]["source_rate"]) == 512.0
+
+
+def test_highest_rate_counts_unmapped_channels_and_an_empty_recording_has_none():
+    one = Channel.from_array("Thor", 32, np.zeros(320))
+    other = Channel.from_array("Mic", 1000, np.zeros(10000))  # unmapped, still read (and upsampled to) by MNE
+    assert Recording([one, other], 10.0).highest_rate == 1000.0
+    assert Recording([], 10.0).highest_rate is None
+
+
+def test_gateway_preprocessing_equals_the_release_per_channel(fixture):
+    """Through the real reader and montage: every channel within 2e-3 z-units per sample of the release's
+    128 Hz signals (float32, before its float16 storage)."""
+    prepared, ref = fixture["prepared"], fixture["signals_128"]
+    labels = [str(label) for label in ref["labels"]]
+    seen = 0
+    for modality, used in prepared.channels.items():
+        for row, label in enumerate(used):
+            diff = np.abs(prepared.study.signals[modality][row] - ref["signals"][labels.index(label)]).max()
+            assert diff <= 2e-3, f"{label}: {diff:.3g}"
+            assert diff <= 2e-5, f"{label}: {diff:.3g} (measured ~1e-6)"
+            seen += 1
+    assert seen == 10
+
+
+def _release_channels(prepared) -> dict[str, np.ndarray]:
+    """The release's model input: its HDF5 writer turns the '/' in 'Leg/L' into a group, so that channel
+    never reaches its model (a release bug we do not copy: the gateway keeps Leg/L in EMG)."""
+    signals = {}
+    for modality, used in prepared.channels.items():
+        rows = [i for i, label in enumerate(used) if "/" not in label]
+        signals[modality] = prepared.study.signals[modality][rows]
+    return signals
+
+
+@pytest.fixture(scope="module")
+def release_result(fixture):
+    engine = Engine(load_bundle(fixture["bundle"]), EngineOptions(device="cpu"))
+    demo = fixture["outputs"]["demo"]
+    # (age - 50) / 20 = 0.25 and female = 0.0: the fixture's encoded demographics (0.25, 0.0)
+    assert tuple(demo) == (0.25, 0.0)
+    signals = _release_channels(fixture["prepared"])
+    return engine, signals, engine.run(StudyInput(signals, 55.0, "F"))
+
+
+def test_end_to_end_equals_the_release(fixture, release_result):
+    _, _, result = release_result
+    ref = fixture["outputs"]
+    assert result.demographics_used["age_feature"] == 0.25 and result.demographics_used["sex_feature"] == 0.0
+    assert result.n_tokens == 120 and result.tail_tokens == 0 and result.diagnosis_tokens == 120
+    for m in ("BAS", "RESP", "EKG", "EMG"):
+        tok = np.abs(result.token_embeddings[m] - ref[f"tok_{m}"]).max()
+        win = np.abs(result.window_embeddings[m] - ref[f"win_{m}"]).max()
+        assert tok <= 5e-3, f"{m} tokens: {tok:.3g}"
+        assert win <= 5e-3, f"{m} 5-min vectors: {win:.3g}"
+    stage = np.abs(result.staging.token_probs - ref["stage_probs"]).max()
+    hazard = np.abs(result.hazards.log_hazard - ref["log_hazard"]).max()
+    assert stage <= 2e-3, f"stage probabilities: {stage:.3g}"
+    assert hazard <= 2e-3, f"log-hazards: {hazard:.3g}"
+
+
+def test_what_is_left_is_the_releases_float16_storage(fixture, release_result):
+    """The release stores its 128 Hz signals as float16; we keep float32 (a documented difference).
+    Rounding our signals the same way brings the tokens another 4x closer."""
+    engine, signals, result = release_result
+    ref = fixture["outputs"]
+    stored = {m: a.astype(np.float16).astype(np.float32) for m, a in signals.items()}
+    for label in ("C3-M2", "SpO2", "ECG II", "Chin1-Chin2"):
+        modality = next(m for m, used in fixture["prepared"].channels.items() if label in used)
+        row = [x for x in fixture["prepared"].channels[modality] if "/" not in x].index(label)
+        # the same float16 values but for a few samples that round the other way (one float16 step)
+        differ = stored[modality][row] != ref[f"signals_{label}"]
+        assert differ.mean() < 0.02
+        assert np.abs(stored[modality][row] - ref[f"signals_{label}"]).max() <= 2e-3
+    as_stored = engine.run(StudyInput(stored, 55.0, "F"))
+    for m in ("BAS", "RESP", "EKG", "EMG"):
+        assert np.abs(as_stored.token_embeddings[m] - ref[f"tok_{m}"]).max() <= 2e-4
+        assert np.abs(as_stored.token_embeddings[m] - ref[f"tok_{m}"]).max() < np.abs(
+            result.token_embeddings[m] - ref[f"tok_{m}"]).max()
+    assert np.abs(as_stored.hazards.log_hazard - ref["log_hazard"]).max() <= 2e-5
+
+
+def test_the_legacy_read_is_not_the_release(fixture, release_result):
+    """Without the upsampling (the release's legacy pyedflib reader) the tokens move by far more than the
+    tolerance: the golden test above would catch a return to it."""
+    from inference.preprocess import preprocess_channel
+
+    engine, signals, _ = release_result
+    recording, prepared = fixture["recording"], fixture["prepared"]
+    by_label = {c.label: c for c in recording.channels}
+    legacy = {}
+    for modality, used in prepared.channels.items():
+        rows = [preprocess_channel(by_label[label].read(), by_label[label].sampling_rate, 76800)
+                for label in used if "/" not in label]
+        legacy[modality] = np.stack(rows)
+    result = engine.run(StudyInput(legacy, 55.0, "F"))
+    assert np.abs(result.token_embeddings["RESP"] - fixture["outputs"]["tok_RESP"]).max() > 1e-2
