@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.montage import load_table
+from gateway.montage import default_table, load_table
 from gateway.prepare import prepare_study
 from gateway.readers.edf import read_edf
 from gateway.recording import Channel, Recording
@@ -25,10 +25,11 @@ pytestmark = pytest.mark.reference
 def fixture(reference_dir):
     pre = reference_dir / "preprocessing"
     recording = read_edf(pre / "fixture_10min.edf")
-    prepared = prepare_study(recording, load_table(ROOT / "mappings" / "release-exact.yaml"))
     return {
         "recording": recording,
-        "prepared": prepared,
+        # strict reproduction: the release's labels, exactly (Leg/L excluded, see below)
+        "prepared": prepare_study(recording, load_table(ROOT / "mappings" / "release-exact.yaml")),
+        "all_channels": prepare_study(recording, default_table()),
         "signals_128": np.load(pre / "fixture_10min_release_128hz.npz"),
         "outputs": np.load(pre / "fixture_10min_release_outputs.npz"),
         "bundle": reference_dir / "sleepfm",
@@ -51,7 +52,7 @@ def test_highest_rate_counts_unmapped_channels_and_an_empty_recording_has_none()
 def test_gateway_preprocessing_equals_the_release_per_channel(fixture):
     """Through the real reader and montage: every channel within 2e-3 z-units per sample of the release's
     128 Hz signals (float32, before its float16 storage)."""
-    prepared, ref = fixture["prepared"], fixture["signals_128"]
+    prepared, ref = fixture["all_channels"], fixture["signals_128"]
     labels = [str(label) for label in ref["labels"]]
     seen = 0
     for modality, used in prepared.channels.items():
@@ -63,14 +64,14 @@ def test_gateway_preprocessing_equals_the_release_per_channel(fixture):
     assert seen == 10
 
 
-def _release_channels(prepared) -> dict[str, np.ndarray]:
-    """The release's model input: its HDF5 writer turns the '/' in 'Leg/L' into a group, so that channel
-    never reaches its model (a release bug we do not copy: the gateway keeps Leg/L in EMG)."""
-    signals = {}
-    for modality, used in prepared.channels.items():
-        rows = [i for i, label in enumerate(used) if "/" not in label]
-        signals[modality] = prepared.study.signals[modality][rows]
-    return signals
+def test_release_exact_leaves_out_what_never_reaches_the_releases_model(fixture):
+    """The release's HDF5 writer turns the '/' of 'Leg/L' into a group, so that channel never reaches its
+    model (it is missing from the signals the release stored). release-exact excludes it; the default
+    table keeps it in EMG (a documented difference)."""
+    assert "signals_Leg/L" not in fixture["outputs"].files
+    assert fixture["prepared"].channels["EMG"] == ["Chin1-Chin2"]
+    assert "Leg/L" in fixture["prepared"].match.ignored
+    assert fixture["all_channels"].channels["EMG"] == ["Chin1-Chin2", "Leg/L"]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def release_result(fixture):
     demo = fixture["outputs"]["demo"]
     # (age - 50) / 20 = 0.25 and female = 0.0: the fixture's encoded demographics (0.25, 0.0)
     assert tuple(demo) == (0.25, 0.0)
-    signals = _release_channels(fixture["prepared"])
+    signals = fixture["prepared"].study.signals
     return engine, signals, engine.run(StudyInput(signals, 55.0, "F"))
 
 
@@ -107,7 +108,7 @@ def test_what_is_left_is_the_releases_float16_storage(fixture, release_result):
     stored = {m: a.astype(np.float16).astype(np.float32) for m, a in signals.items()}
     for label in ("C3-M2", "SpO2", "ECG II", "Chin1-Chin2"):
         modality = next(m for m, used in fixture["prepared"].channels.items() if label in used)
-        row = [x for x in fixture["prepared"].channels[modality] if "/" not in x].index(label)
+        row = fixture["prepared"].channels[modality].index(label)
         # the same float16 values but for a few samples that round the other way (one float16 step)
         differ = stored[modality][row] != ref[f"signals_{label}"]
         assert differ.mean() < 0.02
@@ -131,7 +132,7 @@ def test_the_legacy_read_is_not_the_release(fixture, release_result):
     legacy = {}
     for modality, used in prepared.channels.items():
         rows = [preprocess_channel(by_label[label].read(), by_label[label].sampling_rate, 76800)
-                for label in used if "/" not in label]
+                for label in used]
         legacy[modality] = np.stack(rows)
     result = engine.run(StudyInput(legacy, 55.0, "F"))
     assert np.abs(result.token_embeddings["RESP"] - fixture["outputs"]["tok_RESP"]).max() > 1e-2
