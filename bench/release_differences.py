@@ -22,13 +22,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.montage import default_table, load_table  # noqa: E402
-from gateway.prepare import prepare_study  # noqa: E402
-from gateway.readers.edf import read_edf  # noqa: E402
-from gateway.readers.synthetic import write_synthetic_night  # noqa: E402
-from inference.bundle import load_bundle  # noqa: E402
-from inference.engine import Engine, EngineOptions  # noqa: E402
-from inference.results import MODALITIES, StudyInput  # noqa: E402
+from gateway.montage import default_table, load_table
+from gateway.prepare import prepare_study
+from gateway.readers.edf import read_edf
+from gateway.readers.synthetic import write_synthetic_night
+from inference.bundle import load_bundle
+from inference.engine import Engine, EngineOptions
+from inference.results import MODALITIES, StudyInput
 
 REFERENCE = ROOT.parent / "shared" / "reference"
 AGE, SEX = 55.0, "F"  # the fixture's encoded demographics (0.25, 0.0) under (age - 50) / 20

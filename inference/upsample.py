@@ -49,7 +49,7 @@ _SMALL = 1 << 15  # below this many samples at R, build u whole (cheap) and filt
 def recording_grid_length(n: int, rate: float, recording_rate: float) -> int:
     """Samples of a channel of ``n`` samples at ``rate`` once upsampled to ``recording_rate``
     (MNE's ``round(n * up / down)``; exact for EDF, where both are whole samples per record)."""
-    return max(1, int(round(n * float(recording_rate) / float(rate))))
+    return max(1, round(n * float(recording_rate) / float(rate)))
 
 
 def _real_coefficients(x: np.ndarray, workers: int) -> np.ndarray:
@@ -224,7 +224,7 @@ def upsampled_resample(
     a *= _lowpass_response(order, cutoff, recording_rate, a.size, m_total)
 
     step = recording_rate / target_rate
-    d = int(round(step))
+    d = round(step)
     if abs(step - d) < 1e-9 and m_total % d == 0:
         # The output grid is every d-th sample of the filtered u: evaluate it there directly.
         p_len = m_total // d

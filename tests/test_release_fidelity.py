@@ -126,7 +126,7 @@ def test_the_legacy_read_is_not_the_release(fixture, release_result):
     tolerance: the golden test above would catch a return to it."""
     from inference.preprocess import preprocess_channel
 
-    engine, signals, _ = release_result
+    engine, _signals, _ = release_result
     recording, prepared = fixture["recording"], fixture["prepared"]
     by_label = {c.label: c for c in recording.channels}
     legacy = {}

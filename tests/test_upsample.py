@@ -27,7 +27,7 @@ def _fft_upsample(x: np.ndarray, n_up: int) -> np.ndarray:
 
 def _release(x: np.ndarray, rate: float, top: float, n_out: int, zscore: bool = True) -> np.ndarray:
     """The release path on one channel of a recording whose highest rate is ``top``."""
-    u = _fft_upsample(x, int(round(x.size * top / rate))) if top != rate else np.asarray(x, np.float64)
+    u = _fft_upsample(x, round(x.size * top / rate)) if top != rate else np.asarray(x, np.float64)
     if top > 128:
         b, a = signal.butter(4, 64 / (top / 2), btype="low")
         u = signal.filtfilt(b, a, u)
@@ -83,7 +83,7 @@ PAIRS = [
 @pytest.mark.parametrize(("rate", "top", "seconds"), PAIRS)
 @pytest.mark.parametrize("kind", ["band-limited", "white"])
 def test_composed_upsampling_equals_the_direct_path(rate, top, seconds, kind):
-    n = int(round(rate * seconds))
+    n = round(rate * seconds)
     x = _band_limited(n, rate, 1) if kind == "band-limited" else _white(n, 2)
     n_out = n_target_samples(round(n * top / rate) / top)
     want = _release(x, rate, top, n_out)
