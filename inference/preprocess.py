@@ -113,6 +113,11 @@ def set_default_workers(n: int) -> None:
         _POOL = None  # the next call makes a pool of the new size
 
 
+def default_workers() -> int:
+    """The threads preprocessing may use (see :func:`set_default_workers`)."""
+    return _DEFAULT_WORKERS
+
+
 def _forget_pool_after_fork() -> None:  # pragma: no cover - runs in forked children
     # A forked child inherits the executor object but not its threads; start a fresh one there.
     global _POOL, _POOL_LOCK

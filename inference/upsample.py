@@ -63,31 +63,29 @@ def _real_coefficients(x: np.ndarray, workers: int) -> np.ndarray:
 
 def _grid_values(a: np.ndarray, n: int, q: int, workers: int) -> np.ndarray:
     """``p(j * n / q)`` for ``j = 0 .. q-1``: the polynomial on ``q`` points per period."""
-    # Bins beyond the grid's own range alias onto it (k and k + q are the same on this grid).
-    folded = np.zeros(q, dtype=a.dtype)
+    # Re(sum_k a_k e^{2 pi i k j / q}) is the inverse FFT of the Hermitian H_m = (A_m + conj(A_-m)) / 2, where A
+    # folds the bins beyond the grid's range onto it (bins k and k + q are the same on this grid).
+    half = q // 2 + 1
+    herm = np.zeros(half, dtype=a.dtype)
     for lo in range(0, a.size, q):
         part = a[lo : lo + q]
-        folded[: part.size] += part
-    # Re(sum_m A_m e^{..}) is the inverse FFT of the Hermitian (A_m + conj(A_-m)) / 2.
-    half = q // 2 + 1
-    herm = folded[:half].copy()
-    herm[0] = herm[0].real
-    mirror = folded[q - half + 1 :][::-1]  # A_{q-m} for m = 1 .. half-1
-    herm[1:] += np.conj(mirror)
-    herm[1:] *= 0.5
-    out = sfft.irfft(herm, q, workers=workers)
-    out *= q / n
-    return out
+        herm[: min(half, part.size)] += part[:half]
+        first, stop = q - half + 1, min(part.size, q)  # bins whose negative, q - i, lands in 1 .. half-1
+        if stop > first:
+            herm[q - stop + 1 : half][::-1] += np.conj(part[first:stop])
+    herm[0] = 2.0 * herm[0].real  # A_0 + conj(A_0)
+    herm *= 0.5 * q / n
+    return sfft.irfft(herm, q, workers=workers, overwrite_x=True)
 
 
 _TAYLOR_TERMS = 18  # |theta| <= 1/2 below: the first term left out is < 0.5**18 / 18! ~ 6e-22
 
 
 @lru_cache(maxsize=4)
-def _edge_basis(n: int, m_total: int, k: int, n_coef: int) -> tuple[np.ndarray, np.ndarray, int]:
+def _edge_basis(n: int, m_total: int, k: int, n_coef: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """The parts of :func:`_edge_values` that depend only on the lengths (shared by a recording's
-    channels of one rate): the Taylor matrix (width, terms), the carrier times the powers of the
-    normalised time (bands, terms, 2k), and the band width."""
+    channels of one rate): the Taylor matrix (width, terms), the powers of the normalised time
+    (terms, 2k), each band's carrier (bands, 2k), and the band width."""
     t = np.arange(-k, k, dtype=np.float64) * (n / m_total)  # source-sample units
     tau = float(np.abs(t).max()) or 1.0
     width = max(1, int(0.5 * n / (np.pi * tau)))  # bins per band, so that |theta| <= 1/2
@@ -99,11 +97,10 @@ def _edge_basis(n: int, m_total: int, k: int, n_coef: int) -> tuple[np.ndarray, 
     taylor = ((1j * theta[:, None]) ** terms[None, :] / factorial[None, :]).astype(np.complex64)
     centre = np.arange(n_bands, dtype=np.float64) * width + (width - 1) / 2.0
     carrier = np.exp((2j * np.pi / n) * np.outer(centre, t))  # (bands, 2k)
-    powers = (t / tau)[None, :] ** terms[:, None]  # (terms, 2k)
-    evaluate = carrier[:, None, :] * powers[None, :, :]  # (bands, terms, 2k)
-    for arr in (taylor, evaluate):
+    powers = ((t / tau)[None, :] ** terms[:, None]).astype(np.complex128)  # (terms, 2k)
+    for arr in (taylor, powers, carrier):
         arr.flags.writeable = False
-    return taylor, evaluate, width
+    return taylor, powers, carrier, width
 
 
 def _edge_values(a: np.ndarray, n: int, m_total: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -115,12 +112,13 @@ def _edge_values(a: np.ndarray, n: int, m_total: int, k: int) -> tuple[np.ndarra
     exact to float64 with 18 terms. That costs two small matrix products instead of a transform of the
     whole upsampled channel.
     """
-    taylor, evaluate, width = _edge_basis(n, m_total, k, a.size)
-    n_bands = evaluate.shape[0]
-    bands = np.zeros(n_bands * width, dtype=np.complex64)
-    bands[: a.size] = a
-    coef = bands.reshape(n_bands, width) @ taylor  # (bands, terms)
-    vals = np.einsum("bj,bjm->m", coef.astype(np.complex128), evaluate).real / n
+    taylor, powers, carrier, width = _edge_basis(n, m_total, k, a.size)
+    full = a.size // width
+    coef = np.empty((carrier.shape[0], taylor.shape[1]), dtype=np.complex128)  # (bands, terms)
+    coef[:full] = a[: full * width].reshape(full, width) @ taylor
+    if full < coef.shape[0]:  # the last band is partial: its missing bins are zero
+        coef[full] = a[full * width :] @ taylor[: a.size - full * width]
+    vals = np.einsum("bm,bm->m", carrier, coef @ powers).real / n
     return vals[k:], vals[:k]
 
 
