@@ -29,7 +29,7 @@ from inference.engine import Engine, EngineOptions
 HOURS = 0.1  # 6 minutes: two 5-minute windows, 12 scored epochs
 MODALITIES = ["BAS", "RESP", "EKG", "EMG"]
 FIXED = ["source_kind", "state", "duration_s", "modalities", "montage_version", "model_name", "model_hash",
-         "model_validated", "age_years", "sex"]
+         "model_validated", "age_years", "sex", "demographics_encoding", "tail_tokens", "diagnosis_tokens"]
 IDENTIFIERS = ["patient_id", "accession", "study_uid", "recording_start"]
 
 
@@ -112,6 +112,9 @@ def test_export_writes_npy_files_table_and_outcomes(processed):
         assert row["model_name"] == "sleepfm-demo-untrained" and row["model_hash"] == study.bundle_hash
         assert not row["model_validated"] and row["montage_version"] == study.montage_version
         assert row["sex"] == metrics["demographics_used"]["sex"]
+        # 6 minutes: one whole window (60 tokens, all the diagnosis head sees) and a 12-token tail
+        assert row["demographics_encoding"] == "psg-gateway demo (age-50)/20"
+        assert (row["tail_tokens"], row["diagnosis_tokens"]) == (12, 60)
         assert row["sleep_tst_min"] == pytest.approx(metrics["sleep"]["tst_min"])
     # only the scored night has an agreement; the other's cells are null
     by_key = table.set_index("study_key")

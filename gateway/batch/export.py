@@ -318,7 +318,8 @@ def export_studies(studies: Iterable[Study], out_dir: Path, *, identifiers: bool
     ordered = sorted({s.id: s for s in studies}.values(), key=lambda s: s.id)
     fixed: dict[str, list[Any]] = {name: [] for name in (
         "study_key", *(IDENTIFIER_COLUMNS if identifiers else ()), "source_kind", "state", "duration_s",
-        "modalities", "montage_version", "model_name", "model_hash", "model_validated", "age_years", "sex")}
+        "modalities", "montage_version", "model_name", "model_hash", "model_validated", "age_years", "sex",
+        "demographics_encoding", "tail_tokens", "diagnosis_tokens")}
     # Sleep and agreement keys: the union over the studies, in the order first seen.
     sleep_rows: list[dict[str, Any]] = []
     agreement_rows: list[dict[str, Any]] = []
@@ -379,6 +380,11 @@ def export_studies(studies: Iterable[Study], out_dir: Path, *, identifiers: bool
         fixed["age_years"].append(float(age) if _is_number(age) and math.isfinite(age) else None)
         sex = demographics.get("sex")
         fixed["sex"].append(None if sex is None else str(sex))
+        # outputs written before these were recorded have none: unconfirmed, unknown
+        fixed["demographics_encoding"].append(str(metrics.get("demographics_encoding") or "unconfirmed"))
+        windows = metrics.get("windows") or {}
+        fixed["tail_tokens"].append(windows.get("tail_tokens"))
+        fixed["diagnosis_tokens"].append((metrics.get("diagnosis_input") or {}).get("tokens_used"))
         sleep = _flatten("sleep_", metrics.get("sleep"))
         agreement = _flatten("agreement_", metrics.get("staging_agreement"))
         sleep_keys.update(dict.fromkeys(sleep))
@@ -393,6 +399,8 @@ def export_studies(studies: Iterable[Study], out_dir: Path, *, identifiers: bool
             columns[name] = pa.array(values, type=pa.bool_())
         elif name in ("duration_s", "age_years"):
             columns[name] = pa.array(values, type=pa.float64())
+        elif name in ("tail_tokens", "diagnosis_tokens"):
+            columns[name] = pa.array([v if isinstance(v, int) else None for v in values], type=pa.int64())
         else:
             columns[name] = pa.array(values, type=pa.string())
     for keys, rows in ((sleep_keys, sleep_rows), (agreement_keys, agreement_rows)):
