@@ -79,11 +79,7 @@ def child_ours(edf: Path, precision: str, save: Path | None) -> dict:
         np.savez(save, hazards=result.hazards.log_hazard, probs=result.staging.token_probs,
                  **{f"tok_{m}": v for m, v in result.token_embeddings.items()})
     n_tokens = result.n_tokens * len(result.modalities)
-    # Channels are read and preprocessed concurrently: the step's wall time, split between reading and
-    # preprocessing in proportion to the seconds each channel spent in them.
-    t = prepared.timings_s
-    read = t["prepare"] * t["read"] / max(t["read"] + t["preprocess"], 1e-9)
-    preprocess = t["prepare"] - read
+    read, preprocess = prepared.timings_s["read"], prepared.timings_s["preprocess"]
     return {
         "precision": precision,
         "threads": torch.get_num_threads(),

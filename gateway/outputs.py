@@ -5,7 +5,7 @@ OUT/
   embeddings/BAS.npy        (T, 128) float32  one row per 5-s token
   embeddings/BAS_5min.npy   (N, 128) float32  one row per 5-minute window
   ...                                         (one pair per modality present)
-  night.npy                 (512,)   float32  BAS|RESP|EKG|EMG window means; NaN for a missing modality
+  night.npy                 (512,)   float32  BAS|RESP|EKG|EMG means of the whole windows; NaN: missing
   hypnogram.csv             epoch, onset_s, stage, p_W, p_N1, p_N2, p_N3, p_REM, tail
   metrics.json              sleep metrics, modalities, windows (tail), diagnosis input, demographics
                             encoding, montage, model bundle, timings

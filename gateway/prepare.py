@@ -1,21 +1,19 @@
 """From a decoded :class:`Recording` to the engine's input: map channels, preprocess, assemble.
 
-Channels are read and preprocessed straight into the 128 Hz arrays, one at a time per preprocessing
-thread, so a night never sits in memory at its native rates all at once.
+Channels are read and preprocessed one at a time straight into the 128 Hz arrays, so a night
+never sits in memory at its native rates all at once.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from inference.gaps import preprocess_with_gaps
-from inference.preprocess import default_workers, n_target_samples
+from inference.preprocess import n_target_samples
 from inference.results import StudyInput
 
 from .montage import MontageMatch, MontageTable
@@ -24,15 +22,6 @@ from .recording import Recording
 
 class MappingError(ValueError):
     """No channel of the recording maps to any modality."""
-
-
-@dataclass(frozen=True)
-class _ChannelDone:
-    label: str
-    gap: float | None  # share of the channel in gaps; None when the channel was dropped
-    error: str | None  # why the channel was dropped
-    read_s: float
-    preprocess_s: float
 
 
 @dataclass
@@ -68,53 +57,41 @@ def prepare_study(
     # The release's reader brings every channel up to the recording's highest rate first (mapped or
     # not, as MNE reads them all); preprocessing reproduces that, see inference.upsample.
     top_rate = recording.highest_rate
-    jobs = [(modality, row, index) for modality, indices in match.groups.items() for row, index in enumerate(indices)]
-    blocks = {m: np.empty((len(ix), n_out), dtype=np.float32) for m, ix in match.groups.items() if ix}
-    # Channels are independent: with more than one preprocessing thread, that many run at once, one thread
-    # each (the release-equal upsampling is FFT-bound and an FFT uses one core); a batch worker sets 1.
-    threads = min(default_workers(), len(jobs))
-    per_channel = 1 if threads > 1 else None
-
-    def work(job: tuple[str, int, int]) -> _ChannelDone:
-        modality, row, index = job
-        channel = recording.channels[index]
-        t0 = time.perf_counter()
-        samples = channel.read()
-        valid = channel.read_valid()
-        t1 = time.perf_counter()
-        try:
-            blocks[modality][row], gap = preprocess_with_gaps(
-                samples, valid, channel.sampling_rate, n_out, recording_rate=top_rate, workers=per_channel)
-        except ValueError as exc:
-            # One dead channel (all gap) must not sink the study; it is reported instead.
-            return _ChannelDone(channel.label, None, str(exc), t1 - t0, time.perf_counter() - t1)
-        return _ChannelDone(channel.label, gap, None, t1 - t0, time.perf_counter() - t1)
-
-    t_start = time.perf_counter()
-    done_list: list[_ChannelDone] = []
-    with ThreadPoolExecutor(threads, thread_name_prefix="psg-channel") if threads > 1 else nullcontext() as pool:
-        for done in (pool.map(work, jobs) if pool is not None else map(work, jobs)):
-            done_list.append(done)
-            if progress is not None:
-                progress(len(done_list), len(jobs))
-    wall = time.perf_counter() - t_start
-    kept: dict[str, list[int]] = {m: [] for m in blocks}
-    used: dict[str, list[str]] = {m: [] for m in blocks}
+    total = sum(len(ix) for ix in match.groups.values())
+    done, t_read, t_pre = 0, 0.0, 0.0
+    signals: dict[str, np.ndarray] = {}
+    used: dict[str, list[str]] = {}
     gaps: dict[str, float] = {}
     dropped: dict[str, str] = {}
-    for (modality, row, _), d in zip(jobs, done_list):
-        if d.error is not None:
-            dropped[d.label] = d.error
-            continue
-        kept[modality].append(row)
-        used[modality].append(d.label)
-        if d.gap:
-            gaps[d.label] = round(d.gap, 6)
-    signals = {m: blocks[m] if len(rows) == len(blocks[m]) else blocks[m][rows]
-               for m, rows in kept.items() if rows}
-    used = {m: labels for m, labels in used.items() if labels}
-    t_read = sum(d.read_s for d in done_list)
-    t_pre = sum(d.preprocess_s for d in done_list)
+    for modality, indices in match.groups.items():
+        block = np.empty((len(indices), n_out), dtype=np.float32)
+        rows: list[str] = []
+        for index in indices:
+            channel = recording.channels[index]
+            t0 = time.perf_counter()
+            samples = channel.read()
+            valid = channel.read_valid()
+            t1 = time.perf_counter()
+            try:
+                block[len(rows)], gap = preprocess_with_gaps(
+                    samples, valid, channel.sampling_rate, n_out, recording_rate=top_rate,
+                    overwrite_input=True)  # read() gave us our own copy
+            except ValueError as exc:
+                # One dead channel (all gap) must not sink the study; it is reported instead.
+                dropped[channel.label] = str(exc)
+            else:
+                rows.append(channel.label)
+                if gap:
+                    gaps[channel.label] = round(gap, 6)
+            t_pre += time.perf_counter() - t1
+            t_read += t1 - t0
+            del samples, valid
+            done += 1
+            if progress is not None:
+                progress(done, total)
+        if rows:
+            signals[modality] = block[: len(rows)]
+            used[modality] = rows
     if not signals:
         raise MappingError(f"no usable channel: {dropped}")
     demographics = recording.demographics
@@ -124,7 +101,4 @@ def prepare_study(
         sex=demographics.sex,
         key=key,
     )
-    # read and preprocess: seconds spent per channel, added up (with channel threads, more than the wall
-    # time); prepare: the wall time of the whole step.
-    timings = {"read": t_read, "preprocess": t_pre, "prepare": wall}
-    return PreparedStudy(study, match, used, timings, gaps, dropped)
+    return PreparedStudy(study, match, used, {"read": t_read, "preprocess": t_pre}, gaps, dropped)

@@ -37,16 +37,19 @@ def preprocess_with_gaps(
     recording_rate: float | None = None,
     *,
     workers: int | None = None,
+    overwrite_input: bool = False,
 ) -> tuple[np.ndarray, float]:
     """Resample and z-score a channel, honouring its gaps.
 
     Returns the float32 128 Hz signal and the fraction of it that was a gap. With ``valid`` None
     (no gaps) this is exactly :func:`~inference.preprocess.preprocess_channel`. ``recording_rate``
     (the recording's highest rate) is passed on to it: the gap-filled channel is upsampled like any
-    other; ``workers`` too. A channel with no measured sample at all raises ``ValueError``.
+    other; ``workers`` and ``overwrite_input`` too. A channel with no measured sample at all raises
+    ``ValueError``.
     """
     if valid is None or valid.all():
-        return preprocess_channel(samples, rate, n_out=n_out, recording_rate=recording_rate, workers=workers), 0.0
+        return preprocess_channel(samples, rate, n_out=n_out, recording_rate=recording_rate, workers=workers,
+                                  overwrite_input=overwrite_input), 0.0
     valid = np.asarray(valid, dtype=bool)
     if not valid.any():
         raise ValueError("channel has no measured samples (all gap)")

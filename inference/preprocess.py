@@ -113,11 +113,6 @@ def set_default_workers(n: int) -> None:
         _POOL = None  # the next call makes a pool of the new size
 
 
-def default_workers() -> int:
-    """The threads preprocessing may use (see :func:`set_default_workers`)."""
-    return _DEFAULT_WORKERS
-
-
 def _forget_pool_after_fork() -> None:  # pragma: no cover - runs in forked children
     # A forked child inherits the executor object but not its threads; start a fresh one there.
     global _POOL, _POOL_LOCK
@@ -466,6 +461,7 @@ def _resample_centered(
     workers: int | None,
     always_center: bool,
     recording_rate: float | None = None,
+    overwrite_input: bool = False,
 ) -> tuple[np.ndarray, float]:
     """Resample ``samples - center``; returns the float32 result and ``center``. The centre is
     the channel mean when filtering, upsampling or when ``always_center``, else 0 (exact pass-through)."""
@@ -486,12 +482,16 @@ def _resample_centered(
         assert recording_rate is not None
         _, _, edge = _lowpass(float(recording_rate), target_rate / 2.0) if recording_rate > target_rate \
             else (None, None, 0)
-        centred = np.empty(x.size, dtype=_F32)
+        if overwrite_input and x.dtype == _F32 and x.flags.c_contiguous and x.flags.writeable:
+            centred = x  # the caller's own copy: centre it in place rather than hold a second one
+        else:
+            centred = np.empty(x.size, dtype=_F32)
         _to_centered_f32(x, center, centred, nw)
         out = upsampled_resample(
             centred, rate, float(recording_rate), target_rate, n_out,
             cutoff=target_rate / 2.0, order=FILTER_ORDER, edge=edge,
-            interpolate=lambda y, r, t, n: _interpolate(y, r, t, n, nw), workers=nw,
+            interpolate=lambda y, r, t, n: _interpolate(y, r, t, n, nw),
+            submit=_pool().submit if nw > 1 else None,
         )
         return out, center
     if not (always_center or rate > target_rate):
@@ -612,6 +612,7 @@ def preprocess_channel(
     *,
     workers: int | None = None,
     recording_rate: float | None = None,
+    overwrite_input: bool = False,
 ) -> np.ndarray:
     """SleepFM-compatible preprocessing of one channel: resample to 128 Hz, then z-score.
 
@@ -620,7 +621,9 @@ def preprocess_channel(
     mean. Returns a new C-contiguous float32 array of length ``n_out`` (default: what
     ``len(samples) / rate`` seconds gives). Pass the recording's highest rate as ``recording_rate``
     to reproduce the release's own path (its reader upsamples every channel to that rate first).
+    ``overwrite_input=True`` lets it use a float32 ``samples`` as scratch space (a caller that owns
+    the array saves a copy of the channel).
     """
     out, _ = _resample_centered(samples, rate, TARGET_RATE, n_out, workers, always_center=True,
-                                recording_rate=recording_rate)
+                                recording_rate=recording_rate, overwrite_input=overwrite_input)
     return standardize(out, workers=workers)

@@ -34,6 +34,7 @@ the release's own fixture).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 
 import numpy as np
@@ -52,16 +53,51 @@ def recording_grid_length(n: int, rate: float, recording_rate: float) -> int:
     return max(1, round(n * float(recording_rate) / float(rate)))
 
 
-def _real_coefficients(x: np.ndarray, workers: int) -> np.ndarray:
+_SPLIT_MIN = 1 << 16  # below this, one transform: splitting would not pay
+
+
+@lru_cache(maxsize=2)
+def _split_twiddles(n: int) -> np.ndarray:
+    """``exp(-2 pi i k / n)`` for ``k = 0 .. n/4`` (complex64), to join the halves' spectra."""
+    k = np.arange(n // 4 + 1, dtype=np.float64)
+    out = np.exp((-2j * np.pi / n) * k).astype(np.complex64)
+    out.flags.writeable = False
+    return out
+
+
+def _rfft(x: np.ndarray, submit: Callable | None) -> np.ndarray:
+    """``rfft(x)``; with ``submit`` (a thread pool's) and an even length, as the transforms of the even
+    and of the odd samples, run side by side, joined by one twiddle (decimation in time). One 1-D
+    transform uses one core, and the halves also share their plan with the 128 Hz output's inverse
+    transform (pocketfft keeps a plan, about 4 bytes a sample, for each length it has seen)."""
+    n = x.size
+    if submit is None or n % 2 or n < _SPLIT_MIN:
+        return sfft.rfft(x)
+    odd = submit(sfft.rfft, x[1::2])
+    even = sfft.rfft(x[0::2])
+    twiddled = odd.result()
+    twiddled *= _split_twiddles(n)[: twiddled.size]
+    half = n // 2
+    out = np.empty(half + 1, dtype=np.result_type(even, np.complex64))
+    m = even.size  # half // 2 + 1
+    np.add(even, twiddled, out=out[:m])
+    # bins beyond the halves' own range: X[half - k] = conj(E[k] - W^k O[k])
+    even -= twiddled
+    np.conjugate(even, out=even)
+    out[half - m + 1 :] = even[::-1]
+    return out
+
+
+def _real_coefficients(x: np.ndarray, submit: Callable | None) -> np.ndarray:
     """One-sided coefficients ``a`` with ``p(t) = Re(sum_k a_k exp(2 pi i k t / N)) / N`` the
     trigonometric interpolant of ``x`` as MNE's upsampling evaluates it (Nyquist term split evenly)."""
     n = x.size
-    a = sfft.rfft(x, workers=workers)
+    a = _rfft(x, submit)
     a[1 : (n + 1) // 2] *= 2.0  # each positive bin stands for itself and its conjugate
     return a
 
 
-def _grid_values(a: np.ndarray, n: int, q: int, workers: int) -> np.ndarray:
+def _grid_values(a: np.ndarray, n: int, q: int) -> np.ndarray:
     """``p(j * n / q)`` for ``j = 0 .. q-1``: the polynomial on ``q`` points per period."""
     # Re(sum_k a_k e^{2 pi i k j / q}) is the inverse FFT of the Hermitian H_m = (A_m + conj(A_-m)) / 2, where A
     # folds the bins beyond the grid's range onto it (bins k and k + q are the same on this grid).
@@ -75,13 +111,13 @@ def _grid_values(a: np.ndarray, n: int, q: int, workers: int) -> np.ndarray:
             herm[q - stop + 1 : half][::-1] += np.conj(part[first:stop])
     herm[0] = 2.0 * herm[0].real  # A_0 + conj(A_0)
     herm *= 0.5 * q / n
-    return sfft.irfft(herm, q, workers=workers, overwrite_x=True)
+    return sfft.irfft(herm, q, overwrite_x=True)
 
 
 _TAYLOR_TERMS = 18  # |theta| <= 1/2 below: the first term left out is < 0.5**18 / 18! ~ 6e-22
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=2)
 def _edge_basis(n: int, m_total: int, k: int, n_coef: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """The parts of :func:`_edge_values` that depend only on the lengths (shared by a recording's
     channels of one rate): the Taylor matrix (width, terms), the powers of the normalised time
@@ -122,7 +158,7 @@ def _edge_values(a: np.ndarray, n: int, m_total: int, k: int) -> tuple[np.ndarra
     return vals[k:], vals[:k]
 
 
-@lru_cache(maxsize=4)  # the channels of one recording share their rates: computed once per rate pair
+@lru_cache(maxsize=2)  # the channels of one recording share their rates: computed once per rate pair
 def _lowpass_response(order: int, cutoff: float, rate: float, n_bins: int, m_total: int) -> np.ndarray:
     """``|H|^2`` at ``omega_k = 2 pi k / M`` for ``k < n_bins``: filtfilt's gain for the digital
     Butterworth that ``scipy.signal.butter`` designs (bilinear transform with a pre-warped cut-off),
@@ -170,8 +206,8 @@ def upsampled_resample(
     cutoff: float,
     order: int,
     edge: int,
-    interpolate,
-    workers: int = 1,
+    interpolate: Callable[[np.ndarray, float, float, int], np.ndarray],
+    submit: Callable | None = None,
 ) -> np.ndarray:
     """What the release makes of ``x`` (centred float64 samples at ``rate``) before its z-score.
 
@@ -194,8 +230,8 @@ def upsampled_resample(
     interpolate : callable
         ``interpolate(y, rate, target_rate, n_out)``: the linear interpolation onto the output grid,
         ``y`` float32 at ``rate`` (``preprocess._interpolate``).
-    workers : int
-        Threads for the FFTs.
+    submit : callable, optional
+        A thread pool's ``submit``: the channel's transform then runs as two halves side by side.
 
     Returns
     -------
@@ -204,16 +240,17 @@ def upsampled_resample(
     """
     n = x.size
     m_total = recording_grid_length(n, rate, recording_rate)
-    a = _real_coefficients(x, workers)
+    a = _real_coefficients(x, submit)
+    del x  # the spectrum is all that is needed from here on
     if recording_rate <= target_rate:  # no low-pass: u is no longer than the output itself
-        u = _grid_values(a, n, m_total, workers)
+        u = _grid_values(a, n, m_total)
         return interpolate(u.astype(np.float32), recording_rate, target_rate, n_out)
 
     sos = signal.butter(order, cutoff, btype="low", fs=recording_rate, output="sos")
     zi = signal.sosfilt_zi(sos)
     k = max(2 * edge, 4 * _PADLEN)
     if m_total <= max(_SMALL, 4 * k):  # short channel: build u, filter it exactly
-        y = _filtfilt(sos, _grid_values(a, n, m_total, workers))
+        y = _filtfilt(sos, _grid_values(a, n, m_total))
         return interpolate(y.astype(np.float32), recording_rate, target_rate, n_out)
 
     u_head, u_tail = _edge_values(a, n, m_total, k)
@@ -226,7 +263,7 @@ def upsampled_resample(
     if abs(step - d) < 1e-9 and m_total % d == 0:
         # The output grid is every d-th sample of the filtered u: evaluate it there directly.
         p_len = m_total // d
-        main = _grid_values(a, n, p_len, workers)
+        main = _grid_values(a, n, p_len)
         out = np.empty(n_out, dtype=np.float32)
         n_main = min(n_out, p_len)
         out[:n_main] = main[:n_main]
@@ -239,7 +276,7 @@ def upsampled_resample(
         out[n_main:] = tail[-1]  # past the end of u: np.interp holds the last value
         return out
 
-    y = _grid_values(a, n, m_total, workers)
+    y = _grid_values(a, n, m_total)
     y[:edge] = head
     y[m_total - edge :] = tail
     return interpolate(y.astype(np.float32), recording_rate, target_rate, n_out)

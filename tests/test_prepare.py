@@ -35,7 +35,7 @@ def test_channels_grouped_in_modality_order_and_standardised():
         np.testing.assert_allclose(block.mean(axis=1), 0, atol=1e-3)
         np.testing.assert_allclose(block.std(axis=1), 1, atol=1e-3)
     assert prepared.gap_fraction == {} and prepared.dropped == {}
-    assert set(prepared.timings_s) == {"read", "preprocess", "prepare"}
+    assert set(prepared.timings_s) == {"read", "preprocess"}
 
 
 def test_gap_is_kept_on_the_timeline_as_zeros_and_reported():
@@ -68,27 +68,3 @@ def test_nothing_usable_is_a_mapping_error():
     with pytest.raises(MappingError, match="no usable channel"):
         prepare_study(rec, default_table())
 
-
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_channel_threads_give_the_same_study_in_the_same_order(threads, monkeypatch):
-    """Channels run concurrently when preprocessing may use several threads: rows, labels, dropped
-    channels and values do not depend on how many."""
-    import inference.preprocess as pp
-
-    valid = np.zeros(256 * SECONDS, bool)  # all gap: dropped, with its reason
-    rec = Recording(
-        channels=[_channel("ECG II", 512, 1), _channel("C3-M2", 256, 2), _channel("O1-M2", 256, 6, valid),
-                  _channel("Thor", 32, 4), _channel("C4-M1", 256, 5), _channel("SpO2", 1, 7)],
-        duration_s=SECONDS,
-    )
-    monkeypatch.setattr(pp, "_DEFAULT_WORKERS", 1)
-    serial = prepare_study(rec, default_table())
-    monkeypatch.setattr(pp, "_DEFAULT_WORKERS", threads)
-    seen = []
-    prepared = prepare_study(rec, default_table(), progress=lambda done, total: seen.append((done, total)))
-    assert prepared.channels == serial.channels == {"BAS": ["C3-M2", "C4-M1"], "RESP": ["Thor", "SpO2"],
-                                                    "EKG": ["ECG II"]}
-    assert list(prepared.dropped) == ["O1-M2"]
-    assert seen == [(i, 6) for i in range(1, 7)]
-    for m in serial.study.signals:
-        np.testing.assert_allclose(prepared.study.signals[m], serial.study.signals[m], atol=1e-6)

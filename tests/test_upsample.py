@@ -114,9 +114,9 @@ def test_edges_use_the_exact_filtfilt_padding():
     assert np.abs(got[ends] - want[ends]).max() <= 2e-5
     # what circular filtering would give at the ends (the wrap from the last sample to the first)
     m_total = up.recording_grid_length(n, rate, top)
-    coef = up._real_coefficients(x.astype(np.float64) - x.mean(dtype=np.float64), 1)
+    coef = up._real_coefficients(x.astype(np.float64) - x.mean(dtype=np.float64), None)
     coef = coef * up._lowpass_response(4, 64.0, top, coef.size, m_total)
-    circular = up._grid_values(coef, n, n_out, 1)
+    circular = up._grid_values(coef, n, n_out)
     circular = (circular - circular.mean()) / circular.std()
     assert np.abs(circular[ends] - want[ends]).max() > 1e-2
 
@@ -127,7 +127,7 @@ def test_edge_values_are_the_upsampled_channel(n, rate, top):
     x = _white(n, 6).astype(np.float64)
     m_total = up.recording_grid_length(n, rate, top)
     u = _fft_upsample(x, m_total)
-    head, tail = up._edge_values(up._real_coefficients(x, 1), n, m_total, 200)
+    head, tail = up._edge_values(up._real_coefficients(x, None), n, m_total, 200)
     scale = np.abs(u).max()
     assert np.abs(head - u[:200]).max() <= 1e-6 * scale
     assert np.abs(tail - u[-200:]).max() <= 1e-6 * scale
@@ -137,13 +137,13 @@ def test_edge_values_are_the_upsampled_channel(n, rate, top):
 def test_grid_values_fold_bins_beyond_the_grid(q):
     n = 1000
     x = _white(n, 7).astype(np.float64)
-    coef = up._real_coefficients(x, 1)
+    coef = up._real_coefficients(x, None)
     t = np.arange(q) * n / q
     if q <= 5000:
         direct = (np.exp(2j * np.pi * np.outer(t, np.arange(coef.size)) / n) @ coef).real / n
     else:
         direct = _fft_upsample(x, q)
-    np.testing.assert_allclose(up._grid_values(coef, n, q, 1), direct, atol=1e-9)
+    np.testing.assert_allclose(up._grid_values(coef, n, q), direct, atol=1e-9)
 
 
 def test_past_the_end_holds_the_last_value():
@@ -188,3 +188,27 @@ def test_gap_filled_channel_is_upsampled_too():
     want = (want - want[ok].mean()) / want[ok].std()
     assert np.abs(out[ok] - want[ok]).max() <= 1e-3
     assert (out[20001:23997] == 0.0).all()
+
+
+def test_overwrite_input_gives_the_same_result_and_only_then_touches_the_input():
+    x = _white(19200, 11) + np.float32(95.0)
+    keep = x.copy()
+    plain = preprocess_channel(x, 32.0, recording_rate=512.0)
+    np.testing.assert_array_equal(x, keep)  # by default the input is left alone
+    scratch = x.copy()
+    np.testing.assert_array_equal(preprocess_channel(scratch, 32.0, recording_rate=512.0, overwrite_input=True),
+                                  plain)
+    assert not np.array_equal(scratch, keep)  # it was used as scratch space
+
+
+@pytest.mark.parametrize("n", [1 << 17, (1 << 17) + 2, 3 * 5 * 7 * 1024 + 6])
+def test_split_transform_is_the_transform(n):
+    """The channel's transform as two halves side by side equals the whole transform."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = _white(n, 12)
+    with ThreadPoolExecutor(2) as pool:
+        split = up._rfft(x, pool.submit)
+    whole = np.fft.rfft(x.astype(np.float64))
+    assert split.shape == whole.shape
+    assert np.abs(split - whole).max() <= 1e-5 * np.abs(whole).max()
