@@ -56,7 +56,7 @@ def recording_grid_length(n: int, rate: float, recording_rate: float) -> int:
 _SPLIT_MIN = 1 << 16  # below this, one transform: splitting would not pay
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=1)
 def _split_twiddles(n: int) -> np.ndarray:
     """``exp(-2 pi i k / n)`` for ``k = 0 .. n/4`` (complex64), to join the halves' spectra."""
     k = np.arange(n // 4 + 1, dtype=np.float64)
@@ -117,7 +117,7 @@ def _grid_values(a: np.ndarray, n: int, q: int) -> np.ndarray:
 _TAYLOR_TERMS = 18  # |theta| <= 1/2 below: the first term left out is < 0.5**18 / 18! ~ 6e-22
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=1)
 def _edge_basis(n: int, m_total: int, k: int, n_coef: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """The parts of :func:`_edge_values` that depend only on the lengths (shared by a recording's
     channels of one rate): the Taylor matrix (width, terms), the powers of the normalised time
@@ -158,7 +158,7 @@ def _edge_values(a: np.ndarray, n: int, m_total: int, k: int) -> tuple[np.ndarra
     return vals[k:], vals[:k]
 
 
-@lru_cache(maxsize=2)  # the channels of one recording share their rates: computed once per rate pair
+@lru_cache(maxsize=1)  # the channels of one recording share their rates: computed once per rate pair
 def _lowpass_response(order: int, cutoff: float, rate: float, n_bins: int, m_total: int) -> np.ndarray:
     """``|H|^2`` at ``omega_k = 2 pi k / M`` for ``k < n_bins``: filtfilt's gain for the digital
     Butterworth that ``scipy.signal.butter`` designs (bilinear transform with a pre-warped cut-off),
