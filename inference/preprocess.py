@@ -480,8 +480,8 @@ def _resample_centered(
         from .upsample import upsampled_resample
 
         assert recording_rate is not None
-        _, _, edge = _lowpass(float(recording_rate), target_rate / 2.0) if recording_rate > target_rate \
-            else (None, None, 0)
+        # the filter's decay length at the top rate: how far from each end filtfilt's padding reaches
+        edge = _lowpass(float(recording_rate), target_rate / 2.0)[2] if recording_rate > target_rate else 0
         if overwrite_input and x.dtype == _F32 and x.flags.c_contiguous and x.flags.writeable:
             centred = x  # the caller's own copy: centre it in place rather than hold a second one
         else:

@@ -135,6 +135,23 @@ def test_bundle_commands(tmp_path):
     info = json.loads(result.output)
     assert info["validated"] is False and info["outcomes"] == 1065
     assert info["heads"] == {"staging": True, "diagnosis": True}
+    assert info["demographics_encoding"] == "psg-gateway demo (age-50)/20"
+
+
+@pytest.mark.reference
+def test_bundle_info_says_the_release_layout_has_an_unconfirmed_encoding(reference_dir):
+    result = runner.invoke(app, ["bundle", "info", str(reference_dir / "sleepfm")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["demographics_encoding"] == "unconfirmed"
+
+
+def test_a_malformed_demographics_declaration_is_refused(tmp_path):
+    make_demo_bundle(tmp_path / "b")
+    meta = json.loads((tmp_path / "b" / "bundle.json").read_text())
+    meta["demographics"] = {"age_center": 50, "declared": True}
+    (tmp_path / "b" / "bundle.json").write_text(json.dumps(meta))
+    result = runner.invoke(app, ["bundle", "info", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "demographics" in result.output
 
 
 def test_montage_map_command(short_night):

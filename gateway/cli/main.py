@@ -198,7 +198,7 @@ def bundle_make_demo(
 
 @bundle_app.command("info")
 def bundle_info(path: Annotated[Path, typer.Argument(help="Bundle folder")]) -> None:
-    """Load a bundle and print its identity (name, version, validated, checkpoint SHA-256)."""
+    """Load a bundle and print its identity (name, version, validated, checkpoint SHA-256, age/sex encoding)."""
     from inference.bundle import BundleError, load_bundle
 
     try:
@@ -209,6 +209,8 @@ def bundle_info(path: Annotated[Path, typer.Argument(help="Bundle folder")]) -> 
     doc = bundle.identity.as_dict()
     doc["heads"] = {"staging": bundle.staging is not None, "diagnosis": bundle.diagnosis is not None}
     doc["outcomes"] = len(bundle.outcomes)
+    # an admin should see before the first study whether the age/sex encoding is the bundle's own
+    doc["demographics_encoding"] = bundle.demographics.label
     out.print_json(json.dumps(doc))
 
 
