@@ -19,12 +19,12 @@ ever building ``u`` at ``R``:
   filtered polynomial on a grid of ``P = M / d`` points per period, one inverse FFT of the output's
   length (bins above the output's Nyquist fold onto it, exactly as sampling folds them). For any
   other ``R`` (500, 200, 1000 Hz...) the linear interpolation needs the filtered ``u`` on its own
-  grid, so it is built once (float64, ``M`` samples) and interpolated as usual.
+  grid, so it is built once (``M`` float32 samples) and interpolated as usual.
 * **ends** -- ``filtfilt`` pads with an odd extension and starts each pass from the steady state of
   its first sample, which the frequency-domain response does not see. Within ``E`` samples of either
   end (``E`` = the filter's decay to 1e-12, see ``preprocess._lowpass``) the output is replaced by an
   exact time-domain ``filtfilt`` over the first and last ``2E`` samples of ``u``; those ``u`` values
-  come from a chirp-z transform of the spectrum (``O(N log N)``, no ``M``-sample array).
+  come straight from the spectrum (band by band, a short Taylor series each; no ``M``-sample array).
 
 Without a low-pass (``R <= 128``), ``u`` has at most as many samples as the 128 Hz output and is
 built directly. The equality with MNE's resampler followed by the release's filter and interpolation
@@ -209,7 +209,7 @@ def upsampled_resample(
     interpolate: Callable[[np.ndarray, float, float, int], np.ndarray],
     submit: Callable | None = None,
 ) -> np.ndarray:
-    """What the release makes of ``x`` (centred float64 samples at ``rate``) before its z-score.
+    """What the release makes of ``x`` (centred samples at ``rate``) before its z-score.
 
     Parameters
     ----------
@@ -241,7 +241,6 @@ def upsampled_resample(
     n = x.size
     m_total = recording_grid_length(n, rate, recording_rate)
     a = _real_coefficients(x, submit)
-    del x  # the spectrum is all that is needed from here on
     if recording_rate <= target_rate:  # no low-pass: u is no longer than the output itself
         u = _grid_values(a, n, m_total)
         return interpolate(u.astype(np.float32), recording_rate, target_rate, n_out)
