@@ -18,8 +18,10 @@ ever building ``u`` at ``R``:
   ``d`` of 128 Hz, the 128 Hz output takes every ``d``-th sample of the filtered ``u``: that is the
   filtered polynomial on a grid of ``P = M / d`` points per period, one inverse FFT of the output's
   length (bins above the output's Nyquist fold onto it, exactly as sampling folds them). For any
-  other ``R`` (500, 200, 1000 Hz...) the linear interpolation needs the filtered ``u`` on its own
-  grid, so it is built once (``M`` float32 samples) and interpolated as usual.
+  other ``R`` with ``R / 128 = p / q`` (500 Hz: 125/32, 1000 Hz: 125/16, 8 kHz: 125/2), the linear
+  interpolation needs the filtered ``u`` only at the two neighbours of each output, at most ``2q``
+  of every ``p`` samples: each such offset is one small inverse FFT of ``M / p`` points. Only a
+  ratio with more than 64 phases builds the filtered ``u`` on its own grid (``M`` float32 samples).
 * **ends** -- ``filtfilt`` pads with an odd extension and starts each pass from the steady state of
   its first sample, which the frequency-domain response does not see. Within ``E`` samples of either
   end (``E`` = the filter's decay to 1e-12, see ``preprocess._lowpass``) the output is replaced by an
@@ -35,6 +37,7 @@ the release's own fixture).
 from __future__ import annotations
 
 from collections.abc import Callable
+from fractions import Fraction
 from functools import lru_cache
 
 import numpy as np
@@ -45,6 +48,7 @@ __all__ = ["recording_grid_length", "upsampled_resample"]
 
 _PADLEN = 15  # filtfilt's odd extension for a 4th-order filter: 3 * max(len(a), len(b))
 _SMALL = 1 << 15  # below this many samples at R, build u whole (cheap) and filter it exactly
+_MAX_PHASES = 64  # output phases (the denominator of R / 128) evaluated offset by offset
 
 
 def recording_grid_length(n: int, rate: float, recording_rate: float) -> int:
@@ -112,6 +116,76 @@ def _grid_values(a: np.ndarray, n: int, q: int) -> np.ndarray:
     herm[0] = 2.0 * herm[0].real  # A_0 + conj(A_0)
     herm *= 0.5 * q / n
     return sfft.irfft(herm, q, overwrite_x=True)
+
+
+def _values_from_fold(folded: np.ndarray, n: int) -> np.ndarray:
+    """``Re(sum_m folded_m e^{2 pi i m j / q}) / n`` for ``j < q = len(folded)``, by one inverse FFT."""
+    q = folded.size
+    half = q // 2 + 1
+    herm = folded[:half].copy()
+    herm[1:] += np.conj(folded[q - half + 1 :][::-1])
+    herm[0] = 2.0 * herm[0].real
+    herm *= 0.5 * q / n
+    return sfft.irfft(herm, q, overwrite_x=True)
+
+
+def _offset_grids(a: np.ndarray, n: int, m_total: int, p: int, offsets: list[int]) -> dict[int, np.ndarray]:
+    """The polynomial at ``u``'s samples ``r p + o`` (``r < M / p``) for each offset ``o``: the few
+    phases that a linear interpolation onto a coarser grid needs, without the ``M``-sample array.
+
+    With ``Q = M / p`` and bins folded as ``a_{m + l Q}``, the offset's phase ``e^{2 pi i k o / M}``
+    is ``e^{2 pi i m o / M} e^{2 pi i l o / p}``: one small matrix product over ``l`` for all offsets,
+    a twist per offset, and one inverse FFT of ``Q`` points each."""
+    q2 = m_total // p
+    rows = -(-a.size // q2)
+    blocks = np.zeros(rows * q2, dtype=np.complex64)
+    blocks[: a.size] = a
+    offs = np.asarray(sorted(offsets), dtype=np.int64)
+    phase = np.exp((2j * np.pi / p) * np.outer(offs, np.arange(rows))).astype(np.complex64)
+    folded = phase @ blocks.reshape(rows, q2)  # (offsets, Q)
+    del blocks
+    # The twists e^{2 pi i m o / M}, offset after offset, as powers of e^{2 pi i m / M} (in complex128, so
+    # that up to p products stay exact to ~1e-14).
+    step = np.exp((2j * np.pi / m_total) * np.arange(q2, dtype=np.float64))
+    twist = np.ones(q2, dtype=np.complex128)
+    out, power = {}, 0
+    for i, o in enumerate(offs):
+        for _ in range(int(o) - power):
+            twist *= step
+        power = int(o)
+        folded[i] *= twist
+        out[power] = _values_from_fold(folded[i], n)
+    return out
+
+
+def _interpolate_offsets(values: dict[int, np.ndarray], head: np.ndarray, tail: np.ndarray, m_total: int,
+                         p: int, q: int, n_out: int) -> np.ndarray:
+    """``np.interp`` of ``u`` (known at ``r p + o`` through ``values``, exactly near the ends through
+    ``head``/``tail``) at the output positions ``j p / q``; past ``u``'s last sample, its last value."""
+    edge = head.size
+    last = float(tail[-1])
+
+    def at(idx: np.ndarray) -> np.ndarray:
+        # one output phase: its samples of u share their offset r p + o
+        got = values[int(idx[0] % p)][idx // p].astype(np.float64)
+        low, high = idx < edge, idx >= m_total - edge
+        got[low] = head[idx[low]]
+        got[high] = tail[idx[high] - (m_total - edge)]
+        return got
+
+    out = np.full(n_out, last, dtype=np.float32)
+    for ph in range(q):
+        j = np.arange(ph, n_out, q, dtype=np.int64)
+        pos = j * p  # in units of 1/q of a sample of u
+        idx, rem = np.divmod(pos, q)
+        inside = idx < m_total - 1
+        j, idx, rem = j[inside], idx[inside], rem[inside]
+        if j.size == 0:
+            continue
+        lo = at(idx)
+        hi = at(idx + 1)
+        out[j] = lo + (rem / q) * (hi - lo)
+    return out
 
 
 _TAYLOR_TERMS = 18  # |theta| <= 1/2 below: the first term left out is < 0.5**18 / 18! ~ 6e-22
@@ -248,7 +322,10 @@ def upsampled_resample(
     sos = signal.butter(order, cutoff, btype="low", fs=recording_rate, output="sos")
     zi = signal.sosfilt_zi(sos)
     k = max(2 * edge, 4 * _PADLEN)
-    if m_total <= max(_SMALL, 4 * k):  # short channel: build u, filter it exactly
+    # Build u whole and filter it exactly when that is cheap: a short channel, or a filter so close to
+    # the top rate's Nyquist frequency (R just above 128 Hz) that its ends reach far and the band-wise
+    # evaluation there (about pi k N / M bands times 2k points) would cost more than the whole of u.
+    if m_total <= max(_SMALL, 4 * k) or np.pi * k * n / m_total * 2 * k > m_total:
         y = _filtfilt(sos, _grid_values(a, n, m_total))
         return interpolate(y.astype(np.float32), recording_rate, target_rate, n_out)
 
@@ -275,7 +352,16 @@ def upsampled_resample(
         out[n_main:] = tail[-1]  # past the end of u: np.interp holds the last value
         return out
 
-    y = _grid_values(a, n, m_total)
+    ratio = Fraction(recording_rate) / Fraction(target_rate)
+    p, q = ratio.numerator, ratio.denominator
+    if ratio.denominator <= _MAX_PHASES and m_total % p == 0:
+        # The linear interpolation needs u only at the two neighbours of each output: p/q = 125/32
+        # (500 Hz) needs at most 64 of every 125 samples of u, 8 kHz (125/2) only 4.
+        offsets = sorted({(ph * p // q + step) % p for ph in range(q) for step in (0, 1)})
+        values = _offset_grids(a, n, m_total, p, offsets)
+        return _interpolate_offsets(values, head, tail, m_total, p, q, n_out)
+
+    y = _grid_values(a, n, m_total)  # rates without a short ratio: u on its own grid
     y[:edge] = head
     y[m_total - edge :] = tail
     return interpolate(y.astype(np.float32), recording_rate, target_rate, n_out)

@@ -62,8 +62,9 @@ def test_written_out_upsampling_is_mne_resample(n):
 
 
 # rate pairs of the issue (1->512, 32->512, 100->200, 256->512, 500->512) and others: with the low-pass
-# at a multiple of 128 Hz (direct 128 Hz evaluation) or not (200, 500 Hz: built on the top rate's grid),
-# without it (top rate <= 128 Hz), odd lengths and a top rate that is not a whole multiple of the rate.
+# at a multiple of 128 Hz (direct 128 Hz evaluation) or not (200, 500, 1000, 8000 Hz: u at the samples
+# the interpolation needs; 129 and 300.5 Hz: u built on its own grid), without it (top rate <= 128 Hz), odd
+# lengths and a top rate that is not a whole multiple of the rate.
 PAIRS = [
     (1.0, 512.0, 600),
     (32.0, 512.0, 600),
@@ -77,6 +78,11 @@ PAIRS = [
     (64.0, 128.0, 300),
     (100.0, 256.0, 600.01),
     (32.0, 512.0, 600.53125),
+    (256.0, 1000.0, 60),  # a top rate of 125/16 x 128 Hz: u needed at 32 of every 125 of its samples
+    (200.0, 8000.0, 10),  # 125/2 x 128 Hz (a snore microphone): 4 of every 125
+    (100.0, 250.0, 200),  # 125/64 x 128 Hz
+    (100.0, 129.0, 400),  # 129/128: the filter's ends reach so far that u is built whole
+    (100.0, 300.5, 200),  # 601/256: too many phases, so the filtered u is built on its own grid
 ]
 
 
