@@ -8,7 +8,7 @@ DEMO_DIR ?= demo-out
 DEMO_HOURS ?= 8
 PYTEST_ARGS ?=
 
-.PHONY: install demo run peers test bench bench-receiver bench-hl7 bench-batch lint clean
+.PHONY: install demo run peers test bench bench-receiver bench-hl7 bench-batch bench-differences lint clean
 
 # torch first, pinned: a bare or open-ended torch requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -59,6 +59,10 @@ bench-hl7: $(STAMP)
 # 12 synthetic 8-hour nights through psg-gateway batch, against the single-night rate (same process).
 bench-batch: $(STAMP)
 	$(BIN)/python bench/bench_batch.py
+
+# Each deliberate difference from the SleepFM release, measured on its fixture (needs ../shared/reference).
+bench-differences: $(STAMP)
+	$(BIN)/python bench/release_differences.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway inference tests bench
