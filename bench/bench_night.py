@@ -154,6 +154,19 @@ def release_resample(signals: list[np.ndarray], sfreq: float) -> np.ndarray:
     return np.stack(out).astype(np.float16)
 
 
+def _reference_report(groups: dict[str, list[int]], t_read: float, t_resample: float, t_enc: float,
+                      total: float, n_windows: int, rss_loaded: float) -> dict:
+    """What the reference and legacy children report: channels, seconds, tokens, memory."""
+    return {
+        "channels": {m: len(v) for m, v in groups.items()},
+        "seconds": {"read": round(t_read, 3), "resample": round(t_resample, 3), "encode": round(t_enc, 3),
+                    "total": round(total, 3)},
+        "tokens": n_windows * 60,
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "rss_after_model_load_mb": round(rss_loaded, 1),
+    }
+
+
 def child_reference(edf: Path) -> dict:
     """The SleepFM release's own path (``EDFToHDF5Converter.convert``), re-created.
 
@@ -183,16 +196,8 @@ def child_reference(edf: Path) -> dict:
     match = default_table().map_labels(labels)
     t_enc, n_windows = _encode_like_reference(encoder, match.groups, stored, stored.shape[1])
     total = time.perf_counter() - t0
-    return {
-        "read_rate_hz": sfreq,
-        "channels_resampled": len(labels),
-        "channels": {m: len(v) for m, v in match.groups.items()},
-        "seconds": {"read": round(t_read, 3), "resample": round(t_resample, 3), "encode": round(t_enc, 3),
-                    "total": round(total, 3)},
-        "tokens": n_windows * 60,
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
-        "rss_after_model_load_mb": round(rss_loaded, 1),
-    }
+    return {"read_rate_hz": sfreq, "channels_resampled": len(labels),
+            **_reference_report(match.groups, t_read, t_resample, t_enc, total, n_windows, rss_loaded)}
 
 
 def child_legacy(edf: Path) -> dict:
@@ -232,14 +237,7 @@ def child_legacy(edf: Path) -> dict:
 
     t_enc, n_windows = _encode_like_reference(encoder, match.groups, resampled, len(grid))
     total = time.perf_counter() - t0
-    return {
-        "channels": {m: len(v) for m, v in match.groups.items()},
-        "seconds": {"read": round(t_read, 3), "resample": round(t_resample, 3), "encode": round(t_enc, 3),
-                    "total": round(total, 3)},
-        "tokens": n_windows * 60,
-        "peak_rss_mb": round(_peak_rss_mb(), 1),
-        "rss_after_model_load_mb": round(rss_loaded, 1),
-    }
+    return _reference_report(match.groups, t_read, t_resample, t_enc, total, n_windows, rss_loaded)
 
 
 def _run_child(args: list[str]) -> dict:

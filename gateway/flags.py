@@ -23,10 +23,11 @@ __all__ = [
     "Flag",
     "FlagDecision",
     "HazardRow",
+    "demographics_note",
     "evaluate",
     "outcome_code",
     "read_hazards",
-    "read_sleep_metrics",
+    "read_metrics",
     "watched_hazards",
 ]
 
@@ -104,21 +105,15 @@ def read_hazards(path: Path) -> list[HazardRow]:
                 for r in csv.DictReader(f)]
 
 
-def read_sleep_metrics(path: Path) -> dict[str, Any] | None:
-    doc = json.loads(path.read_text(encoding="utf-8"))
-    return doc.get("sleep")
+def read_metrics(path: Path) -> dict[str, Any]:
+    """A study's metrics.json (its sleep metrics under ``sleep``, the age/sex encoding ...)."""
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
-def read_demographics_encoding(path: Path) -> str:
-    """The age/sex encoding a study's hazards were computed with, from its metrics.json (outputs written
-    before it was recorded count as unconfirmed)."""
-    doc = json.loads(path.read_text(encoding="utf-8"))
-    return str(doc.get("demographics_encoding") or "unconfirmed")
-
-
-def demographics_note(encoding: str) -> str:
-    """The ORU note that names the age/sex encoding behind the risk estimates: never silence."""
-    if encoding == "unconfirmed":
+def demographics_note(encoding: str | None) -> str:
+    """The ORU note that names the age/sex encoding behind the risk estimates: never silence. Outputs
+    written before the encoding was recorded (``None``) count as unconfirmed."""
+    if not encoding or encoding == "unconfirmed":
         return ("Age/sex encoding UNCONFIRMED: the model bundle does not declare how age and sex were "
                 "encoded in training; risk estimates may not match the model's.")
     return f"Age/sex inputs encoded as: {encoding} (declared by the model bundle)."

@@ -56,7 +56,7 @@ def hypnogram_rows(result: StudyResult) -> list[list[Any]]:
 
 def windows_document(result: StudyResult) -> dict[str, Any]:
     """Which tokens came from the release's whole 5-minute windows and which from the tail."""
-    tail_start = result.n_tokens if result.tail_start is None else result.tail_start
+    tail_start = result.n_tokens - result.tail_tokens
     whole = tail_start // TOKENS_PER_WINDOW
     n_windows = len(next(iter(result.window_embeddings.values()))) if result.window_embeddings else 0
     return {
@@ -81,8 +81,8 @@ def metrics_document(result: StudyResult, extra: dict[str, Any] | None = None) -
         "diagnosis_input": {
             "tokens_used": result.diagnosis_tokens,
             # the release feeds its diagnosis head the first 6480 tokens (9 h) of the whole windows
-            "cut": result.hazards is not None and result.diagnosis_tokens < (
-                result.n_tokens if result.tail_start is None else result.tail_start),
+            "cut": result.hazards is not None
+            and result.diagnosis_tokens < result.n_tokens - result.tail_tokens,
         },
         "demographics_used": result.demographics_used,
         "demographics_encoding": result.demographics_encoding,

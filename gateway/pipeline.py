@@ -41,9 +41,8 @@ from .flags import (
     HazardRow,
     demographics_note,
     evaluate,
-    read_demographics_encoding,
     read_hazards,
-    read_sleep_metrics,
+    read_metrics,
     watched_hazards,
 )
 from .fsutil import atomic_write
@@ -365,12 +364,13 @@ def study_decision(repo: Repo, flags: FlagsConfig, study: Study
     site's reference distribution for the same model (the study itself left out)."""
     out_dir = Path(study.output_path or "")
     hazards = read_hazards(out_dir / "hazards.csv") if (out_dir / "hazards.csv").is_file() else None
-    sleep = read_sleep_metrics(out_dir / "metrics.json") if (out_dir / "metrics.json").is_file() else None
+    metrics = read_metrics(out_dir / "metrics.json") if (out_dir / "metrics.json").is_file() else None
+    sleep = None if metrics is None else metrics.get("sleep")
     model = study.bundle_hash or ""
     decision = evaluate(flags, hazards, sleep,
                         lambda label, value: repo.percentile(label, model, value, exclude_study=study.id))
-    if hazards and (out_dir / "metrics.json").is_file():
-        decision.notes.append(demographics_note(read_demographics_encoding(out_dir / "metrics.json")))
+    if hazards and metrics is not None:
+        decision.notes.append(demographics_note(metrics.get("demographics_encoding")))
     return decision, hazards, sleep
 
 

@@ -118,17 +118,6 @@ def _grid_values(a: np.ndarray, n: int, q: int) -> np.ndarray:
     return sfft.irfft(herm, q, overwrite_x=True)
 
 
-def _values_from_fold(folded: np.ndarray, n: int) -> np.ndarray:
-    """``Re(sum_m folded_m e^{2 pi i m j / q}) / n`` for ``j < q = len(folded)``, by one inverse FFT."""
-    q = folded.size
-    half = q // 2 + 1
-    herm = folded[:half].copy()
-    herm[1:] += np.conj(folded[q - half + 1 :][::-1])
-    herm[0] = 2.0 * herm[0].real
-    herm *= 0.5 * q / n
-    return sfft.irfft(herm, q, overwrite_x=True)
-
-
 def _offset_grids(a: np.ndarray, n: int, m_total: int, p: int, offsets: list[int]) -> dict[int, np.ndarray]:
     """The polynomial at ``u``'s samples ``r p + o`` (``r < M / p``) for each offset ``o``: the few
     phases that a linear interpolation onto a coarser grid needs, without the ``M``-sample array.
@@ -154,7 +143,7 @@ def _offset_grids(a: np.ndarray, n: int, m_total: int, p: int, offsets: list[int
             twist *= step
         power = int(o)
         folded[i] *= twist
-        out[power] = _values_from_fold(folded[i], n)
+        out[power] = _grid_values(folded[i], n, q2)
     return out
 
 
