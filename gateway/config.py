@@ -311,6 +311,17 @@ class Hl7Config(_Section):
     retry_backoff_max_seconds: float = Field(600.0, gt=0)
     max_attempts: int = Field(0, ge=0)  # 0: retry for ever (the queue holds behind the message)
     drain_interval_seconds: float = Field(1.0, gt=0)
+    # One deliverer per destination across daemons sharing the database: how long a dead holder keeps the
+    # role. Longer than timeout_seconds, so that a send in progress ends before another node may start.
+    delivery_lease_seconds: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _lease_outlasts_a_send(self) -> Hl7Config:
+        if self.delivery_lease_seconds < self.timeout_seconds + 10:
+            raise ValueError(f"delivery_lease_seconds ({self.delivery_lease_seconds:g}) must be at least "
+                             f"timeout_seconds + 10 ({self.timeout_seconds + 10:g}): a send must end before "
+                             "another node may take the destination over")
+        return self
 
     @property
     def destination(self) -> str:
@@ -423,8 +434,13 @@ def apply_env_overrides(doc: dict[str, Any], env: Mapping[str, str]) -> list[str
 
 
 def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> GatewayConfig:
-    """Load, override from the environment, validate and resolve paths against the file's folder."""
+    """Load, override from the environment, validate and resolve paths against the file's folder.
+
+    Without ``path`` the file named by ``PSG_CONFIG`` (in ``env``) is read; without both, the defaults.
+    """
     env = os.environ if env is None else env
+    if path is None and env.get("PSG_CONFIG"):
+        path = Path(env["PSG_CONFIG"])
     doc = read_document(path) if path is not None else {}
     source = str(path) if path is not None else "(built-in defaults)"
     try:

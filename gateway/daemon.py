@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from alembic.util.exc import CommandError as AlembicCommandError
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -31,12 +32,14 @@ from inference.checkpoints import CheckpointError
 from inference.engine import Engine, EngineOptions
 
 from .config import GatewayConfig
+from .crashpoints import crashpoint
 from .heads.store import HeadError
 from .hl7.delivery import Deliverer
 from .http import OpsServer
 from .logging import configure_logging, get_logger
 from .metrics import Metrics
 from .model import load_model
+from .montage import MontageError
 from .pipeline import MontageHolder, Pipeline
 from .sdnotify import notify, watchdog_interval
 from .sources.dicom_scp import DicomReceiver, ReceivedInstance
@@ -58,6 +61,22 @@ class StartupError(RuntimeError):
     """The daemon cannot start (port taken, database unreachable, bad bundle); the message says why."""
 
 
+def _without_password(text: str, url: str) -> str:
+    """``text`` with the database URL's password masked (a driver's message may quote the URL)."""
+    password = url.split("://", 1)[-1].rpartition("@")[0].partition(":")[2]
+    return text.replace(password, "***") if password else text
+
+
+def _describe(exc: BaseException) -> str:
+    """An unforeseen start failure on one line, without what could hold PHI: an OSError's file name (a
+    spooled file's name may hold an MRN) or a database error's statement parameters."""
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {exc.strerror or exc.errno}"
+    if isinstance(exc, SQLAlchemyError):
+        return f"database: {type(getattr(exc, 'orig', None) or exc).__name__}"
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
 class _InstanceSink:
     """What the DICOM receiver calls: the database decides duplicates and study versions."""
 
@@ -68,6 +87,7 @@ class _InstanceSink:
         return self.daemon.repo.known_instance(sop_instance_uid)
 
     def instance_received(self, instance: ReceivedInstance) -> None:
+        crashpoint("receive.dicom")
         study, stored = self.daemon.repo.register_instance(
             study_uid=instance.study_uid, sop_instance_uid=instance.sop_instance_uid,
             sop_class_uid=instance.sop_class_uid, path=str(instance.path), folder=str(instance.path.parent),
@@ -75,6 +95,7 @@ class _InstanceSink:
         if not stored and Path(study.input_path or "") != instance.path.parent:
             # A concurrent duplicate: the first copy is recorded elsewhere, this one is surplus.
             instance.path.unlink(missing_ok=True)
+        crashpoint("dicom.stored")
 
 
 class Daemon:
@@ -112,6 +133,13 @@ class Daemon:
             log.error("daemon.start_failed", reason=str(exc))
             self.stop()
             raise
+        except Exception as exc:  # a cause no step names (it re-raises) is still a one-line start failure
+            # The traceback is for whoever reproduces it (logging.level: debug), not for the admin's terminal.
+            log.debug("daemon.start_failed.traceback", exc_info=True)
+            reason = f"unexpected error during start: {_describe(exc)}"
+            log.error("daemon.start_failed", reason=reason)
+            self.stop()
+            raise StartupError(reason) from None
 
     def _start(self) -> None:
         cfg, paths = self.cfg, self.cfg.paths
@@ -122,36 +150,64 @@ class Daemon:
         except OSError as exc:
             raise StartupError(f"cannot create {exc.filename}: {exc.strerror}") from None
         self._lock()
-        self.db = make_engine(cfg.database_url, echo=cfg.database.echo)
+        try:
+            self.db = make_engine(cfg.database_url, echo=cfg.database.echo)
+        except OSError as exc:  # the SQLite file's folder cannot be created
+            raise StartupError(f"database: cannot create {exc.filename}: {exc.strerror}") from None
+        except (SQLAlchemyError, ValueError) as exc:  # an unknown driver, a malformed URL (a port not a number)
+            raise StartupError(f"database.url cannot be used: {type(exc).__name__}: "
+                               f"{_without_password(str(exc), cfg.database_url)[:200]}") from None
         try:
             upgrade(self.db)
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, OSError, AlembicCommandError) as exc:
             where = self.db.url.render_as_string(hide_password=True)
-            raise StartupError(f"database {where} unavailable: {type(getattr(exc, 'orig', exc)).__name__}: "
-                               f"{str(getattr(exc, 'orig', exc)).strip()[:200]}") from None
+            orig = getattr(exc, "orig", None) or exc
+            detail = getattr(exc, "strerror", None) or str(orig).strip()
+            raise StartupError(f"database {where} unavailable: {type(orig).__name__}: "
+                               f"{_without_password(detail, cfg.database_url)[:200]}") from None
         self.repo = Repo(self.db)
         try:
             bundle = load_model(cfg.model)
-        except (BundleError, CheckpointError, HeadError, OSError) as exc:
+        except HeadError as exc:
+            raise StartupError(f"site heads: {exc}") from None
+        except (BundleError, CheckpointError, OSError) as exc:
             raise StartupError(f"model bundle: {exc}") from None
-        engine = Engine(bundle, EngineOptions(device=cfg.model.device, precision=cfg.model.precision,
-                                              threads=cfg.model.threads or None,
-                                              windows_per_batch=cfg.model.windows_per_batch))
-        self.montage = MontageHolder(cfg.montage.table)
+        except Exception as exc:  # noqa: BLE001 - a damaged file the loaders do not name (torch, JSON, CSV)
+            raise StartupError(f"model bundle: {type(exc).__name__}: {str(exc)[:300]}") from None
+        try:
+            engine = Engine(bundle, EngineOptions(device=cfg.model.device, precision=cfg.model.precision,
+                                                  threads=cfg.model.threads or None,
+                                                  windows_per_batch=cfg.model.windows_per_batch))
+        except (ValueError, RuntimeError) as exc:  # model.device: cuda on a machine without a usable GPU
+            raise StartupError(f"model.device {cfg.model.device}: {exc}") from None
+        try:
+            self.montage = MontageHolder(cfg.montage.table)
+        except MontageError as exc:  # missing, unreadable, not YAML, schema, conflicts: the message says which
+            # The same words as `config check` (montage.table: <the loader's message, file and line>).
+            raise StartupError(f"montage.table: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - anything else the loader meets is still the table's fault
+            raise StartupError(f"montage.table: {cfg.montage.table}: {type(exc).__name__}: {exc}") from None
+        # 1 while the table file on disk does not load (the last good table is still served).
+        self.metrics.montage_reload_failing.set_function(lambda: float(self.montage.failure is not None))
         self.pipeline = Pipeline(self.repo, engine, bundle, self.montage, paths, cfg.pipeline, self.metrics,
                                  flags=cfg.flags, hl7=cfg.hl7)
-        self.deliverer = Deliverer(self.repo, cfg.hl7, self.metrics) if cfg.hl7.enabled else None
+        self.deliverer = (Deliverer(self.repo, cfg.hl7, self.metrics, holder=self.worker_id,
+                                    on_finished=self.pipeline.place_input) if cfg.hl7.enabled else None)
         log.info("daemon.starting", site=cfg.site, node=cfg.service.node_name, database=self.db.dialect.name,
                  bundle=bundle.identity.name, validated=bundle.identity.validated,
                  montage=self.montage.table.version, device=str(engine.device))
         # Resume what a previous run left.
         released = self.repo.release_leases(self.worker_prefix)
+        # Our downtime must not count toward a DICOM study's stable age: a study whose sender was cut
+        # off by it would otherwise go out final from a partial receive right after this start.
+        restarted = self.repo.restart_stable_clocks(actor=self.worker_id)
         moved = self.pipeline.reconcile()
         self.watcher = DropFolderWatcher(cfg.drop_folders, Path(paths.spool), metrics=self.metrics,
                                          exclude=[Path(p) for p in (paths.spool, paths.outputs, paths.processed,
                                                                      paths.quarantine)])
         recovered = self._register_claims(recover_claims(Path(paths.spool), self._claim_known))
-        log.info("daemon.resumed", leases_released=released, inputs_moved=moved, claims_recovered=recovered)
+        log.info("daemon.resumed", leases_released=released, inputs_moved=moved, claims_recovered=recovered,
+                 receiving_studies_restarted=restarted)
 
         for i in range(cfg.pipeline.workers):
             t = threading.Thread(target=self._worker_loop, args=(f"{self.worker_id}:w{i}",),
@@ -220,6 +276,10 @@ class Daemon:
             log.warning("daemon.stop_timeout", unfinished=list(self._busy.values()))
         if self.deliverer is not None:
             self.deliverer.close()
+            try:
+                self.deliverer.release()  # another node may deliver at once instead of after the lease
+            except Exception as exc:  # noqa: BLE001 - the lease then expires by itself
+                log.error("delivery.release_failed", error=type(exc).__name__)
         if self.ops is not None:
             self.ops.stop()
         self.ready = False
@@ -275,6 +335,7 @@ class Daemon:
     def _register_claims(self, claimed: list[ClaimedFile]) -> int:
         n = 0
         for c in claimed:
+            crashpoint("receive.file")
             try:
                 reg = self.repo.register_file(source=c.source, path=str(c.spool_path), name=c.original_path.name,
                                               sha256=c.sha256, filename_pattern=c.filename_pattern,
@@ -305,6 +366,8 @@ class Daemon:
                 backoff = min(backoff * 2, 30.0)
                 continue
             backoff = 1.0
+            if study is not None:
+                crashpoint("claim")
             if study is None:
                 self._wake.wait(1.0)
                 self._wake.clear()
@@ -378,8 +441,20 @@ class Daemon:
         counts = self.repo.counts_by_state() if db_ok else {}
         outbox = self.repo.outbox_counts() if db_ok else {}
         working = sum(counts.get(str(s), 0) for s in WORKING_STATES)
+        healthy = self.ready and db_ok and not self.stopping.is_set()
+        # Problems the daemon works around: it still takes and processes studies, so "degraded" keeps
+        # HTTP 200 (a probe must not restart it), but an operator has something to fix.
+        montage_failure = self.montage.failure if hasattr(self, "montage") else None
+        problems = [montage_failure.describe()] if montage_failure is not None else []
+        if self.stopping.is_set():
+            status = "stopping"
+        elif not healthy:
+            status = "unavailable"
+        else:
+            status = "degraded" if problems else "ok"
         doc = {
-            "status": "stopping" if self.stopping.is_set() else ("ok" if self.ready and db_ok else "unavailable"),
+            "status": status,
+            "problems": problems,
             "ready": self.ready,
             "database": db_ok,
             "last_scan": self.last_scan.isoformat() if self.last_scan else None,
@@ -392,11 +467,14 @@ class Daemon:
                       if self.receiver else None),
             "montage": self.montage.table.version if hasattr(self, "montage") else None,
         }
-        return self.ready and db_ok and not self.stopping.is_set(), doc
+        return healthy, doc
 
     def _lock(self) -> None:
         path = Path(self.cfg.paths.var_dir) / "psg-gateway.lock"
-        f = open(path, "a+")  # noqa: SIM115 - held open for the daemon's lifetime
+        try:
+            f = open(path, "a+")  # noqa: SIM115 - held open for the daemon's lifetime
+        except OSError as exc:  # var_dir not writable by the service user, or the lock path is a folder
+            raise StartupError(f"cannot open {path}: {exc.strerror}") from None
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

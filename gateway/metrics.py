@@ -34,7 +34,17 @@ class Metrics:
             ["result"], registry=r)
         self.outbox_depth = Gauge(
             "psg_outbox_depth", "Messages waiting in the outbox", registry=r)
+        self.hl7_messages = Counter(
+            "psg_hl7_deliveries_total", "Delivery tries by outcome (acked, naked, error, not_connected, dead)",
+            ["outcome"], registry=r)
+        self.hl7_possible_duplicates = Counter(
+            "psg_hl7_possible_duplicates_total",
+            "Attempts found in flight after a crash or takeover and resent with the same MSH-10", registry=r)
         self.dead_letters = Gauge(
             "psg_dead_letters", "Messages in the dead-letter state", registry=r)
+        self.montage_reload_failing = Gauge(
+            "psg_montage_reload_failing",
+            "1 while the montage table file does not load (the last good table is still in use), else 0",
+            registry=r)
         self.last_scan = Gauge(
             "psg_last_scan_timestamp_seconds", "When the drop folders were last scanned", registry=r)

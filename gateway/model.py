@@ -24,7 +24,15 @@ def load_model(model: ModelConfig) -> ModelBundle:
     """
     bundle = load_bundle(bundle_dir(model))
     if model.site_heads or model.staging_head is not None:
-        from .heads.store import attach_site_heads
+        from .heads.store import HeadError, attach_site_heads
 
-        attach_site_heads(bundle, model.site_heads, model.staging_head)
+        try:
+            attach_site_heads(bundle, model.site_heads, model.staging_head)
+        except HeadError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            # A head.json that matches its checksum but is not a head (written by hand, or by another
+            # version): name the configured folders, as a HeadError does, rather than a bare KeyError.
+            folders = ", ".join(str(p) for p in [*model.site_heads, model.staging_head] if p is not None)
+            raise HeadError(f"{folders}: not a usable head ({type(exc).__name__}: {exc})") from None
     return bundle

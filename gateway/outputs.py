@@ -25,7 +25,7 @@ import numpy as np
 
 from inference.results import STAGES, TOKEN_SECONDS, TOKENS_PER_EPOCH, TOKENS_PER_WINDOW, StudyResult
 
-from .fsutil import atomic_write
+from .fsutil import atomic_write, durable_mkdir
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -103,7 +103,7 @@ def metrics_document(result: StudyResult, extra: dict[str, Any] | None = None) -
 def write_study_outputs(result: StudyResult, out_dir: Path, extra: dict[str, Any] | None = None) -> list[Path]:
     """Write all output files for one study into ``out_dir``; returns the paths written."""
     out_dir = Path(out_dir)
-    (out_dir / "embeddings").mkdir(parents=True, exist_ok=True)
+    durable_mkdir(out_dir / "embeddings")
     written: list[Path] = []
 
     def put(rel: str, data: bytes) -> None:

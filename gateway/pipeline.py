@@ -20,7 +20,9 @@ Inputs are moved, never deleted: a finished study's input goes to ``processed/<s
 from __future__ import annotations
 
 import errno
+import hashlib
 import random
+import re
 import shutil
 import threading
 import time
@@ -36,6 +38,7 @@ from inference.engine import Engine, InputError
 from inference.results import StudyResult
 
 from .config import FlagsConfig, Hl7Config, PathsConfig, PipelineConfig
+from .crashpoints import crashpoint
 from .flags import (
     FlagDecision,
     HazardRow,
@@ -54,10 +57,10 @@ from .montage import MontageTable
 from .prepare import MappingError
 from .readers.errors import ReaderError
 from .steps import Decoded, decode_and_map, infer_prepared, store_outputs
-from .store.models import MessageState, State, Study
+from .store.models import PIPELINE_DONE, MessageState, State, Study
 from .store.repo import Repo, StudyChanged
 
-__all__ = ["MontageHolder", "Pipeline", "StepError", "classify", "study_decision"]
+__all__ = ["MontageFailure", "MontageHolder", "Pipeline", "StepError", "classify", "study_decision"]
 
 log = get_logger("psg.pipeline")
 
@@ -94,18 +97,62 @@ def classify(exc: BaseException) -> StepError:
     return StepError(f"internal error: {type(exc).__name__}: {str(exc)[:300]}", transient=False)
 
 
+# The folders of an absolute path in a message ("/etc/psg/site.yaml" -> "site.yaml").
+_FOLDERS = re.compile(r"(?<![\w.~])/(?:[^/\s'\",:;()]+/)+")
+
+
+@dataclass(frozen=True)
+class MontageFailure:
+    """Why the site's table file does not load now; the holder keeps serving ``kept_version`` meanwhile."""
+
+    reason: str  # the loader's message with file names only (no folders): it is shown on /healthz
+    since: datetime  # the first failed check of this failure (UTC)
+    file_hash: str  # sha256 (12 hex) of the file's bytes, or "unreadable" when it cannot be read
+    kept_version: str
+
+    def describe(self) -> str:
+        """The one-line problem /healthz lists."""
+        return (f"montage table on disk does not load: {self.reason}; serving version {self.kept_version} "
+                f"(failing since {self.since.isoformat(timespec='seconds')})")
+
+
 class MontageHolder:
-    """The montage table in use; ``check()`` re-reads the site's file and swaps in a changed table."""
+    """The montage table in use; ``check()`` re-reads the site's file and swaps in a changed table.
+
+    A table file that stops loading (a broken edit, a deleted file) leaves the last good table in use;
+    ``failure`` then says why, so /healthz can report the daemon as degraded until the file loads again.
+    """
 
     def __init__(self, path: Path | None):
         self.path = path
-        self.table = self._load()
+        self.table = self._load()  # a table that does not load at start is the caller's start failure
         self._lock = threading.Lock()
+        self.failure: MontageFailure | None = None
+        # (file hash, reason) of the failure last logged: a failing file is logged once per change, not
+        # at every check (every montage.reload_check_seconds).
+        self._logged: tuple[str, str] | None = None
 
     def _load(self) -> MontageTable:
         from .montage import default_table
 
         return MontageTable.load(self.path) if self.path else default_table()
+
+    def _file_hash(self) -> str:
+        assert self.path is not None
+        try:
+            return hashlib.sha256(self.path.read_bytes()).hexdigest()[:12]
+        except OSError:
+            return "unreadable"
+
+    def _reason(self, exc: Exception) -> str:
+        """The load error on one line, without folders (a table's folder is the site's; keep /healthz free of
+        paths) and without the loader's ``montage table`` prefix (the problem text says it)."""
+        from .montage import MontageError
+
+        text = str(exc) if isinstance(exc, MontageError) else f"{type(exc).__name__}: {exc}"
+        # Keep the last part of any absolute path (the table and the tables it extends, named by file).
+        text = _FOLDERS.sub("", text).removeprefix("montage table ")
+        return " ".join(text.split())[:500]
 
     def check(self) -> bool:
         """Reload when the table's content changed; a broken edit keeps the old table (and says so)."""
@@ -114,15 +161,29 @@ class MontageHolder:
         try:
             fresh = self._load()
         except Exception as exc:  # noqa: BLE001 - any load failure keeps serving the previous table
-            log.error("montage.reload_failed", table=str(self.path), error=str(exc)[:500],
-                      kept_version=self.table.version)
+            self._failed(exc)
             return False
+        failure, self.failure, self._logged = self.failure, None, None
+        if failure is not None:
+            log.info("montage.recovered", name=fresh.name, version=fresh.version,
+                     failing_since=failure.since.isoformat())
         with self._lock:
             if fresh.version == self.table.version:
                 return False
             old, self.table = self.table, fresh
         log.info("montage.reloaded", name=fresh.name, version=fresh.version, previous=old.version)
         return True
+
+    def _failed(self, exc: Exception) -> None:
+        reason, file_hash = self._reason(exc), self._file_hash()
+        previous = self.failure
+        # "since" is when the table stopped loading, not when the latest broken edit was saved.
+        since = previous.since if previous is not None else datetime.now(UTC)
+        self.failure = MontageFailure(reason, since, file_hash, self.table.version)
+        if self._logged != (file_hash, reason):
+            self._logged = (file_hash, reason)
+            log.error("montage.reload_failed", table=str(self.path), error=reason, file_hash=file_hash,
+                      kept_version=self.table.version)
 
 
 @dataclass
@@ -188,6 +249,7 @@ class Pipeline:
                              patient_name=recording.identifiers.patient_name,
                              birth_date=recording.demographics.birth_date, sex=recording.demographics.sex,
                              recording_start=recording.start)
+            crashpoint("decoded")
         if study.state == State.DECODED:
             study = self._to(study, State.MAPPED, worker, "study.mapped",
                              {"montage": table.version,
@@ -196,6 +258,7 @@ class Pipeline:
                              montage_name=table.name, montage_version=table.version,
                              mapping={"channels": prepared.channels, "unmapped": prepared.match.unmapped,
                                       "ignored": prepared.match.ignored})
+            crashpoint("mapped")
         return study
 
     def record_inferred(self, study: Study, decoded: Decoded, result: StudyResult, worker: str,
@@ -204,6 +267,7 @@ class Pipeline:
         t0 = time.perf_counter()
         out_dir = Path(self.paths.outputs) / study.key
         written = store_outputs(result, out_dir, decoded.table, study.source, decoded.prepared, decoded.recording)
+        crashpoint("outputs")
         self.repo.add_outputs(study, [(str(p.relative_to(out_dir)), p.stat().st_size) for p in written])
         timings = {**(study.timings or {}), **decoded.timings, "infer_s": round(infer_s, 3),
                    "store_s": round(time.perf_counter() - t0, 3)}
@@ -215,6 +279,7 @@ class Pipeline:
                          output_path=str(out_dir), bundle_name=identity.name, bundle_version=identity.version,
                          bundle_hash=identity.model_hash, bundle_validated=identity.validated,
                          timings=timings)
+        crashpoint("inferred")
         return self.flag(study, worker)
 
     def flag(self, study: Study, worker: str) -> Study:
@@ -251,6 +316,7 @@ class Pipeline:
         self.metrics.study_transitions.labels(str(to_state)).inc()
         log.info(event, study_key=study.key, version=study.version, control_id=control_id, correction=correction,
                  **detail)
+        crashpoint("queued")
         self.finalize(study, to_state)
         return study
 
@@ -313,11 +379,23 @@ class Pipeline:
         roots = [Path(self.paths.spool), Path(self.paths.processed), Path(self.paths.quarantine)]
         return any(path.is_relative_to(r) for r in roots)
 
+    def place_input(self, study_id: int) -> None:
+        """Put a finished study's input where its committed state says (after delivery or a dead letter:
+        FAILED in quarantine/ with REASON.txt, anything else in processed/)."""
+        study = self.repo.get(study_id)
+        if study is not None and study.state in [str(s) for s in PIPELINE_DONE]:
+            self.finalize(study, State(study.state))
+
     def _move_input(self, study: Study, state: State) -> None:
         dest = Path(self.paths.quarantine if state == State.FAILED else self.paths.processed) / study.key
         if state == State.FAILED:
             dest.mkdir(parents=True, exist_ok=True)
-            _write_reason(dest / "REASON.txt", study)
+            dead = (self.repo.messages(state=str(MessageState.DEAD), study_id=study.id, limit=1)
+                    if study.error_kind == "delivery" else [])
+            _write_reason(dest / "REASON.txt", study, dead[0].id if dead else None)
+        else:
+            # Out of quarantine (a dead letter retried and delivered): its reason no longer holds.
+            (Path(self.paths.quarantine) / study.key / "REASON.txt").unlink(missing_ok=True)
         if study.source_kind == "dicom":
             instances = self.repo.instances_of(study.id)
             if not any(self._owned(Path(i.path)) for i in instances):
@@ -350,9 +428,10 @@ class Pipeline:
             self.repo.set_fields(study, input_path=str(dest / src.name))
 
     def reconcile(self) -> int:
-        """On start: finish input moves a crash interrupted (state committed, file still in the spool)."""
+        """On start: finish input moves a crash interrupted (state committed, input not yet where it says)."""
         n = 0
-        for study in self.repo.finished_with_input_under(str(self.paths.spool)):
+        roots = [str(Path(r)) + "/" for r in (self.paths.spool, self.paths.processed, self.paths.quarantine)]
+        for study in self.repo.misplaced_inputs(*roots):
             self._move_input(study, State(study.state))
             n += 1
         return n
@@ -374,11 +453,15 @@ def study_decision(repo: Repo, flags: FlagsConfig, study: Study
     return decision, hazards, sleep
 
 
-def _write_reason(path: Path, study: Study) -> None:
+def _write_reason(path: Path, study: Study, dead_message_id: int | None = None) -> None:
     text = (f"study: {study.key} (id {study.id}, version {study.version})\n"
             f"state: {study.state}\nwhen: {_now().isoformat()}\n"
-            f"kind: {study.error_kind or 'permanent'}\nreason: {study.last_error or ''}\n"
-            f"retry: psg-gateway studies retry {study.id}\n")
+            f"kind: {study.error_kind or 'permanent'}\nreason: {study.last_error or ''}\n")
+    if dead_message_id is not None:  # the result exists; only its delivery failed
+        text += f"retry: psg-gateway outbox retry {dead_message_id} (after fixing what the EHR refused)\n"
+    else:
+        text += (f"retry: psg-gateway studies retry {study.id}\n"
+                 f"replace the input: psg-gateway studies replace {study.id} FILE\n")
     atomic_write(path, text.encode("utf-8"))
 
 

@@ -64,12 +64,20 @@ def test_outbox_commands_and_preview(tmp_path, db_url):
                               correction=False)
     r = runner.invoke(app, ["outbox", "list", "--config", str(cfg), "--json"], env=env)
     assert r.exit_code == 0, r.output
-    assert [(x["id"], x["state"], x["control_id"]) for x in json.loads(r.output)] == [(m.id, "PENDING", "PSGCLI0001")]
+    assert [(x["id"], x["state"], x["control_id"]) for x in json.loads(r.stdout)] == [(m.id, "PENDING", "PSGCLI0001")]
     r = runner.invoke(app, ["outbox", "show", str(m.id), "--config", str(cfg), "--json"], env=env)
-    assert json.loads(r.output)["message"] == er7
+    assert json.loads(r.stdout)["message"] == er7 and json.loads(r.stdout)["attempts_recorded"] == []
+    # an attempt recorded before its bytes left, and not finished: show lists it (what the EHR may hold)
+    assert repo.hold_delivery("127.0.0.1:2575", "node-t:1", 60) == []
+    repo.message_retry_later(m, repo.begin_attempt(m, "node-t:1", 60), "MllpTimeout: no ACK", 0.0)
+    r = runner.invoke(app, ["outbox", "show", str(m.id), "--config", str(cfg), "--json"], env=env)
+    [attempt] = json.loads(r.stdout)["attempts_recorded"]
+    assert (attempt["attempt"], attempt["outcome"], attempt["holder"]) == (1, "ERROR", "node-t:1")
+    r = runner.invoke(app, ["outbox", "show", str(m.id), "--config", str(cfg)], env=env)
+    assert "attempt 1: ERROR" in r.stdout and "node-t:1" in r.stdout
     r = runner.invoke(app, ["outbox", "retry", str(m.id), "--config", str(cfg)], env=env)
     assert r.exit_code == 1 and "retry takes DEAD" in r.output
-    repo.message_dead(m, "AE: bad", "AE", actor="t")
+    repo.message_dead(m, None, "AE: bad", "AE", actor="t")
     r = runner.invoke(app, ["outbox", "retry", str(m.id), "--config", str(cfg)], env=env)
     assert r.exit_code == 0 and "PENDING" in r.output and repo.get(s.id).state == State.QUEUED
 

@@ -105,6 +105,37 @@ def test_corrupt_file_is_failed_and_quarantined_with_reason(env):
     assert Path(failed.input_path) == q / "broken.edf"
 
 
+def _zero_record_edf(night: bytes) -> bytes:
+    """``night``'s header alone, declaring 0 data records."""
+    data = bytearray(night)
+    data[236:244] = b"0".ljust(8)
+    return bytes(data[: int(data[184:192])])
+
+
+@pytest.mark.parametrize(("case", "reason"), [
+    ("short", "model input: recording shorter than one 30-s epoch (12.0 s)"),
+    ("empty", "unreadable input (truncated): 0 data records in the header: the recording holds no samples"),
+])
+def test_short_and_empty_recordings_fail_permanently_with_a_clean_reason(env, night_bytes, tmp_path, case, reason):
+    """The daemon's path: a recording under 30 s (it used to fail in a numpy reshape) and a 0-record EDF (it
+    used to be "internal error: ValueError: duration_s ...") are FAILED, not retried, the reason one line
+    naming no file, and the input is quarantined untouched beside REASON.txt."""
+    repo, pipe, paths = env
+    if case == "short":
+        data = write_synthetic_night(tmp_path / "s.edf", hours=12 / 3600, seed=3).read_bytes()
+    else:
+        data = _zero_record_edf(night_bytes)
+    study = spool_file(paths, "Doe_Jane.edf", data, repo)
+    pipe.run_once("w")
+    failed = repo.get(study.id)
+    assert failed.state == State.FAILED and failed.error_kind == "permanent"
+    assert failed.last_error == reason
+    q = paths.quarantine / study.key
+    assert (q / "Doe_Jane.edf").read_bytes() == data
+    text = (q / "REASON.txt").read_text()
+    assert reason in text and "Doe_Jane" not in text.replace(str(q), "")
+
+
 def test_unmapped_channels_fail_with_montage_reason_then_retry_after_fix(env, night_bytes, tmp_path):
     repo, pipe, paths = env
     table = tmp_path / "empty.yaml"
@@ -275,7 +306,8 @@ def test_reprocessing_a_delivered_study_sends_a_correction(env, night_bytes):
     study = spool_file(paths, "night.edf", night_bytes, repo)
     pipe.run_once("w")
     first = repo.next_message("127.0.0.1:2575")
-    repo.message_sent(first, "AA", None, actor="test")
+    assert repo.hold_delivery("127.0.0.1:2575", "test:1", 60) == []
+    repo.message_sent(first, repo.begin_attempt(first, "test:1", 60), "AA", None, actor="test")
     assert repo.get(study.id).state == State.DELIVERED
     repo.reprocess(study.id, "cli")
     pipe.run_once("w")
@@ -362,3 +394,79 @@ def test_a_bundle_without_a_declared_encoding_says_unconfirmed_in_outputs_and_me
         assert any(n.startswith("Age/sex encoding UNCONFIRMED") for n in notes)
     finally:
         db.dispose()
+
+
+def test_a_dead_letter_quarantines_its_input_with_the_delivery_reason(env, night_bytes):
+    """One FAILED contract: a study FAILED by its message's dead letter has its input in quarantine/
+    with REASON.txt, like every other FAILED study; delivered after `outbox retry`, it goes back."""
+    from mllp_peer import MllpPeer, PeerAction
+
+    from gateway.config import Hl7Config
+    from gateway.hl7.delivery import Deliverer
+
+    repo, pipe, paths = env
+    with MllpPeer() as peer:
+        peer.start()
+        _hl7_pipe(pipe, send_mode="always")
+        pipe.hl7 = Hl7Config(enabled=True, port=peer.port, mrn_assigning_authority="HOSP", timeout_seconds=2)
+        study = spool_file(paths, "night.edf", night_bytes, repo)
+        pipe.run_once("w")
+        assert Path(repo.get(study.id).input_path).parent == paths.processed / study.key
+        deliverer = Deliverer(repo, pipe.hl7, holder="t:1", on_finished=pipe.place_input)
+        peer.script.append(PeerAction.ack("AE", text="unknown patient"))
+        assert deliverer.drain() == 1
+        failed = repo.get(study.id)
+        assert failed.state == State.FAILED and failed.last_error.startswith("delivery: AE")
+        quarantined = paths.quarantine / study.key
+        assert Path(failed.input_path) == quarantined / "night.edf"
+        assert Path(failed.input_path).read_bytes() == night_bytes
+        reason = (quarantined / "REASON.txt").read_text()
+        assert "delivery: AE: unknown patient" in reason and "outbox retry" in reason
+        assert not (paths.processed / study.key).exists()
+
+        [msg] = repo.messages(study_id=study.id)
+        repo.message_requeue(msg.id, "cli", resend=False)
+        assert deliverer.drain() == 1
+        delivered = repo.get(study.id)
+        assert delivered.state == State.DELIVERED
+        assert Path(delivered.input_path) == paths.processed / study.key / "night.edf"
+        assert not quarantined.exists()
+        deliverer.close()
+
+
+def test_outputs_are_on_disk_before_inferred_is_committed(env, night_bytes, monkeypatch):
+    """Each output file is fsynced before its rename and its folder after, all before INFERRED."""
+    import os
+
+    repo, pipe, paths = env
+    log: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        log.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        log.append(("replace", str(dst)))
+        return real_replace(src, dst)
+
+    original_transition = repo.transition
+
+    def transition(study, to_state, *a, **kw):
+        log.append(("state", str(to_state)))
+        return original_transition(study, to_state, *a, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(repo, "transition", transition)
+    study = spool_file(paths, "night.edf", night_bytes, repo)
+    pipe.run_once("w")
+    out = paths.outputs / study.key
+    inferred_at = log.index(("state", "INFERRED"))
+    for name in ("hazards.csv", "metrics.json", "night.npy", "hypnogram.csv"):
+        target = str(out / name)
+        renamed = log.index(("replace", target))
+        assert renamed < inferred_at
+        # the temporary file was fsynced just before the rename, the folder just after it
+        assert log[renamed - 1][0] == "fsync" and Path(log[renamed - 1][1]).parent == out
+        assert log[renamed + 1] == ("fsync", str(out))

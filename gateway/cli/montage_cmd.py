@@ -13,7 +13,6 @@ import datetime as dt
 import getpass
 import json
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..fsutil import fsync_dir
+from ..fsutil import atomic_write
 from ..montage import (
     BUILTIN_NAME,
     DEFAULT_RESOURCE,
@@ -649,26 +648,9 @@ def _locked(folder: Path) -> Iterator[None]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never a part."""
-    if path.exists():
-        mode = path.stat().st_mode & 0o7777
-    else:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent, best_effort=True)
+    """Write ``text`` to ``path`` durably and atomically, keeping an existing table's permissions."""
+    mode = path.stat().st_mode & 0o7777 if path.exists() else None
+    atomic_write(path, text.encode("utf-8"), mode=mode)
 
 
 def audit_log_path(table_path: Path) -> Path:

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from ..store.models import Message
 from .service_cmd import ConfigOption, load_or_exit
+from .store_access import StoreConfigOption, open_store
 from .studies_cmd import JsonOption, _find, _repo
 
 outbox_app = typer.Typer(help="The HL7 outbox: messages waiting, sent, and dead letters.", no_args_is_help=True)
@@ -30,7 +31,7 @@ def _row(m: Message) -> dict[str, Any]:
 
 
 @outbox_app.command("list")
-def outbox_list(config: ConfigOption = None,
+def outbox_list(config: StoreConfigOption = None,
                 state: Annotated[str | None, typer.Option(help="PENDING, SENT, DEAD, SHADOW, HELD, SUPERSEDED")] = None,
                 study: Annotated[int | None, typer.Option(help="Only this study id")] = None,
                 limit: Annotated[int, typer.Option(help="Newest N messages")] = 50,
@@ -48,18 +49,29 @@ def outbox_list(config: ConfigOption = None,
 
 
 @outbox_app.command("show")
-def outbox_show(message_id: int, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+def outbox_show(message_id: int, config: StoreConfigOption = None, as_json: JsonOption = False) -> None:
     """One message with its ER7 text (it holds PHI: the terminal is the admin's, never a log)."""
-    m = _repo(config).message(message_id)
+    repo = _repo(config)
+    m = repo.message(message_id)
     if m is None:
         err.print(f"no message {message_id}")
         raise typer.Exit(1)
-    doc = _row(m) | {"ack_text": m.ack_text, "message": m.message}
+    # Every time the bytes may have reached the EHR: the copies it holds are at least the answered
+    # attempts (ACKED, NAKED) and at most all of them (README, "Delivery guarantee").
+    attempts = [{"attempt": a.attempt, "outcome": a.outcome, "ack": a.ack_code, "holder": a.holder,
+                 "started_at": a.started_at.isoformat() if a.started_at else None,
+                 "finished_at": a.finished_at.isoformat() if a.finished_at else None, "error": a.error}
+                for a in repo.attempts(m.id)]
+    doc = _row(m) | {"ack_text": m.ack_text, "attempts_recorded": attempts, "message": m.message}
     if as_json:
         print(json.dumps(doc, indent=2))
         return
     for key, value in _row(m).items():
         out.print(f"{key}: {value}", highlight=False)
+    for a in attempts:
+        out.print(f"attempt {a['attempt']}: {a['outcome']}{' ' + a['ack'] if a['ack'] else ''} "
+                  f"at {(a['started_at'] or '')[:19]} by {a['holder']}"
+                  + (f" ({a['error'][:80]})" if a["error"] else ""), highlight=False)
     print(m.message.replace("\r", "\n"))
 
 
@@ -76,13 +88,13 @@ def _requeue(message_id: int, config: Path | None, resend: bool) -> None:
 
 
 @outbox_app.command("retry")
-def outbox_retry(message_id: int, config: ConfigOption = None) -> None:
+def outbox_retry(message_id: int, config: StoreConfigOption = None) -> None:
     """Send a dead letter again (after the destination's problem is fixed); same MSH-10."""
     _requeue(message_id, config, resend=False)
 
 
 @outbox_app.command("resend")
-def outbox_resend(message_id: int, config: ConfigOption = None) -> None:
+def outbox_resend(message_id: int, config: StoreConfigOption = None) -> None:
     """Send an already delivered message once more (the EHR lost it); same ER7, same MSH-10."""
     _requeue(message_id, config, resend=True)
 
@@ -91,7 +103,7 @@ def outbox_resend(message_id: int, config: ConfigOption = None) -> None:
 def outbox_release(
     message_ids: Annotated[list[int] | None, typer.Argument(help="HELD messages to release")] = None,
     all_held: Annotated[bool, typer.Option("--all", help="Release every HELD message")] = False,
-    config: ConfigOption = None,
+    config: StoreConfigOption = None,
 ) -> None:
     """Send messages an archive batch held (run without --send): HELD -> PENDING, their studies QUEUED.
 
@@ -137,13 +149,13 @@ def hl7_test_destination(config: ConfigOption = None) -> None:
 
 
 @hl7_app.command("preview")
-def hl7_preview(ref: Annotated[str, typer.Argument(help="Study id or key")], config: ConfigOption = None) -> None:
+def hl7_preview(ref: Annotated[str, typer.Argument(help="Study id or key")],
+                config: StoreConfigOption = None) -> None:
     """The ER7 text the study would send now (flags re-evaluated; nothing stored or sent)."""
     from ..hl7.compose import build_study_message
     from ..pipeline import study_decision
 
-    cfg = load_or_exit(config)
-    repo = _repo(config)
+    cfg, repo = open_store(config)
     study = _find(repo, ref)
     if not study.output_path:
         err.print(f"study {study.key} has no outputs yet ({study.state})")

@@ -8,8 +8,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..config import ConfigError, GatewayConfig, load_config
+from .store_access import StoreConfigOption
 
 err = Console(stderr=True)
 out = Console()
@@ -26,21 +28,24 @@ def load_or_exit(path: Path | None) -> GatewayConfig:
     try:
         return load_config(path)
     except ConfigError as exc:
-        err.print(f"[bold red]configuration error[/] in {exc.source}:")
+        err.print(f"[bold red]configuration error[/] in {escape(exc.source)}:", soft_wrap=True)
         for problem in exc.problems:
-            err.print(f"  {problem}", markup=False, highlight=False)
+            err.print(f"  {problem}", markup=False, highlight=False, soft_wrap=True)  # one line per problem
         raise typer.Exit(2) from None
 
 
 def run(config: ConfigOption = None) -> None:
     """Run the gateway daemon: drop folders, DICOM receiver, study pipeline, ops endpoint."""
+    cfg = load_or_exit(config)  # before importing the daemon (torch): a typo is reported at once
     from ..daemon import Daemon, DaemonLockedError, StartupError
 
-    cfg = load_or_exit(config)
     try:
         code = Daemon(cfg).run()
     except (DaemonLockedError, StartupError) as exc:
-        err.print(f"[bold red]error:[/] {exc}")
+        # One line whatever the cause (a driver's or torch's message spans lines; rich would wrap at the
+        # terminal's width), so the journal and a wrapper script see the whole reason on the error line.
+        reason = " ".join(str(exc).split())
+        err.print(f"[bold red]error:[/] {escape(reason)}", soft_wrap=True, highlight=False)
         raise typer.Exit(1) from None
     raise typer.Exit(code)
 
@@ -55,9 +60,9 @@ def config_check(
 
     cfg, problems = check_config(file, connect=connect)
     if problems:
-        err.print(f"[bold red]{len(problems)} problem(s)[/] in {file}:")
+        err.print(f"[bold red]{len(problems)} problem(s)[/] in {escape(str(file))}:", soft_wrap=True)
         for problem in problems:
-            err.print(f"  {problem}", markup=False, highlight=False)
+            err.print(f"  {problem}", markup=False, highlight=False, soft_wrap=True)  # one line per problem
         raise typer.Exit(1)
     assert cfg is not None
     out.print(f"{file}: ok (database {cfg.database_url.split(':', 1)[0]}, "
@@ -90,11 +95,18 @@ def db_upgrade(config: ConfigOption = None) -> None:
 
 
 @db_app.command("current")
-def db_current(config: ConfigOption = None) -> None:
+def db_current(config: StoreConfigOption = None) -> None:
     """Show the schema revision of the database and the one this version expects."""
     from ..store.db import current_revision, head_revision, make_engine
+    from .store_access import require_config, sqlite_file
 
-    cfg = load_or_exit(config)
-    now, head = current_revision(make_engine(cfg.database_url)), head_revision()
-    out.print(f"database: {now or 'empty'}; this version: {head}" + ("" if now == head else "  (run: psg-gateway db upgrade)"))
+    cfg = require_config(config)
+    file = sqlite_file(cfg.database_url)
+    # looking must not create the database: sqlite3 creates a missing file on connect
+    missing = file is not None and not file.is_file()
+    now = None if missing else current_revision(make_engine(cfg.database_url))
+    head = head_revision()
+    state = "empty (no file yet)" if missing else now or "empty"
+    out.print(f"database: {state}; this version: {head}" + ("" if now == head else "  (run: psg-gateway db upgrade)"),
+              soft_wrap=True)
     raise typer.Exit(0 if now == head else 1)

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
+from ..crashpoints import crashpoint
+
 __all__ = [
     "Ack",
     "MllpClient",
@@ -263,6 +265,7 @@ class MllpClient:
             try:
                 sock = self._connection(deadline)
                 self._write(sock, payload, deadline)
+                crashpoint("delivery.sent")
                 raw, clean = self._read_ack(sock, deadline)
                 ack = parse_ack(raw)
                 if ack.control_id != control_id:
@@ -276,6 +279,16 @@ class MllpClient:
             else:
                 self._close()  # bytes after the ACK: the stream cannot be trusted for the next message
             return ack
+
+    def connect(self) -> None:
+        """Open the connection now (or keep a reusable one), so that the caller can record an attempt
+        after the EHR answered the connect and before the first byte of the message is written."""
+        with self._lock:
+            try:
+                self._connection(_Deadline(self.destination.timeout_seconds))
+            except BaseException:
+                self._close()
+                raise
 
     def close(self) -> None:
         with self._lock:

@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ..config import DropFolderConfig
-from ..fsutil import fsync_dir
+from ..fsutil import atomic_write, fsync_dir
 from ..logging import get_logger
 from ..metrics import Metrics
 
@@ -54,7 +54,7 @@ log = get_logger(__name__)
 
 MANIFEST_NAME = "claim.json"
 INCOMING = "incoming"
-_MANIFEST_TMP = ".claim.json.tmp"
+_MANIFEST_TMP = f".{MANIFEST_NAME}."  # atomic_write's temporary names beside the manifest
 _COPY_SUFFIX = ".copying"  # hidden temporary name of a cross-filesystem copy: .<name>.copying
 _CHUNK = 1024 * 1024
 _SKIP_SUFFIXES = (".part", ".tmp", "~", ".crdownload")
@@ -109,12 +109,7 @@ def _hash_file(path: Path) -> tuple[str, int]:
 
 
 def _write_manifest(folder: Path, manifest: dict) -> None:
-    tmp = folder / _MANIFEST_TMP
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(manifest, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, folder / MANIFEST_NAME)
+    atomic_write(folder / MANIFEST_NAME, json.dumps(manifest, indent=2).encode("utf-8"))
 
 
 def _header_int(raw: bytes) -> int | None:
@@ -555,7 +550,7 @@ def _remove_claim_leftovers(claim_dir: Path) -> bool:
     """Remove a claim folder holding no data (only its manifest or temporaries); True when removed."""
     try:
         for entry in claim_dir.iterdir():
-            if entry.name in (MANIFEST_NAME, _MANIFEST_TMP) or (
+            if entry.name == MANIFEST_NAME or entry.name.startswith(_MANIFEST_TMP) or (
                     entry.name.startswith(".") and entry.name.endswith(_COPY_SUFFIX)):
                 entry.unlink(missing_ok=True)
         claim_dir.rmdir()

@@ -7,13 +7,16 @@ through psycopg 3 (``postgresql+psycopg://``; a bare ``postgresql://`` URL is ma
 
 from __future__ import annotations
 
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 __all__ = ["current_revision", "head_revision", "make_engine", "normalise_url", "session_factory", "upgrade"]
@@ -64,12 +67,39 @@ def _alembic_config(engine: Engine) -> Config:
     return cfg
 
 
+# pg_advisory_xact_lock(key1, key2): key1 names psg-gateway's migrations, key2 the schema (tests and
+# sites may keep several gateways in one database, one schema each).
+_PG_MIGRATION_LOCK = 0x70736701
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Bring the schema to ``revision`` (idempotent; safe on every start)."""
+    """Bring the schema to ``revision`` (idempotent; safe on every start, and on several nodes at once).
+
+    One process migrates at a time: on PostgreSQL under a transaction-scoped advisory lock taken before
+    alembic reads the version (the others wait, then find the schema current); on SQLite under an
+    exclusive lock on a file beside the database.
+    """
     cfg = _alembic_config(engine)
-    with engine.begin() as conn:
+    with _sqlite_migration_lock(engine), engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k, hashtext(current_schema()))"),
+                         {"k": _PG_MIGRATION_LOCK})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
+
+
+@contextmanager
+def _sqlite_migration_lock(engine: Engine) -> Iterator[None]:
+    path = engine.url.database if is_sqlite(engine) else None
+    if not path or path == ":memory:":
+        yield
+        return
+    with open(f"{path}.migrate-lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def current_revision(engine: Engine) -> str | None:

@@ -27,7 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["FINAL_STATES", "PIPELINE_DONE", "WORKING_STATES", "ArchiveFile", "Base", "BatchRun", "Event", "Instance", "Message", "MessageState", "Output", "ReferenceHazard", "State", "Study"]
+__all__ = ["FINAL_STATES", "PIPELINE_DONE", "WORKING_STATES", "ArchiveFile", "AttemptOutcome", "Base", "BatchRun", "DeliveryAttempt", "DeliveryLease", "Event", "Instance", "Message", "MessageState", "Output", "ReferenceHazard", "State", "Study"]
 
 
 class State(StrEnum):
@@ -189,6 +189,45 @@ class Message(Base):
     updated_at: Mapped[datetime] = mapped_column(_TS)
 
     __table_args__ = (Index("ix_outbox_drain", "destination", "state", "id"),)
+
+
+class AttemptOutcome(StrEnum):
+    IN_FLIGHT = "IN_FLIGHT"  # recorded before the first byte left; a crash leaves it so
+    ACKED = "ACKED"  # AA/CA received
+    NAKED = "NAKED"  # AR/CR/AE/CE received: the EHR has the message and answered
+    ERROR = "ERROR"  # timeout, reset or bad ACK after the record: the EHR may or may not have it
+    INTERRUPTED = "INTERRUPTED"  # found IN_FLIGHT after a crash or a takeover: possibly received
+
+
+class DeliveryAttempt(Base):
+    """One time the message's bytes may have reached the EHR: committed after the connection is open and
+    before the first byte is written, so every ORU the EHR receives is a row here."""
+
+    __tablename__ = "delivery_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    message_id: Mapped[int] = mapped_column(ForeignKey("outbox.id"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)  # 1, 2, ... per message
+    holder: Mapped[str] = mapped_column(String(128))  # node:pid of the deliverer
+    started_at: Mapped[datetime] = mapped_column(_TS)
+    finished_at: Mapped[datetime | None] = mapped_column(_TS)
+    outcome: Mapped[str] = mapped_column(String(16), index=True)
+    ack_code: Mapped[str | None] = mapped_column(String(4))
+    error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("uq_delivery_attempt", "message_id", "attempt", unique=True),)
+
+
+class DeliveryLease(Base):
+    """Who delivers to a destination: one holder across all nodes sharing the database, for a lease that
+    the holder renews with every attempt; a dead holder's lease is taken over once it expires."""
+
+    __tablename__ = "delivery_leases"
+
+    destination: Mapped[str] = mapped_column(String(256), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    lease_until: Mapped[datetime] = mapped_column(_TS)
+    acquired_at: Mapped[datetime] = mapped_column(_TS)
 
 
 class ReferenceHazard(Base):

@@ -25,6 +25,9 @@ from .models import (
     PIPELINE_DONE,
     WORKING_STATES,
     ArchiveFile,
+    AttemptOutcome,
+    DeliveryAttempt,
+    DeliveryLease,
     Event,
     Instance,
     Message,
@@ -35,7 +38,7 @@ from .models import (
     Study,
 )
 
-__all__ = ["Repo", "StudyChanged", "new_study_key", "utcnow"]
+__all__ = ["Repo", "StudyChanged", "TakenOver", "new_study_key", "utcnow"]
 
 # Guarded UPDATEs are decided by the database; SQLite returns naive datetimes that the ORM's in-Python
 # re-evaluation of the WHERE clause would compare with aware ones.
@@ -59,6 +62,17 @@ def new_study_key() -> str:
 
 class StudyChanged(RuntimeError):
     """The study's version or state moved on under a worker (late instance, CLI retry)."""
+
+
+@dataclass(frozen=True)
+class TakenOver:
+    """An attempt found in flight when a deliverer took the lease: the EHR may or may not have it."""
+
+    message_id: int
+    study_id: int
+    control_id: str
+    attempt: int
+    previous_holder: str
 
 
 @dataclass(frozen=True)
@@ -196,6 +210,19 @@ class Repo:
                     promoted.append(study)
         return promoted
 
+    def restart_stable_clocks(self, actor: str) -> int:
+        """On the daemon's start: every DICOM study still receiving starts its stable age again (time
+        the receiver was down must not count: the sender may have been cut off mid-study by it)."""
+        now = utcnow()
+        with self.sessions.begin() as s:
+            rows = s.scalars(select(Study).where(Study.state == State.RECEIVED, Study.source_kind == "dicom",
+                                                 Study.batch_run_id.is_(None))).all()
+            for study in rows:
+                study.last_instance_at = now
+                self._event(s, study, "study.stable_clock_restarted", None, None, actor,
+                            {"reason": "daemon start: downtime does not count toward the stable age"})
+            return len(rows)
+
     # ---- the worker's side --------------------------------------------------------------------
     def claim(self, worker: str, lease_seconds: float) -> Study | None:
         """Take the oldest study waiting for a worker, with a lease; None when there is none."""
@@ -298,6 +325,43 @@ class Repo:
             self._reopen(s, study, "study.reprocess", actor)
         return self._reload(study)
 
+    def replace_input(self, study_id: int, *, path: str, sha256: str, size: int, actor: str) -> Study:
+        """A FAILED file study's corrected input: its SHA-256 and path recorded, a ``study.input_replaced``
+        event, and back to READY as :meth:`retry` does, all in one transaction.
+
+        ValueError for a DICOM study, a study that is not FAILED, or content another original study
+        already has (the duplicate detection a new file gets; the unique index decides a race).
+        """
+        try:
+            with self.sessions.begin() as s:
+                study = s.get(Study, study_id)
+                if study is None:
+                    raise KeyError(study_id)
+                if study.source_kind != "file":
+                    raise ValueError(f"study {study.key} is a DICOM study; only a file study's input "
+                                     "can be replaced")
+                if study.state != State.FAILED:
+                    raise ValueError(f"study {study.key} is {study.state}; only FAILED studies can have "
+                                     "their input replaced")
+                other = s.scalar(select(Study.key).where(Study.content_hash == sha256,
+                                                         Study.duplicate_of.is_(None), Study.id != study.id))
+                if other is not None:
+                    raise ValueError(f"the same content is already study {other}")
+                old = study.content_hash or ""
+                study.content_hash = sha256
+                study.input_path = path
+                # a concurrent registration of the same content fails here, on uq_studies_content_original
+                s.flush()
+                self._event(s, study, "study.input_replaced", study.state, study.state, actor,
+                            {"old_sha256": old[:12], "new_sha256": sha256[:12], "size": size})
+                self._reopen(s, study, "study.retry", actor)
+        except IntegrityError:
+            with self.sessions() as s:
+                other = s.scalar(select(Study.key).where(Study.content_hash == sha256,
+                                                         Study.duplicate_of.is_(None), Study.id != study_id))
+            raise ValueError(f"the same content is already study {other or '(another study)'}") from None
+        return self._reload(study)
+
     def _reopen(self, s: Session, study: Study, event: str, actor: str, to_state: State = State.READY,
                 detail: dict[str, Any] | None = None) -> None:
         """Back into the queue (READY) or collecting instances again (RECEIVED), attempts reset."""
@@ -338,11 +402,16 @@ class Repo:
         with self.sessions() as s:
             return {state: n for state, n in s.execute(select(Study.state, func.count()).group_by(Study.state))}
 
-    def finished_with_input_under(self, prefix: str) -> list[Study]:
-        """Studies past the worker whose input is still in the spool (a crash between the state and the move)."""
+    def misplaced_inputs(self, spool: str, processed: str, quarantine: str) -> list[Study]:
+        """Studies whose input is not where their state puts it (a crash between the state and the move):
+        past the worker with the input still in the spool; FAILED with it in processed/ (a dead letter);
+        done and not FAILED with it in quarantine/ (a dead letter retried and delivered)."""
+        done = [str(x) for x in PIPELINE_DONE if x != State.FAILED]
         with self.sessions() as s:
-            return list(s.scalars(select(Study).where(Study.state.in_([str(x) for x in PIPELINE_DONE]),
-                                                      Study.input_path.like(f"{prefix}%"))))
+            return list(s.scalars(select(Study).where(or_(
+                (Study.state.in_([*done, str(State.FAILED)])) & Study.input_path.like(f"{spool}%"),
+                (Study.state == str(State.FAILED)) & Study.input_path.like(f"{processed}%"),
+                (Study.state.in_(done)) & Study.input_path.like(f"{quarantine}%")))))
 
     # ---- outbox ---------------------------------------------------------------------------------
     def queue_message(self, study: Study, to_state: State, actor: str, event: str, detail: dict[str, Any] | None,
@@ -381,34 +450,166 @@ class Repo:
             due = aware(msg.next_attempt_at)
             return msg if due is None or due <= utcnow() else None
 
-    def message_sent(self, msg: Message, ack_code: str, ack_text: str | None, actor: str) -> None:
+    # ---- one deliverer per destination, attempts recorded before the bytes leave ------------------
+    def hold_delivery(self, destination: str, holder: str, lease_seconds: float,
+                      take_from: str | None = None) -> list[TakenOver] | None:
+        """Take or renew the destination's delivery lease; None when another holder has it.
+
+        The lease is free when it has expired, or when ``take_from`` (a holder the caller knows is dead:
+        this node's previous process) has it. Every attempt still IN_FLIGHT for the destination is then
+        stale (one drain at a time per holder): it becomes INTERRUPTED with a ``message.possible_duplicate``
+        event, and the message is resent with the same MSH-10. Returns those attempts.
+        """
+        try:
+            with self.sessions.begin() as s:
+                return self._hold_delivery(s, destination, holder, lease_seconds, take_from)
+        except IntegrityError:
+            return None  # another node inserted the lease first
+
+    def _hold_delivery(self, s: Session, destination: str, holder: str, lease_seconds: float,
+                       take_from: str | None) -> list[TakenOver] | None:
+        # Writes first: on SQLite a read before the first write could not be upgraded to a write lock
+        # once another connection of this process committed (SQLITE_BUSY_SNAPSHOT).
+        now = self._db_now(s)
+        until = now + timedelta(seconds=lease_seconds)
+        lease = DeliveryLease.destination == destination
+        renewed = s.execute(update(DeliveryLease).where(lease, DeliveryLease.holder == holder)
+                            .values(lease_until=until), execution_options=_NO_SYNC).rowcount
+        if not renewed:
+            free = DeliveryLease.lease_until < now
+            if take_from is not None:
+                free = or_(free, DeliveryLease.holder == take_from)
+            taken = s.execute(update(DeliveryLease).where(lease, free)
+                              .values(holder=holder, lease_until=until, acquired_at=now),
+                              execution_options=_NO_SYNC).rowcount
+            if not taken:
+                if s.scalar(select(DeliveryLease.holder).where(lease)) is not None:
+                    return None  # a live lease of another holder
+                s.add(DeliveryLease(destination=destination, holder=holder, lease_until=until, acquired_at=now))
+                s.flush()
+        return self._interrupt_stale_attempts(s, destination, holder, now)
+
+    def release_delivery(self, destination: str, holder: str) -> None:
+        """On a clean stop: hand the destination over at once instead of after the lease."""
+        with self.sessions.begin() as s:
+            s.execute(DeliveryLease.__table__.delete().where(DeliveryLease.destination == destination,
+                                                             DeliveryLease.holder == holder))
+
+    def delivery_holder(self, destination: str) -> str | None:
+        with self.sessions() as s:
+            return s.scalar(select(DeliveryLease.holder).where(DeliveryLease.destination == destination))
+
+    def begin_attempt(self, msg: Message, holder: str, lease_seconds: float) -> DeliveryAttempt | None:
+        """Record an attempt (IN_FLIGHT) before the first byte leaves, counting it on the message.
+
+        Fenced by the lease: None (nothing recorded, nothing may be sent) when this holder no longer
+        holds a live lease on the message's destination, or the message is no longer pending.
+        """
+        with self.sessions.begin() as s:
+            now = self._db_now(s)
+            n = s.execute(update(DeliveryLease).where(DeliveryLease.destination == msg.destination,
+                                                      DeliveryLease.holder == holder,
+                                                      DeliveryLease.lease_until >= now)
+                          .values(lease_until=now + timedelta(seconds=lease_seconds)),
+                          execution_options=_NO_SYNC).rowcount
+            if n != 1:
+                return None
+            n = s.execute(update(Message).where(Message.id == msg.id, Message.state == str(MessageState.PENDING))
+                          .values(attempts=Message.attempts + 1, updated_at=utcnow()),
+                          execution_options=_NO_SYNC).rowcount
+            if n != 1:
+                return None
+            number = (s.scalar(select(func.max(DeliveryAttempt.attempt))
+                               .where(DeliveryAttempt.message_id == msg.id)) or 0) + 1
+            attempt = DeliveryAttempt(message_id=msg.id, attempt=number, holder=holder, started_at=utcnow(),
+                                      outcome=str(AttemptOutcome.IN_FLIGHT))
+            s.add(attempt)
+            s.flush()
+            return attempt
+
+    def attempts(self, message_id: int) -> list[DeliveryAttempt]:
+        with self.sessions() as s:
+            return list(s.scalars(select(DeliveryAttempt).where(DeliveryAttempt.message_id == message_id)
+                                  .order_by(DeliveryAttempt.attempt)))
+
+    def message_sent(self, msg: Message, attempt: DeliveryAttempt, ack_code: str, ack_text: str | None,
+                     actor: str) -> None:
         now = utcnow()
         with self.sessions.begin() as s:
+            self._finish_attempt(s, attempt, AttemptOutcome.ACKED, ack_code, None)
             s.execute(update(Message).where(Message.id == msg.id).values(
                 state=str(MessageState.SENT), ack_code=ack_code, ack_text=ack_text, sent_at=now, updated_at=now,
-                attempts=Message.attempts + 1, last_error=None), execution_options=_NO_SYNC)
+                last_error=None), execution_options=_NO_SYNC)
             self._move_study_of(s, msg, (State.QUEUED, State.FAILED), State.DELIVERED, "study.delivered", actor,
-                                {"message_id": msg.id, "control_id": msg.control_id, "ack": ack_code},
+                                {"message_id": msg.id, "control_id": msg.control_id, "ack": ack_code,
+                                 "attempt": attempt.attempt},
                                 last_error=None, error_kind=None)
 
-    def message_retry_later(self, msg: Message, error: str, delay_seconds: float) -> int:
-        """Count the attempt, keep the message first in line; returns the attempts so far."""
+    def message_retry_later(self, msg: Message, attempt: DeliveryAttempt | None, error: str,
+                            delay_seconds: float, ack_code: str | None = None) -> int:
+        """Keep the message first in line until ``delay_seconds`` pass; returns its tries so far.
+
+        ``attempt`` None: the connection could not be opened, no byte left (a try, not an attempt)."""
         with self.sessions.begin() as s:
-            s.execute(update(Message).where(Message.id == msg.id).values(
-                attempts=Message.attempts + 1, last_error=error, updated_at=utcnow(),
-                next_attempt_at=utcnow() + timedelta(seconds=delay_seconds)), execution_options=_NO_SYNC)
+            values: dict[str, Any] = {"last_error": error, "updated_at": utcnow(),
+                                      "next_attempt_at": utcnow() + timedelta(seconds=delay_seconds)}
+            if attempt is None:
+                values["attempts"] = Message.attempts + 1
+            else:
+                self._finish_attempt(s, attempt, AttemptOutcome.NAKED if ack_code else AttemptOutcome.ERROR,
+                                     ack_code, error)
+            s.execute(update(Message).where(Message.id == msg.id).values(**values), execution_options=_NO_SYNC)
             return s.get(Message, msg.id).attempts
 
-    def message_dead(self, msg: Message, reason: str, ack_code: str | None, actor: str) -> None:
+    def message_dead(self, msg: Message, attempt: DeliveryAttempt | None, reason: str, ack_code: str | None,
+                     actor: str) -> None:
         """Dead letter: the message leaves the queue (the next one goes), the study is FAILED with the reason."""
         now = utcnow()
         with self.sessions.begin() as s:
-            s.execute(update(Message).where(Message.id == msg.id).values(
-                state=str(MessageState.DEAD), ack_code=ack_code, last_error=reason, updated_at=now,
-                attempts=Message.attempts + 1), execution_options=_NO_SYNC)
+            values: dict[str, Any] = {"state": str(MessageState.DEAD), "ack_code": ack_code, "last_error": reason,
+                                      "updated_at": now}
+            if attempt is None:
+                values["attempts"] = Message.attempts + 1
+            else:
+                self._finish_attempt(s, attempt, AttemptOutcome.NAKED if ack_code else AttemptOutcome.ERROR,
+                                     ack_code, reason)
+            s.execute(update(Message).where(Message.id == msg.id).values(**values), execution_options=_NO_SYNC)
             self._move_study_of(s, msg, (State.QUEUED,), State.FAILED, "message.dead_letter", actor,
                                 {"message_id": msg.id, "control_id": msg.control_id, "reason": reason},
-                                last_error=f"delivery: {reason}", error_kind="delivery")
+                                last_error=f"delivery: {reason}", error_kind="delivery", finished_at=now)
+
+    def _finish_attempt(self, s: Session, attempt: DeliveryAttempt, outcome: AttemptOutcome,
+                        ack_code: str | None, error: str | None) -> None:
+        s.execute(update(DeliveryAttempt).where(DeliveryAttempt.id == attempt.id,
+                                                DeliveryAttempt.outcome == str(AttemptOutcome.IN_FLIGHT))
+                  .values(outcome=str(outcome), ack_code=ack_code, error=error and error[:500],
+                          finished_at=utcnow()), execution_options=_NO_SYNC)
+
+    def _interrupt_stale_attempts(self, s: Session, destination: str, holder: str,
+                                  now: datetime) -> list[TakenOver]:
+        rows = s.execute(select(DeliveryAttempt, Message)
+                         .join(Message, Message.id == DeliveryAttempt.message_id)
+                         .where(Message.destination == destination,
+                                DeliveryAttempt.outcome == str(AttemptOutcome.IN_FLIGHT))).all()
+        found = []
+        for attempt, msg in rows:
+            s.execute(update(DeliveryAttempt).where(DeliveryAttempt.id == attempt.id)
+                      .values(outcome=str(AttemptOutcome.INTERRUPTED), finished_at=now,
+                              error=f"interrupted: found in flight by {holder}; the EHR may have it"),
+                      execution_options=_NO_SYNC)
+            study = s.get(Study, msg.study_id)
+            if study is not None:
+                self._event(s, study, "message.possible_duplicate", None, None, holder,
+                            {"message_id": msg.id, "control_id": msg.control_id, "attempt": attempt.attempt,
+                             "previous_holder": attempt.holder})
+            found.append(TakenOver(msg.id, msg.study_id, msg.control_id, attempt.attempt, attempt.holder))
+        return found
+
+    def _db_now(self, s: Session) -> datetime:
+        """The database's clock for leases shared between nodes (SQLite: one host, its clock)."""
+        if self._sqlite:
+            return utcnow()
+        return aware(s.scalar(select(func.now())))
 
     def message_requeue(self, message_id: int, actor: str, *, resend: bool) -> Message:
         """``retry`` a dead letter, or ``resend`` a sent message (same ER7, same MSH-10)."""
