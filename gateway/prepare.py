@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from inference.engine import check_duration
 from inference.gaps import preprocess_with_gaps
 from inference.preprocess import n_target_samples
 from inference.results import StudyInput
@@ -44,8 +45,12 @@ def prepare_study(
     """Map ``recording``'s channels with ``table`` and preprocess them for the engine.
 
     ``source`` (``dicom:<AE title>``, ``folder:<path>``) selects the table's scoped rules.
-    ``progress(done, total)`` is called after each channel.
+    ``progress(done, total)`` is called after each channel. A recording shorter than one 30-s epoch is
+    refused with :class:`~inference.engine.InputError` before any channel is read.
     """
+    # Before mapping and preprocessing: a 0-s recording would otherwise fail in n_target_samples with an
+    # internal ValueError, and a few seconds would be preprocessed only for the engine to refuse them.
+    check_duration(recording.duration_s)
     labels = recording.channel_labels
     match = table.map_labels(labels, source=source)
     if not any(match.groups.values()):

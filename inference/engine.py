@@ -3,7 +3,8 @@
 Nights are cut into 5-minute windows of sixty 5-s tokens. The release silently drops a last
 partial window; here one more window, aligned to the end of the recording, covers it and only its
 new tokens are kept, so every full 5 s of the night gets a token. A night shorter than 5 minutes
-is encoded as one shorter window.
+is encoded as one shorter window (staged, and given hazards, from that window alone); one shorter than
+a 30-s epoch is refused with :class:`InputError` (:func:`check_duration`).
 
 The heads see the night as the release does: staging of the whole night and the hazards are computed
 on the tokens of the whole 5-minute windows only (the release's windows), and the diagnosis head on at
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import time
 import warnings
 from collections import defaultdict
@@ -37,6 +39,8 @@ from .hypnogram import build_staging
 from .results import (
     MODALITIES,
     STAGES,
+    TOKEN_SECONDS,
+    TOKENS_PER_EPOCH,
     TOKENS_PER_WINDOW,
     Hazards,
     StudyInput,
@@ -50,6 +54,30 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 class InputError(ValueError):
     """A study the engine cannot encode (no mapped channel, wrong shapes, too short...)."""
+
+
+# The shortest recording the engine takes: one scored 30-s epoch. Anything shorter has no epoch to
+# stage (the hypnogram would be empty) and too little signal for the heads to mean anything.
+MIN_DURATION_S = float(TOKENS_PER_EPOCH * TOKEN_SECONDS)
+
+
+def check_duration(duration_s: float) -> None:
+    """Raise :class:`InputError` for a recording shorter than one 30-s epoch.
+
+    Called on the recording's duration before any channel is preprocessed (``gateway.prepare``) and on
+    the samples the engine is given, so that every caller (``infer``, the daemon, a batch) refuses it
+    with the same one-line reason instead of failing deep inside preprocessing or staging.
+    """
+    d = float(duration_s)
+    if not (math.isfinite(d) and d >= MIN_DURATION_S):
+        raise InputError(_too_short(d))
+
+
+def _too_short(duration_s: float) -> str:
+    # Rounded down: a 29.97-s recording must not read "shorter than ... (30.0 s)".
+    d = duration_s
+    shown = f"{math.floor(d * 10) / 10:.1f}" if math.isfinite(d) and d >= 0 else repr(d)
+    return f"recording shorter than one {MIN_DURATION_S:g}-s epoch ({shown} s)"
 
 
 @dataclass(frozen=True)
@@ -135,9 +163,12 @@ def _validate(study: StudyInput, position: int) -> tuple[dict[str, np.ndarray], 
         raise InputError(f"{where}: no mapped channel in any modality; nothing to encode")
     if len(lengths) != 1:
         raise InputError(f"{where}: modalities differ in length ({sorted(lengths)} samples at 128 Hz)")
-    n_tokens = lengths.pop() // TOKEN_SAMPLES
-    if n_tokens == 0:
-        raise InputError(f"{where}: recording shorter than one 5-s token")
+    n_samples = lengths.pop()
+    n_tokens = n_samples // TOKEN_SAMPLES
+    if n_tokens < TOKENS_PER_EPOCH:
+        # Fewer than six tokens give no 30-s epoch: staging would have nothing to score (and used to
+        # fail in a reshape); 6 tokens are exactly MIN_DURATION_S of samples.
+        raise InputError(f"{where}: {_too_short(n_samples / SAMPLE_RATE)}")
     return signals, n_tokens
 
 

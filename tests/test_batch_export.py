@@ -295,3 +295,97 @@ def test_check_export_dir_refuses_a_read_only_folder(tmp_path):
             check_export_dir(locked / "sub")
     finally:
         locked.chmod(0o700)
+
+
+# ---- identifier columns are never dropped silently ---------------------------------------------------------
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder``: its bytes and its modification time (ns)."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_an_export_with_identifiers_is_not_rewritten_without_them(processed):
+    studies, tmp = processed
+    out = tmp / "export"
+    export_studies(studies, out, identifiers=True, csv=True)
+    before = _snapshot(out)
+    with pytest.raises(ExportError) as info:
+        export_studies(studies, out)
+    message = str(info.value)
+    assert "\n" not in message and "--export-identifiers" in message and "--drop-identifiers" in message
+    assert "patient_id, accession, study_uid, recording_start" in message
+    assert _snapshot(out) == before  # refused before anything was written
+    # keeping them is no loss: refused neither
+    export_studies(studies, out, identifiers=True, csv=True)
+    assert "patient_id" in pq.read_schema(out / "studies.parquet").names
+
+
+def test_drop_identifiers_drops_them_from_the_table_and_a_stale_csv(processed):
+    studies, tmp = processed
+    out = tmp / "export"
+    export_studies(studies, out, identifiers=True, csv=True)
+    report = export_studies(studies, out, drop_identifiers=True)
+    assert report.studies == 2 and report.csv is None
+    assert not set(IDENTIFIERS) & set(pq.read_schema(out / "studies.parquet").names)
+    assert not (out / "studies.csv").exists()  # the old CSV held the patient ids the user dropped
+    assert export_mod.identifier_columns(out) == []
+    export_studies(studies, out)  # nothing left to lose: the next plain export goes through
+
+
+def test_only_a_csv_with_identifiers_is_enough_to_refuse(processed):
+    """An older run wrote studies.csv with identifiers; the Parquet table was rewritten since without them."""
+    studies, tmp = processed
+    out = tmp / "export"
+    export_studies(studies, out)
+    (out / "studies.csv").write_text("study_key,patient_id\nabc,P1\n")
+    with pytest.raises(ExportError, match=r"identifier columns \(patient_id\)"):
+        export_studies(studies, out, csv=True)
+    assert (out / "studies.csv").read_text() == "study_key,patient_id\nabc,P1\n"
+
+
+def _batch_config(tmp_path: Path, db_url: str) -> Path:
+    import yaml
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump({"paths": {"var_dir": str(tmp_path / "var")}, "database": {"url": db_url},
+                                    "logging": {"format": "json", "level": "warning"}}))
+    return path
+
+
+def test_batch_refuses_to_drop_identifier_columns_then_drops_them_when_asked(processed, db_url, nights):
+    """``batch --export DIR`` over an export with patient_id, without --export-identifiers: exit 2 before any
+    work, one line naming both flags, the old export byte-identical; with --drop-identifiers it is rewritten
+    without them."""
+    from typer.testing import CliRunner
+
+    from gateway.cli.main import app
+
+    studies, tmp = processed
+    out = tmp / "export"
+    export_studies(studies, out, identifiers=True, csv=True)
+    before = _snapshot(out)
+    archive = tmp / "archive"
+    archive.mkdir()
+    (archive / "n.edf").write_bytes(nights[0])
+    cfg = _batch_config(tmp / "batch", db_url)
+    base = ["batch", str(archive), "--config", str(cfg), "--no-progress", "--json", "--export", str(out)]
+
+    r = CliRunner().invoke(app, base)
+    assert r.exit_code == 2, r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in r.output, r.output
+    assert "--export-identifiers" in errors[0] and "--drop-identifiers" in errors[0]
+    assert _snapshot(out) == before
+    assert not (tmp / "batch" / "var" / "batch").exists()  # no run was started
+
+    bad = CliRunner().invoke(app, [*base, "--drop-identifiers", "--export-identifiers"])
+    assert bad.exit_code == 2 and "--drop-identifiers goes with --export" in bad.output
+    assert _snapshot(out) == before
+
+    r = CliRunner().invoke(app, [*base, "--drop-identifiers"])
+    assert r.exit_code == 0, r.output
+    table = pd.read_parquet(out / "studies.parquet")
+    assert len(table) == 1 and not set(IDENTIFIERS) & set(table.columns)
+    assert not (out / "studies.csv").exists()
+    assert json.loads(r.stdout)["options"]["export_drop_identifiers"] is True

@@ -230,3 +230,64 @@ def test_failure_log_names_no_path(tmp_path, demo_bundle):
     assert result.exit_code == 2
     log_lines = [line for line in result.output.splitlines() if "study.failed" in line]
     assert log_lines and not any("Doe_Jane" in line for line in log_lines)
+
+
+def _one_error_line(result) -> str:
+    """The refusal as the user sees it: exit code 2, exactly one ``error:`` line, no traceback."""
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+@pytest.mark.parametrize("kind", ["edf", "edf+d", "dicom"])
+def test_recording_shorter_than_one_epoch_is_refused_in_one_line(tmp_path, demo_bundle, kind):
+    """12 s: no 30-s epoch to stage. It used to fail with an internal numpy reshape error. An EDF+D file
+    counts by its span (records at 0, 1 and 11 s: 12 s)."""
+    from test_edf_discontinuous import Sig, edf_bytes, record_tals
+
+    from gateway.readers.dicom_synthetic import write_psg_study
+
+    if kind == "edf":
+        src = write_synthetic_night(tmp_path / "short.edf", hours=12 / 3600, seed=1)
+    elif kind == "edf+d":
+        noise = np.random.default_rng(0).integers(-1000, 1000, (3, 256))
+        src = tmp_path / "short.edf"
+        src.write_bytes(edf_bytes([Sig("C3-M2", 256), Sig("ECG II", 256)], [noise, noise],
+                                  tals=[record_tals(t) for t in (0.0, 1.0, 11.0)], reserved="EDF+D"))
+    else:
+        write_psg_study(tmp_path / "study", hours=12 / 3600, seed=1)
+        src = tmp_path / "study"
+    result = _infer(src, "--bundle", demo_bundle, "--out", tmp_path / "o")
+    assert _one_error_line(result) == "error: recording shorter than one 30-s epoch (12.0 s)"
+    assert not (tmp_path / "o").exists()
+    failed = [line for line in result.output.splitlines() if "study.failed" in line]
+    assert failed and json.loads(failed[0])["error"] == "InputError"
+
+
+def test_zero_record_edf_is_refused_in_one_line(tmp_path, demo_bundle):
+    """A header with 0 data records used to give "internal error: ValueError: duration_s must be ..."."""
+    night = write_synthetic_night(tmp_path / "n.edf", hours=0.01, seed=1)
+    data = bytearray(night.read_bytes())
+    data[236:244] = b"0".ljust(8)
+    empty = tmp_path / "empty.edf"
+    empty.write_bytes(bytes(data[: int(data[184:192])]))
+    line = _one_error_line(_infer(empty, "--bundle", demo_bundle, "--out", tmp_path / "o"))
+    assert line.endswith("empty.edf: 0 data records in the header: the recording holds no samples"), line
+
+
+def test_recording_between_one_epoch_and_one_window_is_processed(tmp_path, demo_bundle):
+    """45 s: shorter than the release's 5-minute window. Encoded as one short window: one scored epoch
+    and hazards from that window, metrics.json saying no whole window was seen."""
+    night = write_synthetic_night(tmp_path / "n.edf", hours=45 / 3600, seed=2)
+    out = tmp_path / "out"
+    result = _infer(night, "--bundle", demo_bundle, "--out", out)
+    assert result.exit_code == 0, result.output
+    with open(out / "hypnogram.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["windows"]["whole_windows"] == 0 and metrics["tokens"] == 9
+    with open(out / "hazards.csv") as fh:
+        assert all(np.isfinite(float(r["log_hazard"])) for r in csv.DictReader(fh))

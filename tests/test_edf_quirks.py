@@ -219,9 +219,12 @@ def test_annotation_only_edf_plus(tmp_path):
 
 
 def test_zero_signal_plain_edf(tmp_path):
-    path = _write(tmp_path, "nothing.edf", edf_bytes([], [], record_duration=30) + b"")
+    path = _write(tmp_path, "nothing.edf", edf_bytes([], [], record_duration=30, n_records_field=1))
     recording, _ = _read(path)
     assert recording.channels == [] and recording.annotations == [] and recording.format == "EDF"
+    # with 0 data records as well, the file holds nothing at all: refused like any 0-record file
+    empty = _write(tmp_path, "empty.edf", edf_bytes([], [], record_duration=30))
+    _error(empty, "0 data records in the header", kind="truncated")
 
 
 def test_bdf_quirks_too(tmp_path):

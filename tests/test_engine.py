@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from inference.bundle import load_bundle, make_demo_bundle
-from inference.engine import Engine, EngineOptions, InputError, plan_windows
+from inference.engine import Engine, EngineOptions, InputError, check_duration, plan_windows
 from inference.results import StudyInput
 
 
@@ -139,7 +139,7 @@ def test_bad_inputs_are_clear_errors(engine):
         engine.run(StudyInput({"EEG": np.zeros((1, 6400), np.float32)}))
     with pytest.raises(InputError, match="differ in length"):
         engine.run(StudyInput({"BAS": np.zeros((1, 6400), np.float32), "EKG": np.zeros((1, 7040), np.float32)}))
-    with pytest.raises(InputError, match="shorter than one 5-s token"):
+    with pytest.raises(InputError, match=r"study 0: recording shorter than one 30-s epoch \(4\.9 s\)"):
         engine.run(StudyInput({"BAS": np.zeros((1, 639), np.float32)}))
     bad = np.zeros((1, 6400), np.float32)
     bad[0, 5] = np.nan
@@ -256,6 +256,30 @@ def test_a_different_tail_leaves_the_whole_windows_results_alone(engine):
     np.testing.assert_allclose(one.hazards.log_hazard, two.hazards.log_hazard, atol=1e-6)
     np.testing.assert_allclose(one.staging.token_probs[:120], two.staging.token_probs[:120], atol=1e-6)
     assert not np.allclose(one.staging.token_probs[120:], two.staging.token_probs[120:], atol=1e-4)
+
+
+@pytest.mark.parametrize(("n_samples", "shown"), [(1, "0.0"), (5 * 640, "25.0"), (6 * 640 - 1, "29.9")])
+def test_shorter_than_one_epoch_is_an_input_error(engine, n_samples, shown):
+    """Under six 5-s tokens there is no 30-s epoch to stage: refused up front (it used to fail in the
+    hypnogram's reshape), the duration rounded down so that it never reads 30.0 s."""
+    signals = {m: a[:, :n_samples] for m, a in _night(6).items()}
+    with pytest.raises(InputError) as info:
+        engine.run(StudyInput(signals, key="k1"))
+    assert str(info.value) == f"study k1: recording shorter than one 30-s epoch ({shown} s)"
+
+
+def test_one_epoch_is_enough(engine):
+    """Exactly 30 s: one epoch, staged and given hazards from the one short window."""
+    result = engine.run(StudyInput(_night(6)))
+    assert result.n_tokens == 6 and len(result.staging.hypnogram) == 1
+    assert result.diagnosis_tokens == 6 and np.isfinite(result.hazards.log_hazard).all()
+
+
+@pytest.mark.parametrize("duration", [0.0, -1.0, float("nan"), 29.97])
+def test_check_duration_refuses_under_30_s(duration):
+    with pytest.raises(InputError, match="recording shorter than one 30-s epoch"):
+        check_duration(duration)
+    check_duration(30.0)  # and takes one epoch
 
 
 def test_short_night_is_its_own_window_without_tail(engine):

@@ -24,9 +24,10 @@ def _demo_hash() -> str:
     return load_bundle(ensure_demo_bundle()).identity.model_hash
 
 
-def write_export(folder: Path, night: np.ndarray, patients: list[str], *, age=None, sex=None, model_hash=None,
-                 tokens: list[dict[str, np.ndarray]] | None = None) -> list[str]:
-    """An export folder as ``batch --export --export-identifiers`` writes it (the columns heads use)."""
+def write_export(folder: Path, night: np.ndarray, patients: list[str] | None, *, age=None, sex=None,
+                 model_hash=None, tokens: list[dict[str, np.ndarray]] | None = None) -> list[str]:
+    """An export folder as ``batch --export --export-identifiers`` writes it (the columns heads use);
+    ``patients`` None: as ``batch --export`` writes it, without a patient_id column."""
     n = len(night)
     keys = [f"st-{i:012x}" for i in range(n)]
     for i, key in enumerate(keys):
@@ -36,7 +37,7 @@ def write_export(folder: Path, night: np.ndarray, patients: list[str], *, age=No
         for m, arr in (tokens[i] if tokens else {}).items():
             np.save(d / f"{m}_tokens.npy", arr.astype(np.float32))
     pq.write_table(pa.table({
-        "study_key": keys, "patient_id": patients,
+        "study_key": keys, **({"patient_id": patients} if patients is not None else {}),
         "age_years": list(age) if age is not None else [None] * n,
         "sex": list(sex) if sex is not None else [None] * n,
         "model_name": ["sleepfm-demo-untrained"] * n, "model_hash": [model_hash or _demo_hash()] * n,
@@ -285,3 +286,132 @@ def test_staging_refit_from_the_cli(tmp_path):
 
     bundle = load_model(load_config(cfg).model)
     assert bundle.identity.site_heads == {"staging:staging": (head / "head.sha256").read_text().split()[0]}
+
+
+# ---- small samples, undefined metrics, exports that changed or lack patient ids -------------------------------
+NO_PATIENTS = "splits and bootstrap resample studies, not patients: a patient with several nights can be in " \
+              "training and held-out"
+
+
+def _warnings(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("warning:")]
+
+
+def _tiny_apnea(root: Path, patients: bool = True) -> tuple[Path, Path, list[str], np.ndarray]:
+    """30 studies of 30 patients whose held-out studies (seed 0, 20 %) all have AHI >= 5: the held-out
+    presence AUROC is undefined. The training side has both classes and four severities."""
+    from gateway.heads.fit import split
+
+    n = 30
+    rng = np.random.default_rng(11)
+    pids = [f"P{i:02d}" for i in range(n)]
+    _train, test = split(np.asarray(pids, dtype=object), 0.2, 0)
+    ahi = np.array([(1.0, 2.0, 8.0, 20.0, 40.0)[i % 5] for i in range(n)])
+    ahi[test] = 22.0
+    keys = write_export(root / "export", rng.normal(size=(n, 512)), pids if patients else None)
+    ahi_csv = _write_csv(root / "ahi.csv", ["study_key", "ahi"], [[k, a] for k, a in zip(keys, ahi)])
+    return root / "export", ahi_csv, keys, test
+
+
+def test_fit_apnea_with_a_one_class_held_out_set_says_n_a_and_warns(tmp_path):
+    """It used to write the head and then crash formatting the undefined AUROC (NoneType.__format__)."""
+    export, ahi_csv, _keys, test = _tiny_apnea(tmp_path)
+    head = tmp_path / "apnea"
+    r = runner.invoke(app, ["heads", "fit", "apnea", "--export", str(export), "--ahi", str(ahi_csv),
+                            "--out", str(head)])
+    assert r.exit_code == 0, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    assert "presence AUROC n/a (one class only: every study has AHI >= 5)" in r.output
+    assert f"({len(test)} studies)" in r.output and (head / "head.json").is_file()
+    warnings = "\n".join(_warnings(r.output))
+    assert f"apnea: only {len(test)} held-out studies (fewer than 20)" in warnings
+    assert "apnea: the held-out studies are of one class (every study has AHI >= 5): the presence AUROC is " \
+           "undefined" in warnings
+    assert "apnea presence: " in warnings and "studies in the smaller class for 512 features" in warnings
+    assert NO_PATIENTS not in warnings  # this export has patient ids
+    manifest = json.loads((head / "manifest.json").read_text())
+    assert manifest["warnings"] and all(w in warnings for w in manifest["warnings"])
+
+    report = tmp_path / "rep"
+    r = runner.invoke(app, ["heads", "evaluate", str(head), "--export", str(export), "--ahi", str(ahi_csv),
+                            "--report", str(report), "--bootstrap", "20"])
+    assert r.exit_code == 0, r.output
+    assert "AUROC n/a (one class only: every study has AHI >= 5)" in r.output
+    warnings = "\n".join(_warnings(r.output))
+    assert f"apnea: only {len(test)} evaluated studies" in warnings and "one class" in warnings
+    assert "is not the one the head was fitted on" not in warnings  # the same export
+    ev = json.loads((report / "evaluation.json").read_text())
+    assert ev["apnea"]["presence"]["auroc"]["value"] is None
+    assert any("one class" in note for note in ev["notes"])
+    assert "n/a" in (report / "report.html").read_text()
+
+
+def test_an_export_without_patient_ids_is_warned_about_on_fit_and_evaluate(tmp_path):
+    export, ahi_csv, _keys, _test = _tiny_apnea(tmp_path, patients=False)
+    head = tmp_path / "apnea"
+    r = runner.invoke(app, ["heads", "fit", "apnea", "--export", str(export), "--ahi", str(ahi_csv),
+                            "--out", str(head)])
+    assert r.exit_code == 0, r.output
+    no_patients = [w for w in _warnings(r.output) if NO_PATIENTS in w]
+    assert len(no_patients) == 1 and "patient_id" in no_patients[0]  # said once, naming the column
+    r = runner.invoke(app, ["heads", "evaluate", str(head), "--export", str(export), "--ahi", str(ahi_csv),
+                            "--report", str(tmp_path / "rep"), "--bootstrap", "10"])
+    assert r.exit_code == 0, r.output
+    assert len([w for w in _warnings(r.output) if NO_PATIENTS in w]) == 1
+
+
+def test_evaluate_warns_when_the_export_is_not_the_one_the_head_was_fitted_on(tmp_path):
+    export, ahi_csv, _keys, _test = _tiny_apnea(tmp_path)
+    head = tmp_path / "apnea"
+    assert runner.invoke(app, ["heads", "fit", "apnea", "--export", str(export), "--ahi", str(ahi_csv),
+                               "--out", str(head)]).exit_code == 0
+    recorded = json.loads((head / "manifest.json").read_text())["data"]["studies_parquet_sha256"]
+    table = pq.read_table(export / "studies.parquet")
+    pq.write_table(table.set_column(table.column_names.index("sex"), "sex", pa.array(["F"] * table.num_rows)),
+                   export / "studies.parquet")  # the export re-written since the fit
+    args = ["heads", "evaluate", str(head), "--export", str(export), "--ahi", str(ahi_csv), "--report",
+            str(tmp_path / "rep"), "--bootstrap", "10"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    changed = [w for w in _warnings(r.output) if "is not the one the head was fitted on" in w]
+    assert len(changed) == 1 and f"({recorded[:12]})" in changed[0]
+    # --split all evaluates an external data set: another export is expected there
+    r = runner.invoke(app, [*args, "--split", "all"])
+    assert r.exit_code == 0, r.output
+    assert not [w for w in _warnings(r.output) if "fitted on" in w]
+
+
+def test_fit_cox_with_no_held_out_event_says_n_a_and_warns(tmp_path):
+    """Every held-out study censored: the held-out C-index is undefined (it printed "nan")."""
+    from gateway.heads.fit import split
+
+    n = 40
+    rng = np.random.default_rng(4)
+    pids = [f"P{i:02d}" for i in range(n)]
+    _train, test = split(np.asarray(pids, dtype=object), 0.2, 0)
+    time = rng.uniform(1, 5, n)
+    event = (np.arange(n) % 2).astype(int)
+    event[test] = 0
+    keys = write_export(tmp_path / "export", rng.normal(size=(n, 512)), pids)
+    labels = _write_csv(tmp_path / "l.csv", ["study_key", "label", "time_to_event", "event"],
+                        [[k, "HF", f"{t:.3f}", e] for k, t, e in zip(keys, time, event)])
+    r = runner.invoke(app, ["heads", "fit", "cox", "--export", str(tmp_path / "export"), "--labels", str(labels),
+                            "--out", str(tmp_path / "h")])
+    assert r.exit_code == 0, r.output
+    assert f"held-out C n/a (no event among these studies) ({len(test)} studies, 0 events)" in r.output
+    warnings = "\n".join(_warnings(r.output))
+    assert "label 'HF': the held-out studies are of one class (none has an event)" in warnings
+    assert f"label 'HF': {int(event.sum())} events for 512 features" in warnings
+    assert f"label 'HF': only {len(test)} held-out studies" in warnings
+
+
+def test_fit_apnea_on_one_class_is_a_clear_error(tmp_path):
+    """A fit that cannot be made (every training study has apnea) is exit code 2 and one line, not a traceback."""
+    keys = write_export(tmp_path / "export", np.random.default_rng(2).normal(size=(12, 512)),
+                        [f"P{i}" for i in range(12)])
+    ahi_csv = _write_csv(tmp_path / "ahi.csv", ["study_key", "ahi"], [[k, 30.0] for k in keys])
+    r = runner.invoke(app, ["heads", "fit", "apnea", "--export", str(tmp_path / "export"), "--ahi", str(ahi_csv),
+                            "--out", str(tmp_path / "h")])
+    assert r.exit_code == 2, r.output
+    assert "apnea: cannot fit on these studies" in r.output and "both classes are needed" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "h").exists()

@@ -68,3 +68,24 @@ def test_nothing_usable_is_a_mapping_error():
     with pytest.raises(MappingError, match="no usable channel"):
         prepare_study(rec, default_table())
 
+
+
+@pytest.mark.parametrize(("seconds", "shown"), [(0.0, "0.0"), (12.5, "12.5"), (29.99, "29.9")])
+def test_shorter_than_one_epoch_is_refused_before_any_channel_is_read(seconds, shown):
+    """The engine's InputError with a one-line reason, raised before mapping and preprocessing: a 0-s
+    recording used to fail in n_target_samples with an internal ValueError."""
+    from inference.engine import InputError
+
+    def never_read() -> np.ndarray:
+        raise AssertionError("a channel was read")
+
+    n = int(256 * seconds)
+    rec = Recording(channels=[Channel("C3-M2", 256.0, "uV", n, never_read)], duration_s=seconds)
+    with pytest.raises(InputError) as info:
+        prepare_study(rec, default_table(), key="k")
+    assert str(info.value) == f"recording shorter than one 30-s epoch ({shown} s)"
+
+
+def test_thirty_seconds_are_prepared():
+    rec = Recording(channels=[Channel.from_array("C3-M2", 256, np.ones(256 * 30, np.float32))], duration_s=30.0)
+    assert prepare_study(rec, default_table()).study.signals["BAS"].shape == (1, 128 * 30)

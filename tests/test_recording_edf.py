@@ -237,6 +237,47 @@ def test_error_truncated(night, tmp_path):
     assert "not one complete data record" in str(_reader_error(no_record, "truncated"))
 
 
+def _header_only(source: Path, dest: Path, records: bytes, reserved: bytes | None = None) -> Path:
+    """``source``'s header alone (no data record), its number-of-records field set to ``records``."""
+    data = bytearray(source.read_bytes())
+    header_bytes = int(data[184:192])
+    data[236:244] = records.ljust(8)
+    if reserved is not None:
+        data[192:192 + len(reserved)] = reserved
+    dest.write_bytes(bytes(data[:header_bytes]))
+    return dest
+
+
+@pytest.mark.parametrize("fixture", ["night", "night_bdf"])
+def test_zero_data_records_is_a_reader_error(fixture, request, tmp_path):
+    """A header that declares 0 data records holds no sample: refused by the reader (both parsers),
+    not passed on as a 0-second recording that fails later in preprocessing."""
+    from gateway.readers.edf_discontinuous import read_raw_edf
+
+    source = request.getfixturevalue(fixture)
+    zero = _header_only(source, tmp_path / f"zero{source.suffix}", b"0")
+    error = _reader_error(zero, "truncated")
+    assert error.reason == "0 data records in the header: the recording holds no samples"
+    with pytest.raises(ReaderError, match="0 data records in the header"):
+        read_raw_edf(zero)
+    # the same with bytes after the header: the header, not the file size, says there is no record
+    trailing = tmp_path / f"trailing{source.suffix}"
+    trailing.write_bytes(zero.read_bytes() + b"\x00" * 4096)
+    assert _reader_error(trailing, "truncated").reason.startswith("0 data records in the header")
+
+
+def test_minus_one_records_and_no_data_is_a_reader_error(night, tmp_path):
+    """-1 records (never closed) and nothing after the header: 0 records, said as such."""
+    error = _reader_error(_header_only(night, tmp_path / "open.edf", b"-1"), "truncated")
+    assert error.reason.startswith("0 data records: the header gives -1 (recording not closed)")
+    assert "0 bytes after the header" in error.reason
+
+
+def test_discontinuous_file_without_records_is_a_reader_error(night, tmp_path):
+    path = _header_only(night, tmp_path / "disc.edf", b"0", reserved=b"EDF+D")
+    assert _reader_error(path, "truncated").reason.startswith("0 data records in the header")
+
+
 def test_truncated_file_reads_its_complete_records(night, tmp_path):
     """A file cut short (copy interrupted, disk full) keeps its complete records, with a warning."""
     data = night.read_bytes()

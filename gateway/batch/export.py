@@ -15,6 +15,12 @@ Table columns, in order: ``study_key``; with ``identifiers=True`` ``patient_id``
 ``model_name``, ``model_hash``, ``model_validated``, ``age_years``, ``sex``, the sleep metrics as ``sleep_*``,
 the staging agreement as ``agreement_*``, then one float32 log-hazard column per outcome named by its phecode.
 
+An export is never rewritten with fewer identifier columns than it has without being asked: over an export
+whose table holds ``patient_id`` (etc.), writing without ``identifiers`` raises :class:`ExportError` unless
+``drop_identifiers`` says to drop them (then a stale ``studies.csv`` holding them is removed too). A
+researcher who re-runs a batch without ``--export-identifiers`` would otherwise lose the patient column,
+and ``heads fit`` would silently split by study instead of by patient.
+
 The study key is a random hex key, never PHI: paths carry nothing else. The npy files are hard links to the
 gateway's stored outputs when both are on one file system (no space used, instant), copies otherwise; a
 file already there with the same size is kept, so a resumed batch re-exports in seconds.
@@ -42,7 +48,8 @@ from gateway.flags import HazardRow, read_hazards
 from gateway.fsutil import atomic_write, atomic_write_with
 from gateway.store.models import Study
 
-__all__ = ["ExportError", "ExportReport", "check_export_dir", "export_studies"]
+__all__ = ["ExportError", "ExportReport", "check_export_dir", "check_identifiers_kept", "export_studies",
+           "identifier_columns"]
 
 TABLE_NAME = "studies.parquet"
 CSV_NAME = "studies.csv"
@@ -101,6 +108,47 @@ def check_export_dir(path: Path) -> Path:
         os.close(fd)
         Path(probe).unlink(missing_ok=True)
     return path.resolve()
+
+
+def _table_columns(path: Path) -> list[str]:
+    """Column names of an existing studies.parquet or studies.csv; [] when absent or unreadable.
+
+    Unreadable counts as no columns: a damaged table holds nothing a rewrite could lose.
+    """
+    try:
+        if path.suffix == ".parquet":
+            return list(pq.read_schema(path).names)
+        with open(path, newline="", encoding="utf-8") as fh:
+            return next(csv.reader(fh), [])
+    except (OSError, ValueError, pa.ArrowException, csv.Error):
+        return []
+
+
+def _has_identifiers(table: Path) -> bool:
+    return any(c in IDENTIFIER_COLUMNS for c in _table_columns(table))
+
+
+def identifier_columns(out_dir: Path) -> list[str]:
+    """The identifier columns (patient_id, accession, ...) of the export already in ``out_dir``, in the
+    table's order: those of its studies.parquet and of its studies.csv (an older run may have written it)."""
+    found: dict[str, None] = {}
+    for name in (TABLE_NAME, CSV_NAME):
+        found.update(dict.fromkeys(c for c in _table_columns(Path(out_dir) / name) if c in IDENTIFIER_COLUMNS))
+    return list(found)
+
+
+def check_identifiers_kept(out_dir: Path, *, identifiers: bool, drop_identifiers: bool) -> None:
+    """Raise :class:`ExportError` when writing into ``out_dir`` would drop identifier columns its export has.
+
+    Nothing is dropped with ``identifiers`` (they are written again) and nothing is refused with
+    ``drop_identifiers`` (the user asked). The message is one line naming both command-line flags.
+    """
+    if identifiers or drop_identifiers:
+        return
+    found = identifier_columns(out_dir)
+    if found:
+        raise ExportError(f"the export in {out_dir} has identifier columns ({', '.join(found)}) that this run "
+                          "would drop: add --export-identifiers to keep them, or --drop-identifiers to drop them")
 
 
 # ---- one study's stored outputs --------------------------------------------------------------------
@@ -304,15 +352,18 @@ def _outcomes_csv(phecodes: list[str], phenotypes: list[str]) -> bytes:
 
 
 def export_studies(studies: Iterable[Study], out_dir: Path, *, identifiers: bool = False, csv: bool = False,
-                   tokens: bool = False) -> ExportReport:
+                   tokens: bool = False, drop_identifiers: bool = False) -> ExportReport:
     """Export the studies' stored outputs into ``out_dir`` (see the module docstring for the layout).
 
     Studies without usable outputs (failed, duplicates, a missing file) are listed in ``skipped``, never
     raised. Rows are ordered by study id. ``identifiers`` adds patient_id, accession, study_uid and
     recording_start (PHI: only for an export that may hold it); ``tokens`` adds the per-token embeddings.
-    Raises :class:`ExportError` when the export folder cannot be written.
+    Raises :class:`ExportError` when the export folder cannot be written, and, before writing anything,
+    when ``out_dir`` holds an export with identifier columns that this one would drop (neither
+    ``identifiers`` nor ``drop_identifiers``).
     """
     out_dir = check_export_dir(out_dir)
+    check_identifiers_kept(out_dir, identifiers=identifiers, drop_identifiers=drop_identifiers)
     emb_root = out_dir / EMBEDDINGS_DIR
 
     ordered = sorted({s.id: s for s in studies}.values(), key=lambda s: s.id)
@@ -422,6 +473,9 @@ def export_studies(studies: Iterable[Study], out_dir: Path, *, identifiers: bool
             atomic_write_with(csv_path, lambda tmp: pacsv.write_csv(table, tmp))
         if hazards.phecodes is not None:
             atomic_write(out_dir / OUTCOMES_NAME, _outcomes_csv(hazards.phecodes, hazards.phenotypes))
+        if csv_path is None and not identifiers and _has_identifiers(out_dir / CSV_NAME):
+            # An older run's studies.csv would still hold the identifiers the user chose to drop.
+            (out_dir / CSV_NAME).unlink()
     except OSError as exc:
         raise ExportError(f"cannot write the export table into {out_dir}: {_reason(exc)}") from exc
     return ExportReport(studies=table.num_rows, files_written=written, files_kept=kept, table=table_path,

@@ -50,7 +50,7 @@ from ..store.models import PIPELINE_DONE, State, Study
 from ..store.repo import Repo, StudyChanged, aware
 from .backends import Backend, InferOutcome, LocalBackend
 from .discover import ArchiveItem, Discovery, discover
-from .export import ExportError, ExportReport, check_export_dir, export_studies
+from .export import ExportError, ExportReport, check_export_dir, check_identifiers_kept, export_studies
 from .progress import BatchProgress
 from .summary import Tally, write_summary
 from .work import FileHash, Prepared, PrepareJob, WorkFailure, choose_spill_dir
@@ -79,6 +79,7 @@ class BatchOptions:
     export: Path | None = None
     export_csv: bool = False
     export_identifiers: bool = False
+    export_drop_identifiers: bool = False  # rewrite an export that has identifier columns without them
     export_tokens: bool = False
     restart: bool = False
     ray: str | None = None  # None: local; "auto" or a cluster address
@@ -149,6 +150,10 @@ class BatchRunner:
         if self.opts.export is not None:
             try:
                 self.opts.export = check_export_dir(self.opts.export)
+                # Now, not after hours of work: an export that has identifier columns is not rewritten
+                # without them unless asked (the export re-checks, in case it changed meanwhile).
+                check_identifiers_kept(self.opts.export, identifiers=self.opts.export_identifiers,
+                                       drop_identifiers=self.opts.export_drop_identifiers)
             except ExportError as exc:
                 raise BatchError(str(exc)) from None
         var = Path(self.cfg.paths.var_dir)
@@ -565,7 +570,8 @@ class BatchRunner:
         studies = self.brepo.studies(sorted(set(self.export_ids)))
         try:
             report = export_studies(studies, self.opts.export, identifiers=self.opts.export_identifiers,
-                                    csv=self.opts.export_csv, tokens=self.opts.export_tokens)
+                                    csv=self.opts.export_csv, tokens=self.opts.export_tokens,
+                                    drop_identifiers=self.opts.export_drop_identifiers)
         except ExportError as exc:  # the results are stored: the run still ends with its summary
             log.error("batch.export_failed", run=self.run_id, error=str(exc)[:300])
             self.tally.export_error = str(exc)

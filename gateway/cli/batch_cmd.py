@@ -6,10 +6,11 @@ import json
 import sys
 from datetime import date, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .service_cmd import ConfigOption, load_or_exit
@@ -44,6 +45,9 @@ def batch(
     export_csv: Annotated[bool, typer.Option(help="Also write the table as CSV")] = False,
     export_identifiers: Annotated[bool, typer.Option(
         help="Put patient ID, accession, study UID and start time in the table (PHI: off by default)")] = False,
+    drop_identifiers: Annotated[bool, typer.Option(
+        "--drop-identifiers", help="Rewrite an export that has identifier columns without them (without this "
+                                   "flag or --export-identifiers, such an export is refused, exit 2)")] = False,
     export_tokens: Annotated[bool, typer.Option(help="Also export the 5-s token embeddings (large)")] = False,
     resume: Annotated[bool, typer.Option(
         "--resume/--restart",
@@ -62,11 +66,14 @@ def batch(
     """Process a whole archive through the daemon's pipeline: resumable, deduplicated, results held by default.
 
     Exit codes: 0 done, 1 done with failed studies or a failed export, 2 a problem before any work (missing archive,
-    unwritable export folder, database unreachable), 3 aborted (database lost), 130 interrupted.
+    unwritable export folder, an export whose identifier columns would be dropped, database unreachable),
+    3 aborted (database lost), 130 interrupted.
     """
     from ..batch.runner import BatchError, BatchOptions, BatchRunner
     from ..logging import configure_logging
 
+    if drop_identifiers and (export is None or export_identifiers):
+        _error("--drop-identifiers goes with --export and without --export-identifiers")
     cfg = load_or_exit(config)
     live = sys.stderr.isatty() if progress is None else progress
     fmt = cfg.logging.format
@@ -75,7 +82,8 @@ def batch(
                       json=None if fmt == "auto" else fmt == "json")
     opts = BatchOptions(archives=list(archives), since=_since(since), include=tuple(include or ()),
                         exclude=tuple(exclude or ()), limit=limit, workers=workers, send=send, export=export,
-                        export_csv=export_csv, export_identifiers=export_identifiers, export_tokens=export_tokens,
+                        export_csv=export_csv, export_identifiers=export_identifiers,
+                        export_drop_identifiers=drop_identifiers, export_tokens=export_tokens,
                         restart=not resume, ray=ray, summary=summary, progress=live)
     runner = BatchRunner(cfg, opts)
     try:
@@ -86,8 +94,7 @@ def batch(
             return
         outcome = runner.run(found)
     except BatchError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
+        _error(str(exc))
     finally:
         runner.close()
     if as_json:
@@ -100,6 +107,12 @@ def batch(
         if outcome.export is not None:
             out.print(f"export: {outcome.export.table}", markup=False, highlight=False)
     raise typer.Exit(outcome.exit_code)
+
+
+def _error(message: str) -> NoReturn:
+    """A problem before any work: one line (however narrow the terminal), exit code 2."""
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
 
 
 def _dry_run(runner, found, as_json: bool) -> None:

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .service_cmd import ConfigOption, load_or_exit
 
@@ -45,6 +46,29 @@ def _run(fn, *args, **kwargs) -> Any:
         raise typer.Exit(2) from None
 
 
+class _Warnings:
+    """Warnings on stderr (visible without any log configuration), each said once, one line each."""
+
+    def __init__(self) -> None:
+        self.shown: set[str] = set()
+
+    def __call__(self, lines: list[str] | tuple[str, ...]) -> None:
+        for line in lines:
+            if line and line not in self.shown:
+                self.shown.add(line)
+                err.print(f"[bold yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
+
+def _load(export: Path, warn: _Warnings):
+    """The export, with its warnings (no patient ids...) said before any long computation starts."""
+    from ..heads.checks import export_warnings
+    from ..heads.data import load_export
+
+    data = _run(load_export, export)
+    warn(export_warnings(data))
+    return data
+
+
 def _options(out_dir: Path, name: str | None, **kw: Any):
     from ..heads.fit import FitOptions
 
@@ -69,18 +93,24 @@ def fit_cox_cmd(export: ExportOpt, labels: Annotated[Path, typer.Option(
                 ties: Annotated[str, typer.Option(help="efron or breslow")] = "efron",
                 seed: SeedOpt = 0, test_fraction: TestOpt = 0.2, folds: FoldsOpt = 5, force: ForceOpt = False) -> None:
     """Cox proportional-hazards risk heads, one per label, L2 chosen by cross-validation over patients."""
-    from ..heads.data import load_export, read_survival_labels
+    from ..heads.checks import concordance_reason, fmt_metric
+    from ..heads.data import read_survival_labels
     from ..heads.fit import fit_cox_head
 
-    data = _run(load_export, export)
+    warn = _Warnings()
+    data = _load(export, warn)
     survival = _run(read_survival_labels, labels, data)
     opts = _options(out_dir, name, seed=seed, test_fraction=test_fraction, folds=folds, demographics=demographics,
                     ties=ties, labels=tuple(label or ()), force=force)
     doc = _run(fit_cox_head, data, survival, out_dir, opts)
     for o in doc["outcomes"]:
-        out.print(f"  {o['label']}: l2 {o['l2']:g}, train C {o['train']['harrell_c']:.3f} "
-                  f"({o['train']['studies']} studies, {o['train']['events']} events), held-out C "
-                  f"{o['test']['harrell_c']:.3f} ({o['test']['studies']} studies)", highlight=False)
+        tr, te = o["train"], o["test"]
+        train_c = fmt_metric(tr["harrell_c"], concordance_reason(tr["studies"], tr["events"]))
+        test_c = fmt_metric(te["harrell_c"], concordance_reason(te["studies"], te["events"]))
+        out.print(f"  {o['label']}: l2 {o['l2']:g}, train C {train_c} ({tr['studies']} studies, {tr['events']} "
+                  f"events), held-out C {test_c} ({te['studies']} studies, {te['events']} events)",
+                  highlight=False, markup=False, soft_wrap=True)
+    warn(doc.get("warnings", []))
     _fitted(doc, out_dir)
 
 
@@ -93,17 +123,23 @@ def fit_apnea_cmd(export: ExportOpt, ahi: Annotated[Path, typer.Option(help="CSV
                   seed: SeedOpt = 0, test_fraction: TestOpt = 0.2, folds: FoldsOpt = 5,
                   force: ForceOpt = False) -> None:
     """Sleep apnea presence (AHI >= 5) and severity (normal/mild/moderate/severe) classifiers."""
-    from ..heads.data import load_export, read_ahi
+    from ..heads.checks import apnea_auroc_reason, fmt_metric
+    from ..heads.data import read_ahi
     from ..heads.fit import fit_apnea_head
 
-    data = _run(load_export, export)
+    warn = _Warnings()
+    data = _load(export, warn)
     labels = _run(read_ahi, ahi, data)
     opts = _options(out_dir, name, seed=seed, test_fraction=test_fraction, folds=folds, force=force)
     doc = _run(fit_apnea_head, data, labels, out_dir, opts, token_stats)
     if doc["test"]:
         t = doc["test"]
-        out.print(f"  held out: presence AUROC {t['presence']['auroc']:.3f}, severity balanced accuracy "
-                  f"{t['severity']['balanced_accuracy']:.3f} ({t['n']} studies)", highlight=False)
+        # The AUROC is None when the held-out studies are all of one class; the head is still written.
+        auroc = fmt_metric(t["presence"]["auroc"], apnea_auroc_reason(t["presence"].get("counts")))
+        balanced = fmt_metric(t["severity"]["balanced_accuracy"], "no study")
+        out.print(f"  held out: presence AUROC {auroc}, severity balanced accuracy {balanced} ({t['n']} studies)",
+                  highlight=False, markup=False, soft_wrap=True)
+    warn(doc.get("warnings", []))
     _fitted(doc, out_dir)
 
 
@@ -115,17 +151,23 @@ def fit_staging_cmd(export: ExportOpt, stages: Annotated[Path, typer.Option(
                     lr: Annotated[float, typer.Option(help="Learning rate (AdamW)")] = 1e-4,
                     seed: SeedOpt = 0, test_fraction: TestOpt = 0.2, force: ForceOpt = False) -> None:
     """Re-fit the configured bundle's staging head on scored nights (export made with --export-tokens)."""
-    from ..heads.data import load_export, read_stages
+    from ..heads.checks import fmt_metric
+    from ..heads.data import read_stages
     from ..heads.fit import fit_staging_head
 
     bundle = _bundle(config)
-    data = _run(load_export, export)
+    warn = _Warnings()
+    data = _load(export, warn)
     labels = _run(read_stages, stages, data)
     opts = _options(out_dir, name, seed=seed, test_fraction=test_fraction, force=force)
     doc = _run(fit_staging_head, data, labels, bundle, out_dir, opts, epochs=epochs, lr=lr)
     before, after = doc["report"]["before"], doc["report"]["after"]
-    out.print(f"  validation: accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}, kappa "
-              f"{before['cohen_kappa']:.3f} -> {after['cohen_kappa']:.3f}", highlight=False)
+    # accuracy is None without a scored validation epoch, kappa also when one stage is all there is
+    none, one = "no scored validation epoch", "undefined: one stage only"
+    out.print(f"  validation: accuracy {fmt_metric(before['accuracy'], none)} -> {fmt_metric(after['accuracy'], none)}"
+              f", kappa {fmt_metric(before['cohen_kappa'], one)} -> {fmt_metric(after['cohen_kappa'], one)}",
+              highlight=False, markup=False, soft_wrap=True)
+    warn(doc.get("warnings", []))
     _fitted(doc, out_dir)
 
 
@@ -153,7 +195,8 @@ def evaluate_cmd(head: Annotated[Path, typer.Argument(help="Head folder")], expo
                  seed: SeedOpt = 0, config: ConfigOption = None,
                  as_json: Annotated[bool, typer.Option("--json", help="Print evaluation.json")] = False) -> None:
     """Evaluate a head; write a self-contained HTML report with plots and the numbers as JSON."""
-    from ..heads.data import load_export, read_ahi, read_stages, read_survival_labels
+    from ..heads.checks import checksum_warning
+    from ..heads.data import read_ahi, read_stages, read_survival_labels
     from ..heads.evaluate import EvalOptions, evaluate_head
     from ..heads.report import render_report
     from ..heads.store import read_head
@@ -161,7 +204,9 @@ def evaluate_cmd(head: Annotated[Path, typer.Argument(help="Head folder")], expo
     if split not in ("test", "all"):
         raise typer.BadParameter("--split is test or all")
     doc, _ = _run(read_head, head)
-    data = _run(load_export, export)
+    warn = _Warnings()
+    data = _load(export, warn)
+    warn([checksum_warning(head, data, split) or ""])
     given = {"cox": labels, "apnea": ahi, "staging": stages}[doc["kind"]]
     if given is None:
         flag = {"cox": "--labels", "apnea": "--ahi", "staging": "--stages"}[doc["kind"]]
@@ -174,21 +219,47 @@ def evaluate_cmd(head: Annotated[Path, typer.Argument(help="Head folder")], expo
     evaluation = _run(evaluate_head, head, data, label_data, opts, bundle)
     evaluation["data"]["labels"] = str(given)
     html = render_report(evaluation, report)
+    warn(evaluation["notes"])  # on stderr: --json keeps stdout for the JSON
     if as_json:
         print(json.dumps(evaluation, indent=2))
         return
+    _print_evaluation(evaluation)
+    out.print(f"report: {html}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _print_evaluation(evaluation: dict[str, Any]) -> None:
+    """The headline numbers on the terminal; an undefined one reads ``n/a (why)``."""
+    from ..heads.checks import apnea_auroc_reason, concordance_reason
+
     for part in evaluation["cox"]:
-        h, u = part["harrell_c"], part["uno_c"]
-        out.print(f"  {part['label']}: Harrell C {_fmt(h)}, Uno C {_fmt(u)} ({part['n']} studies, "
-                  f"{part['events']} events)", highlight=False)
-    out.print(f"report: {html}", highlight=False)
+        why = concordance_reason(part["n"], part["events"])
+        out.print(f"  {part['label']}: Harrell C {_fmt(part['harrell_c'], why)}, Uno C {_fmt(part['uno_c'], why)} "
+                  f"({part['n']} studies, {part['events']} events)", highlight=False, markup=False, soft_wrap=True)
+    apnea = evaluation.get("apnea")
+    if apnea:
+        p, sev = apnea["presence"], apnea["severity"]
+        out.print(f"  apnea presence: AUROC {_fmt(p['auroc'], apnea_auroc_reason(p.get('counts')))}, balanced "
+                  f"accuracy {_fmt(p['balanced_accuracy'], 'no study')}; severity balanced accuracy "
+                  f"{_fmt(sev['balanced_accuracy'], 'no study')} ({apnea['n']} studies)",
+                  highlight=False, markup=False, soft_wrap=True)
+    staging = evaluation.get("staging")
+    if staging:
+        b, a = staging["before"], staging["after"]
+        one = "undefined: one stage only"
+        out.print(f"  staging ({staging['epochs']} epochs): accuracy {_fmt(b['accuracy'], 'no epoch')} -> "
+                  f"{_fmt(a['accuracy'], 'no epoch')}, kappa {_fmt(b['cohen_kappa'], one)} -> "
+                  f"{_fmt(a['cohen_kappa'], one)}", highlight=False, markup=False, soft_wrap=True)
 
 
-def _fmt(stat: dict[str, Any]) -> str:
-    if stat["value"] is None:
-        return "n/a"
-    ci = stat.get("ci")
-    return f"{stat['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+def _fmt(stat: Any, reason: str | None = None) -> str:
+    """``0.712 [0.650, 0.770]`` of ``{"value", "ci"}`` (or of a bare number), ``n/a (reason)`` when undefined."""
+    from ..heads.checks import fmt_metric
+
+    value, ci = (stat.get("value"), stat.get("ci")) if isinstance(stat, dict) else (stat, None)
+    text = fmt_metric(value, reason)
+    if text.startswith("n/a") or not ci or fmt_metric(ci[0]) == "n/a" or fmt_metric(ci[1]) == "n/a":
+        return text
+    return f"{text} [{fmt_metric(ci[0])}, {fmt_metric(ci[1])}]"
 
 
 @heads_app.command("show")

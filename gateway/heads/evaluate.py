@@ -25,6 +25,12 @@ from inference.site_heads import cox_features, impute, modality_columns
 from inference.survival import CoxModel
 from inference.survival_metrics import bootstrap_ci, calibration_by_decile, harrell_c, td_auc, uno_c
 
+from .checks import (
+    NO_PATIENTS,
+    apnea_one_class,
+    checksum_warning,
+    held_out_warnings,
+)
 from .data import ApneaLabels, ExportData, StageLabels, SurvivalLabels
 from .store import HeadError, read_head
 
@@ -65,7 +71,11 @@ def _rows(folder: Path, keys: list[str], idx: np.ndarray, part: str, split: str)
     """(evaluated rows, training rows) of ``idx`` per the head's manifest split."""
     if split == "all":
         return idx, idx
-    manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    try:
+        manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise HeadError(f"{folder}: manifest.json cannot be read ({getattr(exc, 'strerror', None) or exc}); it "
+                        "names the held-out studies of --split test (--split all evaluates every study)") from None
     held = set(manifest.get("split", {}).get(part, {}).get("test_study_keys")
                or manifest.get("split", {}).get(part, {}).get("validation_study_keys") or [])
     test = np.asarray([i for i in idx if keys[i] in held], dtype=np.int64)
@@ -86,8 +96,12 @@ def evaluate_head(folder: Path, data: ExportData, labels: SurvivalLabels | Apnea
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "cox": [], "apnea": None, "staging": None, "notes": [],
     }
+    # The notes are what the report's header lists and what the command prints as warnings.
     if not data.has_patients:
-        out["notes"].append("the export has no patient ids: studies are resampled as if each were a patient")
+        out["notes"].append(NO_PATIENTS)
+    changed = checksum_warning(folder, data, opts.split)
+    if changed:
+        out["notes"].append(changed)
     base = (doc.get("base_model") or {}).get("hash")
     if base and data.model_hash and base != data.model_hash:
         raise HeadError("the head was fitted on another model's embeddings than this export's")
@@ -102,16 +116,23 @@ def evaluate_head(folder: Path, data: ExportData, labels: SurvivalLabels | Apnea
             part, rows = _cox_outcome(folder, doc, outcome, data, labels, opts)
             out["cox"].append(part)
             evaluated.update(rows)
+            out["notes"] += held_out_warnings(
+                f"label '{part['label']}'", part["n"], one_class="none has an event" if not part["events"] else None,
+                undefined="the C-index is undefined", noun="evaluated")
     elif doc["kind"] == "apnea":
         if not isinstance(labels, ApneaLabels):
             raise HeadError("an apnea head is evaluated with an AHI file (--ahi)")
         out["apnea"], rows = _apnea(folder, doc, data, labels, opts)
         evaluated.update(rows)
+        out["notes"] += held_out_warnings("apnea", out["apnea"]["n"],
+                                          one_class=apnea_one_class(out["apnea"]["presence"]["counts"]),
+                                          undefined="the presence AUROC is undefined", noun="evaluated")
     else:
         if not isinstance(labels, StageLabels) or bundle is None:
             raise HeadError("a staging head is evaluated with a stages file (--stages) and the model bundle")
         out["staging"], rows = _staging(folder, doc, data, labels, opts, bundle)
         evaluated.update(rows)
+        out["notes"] += held_out_warnings("staging", len(rows), noun="evaluated")
     out["data"]["n_studies"] = len(evaluated)
     out["data"]["n_patients"] = len({data.groups[i] for i in evaluated})
     return out
@@ -227,7 +248,8 @@ def _apnea(folder: Path, doc: dict, data: ExportData, labels: ApneaLabels, opts:
         confusion[a, b] += 1
     return {
         "n": len(ahi),
-        "presence": {"accuracy": stat(lambda ix: accuracy_score(truth[ix], presence[ix] >= 0.5)),
+        "presence": {"counts": {"no": int((truth == 0).sum()), "yes": int(truth.sum())},
+                     "accuracy": stat(lambda ix: accuracy_score(truth[ix], presence[ix] >= 0.5)),
                      "balanced_accuracy": stat(lambda ix: balanced_accuracy_score(truth[ix], presence[ix] >= 0.5)),
                      "auroc": stat(lambda ix: roc_auc_score(truth[ix], presence[ix])),
                      "roc": {"fpr": [round(float(v), 4) for v in fpr], "tpr": [round(float(v), 4) for v in tpr]}},

@@ -15,13 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from inference.apnea import apnea_features, evaluate_apnea, fit_apnea
+from inference.apnea import PRESENCE_CUT, apnea_features, evaluate_apnea, fit_apnea
 from inference.site_heads import cox_features, feature_names, impute
 from inference.splits import split_by_group
 from inference.staging_refit import StagingExample, refit_staging
 from inference.survival import choose_l2, fit_cox
 from inference.survival_metrics import harrell_c
 
+from .checks import apnea_one_class, events_per_feature_warning, export_warnings, held_out_warnings
 from .data import ApneaLabels, ExportData, StageLabels, SurvivalLabels
 from .store import HeadError, plain, write_head
 
@@ -55,12 +56,15 @@ def _base(data: ExportData) -> dict[str, Any]:
             "demo_weights": not data.model_validated}
 
 
-def _manifest(data: ExportData, opts: FitOptions, labels_sha: str, splits: dict[str, Any]) -> dict[str, Any]:
+def _manifest(data: ExportData, opts: FitOptions, labels_sha: str, splits: dict[str, Any],
+              warnings: list[str]) -> dict[str, Any]:
     return {"options": {k: v for k, v in asdict(opts).items() if k != "command"}, "command": opts.command,
             "data": {"export": str(data.folder), "studies_parquet_sha256": data.table_sha256,
                      "labels_sha256": labels_sha, "studies": len(data.keys),
                      "split_unit": "patient" if data.has_patients else "study (the export has no patient ids)"},
-            "split": splits}
+            "split": splits,
+            # what the terminal said about the sample, kept beside the head for whoever deploys it
+            "warnings": warnings}
 
 
 def fit_cox_head(data: ExportData, labels: SurvivalLabels, out: Path, opts: FitOptions) -> dict[str, Any]:
@@ -70,20 +74,29 @@ def fit_cox_head(data: ExportData, labels: SurvivalLabels, out: Path, opts: FitO
     if unknown:
         raise HeadError(f"labels not in the labels file: {', '.join(unknown)}")
     outcomes, splits = [], {}
+    warnings = export_warnings(data)
     names = feature_names(opts.demographics)
     for label in chosen:
+        what = f"label '{label}'"
         idx, time, event = labels.by_label[label]
         x = cox_features(data.night[idx], data.age[idx], np.asarray(data.sex, dtype=object)[idx], opts.demographics)
         groups = data.groups[idx]
-        train, test = split(groups, opts.test_fraction, opts.seed)
+        train, test = _split(what, groups, opts.test_fraction, opts.seed)
         if event[train].sum() == 0:
-            raise HeadError(f"label '{label}': no events among the training studies")
+            raise HeadError(f"{what}: no events among the training studies")
+        warnings += [w for w in [events_per_feature_warning(what, int(event[train].sum()), x.shape[1])] if w]
+        if opts.test_fraction > 0:
+            no_event = "none has an event" if len(test) and event[test].sum() == 0 else None
+            warnings += held_out_warnings(what, len(test), one_class=no_event, undefined="the C-index is undefined")
         center = np.nanmean(x[train], axis=0)
         center = np.where(np.isfinite(center), center, 0.0)
         xt = impute(x[train], center)
-        l2, cv = choose_l2(xt, time[train], event[train], groups[train], grid=opts.grid, folds=opts.folds,
-                           seed=opts.seed, ties=opts.ties)
-        model = fit_cox(xt, time[train], event[train], l2=l2, ties=opts.ties, feature_names=names)
+        try:
+            l2, cv = choose_l2(xt, time[train], event[train], groups[train], grid=opts.grid, folds=opts.folds,
+                               seed=opts.seed, ties=opts.ties)
+            model = fit_cox(xt, time[train], event[train], l2=l2, ties=opts.ties, feature_names=names)
+        except ValueError as exc:  # too few patients for the folds, no comparable pair in any fold...
+            raise HeadError(f"{what}: cannot fit on these studies: {exc}") from None
         c_train = harrell_c(time[train], event[train], model.linear_predictor(xt))
         c_test = (harrell_c(time[test], event[test], model.linear_predictor(impute(x[test], model.center)))
                   if len(test) else float("nan"))
@@ -95,8 +108,16 @@ def fit_cox_head(data: ExportData, labels: SurvivalLabels, out: Path, opts: FitO
         splits[label] = {"test_study_keys": [data.keys[i] for i in idx[test]]}
     doc = {"kind": "cox", "name": opts.name, **_base(data), "demographics": opts.demographics,
            "time_unit": "as time_to_event in the labels file", "ties": opts.ties, "outcomes": outcomes}
-    checksum = write_head(out, doc, _manifest(data, opts, labels.sha256, splits), force=opts.force)
-    return {**doc, "checksum": checksum}
+    checksum = write_head(out, doc, _manifest(data, opts, labels.sha256, splits, warnings), force=opts.force)
+    return {**doc, "checksum": checksum, "warnings": warnings}
+
+
+def _split(what: str, groups: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`split`, its refusal (a single patient) said as a head problem rather than a traceback."""
+    try:
+        return split(groups, test_fraction, seed)
+    except ValueError as exc:
+        raise HeadError(f"{what}: cannot split these studies: {exc}") from None
 
 
 def _apnea_matrix(data: ExportData, rows: np.ndarray, token_stats: bool) -> np.ndarray:
@@ -111,14 +132,26 @@ def fit_apnea_head(data: ExportData, labels: ApneaLabels, out: Path, opts: FitOp
         token_stats = data.tokens(int(labels.index[0]), ("RESP",)) is not None
     x = _apnea_matrix(data, labels.index, token_stats)
     groups = data.groups[labels.index]
-    train, test = split(groups, opts.test_fraction, opts.seed)
-    model, cv = fit_apnea(x[train], labels.ahi[train], groups[train], seed=opts.seed, folds=opts.folds)
+    train, test = _split("apnea", groups, opts.test_fraction, opts.seed)
+    try:
+        model, cv = fit_apnea(x[train], labels.ahi[train], groups[train], seed=opts.seed, folds=opts.folds)
+    except ValueError as exc:  # one class among the training studies, too few patients for the folds...
+        raise HeadError(f"apnea: cannot fit on these studies: {exc}") from None
     test_report = evaluate_apnea(model, x[test], labels.ahi[test]) if len(test) else None
+    warnings = export_warnings(data)
+    # The presence classifier is a logistic fit: its "events" are the studies of the smaller class.
+    present = int((labels.ahi[train] >= PRESENCE_CUT).sum())
+    warnings += [w for w in [events_per_feature_warning("apnea presence", min(present, len(train) - present),
+                                                        x.shape[1], unit="studies in the smaller class")] if w]
+    if opts.test_fraction > 0:
+        one_class = apnea_one_class(test_report["presence"]["counts"]) if test_report else None
+        warnings += held_out_warnings("apnea", len(test), one_class=one_class,
+                                      undefined="the presence AUROC is undefined")
     doc = {"kind": "apnea", "name": opts.name, **_base(data), "token_statistics": token_stats,
            "model": model.to_dict(), "cv": cv, "train": {"studies": len(train)}, "test": test_report}
     splits = {"apnea": {"test_study_keys": [data.keys[i] for i in labels.index[test]]}}
-    checksum = write_head(out, doc, _manifest(data, opts, labels.sha256, splits), force=opts.force)
-    return {**doc, "checksum": checksum}
+    checksum = write_head(out, doc, _manifest(data, opts, labels.sha256, splits, warnings), force=opts.force)
+    return {**doc, "checksum": checksum, "warnings": warnings}
 
 
 def fit_staging_head(data: ExportData, labels: StageLabels, bundle, out: Path, opts: FitOptions,
@@ -138,7 +171,8 @@ def fit_staging_head(data: ExportData, labels: StageLabels, bundle, out: Path, o
             raise HeadError(f"study {data.keys[i]}: no token embeddings in the export (use --export-tokens)")
         examples.append(StagingExample(tokens=tokens, labels=labels.by_study[i], group=str(data.groups[i])))
     groups = np.asarray([e.group for e in examples], dtype=object)
-    train, val = split(groups, opts.test_fraction or 0.2, opts.seed)
+    train, val = _split("staging", groups, opts.test_fraction or 0.2, opts.seed)
+    warnings = export_warnings(data) + held_out_warnings("staging", len(val), noun="validation")
     head, report = refit_staging(bundle.staging, [examples[i] for i in train], [examples[i] for i in val],
                                  epochs=epochs, lr=lr, seed=opts.seed)
     buf = io.BytesIO()
@@ -146,6 +180,6 @@ def fit_staging_head(data: ExportData, labels: StageLabels, bundle, out: Path, o
     doc = {"kind": "staging", "name": opts.name, **_base(data), "weights": "staging.pt",
            "report": plain(asdict(report))}
     splits = {"staging": {"validation_study_keys": [data.keys[rows[i]] for i in val]}}
-    checksum = write_head(out, doc, _manifest(data, opts, labels.sha256, splits),
+    checksum = write_head(out, doc, _manifest(data, opts, labels.sha256, splits, warnings),
                           files={"staging.pt": buf.getvalue()}, force=opts.force)
-    return {**doc, "checksum": checksum}
+    return {**doc, "checksum": checksum, "warnings": warnings}

@@ -34,6 +34,7 @@ Field quirks and how they are read
     ``-1`` data records                            derived from the file size, warning
     file longer than the declared records          trailing bytes ignored, warning
     file shorter than the declared records         complete records read, warning
+    0 data records (or ``-1`` and no record)       ReaderError ("0 data records ...")
     rates from 1 Hz to 512 Hz (up to 1 MHz)        each channel at its own rate
     annotation-only files (no signal channel)      no channels, annotations only
     ============================================  ==================================================
@@ -63,6 +64,7 @@ from .edf_header import (
     check_unchanged,
     patient_fields,
     read_header,
+    require_data_records,
 )
 from .errors import ReaderError
 
@@ -128,6 +130,7 @@ def read_edf(path: str | Path, *, sample_reader: Literal["numpy", "pyedflib"] = 
     if sample_reader not in ("numpy", "pyedflib"):
         raise ValueError(f"sample_reader must be 'numpy' or 'pyedflib', got {sample_reader!r}")
     header = read_header(path)
+    require_data_records(header)
     try:
         stamp = FileStamp.of(path)
     except OSError as exc:

@@ -56,6 +56,7 @@ from .edf_header import (
     parse_tals,
     patient_fields,
     read_header,
+    require_data_records,
     start_plus,
 )
 from .errors import ReaderError
@@ -386,6 +387,7 @@ def read_raw_edf(path: str | Path, *, warnings: list[str] | None = None) -> Reco
     """
     path = Path(path)
     header = read_header(path)
+    require_data_records(header)
     notes = list(header.warnings)
     recording = build_raw_recording(header, _stamp(path), notes)
     if warnings is not None:

@@ -53,6 +53,7 @@ __all__ = [
     "parse_tals",
     "patient_fields",
     "read_header",
+    "require_data_records",
 ]
 
 EDF_VERSION = b"0       "
@@ -456,6 +457,13 @@ def read_header(path: Path) -> EdfHeader:
                             "complete records" + (f" and a partial one ({partial} of {record_bytes} bytes, dropped)"
                                                   if partial else ""))
             raw_reasons.append("file shorter than the header says")
+        if n_records == 0 and declared < 0:
+            # A recording opened and never written to: say so rather than "truncated", which suggests
+            # a copy that was cut short.
+            raise ReaderError(
+                path, f"0 data records: the header gives -1 (recording not closed) and the file holds no "
+                      f"complete data record ({max(data_bytes, 0)} bytes after the header, {record_bytes} "
+                      "per record)", kind="truncated")
         if n_records == 0 and declared != 0:
             raise ReaderError(
                 path, f"truncated: the file has {size} bytes, not one complete data record "
@@ -472,6 +480,18 @@ def read_header(path: Path) -> EdfHeader:
         declared_records=declared, n_records=n_records, record_duration=duration, signals=tuple(signals),
         file_size=size, warnings=tuple(warnings), raw_reasons=tuple(dict.fromkeys(raw_reasons)),
     )
+
+
+def require_data_records(header: EdfHeader) -> None:
+    """Refuse a file whose header declares 0 data records: it holds no sample (and no annotation).
+
+    :func:`read_header` accepts it (its layout is valid, and the header alone is useful, e.g. for its
+    start date); a reader must not, or a 0-second recording reaches preprocessing and fails there with
+    an internal error instead of this reason.
+    """
+    if header.n_records == 0:
+        raise ReaderError(header.path, "0 data records in the header: the recording holds no samples",
+                          kind="truncated")
 
 
 # ---- EDF+ patient and recording fields ---------------------------------------------------------------------
