@@ -5,115 +5,28 @@ storescu and again with pynetdicom, C-ECHO, /healthz and /metrics, SIGTERM, and 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
-from peers import DCMTK_ENV, dcmtk, free_port
+from daemon_proc import EXE, Daemon
+from peers import DCMTK_ENV, dcmtk
 
 from gateway.readers.dicom_synthetic import write_psg_study
 from gateway.readers.synthetic import write_synthetic_night
-from gateway.store.db import make_engine
 from gateway.store.models import State
-from gateway.store.repo import Repo
 from inference.bundle import make_demo_bundle
 
 pytestmark = pytest.mark.slow
-EXE = Path(sys.executable).with_name("psg-gateway")
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     return make_demo_bundle(tmp_path_factory.mktemp("bundle") / "demo")
-
-
-class Daemon:
-    def __init__(self, root: Path, db_url: str, bundle: Path, **overrides):
-        self.root = root
-        self.db_url = db_url
-        self.drop = root / "drop"
-        self.var = root / "var"
-        self.dicom_port = free_port()
-        self.http_port = free_port()
-        cfg = {
-            "paths": {"var_dir": str(self.var)},
-            "model": {"bundle": str(bundle), "device": "cpu"},
-            "drop_folders": [{"path": str(self.drop), "stable_seconds": 0.6}],
-            "dicom": {"port": self.dicom_port, "ae_title": "PSGGATEWAY", "stable_age_seconds": 1.0,
-                      "allowed_callers": [{"ae_title": "STORESCU"}, {"ae_title": "PYNETDICOM"},
-                                          {"ae_title": "ECHOSCU"}]},
-            "http": {"port": self.http_port},
-            "pipeline": {"scan_interval_seconds": 0.2},
-            "service": {"shutdown_timeout_seconds": 20, "node_name": "testnode"},
-            "logging": {"format": "json", "level": "info"},
-        }
-        for key, value in overrides.items():
-            section, leaf = key.split("__")
-            cfg[section][leaf] = value
-        self.config = root / "config.yaml"
-        self.config.write_text(yaml.safe_dump(cfg))
-        self.log = root / "daemon.log"
-        self.proc: subprocess.Popen | None = None
-        self._engine = make_engine(db_url)
-        self.repo = Repo(self._engine)
-
-    def start(self, timeout: float = 60, **env_extra: str) -> Daemon:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PSG")}
-        env["PSG__DATABASE__URL"] = self.db_url
-        env.update(env_extra)
-        self.proc = subprocess.Popen([str(EXE), "run", "--config", str(self.config)], env=env,
-                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))  # noqa: SIM115
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            code, _ = self.get("/healthz")
-            if code == 200:
-                return self
-            time.sleep(0.2)
-        raise AssertionError(f"daemon not healthy in {timeout}s:\n{self.log.read_text()[-3000:]}")
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
-        except OSError:
-            return 0, ""
-
-    def wait_for(self, predicate, timeout: float = 60, what: str = "condition"):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}; studies: "
-                             f"{[(s.key, s.state, s.last_error) for s in self.repo.list()]}\n"
-                             f"{self.log.read_text()[-3000:]}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout=timeout)
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._engine.dispose()
-
-    def log_events(self) -> list[dict]:
-        return [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from daemon_proc import Daemon
 from structlog.testing import capture_logs
-from test_daemon_e2e import Daemon
 
 from gateway.config import load_config
 from gateway.daemon import Daemon as GatewayDaemon

@@ -40,6 +40,9 @@ from .models import (
 
 __all__ = ["Repo", "StudyChanged", "TakenOver", "new_study_key", "utcnow"]
 
+# pg_advisory_xact_lock(key1, key2) key1 for queueing a destination's messages (key2: the destination).
+_PG_OUTBOX_LOCK = 0x70736702
+
 # Guarded UPDATEs are decided by the database; SQLite returns naive datetimes that the ORM's in-Python
 # re-evaluation of the WHERE clause would compare with aware ones.
 _NO_SYNC = {"synchronize_session": False}
@@ -425,6 +428,11 @@ class Repo:
         with self.sessions.begin() as s:
             if not self._guarded(s, study, State(study.state), to_state, fields):
                 raise StudyChanged(study.key)
+            if not self._sqlite:
+                # Outbox ids of one destination are handed out in commit order across nodes, so the
+                # deliverer never sends id N+1 while id N is still uncommitted (results stay in order).
+                s.execute(text("SELECT pg_advisory_xact_lock(:k, hashtext(:d))"),
+                          {"k": _PG_OUTBOX_LOCK, "d": destination})
             s.execute(update(Message).where(Message.study_id == study.id,
                                             Message.state.in_([str(MessageState.PENDING),
                                                                str(MessageState.HELD)]))
