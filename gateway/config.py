@@ -314,6 +314,8 @@ class Hl7Config(_Section):
     # One deliverer per destination across daemons sharing the database: how long a dead holder keeps the
     # role. Longer than timeout_seconds, so that a send in progress ends before another node may start.
     delivery_lease_seconds: float = Field(60.0, gt=0)
+    # /healthz turns "degraded" when the oldest message waiting for the EHR is older than this.
+    degraded_after_seconds: float = Field(900.0, gt=0)
 
     @model_validator(mode="after")
     def _lease_outlasts_a_send(self) -> Hl7Config:

@@ -446,6 +446,7 @@ class Daemon:
         # HTTP 200 (a probe must not restart it), but an operator has something to fix.
         montage_failure = self.montage.failure if hasattr(self, "montage") else None
         problems = [montage_failure.describe()] if montage_failure is not None else []
+        destination = self._destination_health(outbox, problems) if db_ok else None
         if self.stopping.is_set():
             status = "stopping"
         elif not healthy:
@@ -466,8 +467,31 @@ class Daemon:
             "dicom": ({"port": self.receiver.port, "active_associations": self.receiver.active_associations}
                       if self.receiver else None),
             "montage": self.montage.table.version if hasattr(self, "montage") else None,
+            "destination": destination,
         }
         return healthy, doc
+
+    def _destination_health(self, outbox: dict[str, int], problems: list[str]) -> dict[str, Any] | None:
+        """The EHR interface as an integration engine's dashboard shows it; appends to ``problems``
+        when results wait longer than ``hl7.degraded_after_seconds`` or dead letters wait for a person."""
+        d, hl7 = self.deliverer, self.cfg.hl7
+        if d is None or self.repo is None:
+            return None
+        oldest = self.repo.oldest_pending_at(hl7.destination)
+        age = (datetime.now(UTC) - oldest).total_seconds() if oldest is not None else None
+        dead = outbox.get(str(MessageState.DEAD), 0)
+        if age is not None and age > hl7.degraded_after_seconds:
+            problems.append(f"HL7 destination {hl7.destination}: the oldest result has waited {age / 60:.0f} min "
+                            f"(last error: {d.last_error_kind or 'none'})")
+        if dead:
+            problems.append(f"HL7 destination {hl7.destination}: {dead} dead letter(s) wait for "
+                            "`psg-gateway outbox retry`")
+        return {"address": hl7.destination, "connected": d.connected, "delivering_here": d.holding,
+                "last_error": d.last_error_kind,
+                "last_error_at": d.last_error_at.isoformat() if d.last_error_at else None,
+                "last_delivered_at": d.last_delivered_at.isoformat() if d.last_delivered_at else None,
+                "pending": outbox.get(str(MessageState.PENDING), 0),
+                "oldest_pending_age_s": round(age, 1) if age is not None else None, "dead_letters": dead}
 
     def _lock(self) -> None:
         path = Path(self.cfg.paths.var_dir) / "psg-gateway.lock"

@@ -298,7 +298,7 @@ def test_ehr_down_for_a_minute_then_every_result_arrives_in_order(daemon, tmp_pa
     with MllpPeer() as peer:
         port = peer.port
         peer.down()
-        d = _hl7_daemon(daemon, peer).start()
+        d = _hl7_daemon(daemon, peer, degraded_after_seconds=30).start()
         d.drop.mkdir(exist_ok=True)
         t0 = time.monotonic()
         for i in range(3):
@@ -309,10 +309,24 @@ def test_ehr_down_for_a_minute_then_every_result_arrives_in_order(daemon, tmp_pa
         time.sleep(max(0.0, 60 - (time.monotonic() - t0)))
         waiting = d.repo.messages(state="PENDING")
         assert len(waiting) == 3 and max(m.attempts for m in waiting) >= 2
+        # The EHR being down is visible: degraded (still HTTP 200: the daemon works), and why.
+        code, body = d.get("/healthz")
+        health = json.loads(body)
+        dest = health["destination"]
+        assert code == 200 and health["status"] == "degraded", health
+        assert any("HL7 destination" in p and "waited" in p for p in health["problems"]), health["problems"]
+        assert dest["connected"] is False and dest["last_error"] == "MllpConnectError" and dest["pending"] == 3
+        assert dest["oldest_pending_age_s"] > 30
         peer.up()
         assert peer.port == port
         d.wait_for(lambda: len([s for s in d.repo.list() if s.state == State.DELIVERED]) == 3, timeout=30,
                    what="3 studies DELIVERED")
         sent = sorted(d.repo.messages(state="SENT"), key=lambda m: m.id)
         assert peer.control_ids == [m.control_id for m in sent]  # in order, none lost, none twice
+        health = json.loads(d.get("/healthz")[1])
+        assert health["status"] == "ok" and health["destination"]["last_error"] is None, health
+        assert health["destination"]["connected"] and health["destination"]["oldest_pending_age_s"] is None
+        metrics = d.get("/metrics")[1]
+        assert 'psg_hl7_deliveries_total{outcome="acked"} 3.0' in metrics
+        assert 'psg_study_transitions_total{to_state="DELIVERED"} 3.0' in metrics
         assert d.stop() == 0

@@ -230,3 +230,33 @@ def _dead_pid() -> int:
         except PermissionError:
             pass
         pid += 1
+
+
+def test_destination_health_shows_a_down_ehr_and_dead_letters(repo, peer):
+    from gateway.config import GatewayConfig
+    from gateway.daemon import Daemon
+    from gateway.store.models import Message
+
+    cfg = GatewayConfig(hl7={"enabled": True, "host": "127.0.0.1", "port": peer.port, "timeout_seconds": 2,
+                             "retry_backoff_seconds": 0.05, "degraded_after_seconds": 600})
+    daemon = Daemon(cfg, configure_logs=False)
+    daemon.repo = repo
+    daemon.deliverer = Deliverer(repo, cfg.hl7, Metrics(), holder="node-a:1")
+    _queue(repo, 2, cfg.hl7.destination)
+    problems: list[str] = []
+    doc = daemon._destination_health(repo.outbox_counts(), problems)
+    assert problems == [] and doc["pending"] == 2 and doc["last_error"] is None and not doc["connected"]
+
+    peer.script.append(PeerAction.ack("AE", text="unknown patient"))
+    assert daemon.deliverer.drain(limit=1) == 1  # the first becomes a dead letter
+    peer.down()
+    assert daemon.deliverer.drain() == 0  # the second waits: the EHR is down
+    with repo.sessions.begin() as s:  # ... since an hour ago
+        s.execute(update(Message).where(Message.state == "PENDING")
+                  .values(created_at=utcnow() - timedelta(hours=1)))
+    doc = daemon._destination_health(repo.outbox_counts(), problems)
+    assert doc["last_error"] == "MllpConnectError" and doc["dead_letters"] == 1 and doc["pending"] == 1
+    assert 3590 < doc["oldest_pending_age_s"] < 3700 and doc["delivering_here"]
+    assert len(problems) == 2 and "waited 60 min" in problems[0] and "1 dead letter" in problems[1]
+    assert "unknown patient" not in " ".join(problems)  # an ACK's text can quote PHI: kinds only
+    daemon.deliverer.close()

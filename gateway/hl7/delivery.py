@@ -33,6 +33,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 from ..config import Hl7Config
 from ..crashpoints import crashpoint
@@ -70,6 +71,10 @@ class Deliverer:
         self._client: MllpClient | None = None
         self._lock = threading.Lock()  # one drain at a time: one message in flight
         self._held_at: float | None = None  # monotonic time of the last lease renewal at a drain's start
+        # For /healthz: what the last try met (the error's kind only: an ACK text may quote PHI).
+        self.last_error_kind: str | None = None
+        self.last_error_at: datetime | None = None
+        self.last_delivered_at: datetime | None = None
 
     def drain(self, stop: threading.Event | None = None, limit: int | None = None) -> int:
         """Send due messages until the queue is empty, holds on a backoff, the lease is lost, or ``stop``."""
@@ -91,6 +96,16 @@ class Deliverer:
                 self._held_at = None  # an attempt may be left IN_FLIGHT: the next drain re-takes the lease
                 raise
         return sent
+
+    @property
+    def connected(self) -> bool:
+        """An open connection to the destination (after a successful exchange)."""
+        return self._client is not None and self._client.connected
+
+    @property
+    def holding(self) -> bool:
+        """This process holds the destination's delivery lease (as of its last drain)."""
+        return self._held_at is not None
 
     def release(self) -> None:
         """Hand the destination over (clean stop); a later drain takes it again."""
@@ -151,6 +166,10 @@ class Deliverer:
         if ack.accepted:
             self.repo.message_sent(msg, attempt, ack.code, ack.text, actor="delivery")
             self._count("acked")
+            self.last_error_kind = None
+            self.last_delivered_at = datetime.now(UTC)
+            if self.metrics is not None:
+                self.metrics.study_transitions.labels("DELIVERED").inc()
             log.info("message.delivered", message_id=msg.id, study_id=msg.study_id, control_id=msg.control_id,
                      ack=ack.code, correction=msg.correction, attempt=attempt.attempt)
             self._finished(msg)
@@ -168,6 +187,7 @@ class Deliverer:
         delay = min(self.cfg.retry_backoff_max_seconds, self.cfg.retry_backoff_seconds * 2 ** max(tries - 1, 0))
         delay *= random.uniform(0.8, 1.2)
         self.repo.message_retry_later(msg, attempt, error, delay, ack.code if ack else None)
+        self._failed_with(ack.code if ack else error.partition(":")[0])
         self._count("not_connected" if attempt is None else ("naked" if ack else "error"))
         log.warning("message.retry_scheduled", message_id=msg.id, study_id=msg.study_id,
                     control_id=msg.control_id, attempt=tries, delay_s=round(delay, 1), error=error[:200])
@@ -176,9 +196,16 @@ class Deliverer:
     def _dead(self, msg: Message, attempt: DeliveryAttempt | None, reason: str, ack: Ack | None) -> None:
         self.repo.message_dead(msg, attempt, reason, ack.code if ack else None, actor="delivery")
         self._count("dead")
+        self._failed_with(ack.code if ack else "dead letter")
+        if self.metrics is not None:
+            self.metrics.study_transitions.labels("FAILED").inc()
         log.error("message.dead_letter", message_id=msg.id, study_id=msg.study_id, control_id=msg.control_id,
                   reason=reason[:300])
         self._finished(msg)
+
+    def _failed_with(self, kind: str) -> None:
+        self.last_error_kind = kind[:40]
+        self.last_error_at = datetime.now(UTC)
 
     def _finished(self, msg: Message) -> None:
         if self._on_finished is None:

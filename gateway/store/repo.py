@@ -683,6 +683,12 @@ class Repo:
                 q = q.where(Message.study_id == study_id)
             return list(s.scalars(q))
 
+    def oldest_pending_at(self, destination: str) -> datetime | None:
+        """When the oldest message still waiting for ``destination`` was queued (None: nothing waits)."""
+        with self.sessions() as s:
+            return aware(s.scalar(select(func.min(Message.created_at)).where(
+                Message.destination == destination, Message.state == str(MessageState.PENDING))))
+
     def outbox_counts(self) -> dict[str, int]:
         with self.sessions() as s:
             return {st: n for st, n in s.execute(select(Message.state, func.count()).group_by(Message.state))}
