@@ -177,8 +177,13 @@ class DicomConfig(_Section):
     # Empty list: any calling AE is accepted (only sensible on 127.0.0.1). Otherwise, the allow-list.
     allowed_callers: list[DicomCaller] = Field(default_factory=list)
     require_called_ae: bool = True  # reject associations addressed to another AE title
-    max_associations: int = Field(10, ge=1)
+    max_associations: int = Field(10, ge=1)  # at once; only callers that sent an A-ASSOCIATE-RQ count
     network_timeout_seconds: float = Field(60.0, gt=0)
+    # A connection must send its A-ASSOCIATE-RQ within this long or it is closed (also pynetdicom's other
+    # ACSE waits): a silent connection cannot hold the port for the whole network timeout.
+    acse_timeout_seconds: float = Field(10.0, gt=0)
+    # Connections from one host that have not yet sent an A-ASSOCIATE-RQ; the next one is closed at once.
+    max_pending_per_host: int = Field(4, ge=1)
     # A study is complete when no new instance arrived for this long (Orthanc's StableAge).
     stable_age_seconds: float = Field(60.0, ge=0)
     fsync: bool = True
@@ -224,6 +229,18 @@ class ServiceConfig(_Section):
     node_name: str = Field(default_factory=socket.gethostname)
     shutdown_timeout_seconds: float = Field(60.0, gt=0)
     watchdog: bool = True  # ping systemd's watchdog when WATCHDOG_USEC is set
+    # A group (name or gid) that shares read access to what the gateway keeps (database, spool, outputs,
+    # processed, quarantine): files 0640 and folders 0750 of that group. None: 0600/0700, the user only.
+    group: str | int | None = None
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, v: str | int | None) -> str | int | None:
+        if isinstance(v, str) and (not v.strip() or ":" in v):
+            raise ValueError("a group name or a gid")
+        if isinstance(v, int) and v < 0:
+            raise ValueError("a gid is not negative")
+        return v.strip() if isinstance(v, str) else v
 
 
 class RetentionConfig(_Section):

@@ -57,10 +57,15 @@ def semantic_problems(cfg: GatewayConfig, connect: bool = False) -> list[str]:
             and cfg.dicom.port != 0 and cfg.dicom.host == cfg.http.host:
         problems.append(f"http.port: {cfg.http.port} is also dicom.port")
     if connect:
-        from .store.db import make_engine
+        from .store.db import make_engine, sqlite_path
         from .store.repo import Repo
 
-        if not Repo(make_engine(cfg.database_url)).ping():
+        file = sqlite_path(cfg.database_url)
+        if file is not None:
+            # A check must not create what it checks: connecting would create an empty database file.
+            if not file.is_file() and not _writable_or_creatable(file.parent):
+                problems.append(f"database.url: {file.parent} cannot be created or written")
+        elif not Repo(make_engine(cfg.database_url)).ping():
             problems.append("database.url: the database does not answer")
     return problems
 

@@ -33,6 +33,7 @@ from inference.engine import Engine, EngineOptions
 
 from .config import GatewayConfig
 from .crashpoints import crashpoint
+from .fsutil import private_mkdir, set_private_mode, tighten_tree
 from .heads.store import HeadError
 from .hl7.delivery import Deliverer
 from .http import OpsServer
@@ -44,7 +45,7 @@ from .pipeline import MontageHolder, Pipeline
 from .sdnotify import notify, watchdog_interval
 from .sources.dicom_scp import DicomReceiver, ReceivedInstance
 from .sources.dropfolder import ClaimedFile, DropFolderWatcher, recover_claims
-from .store.db import make_engine, upgrade
+from .store.db import SQLITE_SIDE_FILES, make_engine, sqlite_path, upgrade
 from .store.models import WORKING_STATES, MessageState, State, Study
 from .store.repo import Repo
 
@@ -143,13 +144,29 @@ class Daemon:
 
     def _start(self) -> None:
         cfg, paths = self.cfg, self.cfg.paths
+        # PHI at rest is private whatever the launcher's umask (make run and the Dockerfile leave 022):
+        # everything created from here on is 0600/0700, or 0640/0750 of service.group.
         try:
-            for folder in (paths.var_dir, paths.spool, paths.outputs, paths.processed, paths.quarantine,
-                           *(f.path for f in cfg.drop_folders)):
+            set_private_mode(cfg.service.group)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        ours = (paths.var_dir, paths.spool, paths.outputs, paths.processed, paths.quarantine)
+        try:
+            for folder in ours:
+                private_mkdir(Path(folder))
+            for folder in (f.path for f in cfg.drop_folders):  # the site's: its mode is the site's call
                 Path(folder).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StartupError(f"cannot create {exc.filename}: {exc.strerror}") from None
         self._lock()
+        # What an older version (or another launcher) left readable to others: the var tree and the
+        # SQLite file wherever it is, minus drop folders inside it. Counts only: paths can hold PHI.
+        database = sqlite_path(cfg.database_url)
+        roots = [*ours, *([database, *(database.with_name(database.name + x) for x in SQLITE_SIDE_FILES)]
+                          if database is not None else [])]
+        tightened, foreign = tighten_tree([Path(p) for p in roots], exclude=[f.path for f in cfg.drop_folders])
+        log.info("daemon.permissions", tightened=tightened, not_owned=foreign,
+                 group=cfg.service.group is not None)
         try:
             self.db = make_engine(cfg.database_url, echo=cfg.database.echo)
         except OSError as exc:  # the SQLite file's folder cannot be created
@@ -204,7 +221,8 @@ class Daemon:
         moved = self.pipeline.reconcile()
         self.watcher = DropFolderWatcher(cfg.drop_folders, Path(paths.spool), metrics=self.metrics,
                                          exclude=[Path(p) for p in (paths.spool, paths.outputs, paths.processed,
-                                                                     paths.quarantine)])
+                                                                     paths.quarantine)],
+                                         known=self._claim_known)  # registered claims forget the original name
         recovered = self._register_claims(recover_claims(Path(paths.spool), self._claim_known))
         log.info("daemon.resumed", leases_released=released, inputs_moved=moved, claims_recovered=recovered,
                  receiving_studies_restarted=restarted)
@@ -447,6 +465,10 @@ class Daemon:
         montage_failure = self.montage.failure if hasattr(self, "montage") else None
         problems = [montage_failure.describe()] if montage_failure is not None else []
         destination = self._destination_health(outbox, problems) if db_ok else None
+        held = dict(self.watcher.held) if self.watcher else {}
+        if held:  # file names may hold PHI: the count and the reasons only
+            problems.append(f"drop folders: {len(held)} file(s) held, not claimed: "
+                            f"{'; '.join(sorted(set(held.values())))} (fix or remove the sidecar)")
         if self.stopping.is_set():
             status = "stopping"
         elif not healthy:
@@ -464,7 +486,8 @@ class Daemon:
                        "pending_files": self.watcher.pending if self.watcher else 0,
                        "outbox": outbox.get(str(MessageState.PENDING), 0),
                        "dead_letters": outbox.get(str(MessageState.DEAD), 0)},
-            "dicom": ({"port": self.receiver.port, "active_associations": self.receiver.active_associations}
+            "dicom": ({"port": self.receiver.port, "active_associations": self.receiver.active_associations,
+                       "pending_connections": self.receiver.pending_connections}
                       if self.receiver else None),
             "montage": self.montage.table.version if hasattr(self, "montage") else None,
             "destination": destination,

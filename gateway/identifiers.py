@@ -20,6 +20,11 @@ Sidecar JSON
     supplies nothing: the field falls through to the next source. A sidecar that is not valid JSON, not an object, or holds a value of
     the wrong kind is a :class:`ReaderError` naming the sidecar file and the key (never the value).
 
+    A sidecar that is there must be usable: one that is a symbolic link (it could point anywhere), not a
+    regular file (a directory, a pipe), unreadable, larger than 16 MiB, not UTF-8 or not valid JSON is a
+    :class:`ReaderError` too. It never falls back to the header's identifiers: the study fails with the
+    reason (the daemon quarantines it; ``psg-gateway studies replace``/``retry`` once it is fixed).
+
 File-name pattern
     A regular expression from the site's configuration, searched in the file's name (``night.edf``),
     with named groups ``patient_id``, ``patient_name``, ``accession`` (or ``admin_code``), ``sex``,
@@ -29,19 +34,26 @@ File-name pattern
 Birth date and age travel together: the source that gives either one gives both (a sidecar with only
 ``age_years`` replaces a header's birth date), so a stale date never overrides a site's stated age.
 
+The merged result then passes :func:`gateway.identifier_limits.apply_identifier_limits`: lengths, control
+characters, plausible birth date and age (see that module).
+
 Nothing here logs; errors never quote identifier values.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
+import os
 import re
+import stat
 from datetime import date
 from pathlib import Path
 from typing import Any
 
+from .identifier_limits import apply_identifier_limits
 from .readers.errors import ReaderError
 from .recording import Demographics, Recording
 
@@ -58,7 +70,9 @@ _ID_KEYS = {  # source key -> Identifiers attribute
 _SEX = {"m": "M", "male": "M", "f": "F", "female": "F", "u": None, "o": None, "x": None, "unknown": None,
         "other": None, "": None}
 _COMPACT_DATE = re.compile(r"^(\d{4})(\d{2})(\d{2})$")
-_MAX_AGE = 150.0
+# A sidecar holds a handful of keys (a BIDS one a few KB); the bound keeps a misnamed recording or a
+# runaway export from being read into memory whole.
+SIDECAR_MAX_BYTES = 16 * 1024 * 1024
 
 
 @dataclasses.dataclass
@@ -122,9 +136,10 @@ def _age_value(key: str, value: Any) -> float | None:
             value = float(value.strip())
         except ValueError:
             raise _Invalid(f"{key} must be a number of years") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not 0 <= value <= _MAX_AGE:
-        raise _Invalid(f"{key} must be a number of years between 0 and {_MAX_AGE:g}")
+    # Only the kind is checked here; whether the age is plausible is identifier_limits' call (one bound
+    # for every source: an implausible age becomes unknown with a warning).
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise _Invalid(f"{key} must be a number of years, 0 or more")
     return float(value)
 
 
@@ -151,34 +166,90 @@ def find_sidecar(path: str | Path) -> Path | None:
     """``<file>.json`` beside the file, else ``<stem>.json``; None when neither exists."""
     path = Path(path)
     for candidate in (path.with_name(path.name + ".json"), path.with_name(path.stem + ".json")):
-        if candidate != path and candidate.is_file():
+        # lexists, not is_file: a sidecar that is a symlink or a folder is found here and refused by
+        # read_sidecar; skipping it would fall back to the header's identifiers without a word.
+        if candidate != path and os.path.lexists(candidate):
             return candidate
     return None
 
 
+_FILE_TYPES = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+
+
+def _cannot_read(sidecar: Path, exc: OSError) -> ReaderError:
+    # strerror only: str(exc) repeats the file name
+    return ReaderError(sidecar, f"cannot read the identifier sidecar: {exc.strerror or type(exc).__name__}",
+                       kind="unreadable")
+
+
+def _sidecar_bytes(sidecar: Path) -> bytes:
+    """The bytes of ``sidecar``, read only from a regular file that is not a symbolic link."""
+    try:
+        # O_NOFOLLOW: a symlink swapped in after the lookup is refused too. O_NONBLOCK: opening a FIFO
+        # must not wait for a writer (it is refused below as not a regular file).
+        fd = os.open(sidecar, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and os.path.islink(sidecar):
+            raise ReaderError(sidecar, "identifier sidecar is a symbolic link (it could point anywhere): put the "
+                                       "file itself beside the recording", kind="unreadable") from None
+        raise _cannot_read(sidecar, exc) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        what = next((name for test, name in _FILE_TYPES if test(st.st_mode)), "a special file")
+        raise ReaderError(sidecar, f"identifier sidecar is not a regular file ({what})", kind="unreadable")
+    if st.st_size > SIDECAR_MAX_BYTES:
+        os.close(fd)
+        raise ReaderError(sidecar, f"identifier sidecar is larger than {SIDECAR_MAX_BYTES // 2**20} MiB",
+                          kind="corrupt")
+    with os.fdopen(fd, "rb") as handle:
+        try:
+            data = handle.read(SIDECAR_MAX_BYTES + 1)
+        except OSError as exc:
+            raise _cannot_read(sidecar, exc) from None
+    if len(data) > SIDECAR_MAX_BYTES:  # grew after the fstat
+        raise ReaderError(sidecar, f"identifier sidecar is larger than {SIDECAR_MAX_BYTES // 2**20} MiB",
+                          kind="corrupt")
+    return data
+
+
 def read_sidecar(sidecar: str | Path) -> SiteIdentifiers:
-    """Parse a sidecar JSON file. Raises :class:`ReaderError` naming the sidecar (and the key)."""
+    """Parse a sidecar JSON file. Raises :class:`ReaderError` naming the sidecar (and the key).
+
+    Refused with a reason (never skipped): a symbolic link, anything but a regular file, an unreadable or
+    oversized file, text that is not UTF-8 or not valid JSON, JSON that is not an object.
+    """
     sidecar = Path(sidecar)
     try:
-        text = sidecar.read_bytes().decode("utf-8-sig")
-    except OSError as exc:
-        raise ReaderError(sidecar, f"cannot read the identifier sidecar: {exc.strerror or exc}",
-                          kind="unreadable") from None
+        text = _sidecar_bytes(sidecar).decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ReaderError(sidecar, "identifier sidecar is not UTF-8 text", kind="corrupt") from None
     try:
         values = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ReaderError(sidecar, f"identifier sidecar is not valid JSON (line {exc.lineno}, column {exc.colno}: "
-                                   f"{exc.msg})", kind="corrupt") from None
+        # json's messages name the expected token, never the text found: no value leaks into the reason.
+        raise ReaderError(sidecar, f"identifier sidecar is not valid JSON: line {exc.lineno}, "
+                                   f"column {exc.colno} ({exc.msg})", kind="corrupt") from None
     except RecursionError:
         raise ReaderError(sidecar, "identifier sidecar is nested too deeply", kind="corrupt") from None
     if not isinstance(values, dict):
-        raise ReaderError(sidecar, "identifier sidecar must hold a JSON object", kind="corrupt")
+        raise ReaderError(sidecar, f"identifier sidecar must hold a JSON object, not {_json_kind(values)}",
+                          kind="corrupt")
     try:
         return _collect(values)
     except _Invalid as exc:
         raise ReaderError(sidecar, f"identifier sidecar: {exc}", kind="corrupt") from None
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if value is None:
+        return "null"
+    return "a boolean" if isinstance(value, bool) else "a number"
 
 
 def from_filename(path: str | Path, pattern: str | re.Pattern[str]) -> SiteIdentifiers:
@@ -205,12 +276,16 @@ def from_filename(path: str | Path, pattern: str | re.Pattern[str]) -> SiteIdent
 # ---- merging -----------------------------------------------------------------------------------------------
 
 
-def apply_site_identifiers(recording: Recording, path: str | Path, filename_pattern: str | None) -> Recording:
-    """A copy of ``recording`` with the site's identifiers merged in (sidecar > file name > header).
+def apply_site_identifiers(recording: Recording, path: str | Path, filename_pattern: str | None,
+                           name: str | None = None) -> Recording:
+    """A copy of ``recording`` with the site's identifiers merged in (sidecar > file name > header), then
+    bounded by :func:`gateway.identifier_limits.apply_identifier_limits` (what it changes is in ``warnings``).
 
     ``path`` is the recording's file, or a DICOM study folder (whose sidecar is ``<folder>.json`` beside
-    it). The channels are shared with ``recording`` (they hold no samples); identifiers and demographics
-    are new objects, ``recording`` itself is not modified.
+    it). The channels are shared with ``recording`` (they hold no samples); identifiers, demographics and
+    warnings are new objects, ``recording`` itself is not modified. Raises :class:`ReaderError` for a
+    sidecar or file name that cannot be used, and its subclass ``IdentifierError`` for an identifier too
+    long to keep.
     """
     path = Path(path)
     sources: list[SiteIdentifiers] = []  # highest precedence first
@@ -218,7 +293,9 @@ def apply_site_identifiers(recording: Recording, path: str | Path, filename_patt
     if sidecar is not None:
         sources.append(read_sidecar(sidecar))
     if filename_pattern:
-        sources.append(from_filename(path, filename_pattern))
+        # name: the file's name as it arrived (the database's input_name); the daemon's folders name it
+        # after the claim id or study key, which the site's pattern must not read.
+        sources.append(from_filename(path.with_name(Path(name).name) if name else path, filename_pattern))
 
     identifiers = dataclasses.replace(recording.identifiers)
     header_demo = recording.demographics
@@ -226,15 +303,17 @@ def apply_site_identifiers(recording: Recording, path: str | Path, filename_patt
         value = next(s.identifiers[attribute] for s in sources if attribute in s.identifiers)
         setattr(identifiers, attribute, value)
 
-    sex = header_demo.sex
+    sex, sex_unrecognised = header_demo.sex, header_demo.sex_unrecognised
     for source in sources:
-        if source.sex_given:
-            sex = source.sex
+        if source.sex_given:  # the site's statement replaces the header's code, recognised or not
+            sex, sex_unrecognised = source.sex, False
             break
     birth_date, age_years = header_demo.birth_date, header_demo.age_years
     for source in sources:
         if source.gives_age:
             birth_date, age_years = source.birth_date, source.age_years
             break
-    demographics = Demographics(sex=sex, birth_date=birth_date, age_years=age_years)
-    return dataclasses.replace(recording, identifiers=identifiers, demographics=demographics)
+    demographics = Demographics(sex=sex, birth_date=birth_date, age_years=age_years,
+                                sex_unrecognised=sex_unrecognised)
+    merged = dataclasses.replace(recording, identifiers=identifiers, demographics=demographics)
+    return apply_identifier_limits(merged, path)

@@ -24,6 +24,13 @@ class Metrics:
             ["result"], registry=r)
         self.dicom_active_associations = Gauge(
             "psg_dicom_active_associations", "Open DICOM associations", registry=r)
+        self.dicom_pending_connections = Gauge(
+            "psg_dicom_pending_connections", "DICOM connections that have not yet sent an A-ASSOCIATE-RQ",
+            registry=r)
+        self.dicom_connections_closed = Counter(
+            "psg_dicom_connections_closed_total",
+            "DICOM connections closed before their A-ASSOCIATE-RQ, by reason (acse_timeout, per_host_cap, "
+            "peer_closed, invalid_pdu, shutdown)", ["reason"], registry=r)
         self.dicom_instances = Counter(
             "psg_dicom_instances_total", "C-STORE instances by outcome (stored, duplicate, failed, refused)",
             ["result"], registry=r)

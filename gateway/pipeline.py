@@ -14,11 +14,14 @@ Errors are sorted into two kinds:
   unexpected error): the study is FAILED with the reason and its input goes to ``quarantine/`` with a
   ``REASON.txt`` beside it. ``psg-gateway studies retry`` puts it back.
 
-Inputs are moved, never deleted: a finished study's input goes to ``processed/<study key>/``.
+Inputs are moved, never deleted: a finished study's input goes to ``processed/<study key>/``, named after
+the study key (``<study key>.edf``, sidecars ``<study key>.edf.json``/``<study key>.json``); the name it
+arrived under (which can hold a name or an MRN) is kept only in the database's ``input_name``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import random
@@ -28,9 +31,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePath
 
-from sqlalchemy.exc import OperationalError
+from hl7apy.exceptions import MaxLengthReached
+from pydantic import ValidationError as PydanticValidationError
+from sqlalchemy.exc import OperationalError, StatementError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from inference.bundle import ModelBundle
@@ -48,14 +53,15 @@ from .flags import (
     read_metrics,
     watched_hazards,
 )
-from .fsutil import atomic_write
+from .fsutil import atomic_write, make_private, private_mkdir
 from .hl7.compose import build_study_message, new_control_id
 from .hl7.oru import OruError
-from .logging import get_logger
+from .logging import add_study_identifiers, bind_study, get_logger, scrub
 from .metrics import Metrics
 from .montage import MontageTable
 from .prepare import MappingError
 from .readers.errors import ReaderError
+from .sources.dropfolder import forget_original, spool_name
 from .steps import Decoded, decode_and_map, infer_prepared, store_outputs
 from .store.models import PIPELINE_DONE, MessageState, State, Study
 from .store.repo import Repo, StudyChanged
@@ -74,27 +80,53 @@ class StepError(Exception):
 
 
 def classify(exc: BaseException) -> StepError:
-    """The reason (no paths, no identifiers) and whether trying again later can help."""
-    if isinstance(exc, StepError):
-        return exc
+    """The reason (no paths, no identifiers, no values) and whether trying again later can help.
+
+    Every reason is stored (``last_error``, the events table, ``REASON.txt``) and logged, so every branch
+    ends in :func:`~gateway.logging.scrub`: the bound study's identifiers, quoted values, paths and long
+    digit runs out, one line of at most 300 characters. A library's error (hl7apy, pydicom, pyedflib,
+    pydantic, SQLAlchemy, a plain ValueError) is reduced to ``<ExceptionType>: <message without values>``
+    or, where the library says which field, the field alone.
+    """
+    if isinstance(exc, StepError):  # ours, or a worker process's classification: the study's identifiers
+        return StepError(scrub(exc), exc.transient)  # are known here and were not there
     if isinstance(exc, ReaderError):
-        return StepError(f"unreadable input ({exc.kind}): {exc.reason}", transient=False)
+        return StepError(scrub(f"unreadable input ({exc.kind}): {exc.reason}"), transient=False)
     if isinstance(exc, MappingError):
-        return StepError(f"montage: {exc}", transient=False)
+        return StepError(scrub(f"montage: {exc}"), transient=False)
     if isinstance(exc, InputError):
-        return StepError(f"model input: {exc}", transient=False)
+        return StepError(scrub(f"model input: {exc}"), transient=False)
     if isinstance(exc, OruError):
-        return StepError(f"result message: {exc}", transient=False)
+        return StepError(scrub(f"result message: {exc}"), transient=False)
     if isinstance(exc, (OperationalError, PoolTimeout)):
         return StepError(f"database unavailable: {type(exc.orig if hasattr(exc, 'orig') else exc).__name__}",
                          transient=True)
+    if isinstance(exc, StatementError):  # its text holds the statement's parameters: patient fields
+        orig = getattr(exc, "orig", None)
+        return StepError(f"database: {type(exc).__name__}" + (f" ({type(orig).__name__})" if orig is not None else ""),
+                         transient=False)
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         return StepError("out of memory during inference", transient=True)
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNO:
         return StepError(f"storage: {errno.errorcode.get(exc.errno or 0, 'error')} ({exc.strerror})", transient=True)
     if isinstance(exc, OSError):  # str(exc) would quote the file name, which can hold an MRN
-        return StepError(f"storage: {type(exc).__name__}: {exc.strerror}", transient=False)
-    return StepError(f"internal error: {type(exc).__name__}: {str(exc)[:300]}", transient=False)
+        return StepError(scrub(f"storage: {type(exc).__name__}: {exc.strerror or exc}"), transient=False)
+    return StepError(scrub(f"internal error: {_library_error(exc)}"), transient=False)
+
+
+def _library_error(exc: BaseException) -> str:
+    """``<ExceptionType>: <what is wrong>`` for an exception we did not raise, without the value it quotes
+    where the library keeps it apart (hl7apy's too-long value, pydantic's input); scrub() does the rest."""
+    name = type(exc).__name__
+    if isinstance(exc, PydanticValidationError):  # field paths and error kinds, never the input
+        fields = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'value'} ({e['type']})"
+                           for e in exc.errors(include_url=False, include_input=False, include_context=False)[:5])
+        return f"{name}: {fields}"
+    if isinstance(exc, MaxLengthReached):
+        return f"{name}: a value exceeds its maximum length ({exc.limit})"
+    if isinstance(exc, UnicodeError):  # str() quotes the bytes around the bad one
+        return f"{name}: {getattr(exc, 'reason', '') or 'cannot encode or decode text'}"
+    return f"{name}: {exc}"
 
 
 # The folders of an absolute path in a message ("/etc/psg/site.yaml" -> "site.yaml").
@@ -165,13 +197,13 @@ class MontageHolder:
             return False
         failure, self.failure, self._logged = self.failure, None, None
         if failure is not None:
-            log.info("montage.recovered", name=fresh.name, version=fresh.version,
+            log.info("montage.recovered", montage=fresh.name, version=fresh.version,
                      failing_since=failure.since.isoformat())
         with self._lock:
             if fresh.version == self.table.version:
                 return False
             old, self.table = self.table, fresh
-        log.info("montage.reloaded", name=fresh.name, version=fresh.version, previous=old.version)
+        log.info("montage.reloaded", montage=fresh.name, version=fresh.version, previous=old.version)
         return True
 
     def _failed(self, exc: Exception) -> None:
@@ -210,23 +242,27 @@ class Pipeline:
         return True
 
     def process(self, study: Study, worker: str) -> Study | None:
-        """Carry one claimed study as far as it goes; returns its last state (None: it changed under us)."""
-        log.info("study.claimed", study_key=study.key, state=study.state, version=study.version,
-                 attempt=study.attempts, worker=worker)
-        try:
-            study = self._steps(study, worker)
-        except StudyChanged:
-            log.info("study.superseded", study_key=study.key)
-            return None
-        except Exception as exc:  # noqa: BLE001 - every failure is recorded, the worker goes on
-            return self._failed(study, worker, classify(exc))
-        return study
+        """Carry one claimed study as far as it goes; returns its last state (None: it changed under us).
+
+        Runs with the study bound to the worker's log context (:func:`study_logging`): its key on every
+        event, its identifiers redacted from every event and from the failure reason."""
+        with study_logging(study):
+            log.info("study.claimed", study_key=study.key, state=study.state, version=study.version,
+                     attempt=study.attempts, worker=worker)
+            try:
+                study = self._steps(study, worker)
+            except StudyChanged:
+                log.info("study.superseded", study_key=study.key)
+                return None
+            except Exception as exc:  # noqa: BLE001 - every failure is recorded, the worker goes on
+                return self._failed(study, worker, classify(exc))
+            return study
 
     def _steps(self, study: Study, worker: str) -> Study:
         if study.state == State.INFERRED:  # resumed after a crash: outputs are stored, only flagging is left
             return self.flag(study, worker)
         decoded = decode_and_map(self.input_paths(study), study.filename_pattern, self.montage.table, study.key,
-                                 study.source)
+                                 study.source, name=study.input_name)  # the pattern reads the arrival name
         study = self.record_decoded(study, decoded, worker)
         t0 = time.perf_counter()
         assert self.engine is not None, "this pipeline has no engine of its own"
@@ -236,6 +272,7 @@ class Pipeline:
     def record_decoded(self, study: Study, decoded: Decoded, worker: str) -> Study:
         """Commit READY -> DECODED -> MAPPED (the steps this study has not committed yet)."""
         recording, prepared, table = decoded.recording, decoded.prepared, decoded.table
+        add_study_identifiers(*recording_identifiers(decoded))  # now known: redacted from here on
         for stage in ("decode", "map"):
             self.metrics.stage_seconds.labels(stage).observe(decoded.timings.get(f"{stage}_s", 0.0))
         if study.state == State.READY:
@@ -389,7 +426,7 @@ class Pipeline:
     def _move_input(self, study: Study, state: State) -> None:
         dest = Path(self.paths.quarantine if state == State.FAILED else self.paths.processed) / study.key
         if state == State.FAILED:
-            dest.mkdir(parents=True, exist_ok=True)
+            private_mkdir(dest)
             dead = (self.repo.messages(state=str(MessageState.DEAD), study_id=study.id, limit=1)
                     if study.error_kind == "delivery" else [])
             _write_reason(dest / "REASON.txt", study, dead[0].id if dead else None)
@@ -400,14 +437,15 @@ class Pipeline:
             instances = self.repo.instances_of(study.id)
             if not any(self._owned(Path(i.path)) for i in instances):
                 return  # an archive batch's study: its files stay in the archive
-            dest.mkdir(parents=True, exist_ok=True)
+            private_mkdir(dest)
             for inst in instances:
                 src = Path(inst.path)
                 if src.parent == dest or not self._owned(src):
                     continue
-                target = dest / src.name
+                target = dest / src.name  # named by a hash of the SOP Instance UID: no PHI in it
                 if src.exists():
                     shutil.move(src, target)
+                    _make_private(target)
                 if target.exists():
                     self.repo.move_instance(inst.id, str(target))
             if study.input_path:
@@ -419,13 +457,23 @@ class Pipeline:
         src = Path(study.input_path)
         if src.parent == dest or not self._owned(src):
             return
-        dest.mkdir(parents=True, exist_ok=True)
-        # The claim folder holds the recording, its sidecars and claim.json: they travel together.
-        for item in sorted(src.parent.iterdir()) if src.parent.exists() else []:
-            shutil.move(item, dest / item.name)
+        private_mkdir(dest)
+        # The claim folder holds the recording, its sidecars and claim.json: they travel together, renamed
+        # after the study key (a claim from an older version still has the original name: not kept).
+        items = sorted(src.parent.iterdir()) if src.parent.exists() else []
+        # The recording's and its sidecars' names too when already moved (a crash mid-way): the manifest,
+        # moved last or not, then names what is there.
+        renames = _key_names(src, study.key, [item.name for item in items]
+                             + [src.name, src.name + ".json", src.stem + ".json"])
+        for item in items:
+            target = dest / renames.get(item.name, item.name)
+            shutil.move(item, target)
+            _make_private(target)
+        forget_original(dest, renames)  # the manifest: new names, and no original path
         _remove_empty(src.parent)
-        if (dest / src.name).exists():
-            self.repo.set_fields(study, input_path=str(dest / src.name))
+        moved = dest / renames.get(src.name, src.name)
+        if moved.exists():
+            self.repo.set_fields(study, input_path=str(moved))
 
     def reconcile(self) -> int:
         """On start: finish input moves a crash interrupted (state committed, input not yet where it says)."""
@@ -435,6 +483,24 @@ class Pipeline:
             self._move_input(study, State(study.state))
             n += 1
         return n
+
+
+def study_logging(study: Study | None) -> contextlib.AbstractContextManager[None]:
+    """Bind ``study`` to this thread's log context: ``study_key`` on every event, and the identifiers the
+    row holds (patient id, name, birth date, accession, Study Instance UID, the input's file name) redacted
+    from every event and every failure reason (see :mod:`gateway.logging`). Nothing when ``study`` is None."""
+    if study is None:
+        return contextlib.nullcontext()
+    names = [PurePath(p) for p in (study.input_name, study.input_path) if p]
+    return bind_study(study.key, study.patient_id, study.patient_name, study.birth_date, study.accession,
+                      study.study_uid, study.dicom_study_uid, *names)
+
+
+def recording_identifiers(decoded: Decoded) -> list[object]:
+    """What a decoded recording says about who it is (header, sidecar or file name): for redaction."""
+    ids, demo = decoded.recording.identifiers, decoded.recording.demographics
+    return [ids.patient_id, ids.patient_name, ids.admin_code, ids.study_uid, demo.birth_date,
+            *([PurePath(ids.source_path)] if ids.source_path else [])]
 
 
 def study_decision(repo: Repo, flags: FlagsConfig, study: Study
@@ -463,6 +529,34 @@ def _write_reason(path: Path, study: Study, dead_message_id: int | None = None) 
         text += (f"retry: psg-gateway studies retry {study.id}\n"
                  f"replace the input: psg-gateway studies replace {study.id} FILE\n")
     atomic_write(path, text.encode("utf-8"))
+
+
+def _key_names(recording: Path, key: str, names: list[str]) -> dict[str, str]:
+    """New names (old -> new) for the files of a claim folder whose recording is ``recording``: the study
+    key for the recording's name or stem, so that find_sidecar still pairs the sidecars with it
+    (``<file>.json`` -> ``<key><ext>.json``, ``<stem>.json`` -> ``<key>.json``)."""
+    new = spool_name(recording.name, key)
+    stem = recording.stem
+    out: dict[str, str] = {}
+    for name in names:
+        if name == recording.name:
+            out[name] = new
+        elif name == recording.name + ".json":
+            out[name] = new + ".json"
+        elif name == stem + ".json":
+            out[name] = Path(new).stem + ".json"
+        elif stem and name.lstrip(".").startswith(stem) and name not in ("claim.json", "REASON.txt"):
+            out[name] = name.replace(stem, key, 1)  # a leftover temporary named after it (.<name>.copying)
+    return out
+
+
+def _make_private(path: Path) -> None:
+    """Private mode (and group) for a moved input; a file another user owns keeps its mode (the daemon's
+    start counts it among those it could not tighten)."""
+    try:
+        make_private(path, is_dir=path.is_dir())
+    except OSError:
+        pass
 
 
 def _remove_empty(folder: Path) -> None:

@@ -98,7 +98,9 @@ def prepare_study(
             signals[modality] = block[: len(rows)]
             used[modality] = rows
     if not signals:
-        raise MappingError(f"no usable channel: {dropped}")
+        # Label and reason per channel, unquoted: a dict's repr would quote them, and quoted text is what
+        # the pipeline's error scrubber removes (it stands for a value) - leaving nothing to read.
+        raise MappingError("no usable channel: " + "; ".join(f"{label}: {why}" for label, why in dropped.items()))
     demographics = recording.demographics
     study = StudyInput(
         signals=signals,

@@ -129,6 +129,9 @@ class Demographics:
     sex: str | None = None  # "M", "F" or None (unknown / not recorded)
     birth_date: date | None = None
     age_years: float | None = None  # when the source gives an age rather than a birth date
+    # The source gave a sex code that is neither M/F nor a code for unknown/other: ``sex`` is then None, and
+    # gateway.identifier_limits turns this into a warning (a reader has no say in the recording's warnings).
+    sex_unrecognised: bool = False
 
     def __post_init__(self) -> None:
         if self.sex not in (None, "M", "F"):
@@ -149,7 +152,8 @@ class Demographics:
 
     def __repr__(self) -> str:
         birth = _REDACTED if self.birth_date is not None else None
-        return f"Demographics(sex={self.sex!r}, birth_date={birth}, age_years={self.age_years!r})"
+        unrecognised = ", sex_unrecognised=True" if self.sex_unrecognised else ""
+        return f"Demographics(sex={self.sex!r}, birth_date={birth}, age_years={self.age_years!r}{unrecognised})"
 
     __str__ = __repr__
 

@@ -15,6 +15,7 @@ from typing import Any
 from inference.engine import Engine
 from inference.results import StudyResult
 
+from .identifier_limits import apply_identifier_limits
 from .identifiers import apply_site_identifiers
 from .montage import MontageTable
 from .outputs import write_study_outputs
@@ -38,12 +39,14 @@ __all__ = [
 Progress = Callable[[int, int], None]
 
 
-def decode_inputs(paths: Sequence[Path], filename_pattern: str | None = None) -> Recording:
-    """One EDF/BDF file or DICOM file/folder (site identifiers applied), or several DICOM instances."""
+def decode_inputs(paths: Sequence[Path], filename_pattern: str | None = None, name: str | None = None) -> Recording:
+    """One EDF/BDF file or DICOM file/folder (site identifiers applied), or several DICOM instances.
+    ``name``: the name the file arrived under, which ``filename_pattern`` reads (default: its own)."""
     if len(paths) == 1:
         path = Path(paths[0])
-        return apply_site_identifiers(read_recording(path), path, filename_pattern)
-    return read_dicom_study(paths, ignore_unsupported=True)
+        return apply_site_identifiers(read_recording(path), path, filename_pattern, name)  # bounds them too
+    # A received study has no sidecar, but its identifiers pass the same bounds before they are stored.
+    return apply_identifier_limits(read_dicom_study(paths, ignore_unsupported=True), Path(paths[0]))
 
 
 def infer_prepared(engine: Engine, prepared: PreparedStudy, progress: Progress | None = None) -> StudyResult:
@@ -108,11 +111,11 @@ class Decoded:
 
 
 def decode_and_map(paths: Sequence[Path], filename_pattern: str | None, table: MontageTable, key: str,
-                   source: str | None) -> Decoded:
+                   source: str | None, name: str | None = None) -> Decoded:
     """Decode the inputs and map and preprocess their channels: the CPU part of a study, which the
     daemon runs in its worker and an archive batch in worker processes."""
     t0 = time.perf_counter()
-    recording = decode_inputs(paths, filename_pattern)
+    recording = decode_inputs(paths, filename_pattern, name)
     t1 = time.perf_counter()
     prepared = map_recording(recording, table, key, source)
     t2 = time.perf_counter()

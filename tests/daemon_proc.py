@@ -85,6 +85,8 @@ class DaemonProc:
         self.log = self.root / "daemon.log"
         self.proc: subprocess.Popen | None = None
         self.starts = 0
+        # The umask the daemon is launched with (None: this process's), as make run or a Dockerfile would.
+        self.umask: int | None = None
         self._engine = make_engine(db_url)
         self.repo = Repo(self._engine)
 
@@ -103,7 +105,8 @@ class DaemonProc:
         with open(self.log, "ab") as f:
             f.write(f"===== start {self.starts} {json.dumps(env_extra)} =====\n".encode())
         self.proc = subprocess.Popen([str(EXE), "run", "--config", str(self.config)], env=env,
-                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))  # noqa: SIM115
+                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"),  # noqa: SIM115
+                                     umask=-1 if self.umask is None else self.umask)
         return self
 
     def wait_ready(self, timeout: float = 90, allow_exit: bool = False) -> bool:

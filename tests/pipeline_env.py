@@ -9,6 +9,7 @@ from pathlib import Path
 from sqlalchemy import Engine as DbEngine
 
 from gateway.config import PathsConfig, PipelineConfig
+from gateway.fsutil import private_mkdir
 from gateway.metrics import Metrics
 from gateway.pipeline import MontageHolder, Pipeline
 from gateway.store.db import make_engine, upgrade
@@ -26,7 +27,8 @@ def pipeline_env(db_url: str, var: Path, bundle: ModelBundle, engine: Engine
     repo = Repo(db)
     paths = PathsConfig(var_dir=var).resolved(var)
     for p in (paths.spool, paths.outputs, paths.processed, paths.quarantine):
-        p.mkdir(parents=True)
+        assert not p.exists()
+        private_mkdir(p)  # as the daemon's start creates them
     pipe = Pipeline(repo, engine, bundle, MontageHolder(None), paths, PipelineConfig(retry_backoff_seconds=0.01),
                     Metrics())
     return db, repo, pipe, paths

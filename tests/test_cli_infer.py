@@ -163,14 +163,20 @@ def test_montage_map_command(short_night):
     assert "unmapped" in unknown.output
 
 
-def test_outputs_are_readable_by_others_under_the_usual_umask(short_night, demo_bundle, tmp_path):
+def test_outputs_are_private_under_the_usual_umask(short_night, demo_bundle, tmp_path):
+    """A person's embeddings and metrics: 0600 in 0700 folders even under umask 022 (issue 15), and the
+    caller's umask is left as it was (the command restores it when it ends)."""
     out = tmp_path / "perm"
-    result = _infer(short_night, "--bundle", demo_bundle, "--out", out)
+    mask = os.umask(0o022)
+    try:
+        result = _infer(short_night, "--bundle", demo_bundle, "--out", out)
+        assert os.umask(0o022) == 0o022
+    finally:
+        os.umask(mask)
     assert result.exit_code == 0, result.output
-    mask = os.umask(0)
-    os.umask(mask)
     for path in [out / "night.npy", out / "metrics.json", out / "embeddings" / "BAS.npy"]:
-        assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+        assert path.stat().st_mode & 0o777 == 0o600
+    assert out.stat().st_mode & 0o777 == 0o700 and (out / "embeddings").stat().st_mode & 0o777 == 0o700
     assert not [p for p in out.rglob(".*")]  # no temporary files left behind
 
 

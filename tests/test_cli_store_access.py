@@ -50,7 +50,7 @@ def env(db_url, tmp_path, model):
 
 
 def _failed(repo, pipe, paths, claim: str = "c1"):
-    """A file study the pipeline FAILED, its input in quarantine/<key>/ under the claimed name."""
+    """A file study the pipeline FAILED, its input in quarantine/<key>/ as <key>.edf."""
     study = spool_file(paths, "broken.edf", CORRUPT, repo, claim=claim)
     pipe.run_once("w")
     failed = repo.get(study.id)
@@ -80,7 +80,7 @@ def test_replace_records_the_new_hash_swaps_the_file_and_requeues(env, tmp_path,
     study = repo.get(failed.id)
     assert study.state == State.READY and study.attempts == 0 and study.version == failed.version
     assert study.content_hash == new_sha and study.input_path == failed.input_path
-    assert Path(study.input_path) == q / "broken.edf" and (q / "broken.edf").read_bytes() == night_bytes
+    assert Path(study.input_path) == q / f"{failed.key}.edf" and (q / f"{failed.key}.edf").read_bytes() == night_bytes
     assert _folder_names(q) == before  # no temporary file and no kept-aside copy left behind
     replaced, retried = repo.events(study.id)[-2:]
     assert (replaced.event, replaced.actor, replaced.from_state, replaced.to_state) == \
@@ -113,7 +113,7 @@ def test_replace_refuses_content_another_study_already_has(env, tmp_path, night_
     study = repo.get(failed.id)
     assert (study.state, study.content_hash, study.input_path, study.version) == \
         (State.FAILED, failed.content_hash, failed.input_path, failed.version)
-    assert (q / "broken.edf").read_bytes() == CORRUPT and _folder_names(q) == before
+    assert (q / f"{failed.key}.edf").read_bytes() == CORRUPT and _folder_names(q) == before
     assert "study.input_replaced" not in [e.event for e in repo.events(study.id)]
 
     # the repository's own check, for a caller that skipped the CLI's
@@ -151,7 +151,7 @@ def test_replace_refuses_when_retention_removed_the_input(env, tmp_path, night_b
     failed = _failed(repo, pipe, paths)
     fixed = tmp_path / "fixed.edf"
     fixed.write_bytes(night_bytes)
-    (paths.quarantine / failed.key / "broken.edf").unlink()
+    (paths.quarantine / failed.key / f"{failed.key}.edf").unlink()
     r = runner.invoke(app, ["studies", "replace", failed.key, str(fixed), *cfg], env=cli_env)
     assert r.exit_code == 1 and "quarantined input" in r.output and "gone" in r.output
     for item in (paths.quarantine / failed.key).iterdir():
@@ -267,4 +267,4 @@ def test_a_registration_racing_the_replace_leaves_file_and_record_unchanged(env,
     assert r.exit_code == 1 and f"the same content is already study {racer[0]}" in r.output
     study = repo.get(failed.id)
     assert (study.state, study.content_hash) == (State.FAILED, failed.content_hash)
-    assert (q / "broken.edf").read_bytes() == CORRUPT and _folder_names(q) == before
+    assert (q / f"{failed.key}.edf").read_bytes() == CORRUPT and _folder_names(q) == before

@@ -103,6 +103,18 @@ def test_config_check_cli(tmp_path, monkeypatch):
     assert "montage.table:" in r.output and "model.bundle:" in r.output
 
 
+def test_config_check_connect_does_not_create_the_database(tmp_path, monkeypatch):
+    monkeypatch.delenv("PSG_CONFIG", raising=False)
+    f = tmp_path / "c.yaml"
+    f.write_text("paths:\n  var_dir: v\n")
+    r = runner.invoke(app, ["config", "check", "--connect", str(f)])
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "v" / "psg-gateway.db").exists()  # checking did not create an empty database
+    f.write_text("database:\n  url: postgresql+psycopg://nobody@127.0.0.1:1/none\n")
+    r = runner.invoke(app, ["config", "check", "--connect", str(f)])
+    assert r.exit_code == 1 and "database.url: the database does not answer" in r.output
+
+
 def test_config_show_masks_the_password(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("database:\n  url: postgresql+psycopg://psg:s3cret@db/psg\n")

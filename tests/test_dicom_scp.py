@@ -276,6 +276,246 @@ def test_max_associations(make_receiver):
     assert _wait(lambda: receiver.active_associations == 0)
 
 
+# ---- connections that never associate (issue 15: the port cannot be starved) ---------------------------------
+
+
+def _silent(port: int, n: int, source: str = "127.0.0.1") -> list[socket.socket]:
+    """``n`` TCP connections that never send anything (a port scan, a broken client, an attacker)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)))
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
+def _closed_by_server(sock: socket.socket, timeout: float) -> bool:
+    """True when the server closed ``sock`` within ``timeout`` s (recv returns b"" or the connection resets)."""
+    sock.settimeout(timeout)
+    try:
+        while True:
+            data = sock.recv(4096)
+            if not data:
+                return True
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+
+
+def _threads(receiver: DicomReceiver) -> int:
+    """pynetdicom's association threads of this receiver (what its own limit used to count)."""
+    return len(receiver._server.active_associations)
+
+
+def test_silent_connections_hold_no_association_slot(make_receiver):
+    # The incident: 3 slots, connections that never send an A-ASSOCIATE-RQ; here 5 of them.
+    receiver, _, metrics = make_receiver(_cfg(max_associations=3, max_pending_per_host=10, acse_timeout_seconds=8.0,
+                                              allowed_callers=[DicomCaller(ae_title="PYSCU")]))
+    silent = _silent(receiver.port, 5)
+    try:
+        assert _wait(lambda: receiver.pending_connections == 5)
+        assert _wait(lambda: _threads(receiver) == 5)
+        start = time.monotonic()
+        assoc = _scu().associate("127.0.0.1", receiver.port, ae_title="PSGGATEWAY")
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+        assert time.monotonic() - start < 4.0
+        assert receiver.pending_connections == 5  # at once: the silent ones were not in the way
+        assert _metric(metrics, "psg_dicom_pending_connections") == 5
+        # the 3 slots go to callers that associate; a 4th is rejected (transient), the silent ones still there
+        held = [_scu().associate("127.0.0.1", receiver.port, ae_title="PSGGATEWAY") for _ in range(3)]
+        try:
+            assert all(a.is_established for a in held)
+            assert _wait(lambda: receiver.active_associations == 3)
+            extra = _scu().associate("127.0.0.1", receiver.port, ae_title="PSGGATEWAY")
+            assert extra.is_rejected
+            assert _metric(metrics, "psg_dicom_associations_total", result="rejected") == 1
+        finally:
+            for a in held:
+                a.release()
+        assert _wait(lambda: receiver.active_associations == 0)
+        again = _scu().associate("127.0.0.1", receiver.port, ae_title="PSGGATEWAY")  # slots freed on close
+        assert again.is_established
+        again.release()
+    finally:
+        for s in silent:
+            s.close()
+    assert _wait(lambda: receiver.pending_connections == 0)
+
+
+def test_echoscu_past_silent_connections(make_receiver):
+    echoscu = dcmtk("echoscu")
+    receiver, _, _ = make_receiver(_cfg(max_associations=1, max_pending_per_host=10, acse_timeout_seconds=8.0))
+    silent = _silent(receiver.port, 3)
+    try:
+        assert _wait(lambda: receiver.pending_connections == 3)
+        result = subprocess.run([echoscu, "-aet", "MODALITY", "-aec", "PSGGATEWAY", "127.0.0.1", str(receiver.port)],
+                                check=False, env=DCMTK_ENV, capture_output=True, text=True, timeout=20)
+        assert result.returncode == 0, result.stderr
+        assert receiver.pending_connections == 3
+    finally:
+        for s in silent:
+            s.close()
+
+
+def test_silent_connections_closed_after_acse_timeout(make_receiver):
+    receiver, _, metrics = make_receiver(_cfg(acse_timeout_seconds=1.0))
+    socks = _silent(receiver.port, 3)
+    # half an A-ASSOCIATE-RQ: pynetdicom's reader blocks in recv, which its own timers cannot end
+    half = socket.create_connection(("127.0.0.1", receiver.port), timeout=5)
+    half.sendall(b"\x01\x00" + (200).to_bytes(4, "big") + b"\x00\x01")
+    socks.append(half)
+    start = time.monotonic()
+    try:
+        assert _wait(lambda: receiver.pending_connections == 4)
+        assert all(_closed_by_server(s, 6.0) for s in socks)
+        assert 0.8 <= time.monotonic() - start < 5.0
+        assert _wait(lambda: receiver.pending_connections == 0)
+        assert _metric(metrics, "psg_dicom_connections_closed_total", reason="acse_timeout") == 4
+        assert _metric(metrics, "psg_dicom_pending_connections") == 0
+        assert _wait(lambda: _threads(receiver) == 0)  # their association threads ended too
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_tls_silent_connections_closed_after_acse_timeout(make_receiver, certs):
+    cert, key = certs["server"]
+    receiver, _, metrics = make_receiver(_cfg(acse_timeout_seconds=1.0, network_timeout_seconds=30.0,
+                                              tls=TlsConfig(enabled=True, cert_file=cert, key_file=key)))
+    socks = _silent(receiver.port, 2)
+    socks[1].sendall(b"\x16\x03\x01\x02\x00\x01")  # a ClientHello that never ends: the handshake blocks
+    try:
+        assert _wait(lambda: receiver.pending_connections == 2)
+        start = time.monotonic()
+        assert all(_closed_by_server(s, 6.0) for s in socks)
+        assert time.monotonic() - start < 5.0  # not the 30 s network timeout of the handshake
+        assert _wait(lambda: receiver.pending_connections == 0)
+        assert _metric(metrics, "psg_dicom_connections_closed_total", reason="acse_timeout") == 2
+        assert _wait(lambda: _threads(receiver) == 0)
+        # and the port works
+        assert _send(receiver.port, [], tls_args=(_client_ctx(cert), "localhost")) == []
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_per_host_cap_closes_extra_pending_connections_at_once(make_receiver):
+    receiver, _, metrics = make_receiver(_cfg(max_pending_per_host=2, acse_timeout_seconds=10.0))
+    socks = _silent(receiver.port, 3, source="127.0.0.2")
+    try:
+        start = time.monotonic()
+        assert _closed_by_server(socks[2], 3.0)
+        assert time.monotonic() - start < 3.0
+        assert not any(_closed_by_server(s, 0.2) for s in socks[:2])
+        assert receiver.pending_connections == 2
+        assert _metric(metrics, "psg_dicom_connections_closed_total", reason="per_host_cap") == 1
+        assert _threads(receiver) == 2  # refused in the accept loop: no thread for it
+        # another host is not affected
+        assoc = _scu().associate("127.0.0.1", receiver.port, ae_title="PSGGATEWAY")
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+        # once one of its pending connections is gone, the host may connect again
+        socks[0].close()
+        assert _wait(lambda: receiver.pending_connections == 1)
+        socks.extend(_silent(receiver.port, 1, source="127.0.0.2"))
+        assert _wait(lambda: receiver.pending_connections == 2)
+        assert not _closed_by_server(socks[-1], 0.2)
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_peer_closed_connection_released_at_once(make_receiver):
+    receiver, _, metrics = make_receiver(_cfg(acse_timeout_seconds=10.0))
+    socks = _silent(receiver.port, 2)
+    try:
+        assert _wait(lambda: receiver.pending_connections == 2)
+        assert _wait(lambda: _threads(receiver) == 2)
+        socks[0].close()
+        start = time.monotonic()
+        assert _wait(lambda: receiver.pending_connections == 1, 2.0)
+        assert time.monotonic() - start < 2.0  # not the 10 s ACSE timeout
+        assert _metric(metrics, "psg_dicom_connections_closed_total", reason="peer_closed") == 1
+        assert _metric(metrics, "psg_dicom_pending_connections") == 1
+        assert _wait(lambda: _threads(receiver) == 1, 2.0)  # its association thread ended as well
+        # something that is not DICOM: pynetdicom answers A-ABORT and the connection is released (at
+        # once, or when the peer closes: whichever comes first; which one is a race, not a promise)
+        http = socket.create_connection(("127.0.0.1", receiver.port), timeout=5)
+        socks.append(http)
+        http.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert http.recv(1) == b"\x07"  # an A-ABORT PDU
+        http.close()
+        assert _wait(lambda: receiver.pending_connections == 1, 2.0)
+        assert _metric(metrics, "psg_dicom_connections_closed_total", reason="invalid_pdu") == 1
+    finally:
+        for s in socks:
+            s.close()
+    assert _wait(lambda: receiver.pending_connections == 0, 2.0)
+
+
+def test_counts_for_health(make_receiver):
+    receiver, _, metrics = make_receiver(_cfg(acse_timeout_seconds=10.0))
+    assert (receiver.active_associations, receiver.pending_connections) == (0, 0)
+    socks = _silent(receiver.port, 2)
+    assoc = _scu().associate("127.0.0.1", receiver.port, ae_title="PSGGATEWAY")
+    try:
+        assert assoc.is_established
+        assert _wait(lambda: (receiver.active_associations, receiver.pending_connections) == (1, 2))
+        assert _metric(metrics, "psg_dicom_active_associations") == 1
+        assert _metric(metrics, "psg_dicom_pending_connections") == 2
+    finally:
+        assoc.release()
+        for s in socks:
+            s.close()
+    assert _wait(lambda: (receiver.active_associations, receiver.pending_connections) == (0, 0))
+    assert _metric(metrics, "psg_dicom_pending_connections") == 0
+    assert _metric(metrics, "psg_dicom_connections_closed_total", reason="peer_closed") == 2
+
+
+def test_stop_ends_pending_connections(make_receiver):
+    receiver, _, _ = make_receiver(_cfg(acse_timeout_seconds=30.0))
+    socks = _silent(receiver.port, 2)
+    try:
+        assert _wait(lambda: receiver.pending_connections == 2)
+        server = receiver._server
+        start = time.monotonic()
+        receiver.stop(timeout=1.0)
+        assert time.monotonic() - start < 5.0
+        assert all(_closed_by_server(s, 2.0) for s in socks)
+        assert _wait(lambda: not server.active_associations)
+        assert receiver.pending_connections == 0
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_request_waiting_peeks_without_consuming():
+    from gateway.sources.dicom_scp import _request_waiting
+
+    a, b = socket.socketpair()
+    try:
+        assert not _request_waiting(a)
+        body = bytes(range(68))
+        pdu = b"\x01\x00" + len(body).to_bytes(4, "big") + body
+        b.sendall(pdu[:10])
+        assert _wait(lambda: _request_waiting(a), 0.3) is False  # half a request
+        b.sendall(pdu[10:])
+        assert _wait(lambda: _request_waiting(a))
+        assert a.recv(len(pdu), socket.MSG_WAITALL) == pdu  # nothing was consumed
+        b.sendall(b"\x04\x00\x00\x00\x00\x00")  # a whole PDU, but not an A-ASSOCIATE-RQ
+        assert _wait(lambda: _request_waiting(a), 0.3) is False
+    finally:
+        a.close()
+        b.close()
+
+
 # ---- failures -----------------------------------------------------------------------------------------------
 
 

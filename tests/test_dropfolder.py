@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from gateway.config import DropFolderConfig
 from gateway.identifiers import find_sidecar
@@ -95,7 +96,8 @@ def test_complete_edf_claimed_after_stable_seconds(tmp_path: Path, clock: FakeCl
     assert isinstance(claim, ClaimedFile)
     assert claim.source == "sleeplab"
     assert claim.original_path == original
-    assert claim.spool_path == spool / "incoming" / claim.claim_id / "night.edf"
+    # named after the claim id (the original name can hold an MRN), the extension kept
+    assert claim.spool_path == spool / "incoming" / claim.claim_id / f"{claim.claim_id}.edf"
     assert claim.sidecars == ()
     assert claim.sha256 == hashlib.sha256(edf_bytes).hexdigest()
     assert claim.size == len(edf_bytes)
@@ -105,12 +107,14 @@ def test_complete_edf_claimed_after_stable_seconds(tmp_path: Path, clock: FakeCl
     assert claim.spool_path.read_bytes() == edf_bytes
     manifest = json.loads((claim.spool_path.parent / "claim.json").read_text())
     assert manifest["source"] == "sleeplab"
-    assert manifest["original_path"] == str(original)
-    assert manifest["recording"] == "night.edf"
+    assert manifest["version"] == 2
+    assert manifest["original_path"] == str(original)  # until registered (no `known` here): recovery needs it
+    assert manifest["recording"] == claim.spool_path.name
     assert manifest["sidecars"] == []
     assert manifest["filename_pattern"] == drop.filename_pattern
     assert manifest["claimed_at"]
-    assert sorted(p.name for p in claim.spool_path.parent.iterdir()) == ["claim.json", "night.edf"]
+    assert sorted(p.name for p in claim.spool_path.parent.iterdir()) == sorted(["claim.json", claim.spool_path.name])
+    assert claim.spool_path.stat().st_mode & 0o777 == 0o600  # whatever mode it had in the drop folder
     assert watcher.pending == 0
     assert _counter(metrics, "claimed") == 1
     # Never seen again.
@@ -182,7 +186,7 @@ def test_trailing_bytes_and_unknown_record_count(tmp_path: Path, clock: FakeCloc
     assert watcher.scan() == []
     clock.advance(2)
     claims = watcher.scan()
-    assert sorted(c.spool_path.name for c in claims) == ["longer.edf", "open.edf"]
+    assert sorted(c.original_path.name for c in claims) == ["longer.edf", "open.edf"]
 
 
 def test_change_of_size_or_mtime_resets_timer(tmp_path: Path, clock: FakeClock, edf_bytes: bytes) -> None:
@@ -238,11 +242,11 @@ def test_multiple_folders_own_labels_and_patterns(tmp_path: Path, clock: FakeClo
     _write(a.path / "123.edf", edf_bytes)
     _write(b.path / "456.edf", edf_bytes)
     [first] = watcher.scan()
-    assert (first.source, first.filename_pattern, first.spool_path.name) == ("lab-a", a.filename_pattern, "123.edf")
+    assert (first.source, first.filename_pattern, first.original_path.name) == ("lab-a", a.filename_pattern, "123.edf")
     assert watcher.pending == 1
     clock.advance(30)
     [second] = watcher.scan()
-    assert (second.source, second.filename_pattern, second.spool_path.name) == ("lab-b", None, "456.edf")
+    assert (second.source, second.filename_pattern, second.original_path.name) == ("lab-b", None, "456.edf")
 
 
 def test_excluded_folders_and_spool_inside_watched_folder(tmp_path: Path, clock: FakeClock,
@@ -255,7 +259,7 @@ def test_excluded_folders_and_spool_inside_watched_folder(tmp_path: Path, clock:
     _write(drop.path / "quarantine" / "bad" / "bad.edf", edf_bytes)
     _write(drop.path / "new.edf", edf_bytes)
     [claim] = watcher.scan()
-    assert claim.spool_path.name == "new.edf"
+    assert claim.original_path.name == "new.edf"
     assert claim.spool_path.is_relative_to(spool)
     clock.advance(100)
     assert watcher.scan() == []
@@ -267,21 +271,30 @@ def test_excluded_folders_and_spool_inside_watched_folder(tmp_path: Path, clock:
 # ---- sidecars ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sidecar_name", ["night.edf.json", "night.json"])
-def test_sidecar_claimed_with_recording(tmp_path: Path, clock: FakeClock, edf_bytes: bytes,
-                                        sidecar_name: str) -> None:
-    drop = _folder(tmp_path / "drop", stable_seconds=5)
+@pytest.mark.parametrize(("name", "sidecar_name", "spooled", "spooled_sidecar"), [
+    ("night.edf", "night.edf.json", "{c}.edf", "{c}.edf.json"),
+    ("night.edf", "night.json", "{c}.edf", "{c}.json"),
+    ("Night.EDF", "Night.EDF.json", "{c}.edf", "{c}.edf.json"),
+    ("DOE.JANE", "DOE.JANE.json", "{c}.dat", "{c}.dat.json"),  # an unknown extension is not kept
+    ("DOE.JANE", "DOE.json", "{c}.dat", "{c}.json"),
+])
+def test_sidecar_claimed_with_recording(tmp_path: Path, clock: FakeClock, edf_bytes: bytes, name: str,
+                                        sidecar_name: str, spooled: str, spooled_sidecar: str) -> None:
+    drop = _folder(tmp_path / "drop", stable_seconds=5, patterns=["*"])
     watcher = DropFolderWatcher([drop], tmp_path / "spool", clock=clock)
-    _write(drop.path / "night.edf", edf_bytes)
+    _write(drop.path / name, edf_bytes)
     sidecar = _write(drop.path / sidecar_name, b'{"patient_id": "MRN1"}')
     watcher.scan()
     clock.advance(5)
-    [claim] = watcher.scan()
-    assert claim.sidecars == (claim.spool_path.parent / sidecar_name,)
+    [claim] = [c for c in watcher.scan() if c.original_path.name == name]
+    c = claim.claim_id
+    # both renamed after the claim id, so that find_sidecar pairs them as it paired the originals
+    assert claim.spool_path.name == spooled.format(c=c)
+    assert claim.sidecars == (claim.spool_path.parent / spooled_sidecar.format(c=c),)
     assert find_sidecar(claim.spool_path) == claim.sidecars[0]
     assert claim.sidecars[0].read_bytes() == b'{"patient_id": "MRN1"}'
     assert not sidecar.exists()
-    assert json.loads((claim.spool_path.parent / "claim.json").read_text())["sidecars"] == [sidecar_name]
+    assert json.loads((claim.spool_path.parent / "claim.json").read_text())["sidecars"] == [claim.sidecars[0].name]
 
 
 def test_recording_waits_for_changing_sidecar(tmp_path: Path, clock: FakeClock, edf_bytes: bytes) -> None:
@@ -302,6 +315,38 @@ def test_recording_waits_for_changing_sidecar(tmp_path: Path, clock: FakeClock, 
     assert claim.sidecars[0].read_bytes() == b'{"patient_id": "MRN1"}'
 
 
+@pytest.mark.parametrize("kind", ["symlink", "folder"])
+def test_a_sidecar_that_is_not_a_regular_file_holds_the_recording(tmp_path: Path, clock: FakeClock,
+                                                                   edf_bytes: bytes, kind: str) -> None:
+    """Claimed without its sidecar, the study would go out under the header's identifiers: held instead,
+    with the reason (no file name) in the log and in ``held``, until the sidecar is fixed."""
+    drop = _folder(tmp_path / "drop", stable_seconds=5)
+    watcher = DropFolderWatcher([drop], tmp_path / "spool", clock=clock)
+    recording = _write(drop.path / "night.edf", edf_bytes)
+    real = _write(tmp_path / "elsewhere.json", b'{"patient_id": "MRN1"}')
+    sidecar = drop.path / "night.edf.json"
+    if kind == "symlink":
+        sidecar.symlink_to(real)
+    else:
+        sidecar.mkdir()
+    with capture_logs() as logs:
+        watcher.scan()
+        clock.advance(10)
+        assert watcher.scan() == [] and watcher.scan() == []
+    reason = "sidecar is a symbolic link" if kind == "symlink" else "sidecar is not a regular file"
+    assert watcher.held == {recording: reason} and recording.exists()
+    held = [e for e in logs if e["event"] == "dropfolder.held"]
+    assert len(held) == 1 and held[0]["reason"] == reason  # once, not at every scan
+    assert "night" not in json.dumps(held)
+    # the site replaces it with a regular file: claimed with it
+    sidecar.unlink() if kind == "symlink" else sidecar.rmdir()
+    _write(sidecar, b'{"patient_id": "MRN1"}')
+    watcher.scan()
+    clock.advance(5)
+    [claim] = watcher.scan()
+    assert claim.sidecars[0].read_bytes() == b'{"patient_id": "MRN1"}' and watcher.held == {}
+
+
 # ---- files that never complete, files that are not EDF -----------------------------------------------------
 
 
@@ -316,7 +361,7 @@ def test_truncated_file_claimed_after_grace(tmp_path: Path, clock: FakeClock, ed
     assert watcher.scan() == []
     assert watcher.pending == 2
     clock.advance(1)
-    claims = {c.spool_path.name: c for c in watcher.scan()}
+    claims = {c.original_path.name: c for c in watcher.scan()}
     assert set(claims) == {"cut.edf", "tiny.edf"}
     assert claims["cut.edf"].spool_path.read_bytes() == truncated
     assert watcher.pending == 0
@@ -360,7 +405,9 @@ def test_exdev_falls_back_to_copy_and_unlink(tmp_path: Path, clock: FakeClock, e
     assert claim.sha256 == hashlib.sha256(edf_bytes).hexdigest()
     assert claim.spool_path.stat().st_mtime_ns == 1_700_000_000 * 10**9
     assert claim.sidecars[0].read_bytes() == b"{}"
-    assert sorted(p.name for p in claim.spool_path.parent.iterdir()) == ["claim.json", "night.edf", "night.json"]
+    assert sorted(p.name for p in claim.spool_path.parent.iterdir()) == \
+        sorted(["claim.json", claim.spool_path.name, f"{claim.claim_id}.json"])
+    assert claim.spool_path.stat().st_mode & 0o777 == 0o600  # a copy is created private too
     assert any(Path(s).parent != Path(d).parent for s, d in calls)  # the cross-folder rename was tried
 
 
@@ -386,7 +433,7 @@ def test_vanished_and_permission_denied_never_crash_the_scan(tmp_path: Path, clo
     for name in ("gone.edf", "locked.edf", "fine.edf"):
         _write(drop.path / name, edf_bytes)
     [claim] = watcher.scan()
-    assert claim.spool_path.name == "fine.edf"
+    assert claim.original_path.name == "fine.edf"
     assert (drop.path / "locked.edf").exists()
     assert _counter(metrics, "failed") == 1
     assert _counter(metrics, "claimed") == 1
@@ -401,7 +448,7 @@ def test_vanished_and_permission_denied_never_crash_the_scan(tmp_path: Path, clo
     monkeypatch.setattr(dropfolder, "_rename", real_rename)
     clock.advance(3600)
     [late] = watcher.scan()
-    assert late.spool_path.name == "locked.edf"
+    assert late.original_path.name == "locked.edf"
 
 
 def test_sidecar_permission_denied_rolls_back_the_claim(tmp_path: Path, clock: FakeClock, edf_bytes: bytes,
@@ -434,10 +481,10 @@ def test_recover_claims_rebuilds_unregistered(tmp_path: Path, clock: FakeClock, 
     _write(drop.path / "one.edf", edf_bytes)
     _write(drop.path / "one.edf.json", b'{"patient_id": "1"}')
     _write(drop.path / "two.edf", edf_bytes[:-10])
-    claims = {c.spool_path.name: c for c in watcher.scan()}
+    claims = {c.original_path.name: c for c in watcher.scan()}
     assert set(claims) == {"one.edf"}  # two.edf is short, waiting
     clock.advance(4000)
-    claims.update({c.spool_path.name: c for c in watcher.scan()})
+    claims.update({c.original_path.name: c for c in watcher.scan()})
     # A crash before the recording was moved in: only the manifest.
     stale = spool / "incoming" / "0000"
     stale.mkdir()
@@ -445,8 +492,11 @@ def test_recover_claims_rebuilds_unregistered(tmp_path: Path, clock: FakeClock, 
 
     registered = {claims["two.edf"].spool_path}
     recovered = recover_claims(spool, lambda p: p in registered)
-    assert recovered == [claims["one.edf"]]
+    assert recovered == [claims["one.edf"]]  # with its original path: the name for input_name
     assert not stale.exists()
+    # a registered claim's manifest forgets the original path (the database has the name)
+    two = json.loads((claims["two.edf"].spool_path.parent / "claim.json").read_text())
+    assert "original_path" not in two and "two" not in json.dumps(two)
     assert recover_claims(spool, lambda p: True) == []
     assert recover_claims(tmp_path / "no-spool", lambda p: False) == []
 

@@ -109,7 +109,7 @@ def test_sidecar_stating_unknown_sex_overrides_the_header_null_does_not(tmp_path
 
 
 @pytest.mark.parametrize(("content", "needle"), [
-    ("{not json", "not valid JSON (line 1"),
+    ("{not json", "not valid JSON: line 1"),
     ("[1, 2]", "must hold a JSON object"),
     ('{"sex": "Femme"}', "sex must be M, F or unknown"),
     ('{"birth_date": "02/03/1961"}', "birth_date must be a date"),

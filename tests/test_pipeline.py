@@ -52,9 +52,11 @@ def test_file_study_goes_to_inferred_with_outputs_and_input_in_processed(env, ni
     for name in ("night.npy", "hypnogram.csv", "metrics.json", "hazards.csv", "embeddings/BAS.npy"):
         assert (out / name).is_file(), name
     assert {o.name for o in repo.outputs(study.id)} >= {"night.npy", "metrics.json"}
-    # input moved with its claim folder, bytes intact, spool emptied
+    # input moved with its claim folder, bytes intact, spool emptied; named after the study key, the
+    # name it arrived under kept in the database only
     moved = Path(done.input_path)
-    assert moved == paths.processed / study.key / "night.edf" and moved.read_bytes() == night_bytes
+    assert moved == paths.processed / study.key / f"{study.key}.edf" and moved.read_bytes() == night_bytes
+    assert done.input_name == "night.edf"
     assert (paths.processed / study.key / "claim.json").is_file()
     assert not (paths.spool / "incoming" / "c1").exists()
     events = [(e.event, e.to_state) for e in repo.events(study.id)]
@@ -99,10 +101,10 @@ def test_corrupt_file_is_failed_and_quarantined_with_reason(env):
     assert failed.state == State.FAILED and failed.error_kind == "permanent"
     assert failed.last_error.startswith("unreadable input")
     q = paths.quarantine / study.key
-    assert (q / "broken.edf").read_bytes() == data
+    assert (q / f"{study.key}.edf").read_bytes() == data
     reason = (q / "REASON.txt").read_text()
     assert "unreadable input" in reason and f"studies retry {study.id}" in reason
-    assert Path(failed.input_path) == q / "broken.edf"
+    assert Path(failed.input_path) == q / f"{study.key}.edf"
 
 
 def _zero_record_edf(night: bytes) -> bytes:
@@ -131,9 +133,10 @@ def test_short_and_empty_recordings_fail_permanently_with_a_clean_reason(env, ni
     assert failed.state == State.FAILED and failed.error_kind == "permanent"
     assert failed.last_error == reason
     q = paths.quarantine / study.key
-    assert (q / "Doe_Jane.edf").read_bytes() == data
+    assert (q / f"{study.key}.edf").read_bytes() == data
+    assert not [p for p in q.iterdir() if "Doe_Jane" in p.name]
     text = (q / "REASON.txt").read_text()
-    assert reason in text and "Doe_Jane" not in text.replace(str(q), "")
+    assert reason in text and "Doe_Jane" not in text
 
 
 def test_unmapped_channels_fail_with_montage_reason_then_retry_after_fix(env, night_bytes, tmp_path):
@@ -152,7 +155,7 @@ def test_unmapped_channels_fail_with_montage_reason_then_retry_after_fix(env, ni
     pipe.run_once("w")
     done = repo.get(study.id)
     assert done.state == State.FLAGGED
-    assert Path(done.input_path) == paths.processed / study.key / "night.edf"
+    assert Path(done.input_path) == paths.processed / study.key / f"{study.key}.edf"
 
 
 def test_broken_montage_edit_keeps_previous_table(env, tmp_path):
@@ -207,7 +210,7 @@ def test_transient_error_gives_up_after_max_attempts(env, night_bytes, monkeypat
         time.sleep(0.01)
     failed = repo.get(study.id)
     assert failed.state == State.FAILED and "gave up after 2 attempts" in failed.last_error
-    assert (paths.quarantine / study.key / "night.edf").is_file()
+    assert (paths.quarantine / study.key / f"{study.key}.edf").is_file()
 
 
 def test_resume_from_mapped_after_crash_and_reconcile_moves(env, night_bytes):
@@ -233,8 +236,8 @@ def test_reconcile_finishes_a_move_interrupted_by_a_crash(env, night_bytes):
         c = repo.transition(c, s, "w", "x")
     # committed FLAGGED, crashed before the move
     assert pipe.reconcile() == 1
-    assert (paths.processed / study.key / "night.edf").read_bytes() == night_bytes
-    assert repo.get(study.id).input_path == str(paths.processed / study.key / "night.edf")
+    assert (paths.processed / study.key / f"{study.key}.edf").read_bytes() == night_bytes
+    assert repo.get(study.id).input_path == str(paths.processed / study.key / f"{study.key}.edf")
 
 
 def test_error_reasons_never_quote_file_names():
@@ -418,7 +421,7 @@ def test_a_dead_letter_quarantines_its_input_with_the_delivery_reason(env, night
         failed = repo.get(study.id)
         assert failed.state == State.FAILED and failed.last_error.startswith("delivery: AE")
         quarantined = paths.quarantine / study.key
-        assert Path(failed.input_path) == quarantined / "night.edf"
+        assert Path(failed.input_path) == quarantined / f"{study.key}.edf"
         assert Path(failed.input_path).read_bytes() == night_bytes
         reason = (quarantined / "REASON.txt").read_text()
         assert "delivery: AE: unknown patient" in reason and "outbox retry" in reason
@@ -429,7 +432,7 @@ def test_a_dead_letter_quarantines_its_input_with_the_delivery_reason(env, night
         assert deliverer.drain() == 1
         delivered = repo.get(study.id)
         assert delivered.state == State.DELIVERED
-        assert Path(delivered.input_path) == paths.processed / study.key / "night.edf"
+        assert Path(delivered.input_path) == paths.processed / study.key / f"{study.key}.edf"
         assert not quarantined.exists()
         deliverer.close()
 

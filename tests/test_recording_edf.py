@@ -316,7 +316,10 @@ def test_pyedflib_rejection_falls_back_to_the_raw_reader(night, tmp_path):
     recording = read_edf(odd, warnings=warnings)
     assert any("pyedflib refused" in w and "raw EDF parser" in w for w in warnings)
     assert recording.format == "EDF+C" and len(recording.channels) == 18
-    assert recording.identifiers.patient_id == "SYN-0001 Q 01-JAN-1970 Name"  # not the EDF+ layout
+    # Still the EDF+ layout (a valid birth date after a one-word sex subfield): the code is the id, the
+    # unknown sex code is flagged (identifier_limits warns), not the whole field (name and birth date) as an id.
+    assert recording.identifiers.patient_id == "SYN-0001" and recording.demographics.sex is None
+    assert recording.demographics.sex_unrecognised
     assert [a.text for a in recording.annotations] == ["Lights off", "Lights on"]
     np.testing.assert_array_equal(recording.channels[3].read(), read_edf(night).channels[3].read())
 

@@ -21,6 +21,10 @@ whose table holds ``patient_id`` (etc.), writing without ``identifiers`` raises 
 researcher who re-runs a batch without ``--export-identifiers`` would otherwise lose the patient column,
 and ``heads fit`` would silently split by study instead of by patient.
 
+The folders this creates are private (0700, or 0750 with a ``service.group``) and so are the files (0600/0640;
+a hard link shares the stored output's mode, which is private too): the table holds identifiers with
+``identifiers=True`` and the embeddings are a person's. A folder that already exists keeps its mode.
+
 The study key is a random hex key, never PHI: paths carry nothing else. The npy files are hard links to the
 gateway's stored outputs when both are on one file system (no space used, instant), copies otherwise; a
 file already there with the same size is kept, so a resumed batch re-exports in seconds.
@@ -45,7 +49,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from gateway.flags import HazardRow, read_hazards
-from gateway.fsutil import atomic_write, atomic_write_with
+from gateway.fsutil import atomic_write, atomic_write_with, private_mkdir
 from gateway.store.models import Study
 
 __all__ = ["ExportError", "ExportReport", "check_export_dir", "check_identifiers_kept", "export_studies",
@@ -91,7 +95,7 @@ def check_export_dir(path: Path) -> Path:
     if path.exists() and not path.is_dir():
         raise ExportError(f"export folder {path} is a file, not a folder")
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        private_mkdir(path)  # not the umask's 0755: the export holds embeddings (and maybe identifiers)
     except OSError as exc:
         raise ExportError(f"cannot create export folder {path}: {_reason(exc)}") from exc
     try:
@@ -392,7 +396,7 @@ def export_studies(studies: Iterable[Study], out_dir: Path, *, identifiers: bool
                 files.append((f"{modality}_tokens.npy", found.folder / EMBEDDINGS_DIR / f"{modality}.npy"))
         dest = emb_root / study.key
         try:
-            dest.mkdir(parents=True, exist_ok=True)
+            private_mkdir(dest)
         except OSError as exc:
             raise ExportError(f"cannot create {dest}: {_reason(exc)}") from exc
         for name, src in files:

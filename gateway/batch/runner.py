@@ -20,6 +20,7 @@ The run, in order:
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import signal
 import time
@@ -43,7 +44,7 @@ from ..heads.store import HeadError
 from ..logging import get_logger
 from ..metrics import Metrics
 from ..model import load_model
-from ..pipeline import MontageHolder, Pipeline, StepError
+from ..pipeline import MontageHolder, Pipeline, StepError, study_logging
 from ..store.batch_repo import BatchRepo
 from ..store.db import make_engine, normalise_url, upgrade
 from ..store.models import PIPELINE_DONE, State, Study
@@ -58,6 +59,18 @@ from .work import FileHash, Prepared, PrepareJob, WorkFailure, choose_spill_dir
 __all__ = ["BatchError", "BatchOptions", "BatchOutcome", "BatchRunner"]
 
 log = get_logger("psg.batch")
+
+
+def _study_bound(method: Any) -> Any:
+    """Run a per-study step (``method(self, entry, ...)``) with the entry's study bound to the log context,
+    as the daemon's ``Pipeline.process`` does: its key on events, its identifiers redacted (the runner
+    interleaves studies in one thread, so the binding is per step, not per study)."""
+    @functools.wraps(method)
+    def bound(self: Any, entry: Any, *args: Any, **kwargs: Any) -> Any:
+        with study_logging(entry.study):
+            return method(self, entry, *args, **kwargs)
+    return bound
+
 
 # The pipeline's part is over (QUEUED included: delivery is the daemon's job, not the batch's).
 _FINAL = [str(s) for s in PIPELINE_DONE]
@@ -453,6 +466,7 @@ class BatchRunner:
             for (entry, prepared), outcome in zip(batch, outcomes):
                 self._inferred(entry, prepared, outcome)
 
+    @_study_bound
     def _prepared(self, entry: _Entry, outcome: Prepared | WorkFailure | BaseException) -> None:
         if isinstance(outcome, WorkFailure):
             self.backend.release(outcome)
@@ -491,6 +505,7 @@ class BatchRunner:
         finally:
             self.backend.release(prepared)
 
+    @_study_bound
     def _finish(self, entry: _Entry, step: Any) -> None:
         """Run the last committing step(s) of a study and count the state it ends in."""
         try:
@@ -512,6 +527,7 @@ class BatchRunner:
         if study.output_path:
             self.export_ids.append(study.id)
 
+    @_study_bound
     def _failed(self, entry: _Entry, exc: BaseException) -> None:
         assert entry.study is not None
         current = self.pipeline.fail(entry.study, self.worker, exc)

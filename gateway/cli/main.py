@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..fsutil import set_private_mode
 from .batch_cmd import batch
 from .demo_cmd import demo
 from .heads_cmd import heads_app
@@ -46,6 +47,14 @@ app.command("batch")(batch)
 
 err = Console(stderr=True)
 out = Console()
+
+
+@app.callback()
+def _private_files(ctx: typer.Context) -> None:
+    """Every command writes private files (umask 0077; 0027 once a config with ``service.group`` is
+    loaded), whatever umask the launcher left. Restored when the command ends: a command run in-process
+    (typer's CliRunner, the tests) leaves its caller's umask as it was."""
+    ctx.call_on_close(set_private_mode(None))
 
 
 def _fail(message: str, code: int = 2) -> None:

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..fsutil import atomic_write
+from ..fsutil import atomic_write, launcher_umask
 from ..montage import (
     BUILTIN_NAME,
     DEFAULT_RESOURCE,
@@ -648,8 +648,9 @@ def _locked(folder: Path) -> Iterator[None]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` durably and atomically, keeping an existing table's permissions."""
-    mode = path.stat().st_mode & 0o7777 if path.exists() else None
+    """Write ``text`` to ``path`` durably and atomically, keeping an existing table's permissions; a new
+    table is an ordinary file (the launcher's umask): configuration, not PHI, which the daemon's user reads."""
+    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~launcher_umask()
     atomic_write(path, text.encode("utf-8"), mode=mode)
 
 

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..config import ConfigError, GatewayConfig, load_config
+from ..fsutil import set_private_mode
 from .store_access import StoreConfigOption
 
 err = Console(stderr=True)
@@ -25,13 +26,24 @@ db_app = typer.Typer(help="Database schema: upgrade to the current version, or s
 
 
 def load_or_exit(path: Path | None) -> GatewayConfig:
+    """The configuration, or exit 2 with every problem. With ``service.group`` set, files this command
+    creates from now on are 0640/0750 of that group (the app's callback made them 0600/0700)."""
     try:
-        return load_config(path)
+        cfg = load_config(path)
     except ConfigError as exc:
         err.print(f"[bold red]configuration error[/] in {escape(exc.source)}:", soft_wrap=True)
         for problem in exc.problems:
             err.print(f"  {problem}", markup=False, highlight=False, soft_wrap=True)  # one line per problem
         raise typer.Exit(2) from None
+    if cfg.service.group is not None:
+        try:
+            set_private_mode(cfg.service.group)
+        except ValueError as exc:
+            # An admin outside the group may still read (studies list, config show): this command's files
+            # stay 0600, which is stricter; the daemon itself refuses to start instead.
+            err.print(f"[yellow]warning:[/] {escape(str(exc))}; files this command writes are 0600",
+                      soft_wrap=True, highlight=False)
+    return cfg
 
 
 def run(config: ConfigOption = None) -> None:

@@ -31,7 +31,7 @@ from datetime import date, datetime
 
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.core import Message
-from hl7apy.exceptions import HL7apyException
+from hl7apy.exceptions import HL7apyException, MaxLengthReached
 from hl7apy.v2_5_1 import get_base_datatypes
 
 __all__ = [
@@ -86,7 +86,16 @@ _SEXES = {"M", "F", "O", "U", "A", "N"}  # HL7 table 0001
 
 
 class OruError(ValueError):
-    """The study cannot be expressed as a valid ORU^R01 (the message says which field and why)."""
+    """The study cannot be expressed as a valid ORU^R01 (the message says which field and why, never the
+    value: it is stored as the study's failure reason and logged, and the value can be a patient's MRN)."""
+
+
+def _problem(exc: HL7apyException) -> str:
+    """What hl7apy refused, without the value: its MaxLengthReached text quotes the whole value (a
+    10,000-character patient id once filled a log line); its structure errors name elements only."""
+    if isinstance(exc, MaxLengthReached):
+        return f"exceeds its maximum length ({exc.limit} characters)"
+    return f"is not valid ({type(exc).__name__})"
 
 
 @dataclass(frozen=True)
@@ -184,7 +193,7 @@ def _ident(value: str | None, what: str, kind: Callable[[str], object] = _ST) ->
     try:
         return kind(_esc(value))
     except HL7apyException as exc:
-        raise OruError(f"{what}: {value!r} does not fit ({exc})") from None
+        raise OruError(f"{what} {_problem(exc)}") from None
 
 
 def _nm(value: float, what: str) -> str:
@@ -192,13 +201,13 @@ def _nm(value: float, what: str) -> str:
     try:
         x = float(value)
     except (TypeError, ValueError):
-        raise OruError(f"{what}: {value!r} is not a number") from None
+        raise OruError(f"{what} is not a number") from None
     if not math.isfinite(x):
-        raise OruError(f"{what}: {value!r} is not a finite number")
+        raise OruError(f"{what} is not a finite number")
     s = f"{x:.6f}".rstrip("0").rstrip(".")
     s = "0" if s in ("", "-0") else s
     if len(s) > 16:
-        raise OruError(f"{what}: {value!r} does not fit an NM value")
+        raise OruError(f"{what} does not fit an NM value (16 characters)")
     return s
 
 
@@ -228,7 +237,7 @@ def _msh(msg: Message, study: OruStudy, s: OruSettings, control_id: str, now: da
     msh.msh_9.msg_2 = _ID("R01")
     msh.msh_9.msg_3 = _ID("ORU_R01")
     if not _clean(control_id) or len(_clean(control_id)) > 20:
-        raise OruError(f"MSH-10 control id: {control_id!r} must be 1 to 20 characters")
+        raise OruError("MSH-10 control id must be 1 to 20 characters")
     msh.msh_10 = _ident(control_id, "MSH-10 control id")
     msh.msh_11.pt_1 = _ID("P" if study.validated else "T")
     msh.msh_18 = _ID("UNICODE UTF-8")
@@ -352,7 +361,7 @@ def build_oru(study: OruStudy, flags: Sequence[OruFlag], metrics: Sequence[OruMe
     """
     s = settings
     if s.result_status not in ("P", "F"):
-        raise OruError(f"result status {s.result_status!r}: an original result is P or F")
+        raise OruError("result status (hl7.result_status): an original result is P or F")
     status = "C" if correction else s.result_status
     try:
         msg = Message("ORU_R01", version=_VERSION, validation_level=_STRICT)
@@ -419,4 +428,7 @@ def build_oru(study: OruStudy, flags: Sequence[OruFlag], metrics: Sequence[OruMe
     except OruError:
         raise
     except HL7apyException as exc:
-        raise OruError(f"ORU^R01 for study {study.study_key} is not valid HL7 v2.5.1: {exc}") from exc
+        # Structure errors name segments and fields ("Missing required child ORU_R01.PID"), not values;
+        # a value refused on assignment is told by kind only (_problem).
+        detail = f"a value {_problem(exc)}" if isinstance(exc, MaxLengthReached) else f"{type(exc).__name__}: {exc}"
+        raise OruError(f"ORU^R01 for study {study.study_key} is not valid HL7 v2.5.1: {detail}") from exc

@@ -260,6 +260,7 @@ class _Instance:
     sex: str | None
     birth_date: date | None
     age_years: float | None
+    sex_unrecognised: bool = False  # Patient's Sex held a code other than M, F, O (or nothing)
 
 
 @dataclass
@@ -451,6 +452,7 @@ def _decode_instance(path: Path, ds, *, ignore_unsupported: bool) -> _Instance |
         patient_name=_text(ds, "PatientName"),
         accession=_text(ds, "AccessionNumber"),
         sex=_sex(_text(ds, "PatientSex")),
+        sex_unrecognised=_sex_unrecognised(_text(ds, "PatientSex")),
         birth_date=_date(_text(ds, "PatientBirthDate")),
         age_years=parse_patient_age(_text(ds, "PatientAge")),
     )
@@ -811,7 +813,10 @@ def _who(instances: list[_Instance], paths: list[Path]) -> tuple[Identifiers, De
         "study_uid": first.study_uid,
         "patient_id_issuer": pick("issuer"),
     }
-    demographics = Demographics(sex=pick("sex"), birth_date=pick("birth_date"), age_years=pick("age_years"))
+    sex = pick("sex")
+    # An unrecognised code matters only when no instance gives M or F; identifier_limits reports it.
+    demographics = Demographics(sex=sex, birth_date=pick("birth_date"), age_years=pick("age_years"),
+                                sex_unrecognised=sex is None and any(i.sex_unrecognised for i in instances))
     return Identifiers(**values), demographics
 
 
@@ -891,3 +896,8 @@ def _float(path: Path, where: str, ds, keyword: str) -> float:
 def _sex(value: str | None) -> str | None:
     value = (value or "").strip().upper()
     return value if value in ("M", "F") else None
+
+
+def _sex_unrecognised(value: str | None) -> bool:
+    """True for a Patient's Sex that is not one of PS3.3's codes (M, F, O) nor empty."""
+    return (value or "").strip().upper() not in ("", "M", "F", "O")

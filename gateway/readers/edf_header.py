@@ -511,16 +511,23 @@ def patient_fields(patient: str) -> tuple[Identifiers, Demographics]:
     """EDF+ 'local patient identification': ``code sex birthdate name [additional...]``.
 
     Many plain-EDF writers (Sleep-EDF, for one) use the same layout, so it is recognised whenever the
-    sex and birth-date subfields look right. Otherwise the whole field is kept as the patient id.
+    sex and birth-date subfields look right, or the birth-date subfield is a valid ``dd-MMM-yyyy`` date
+    after a one-word sex subfield (a sex code other than M/F/X, such as ``U``, is then unknown, and flagged
+    so that :mod:`gateway.identifier_limits` warns). Otherwise the whole field is kept as the patient id.
     """
     parts = patient.split()
-    if (len(parts) >= 3 and parts[1].upper() in ("M", "F", "X")
-            and (parts[2].upper() == "X" or parse_edfplus_date(parts[2]) is not None)):
+    sex_code = parts[1].upper() if len(parts) >= 3 else ""
+    birth = parse_edfplus_date(parts[2]) if len(parts) >= 3 else None
+    # A real date after a one-word sex subfield is layout enough: without this, "MRN U 02-MAY-1951 Name"
+    # became one patient id holding the name and birth date. ("Subject 3 01-JAN-2000" stays free text.)
+    worded = sex_code.isalpha() and len(sex_code) <= 7
+    if len(parts) >= 3 and ((birth is not None and worded)
+                            or (sex_code in ("M", "F", "X") and parts[2].upper() == "X")):
         code = parts[0] if parts[0].upper() != "X" else None
-        sex = parts[1].upper() if parts[1].upper() in ("M", "F") else None
-        birth = parse_edfplus_date(parts[2])
+        sex = sex_code if sex_code in ("M", "F") else None
         name = parts[3] if len(parts) > 3 and parts[3].upper() != "X" else None
-        return Identifiers(patient_id=code, patient_name=name), Demographics(sex=sex, birth_date=birth)
+        return (Identifiers(patient_id=code, patient_name=name),
+                Demographics(sex=sex, birth_date=birth, sex_unrecognised=sex_code not in ("M", "F", "X")))
     return Identifiers(patient_id=patient or None), Demographics()
 
 

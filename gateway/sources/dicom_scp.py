@@ -35,10 +35,36 @@ Association security (A-ASSOCIATE-RJ, permanent, service user)
     The called AE title must equal ``cfg.ae_title`` when ``cfg.require_called_ae`` (diagnostic 7); with
     a non-empty ``cfg.allowed_callers`` the calling AE title must be listed and, where the entry has a
     ``host``, the peer's address must be one of that host's addresses (diagnostic 3).
-    ``cfg.max_associations`` is pynetdicom's ``maximum_associations`` (transient, local limit exceeded).
+    At most ``cfg.max_associations`` associations at once (A-ASSOCIATE-RJ transient, local limit exceeded),
+    counted by the receiver itself (see below): only callers that passed these checks hold one.
     ``cfg.tls`` wraps every connection in TLS (1.2 or later); ``require_client_cert`` with ``ca_file``
     makes it mutual. The TLS handshake runs in the association's thread, not in the accept loop, so a
-    client that never completes it blocks nobody but itself.
+    client that never completes it blocks nobody but itself (and is closed at the ACSE timeout, below).
+
+Connections before their A-ASSOCIATE-RQ (nobody can starve the port)
+    pynetdicom starts an association thread for every TCP connection and counts every live one against its
+    ``maximum_associations``, from the accept on: connections that never send an A-ASSOCIATE-RQ held every
+    slot for the ACSE timeout (and after their peer had closed them), while an allowed modality was
+    rejected. So pynetdicom's own limit is switched off and:
+
+    - *slots*: ``cfg.max_associations`` is checked in ``EVT_REQUESTED``, after the called/calling AE checks,
+      and counts only associations that got that far (released when their connection closes): a connection
+      holds a slot from its accepted A-ASSOCIATE-RQ until it closes, a silent one or a refused caller never.
+    - *pending*: a connection is pending from its accept until its A-ASSOCIATE-RQ reaches the association
+      thread. ``cfg.acse_timeout_seconds`` after the accept, a pending connection is shut down by the
+      receiver's reaper thread (whatever pynetdicom is blocked in: a half-sent PDU or a TLS handshake), and a
+      pending connection its peer closed is released at once (its association thread, which would wait for
+      the request until the ACSE timeout, is woken and ends).
+    - *per host*: a host with ``cfg.max_pending_per_host`` pending connections has the next one closed in
+      the accept loop (no thread), unless some of its pending ones already have a complete A-ASSOCIATE-RQ
+      waiting unread (plain TCP): a sender opening several associations at once is not refused.
+
+    So an allowed caller is turned away only while ``cfg.max_associations`` allowed callers are associated,
+    or while its own host keeps ``cfg.max_pending_per_host`` connections silent; other hosts cannot do it.
+    Silent connections still cost two threads each (pynetdicom's), for at most the ACSE timeout.
+    Counted in :attr:`DicomReceiver.pending_connections`, ``psg_dicom_pending_connections`` and
+    ``psg_dicom_connections_closed_total{reason}`` (acse_timeout, per_host_cap, peer_closed, invalid_pdu,
+    shutdown).
 
 Process-wide settings
     pynetdicom's chunked receive is a module-level switch: :meth:`DicomReceiver.start` turns it on for
@@ -80,6 +106,7 @@ never patient names or IDs.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -96,6 +123,7 @@ import time
 import types
 import uuid
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -118,8 +146,10 @@ from pynetdicom import dsutils as _dsutils
 from pynetdicom import dul as _dul
 from pynetdicom import pdu as _pdu
 from pynetdicom import pdu_items as _pdu_items
-from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.pdu_primitives import A_ASSOCIATE, P_DATA
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from ..config import DicomConfig, TlsConfig
 from ..fsutil import fsync_dir
@@ -404,7 +434,7 @@ def _wake_unassociated(assoc: Any) -> None:
     if assoc.is_established or assoc.is_rejected or assoc.is_aborted or assoc.is_released:
         return
     queue = getattr(getattr(assoc, "dul", None), "to_user_queue", None)
-    if queue is not None and queue.empty():
+    if queue is not None and queue.empty() and not getattr(queue, "requested", False):
         queue.put(None)
 
 
@@ -475,13 +505,44 @@ class _Waker:
 class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
     """A Queue that calls ``wake`` after each put (the reader waits on it instead of polling)."""
 
-    def __init__(self, wake: Any) -> None:
+    def __init__(self, wake: Callable[[], None] | None = None) -> None:
         super().__init__()
         self._wake = wake
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         super().put(item, block, timeout)
-        self._wake()
+        if self._wake is not None:
+            self._wake()
+
+
+class _UserQueue(_WakingQueue):
+    """``dul.to_user_queue`` of this receiver's associations: notes when the A-ASSOCIATE-RQ is handed to the
+    association thread (calling ``on_request``: the connection is no longer pending), and wakes that thread
+    when the connection ends before any request (:meth:`wake_unrequested`).
+
+    Only the DUL thread puts requests here, and it also runs ``EVT_CONN_CLOSE``: called from there,
+    :meth:`wake_unrequested` cannot race with a request being delivered.
+    """
+
+    def __init__(self, wake: Callable[[], None] | None = None) -> None:
+        super().__init__(wake)
+        self.requested = False
+        self.on_request: Callable[[], None] | None = None
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        if not self.requested and isinstance(item, A_ASSOCIATE):
+            self.requested = True
+            if self.on_request is not None:
+                self.on_request()
+        super().put(item, block, timeout)
+
+    def wake_unrequested(self) -> bool:
+        """End the association thread's wait for the request (pynetdicom takes ``None`` as its ACSE timeout:
+        it stops the DUL and closes the socket). Nothing once a request was delivered. True when woken."""
+        if self.requested:
+            return False
+        super().put(None)
+        return True
 
 
 def _dul_run_reactor(self: Any) -> None:
@@ -758,7 +819,7 @@ def _install_fast_paths(assoc: Any) -> bool:
     waker = _Waker()
     dul._psg_waker = assoc._psg_waker = waker
     dul.to_provider_queue = _WakingQueue(waker.wake_dul)
-    dul.to_user_queue = _WakingQueue(waker.wake_assoc)
+    dul.to_user_queue = _UserQueue(waker.wake_assoc)
     dimse.msg_queue = _WakingQueue(waker.wake_assoc)
     dul._read_pdu_data = types.MethodType(_dul_read_pdu_data, dul)
     dimse.send_msg = types.MethodType(_dimse_send_msg, dimse)
@@ -807,6 +868,80 @@ def _scan_uids(fh: Any, transfer_syntax: str | None) -> tuple[Any, Any] | None:
     return study, series
 
 
+# ---- connections before their A-ASSOCIATE-RQ ---------------------------------------------------------------
+
+# pynetdicom counts every live association thread against AE.maximum_associations, silent connections included;
+# the receiver counts its own slots instead (``DicomReceiver._on_requested``), so pynetdicom's check never fires.
+_NO_PYNETDICOM_LIMIT = 1 << 30
+_HANGUP_GRACE = 5.0  # s: a pending entry still there this long after its hang-up is dropped (never seen stuck)
+# bytes: a larger A-ASSOCIATE-RQ (rare: 128 presentation contexts take ~20 KiB) is not looked for in the receive
+# buffer, so that a host at its cap cannot make the accept loop copy much
+_MAX_PEEK = 64 * 1024
+_CLOSED_LOG_EVERY = 60.0  # s: one log line per (reason, host) at most, with the number left out
+_PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A connection that has not yet handed an A-ASSOCIATE-RQ to its association thread."""
+
+    sock: Any  # the accepted socket (an SSLSocket with TLS), as the accept loop got it
+    host: str
+    deadline: float  # time.monotonic() by which the request must have arrived
+    hung_up_at: float | None = None  # set by the reaper when it shut the socket down
+
+
+def _request_waiting(sock: Any) -> bool:
+    """True when a whole A-ASSOCIATE-RQ PDU waits unread in ``sock``'s receive buffer (plain TCP only).
+
+    Such a connection has spoken DICOM; pynetdicom just has not read it yet. Never blocks (the caller is the
+    accept loop): TLS sockets, sockets with a timeout and platforms without ``MSG_DONTWAIT`` answer False.
+    """
+    if (isinstance(sock, ssl.SSLSocket) or not getattr(socket, "MSG_DONTWAIT", 0)
+            or sock.gettimeout() is not None):
+        return False
+    try:
+        head = sock.recv(6, _PEEK_FLAGS)
+        if len(head) < 6 or head[0] != 0x01:
+            return False
+        length = _UINT4_BE.unpack_from(head, 2)[0]
+        return length <= _MAX_PEEK and len(sock.recv(6 + length, _PEEK_FLAGS)) == 6 + length
+    except (OSError, ValueError):
+        return False
+
+
+def _hang_up(sock: Any) -> None:
+    """Shut ``sock`` down in both directions, whatever thread is blocked on it (its recv returns b"").
+
+    The plain socket's ``shutdown`` also for an SSLSocket, whose own would drop its TLS state under a reader.
+    """
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except (OSError, ValueError, TypeError):
+        pass
+
+
+class _GatewayServer(ThreadedAssociationServer):
+    """pynetdicom's threaded association server with the receiver's gate in its accept loop.
+
+    ``verify_request`` runs in the accept loop before any thread exists: a connection refused there (the
+    per-host cap) costs nothing but the accept. ``shutdown_request`` (every socket the server closes: refused,
+    failed to start, or at the end of an association thread) forgets a pending connection.
+    """
+
+    gate: DicomReceiver | None = None
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        gate = self.gate
+        return True if gate is None else gate._admit(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        gate = self.gate
+        if gate is not None:
+            gate._forget(request)
+        super().shutdown_request(request)
+
+
 class _Refused(Exception):
     """An instance refused for its content (status in ``status``)."""
 
@@ -832,6 +967,13 @@ class DicomReceiver:
         self._lock = threading.Lock()
         self._active: set[int] = set()  # id() of established associations
         self._aborted: set[int] = set()
+        self._slots: dict[int, Any] = {}  # id() -> association, from its accepted A-ASSOCIATE-RQ to its close
+        self._pending: dict[Any, _Pending] = {}  # accepted socket -> connection still without a request
+        self._pending_by_host: dict[str, set[_Pending]] = {}
+        self._closed_logged: dict[tuple[str, str], tuple[float, int]] = {}
+        self._stopping = False
+        self._reaper: threading.Thread | None = None
+        self._reaper_wake = threading.Event()
         self._inflight: dict[str, threading.Event] = {}  # SOP Instance UID -> done
         self._callers: dict[str, list[frozenset[str] | None]] = {}
 
@@ -852,9 +994,11 @@ class DicomReceiver:
 
         ae = AE(ae_title=cfg.ae_title)
         ae.maximum_pdu_size = 0  # unlimited: the sender picks its PDU size
-        ae.maximum_associations = cfg.max_associations
+        ae.maximum_associations = _NO_PYNETDICOM_LIMIT  # cfg.max_associations: counted in _on_requested
         ae.network_timeout = cfg.network_timeout_seconds
-        ae.acse_timeout = cfg.network_timeout_seconds
+        # pynetdicom's wait for the A-ASSOCIATE-RQ and its ARTIM timer; the reaper enforces the same deadline
+        # from the accept on, also on a connection blocked in a half-sent PDU or a TLS handshake.
+        ae.acse_timeout = cfg.acse_timeout_seconds
         ae.dimse_timeout = cfg.network_timeout_seconds
         ae.require_called_aet = False  # checked in _on_requested, with logs and metrics
         ae.require_calling_aet = []
@@ -880,12 +1024,22 @@ class DicomReceiver:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = ae.start_server((cfg.host, cfg.port), block=False, ssl_context=ssl_context,
-                                       evt_handlers=handlers)
+        # AE.start_server(block=False) with our server class: the gate is in place before the first accept.
+        server = ae.make_server((cfg.host, cfg.port), ssl_context=ssl_context, evt_handlers=handlers,
+                                server_class=_GatewayServer)
+        server.gate = self
+        self._stopping = False
+        self._reaper_wake.clear()
+        self._reaper = threading.Thread(target=self._reap, name="dicom-reaper", daemon=True)
+        self._reaper.start()
+        threading.Thread(target=make_target(server.serve_forever), name="dicom-accept", daemon=True).start()
+        ae._servers.append(server)  # server.shutdown() removes it, as for AE.start_server
+        self._server = server
         self._ae = ae
         log.info("dicom.listening", ae_title=cfg.ae_title, host=cfg.host, port=self.port,
                  tls=cfg.tls.enabled, mutual_tls=cfg.tls.enabled and cfg.tls.require_client_cert,
-                 allowed_callers=len(cfg.allowed_callers), max_associations=cfg.max_associations)
+                 allowed_callers=len(cfg.allowed_callers), max_associations=cfg.max_associations,
+                 acse_timeout=cfg.acse_timeout_seconds, max_pending_per_host=cfg.max_pending_per_host)
 
     @property
     def port(self) -> int:
@@ -895,15 +1049,27 @@ class DicomReceiver:
 
     @property
     def active_associations(self) -> int:
+        """Established associations."""
         with self._lock:
             return len(self._active)
+
+    @property
+    def pending_connections(self) -> int:
+        """Connections that have not yet sent an A-ASSOCIATE-RQ (they hold no association slot)."""
+        with self._lock:
+            return len(self._pending)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting; let open associations finish for up to ``timeout`` s, then abort them."""
         server, ae = self._server, self._ae
         if server is None:
             return
+        with self._lock:
+            self._stopping = True  # the gate refuses what the accept loop may still take
+            pending = list(self._pending.values())
         server.shutdown()  # closes the listening socket
+        for entry in pending:  # their association threads end at once (see _on_conn_close)
+            _hang_up(entry.sock)
         deadline = time.monotonic() + max(0.0, timeout)
         while True:
             associations = list(server.active_associations)
@@ -931,6 +1097,10 @@ class DicomReceiver:
                 _wake_unassociated(assoc)
             assoc.join(timeout=max(0.0, join_until - time.monotonic()))
         self._server = None
+        self._reaper_wake.set()
+        if self._reaper is not None:
+            self._reaper.join(timeout=2.0)
+            self._reaper = None
         if ae is not None:
             _INCOMING_DIRS.pop(ae, None)
             _EARLY_WRITEBACK_DIRS.discard(self._incoming)
@@ -947,6 +1117,119 @@ class DicomReceiver:
                         entry.unlink()
                     except OSError:
                         pass
+
+    # ---- connections before their A-ASSOCIATE-RQ ------------------------------------------------------------
+
+    def _admit(self, sock: Any, client_address: Any) -> bool:
+        """The accept loop's gate (``verify_request``): False closes the connection at once, before any thread.
+
+        A host's connections without a request are capped; those of them that already have a whole
+        A-ASSOCIATE-RQ waiting unread do not count (a sender opening several associations at once).
+        """
+        host = _normalise_peer(str(client_address[0]))
+        cap = self.cfg.max_pending_per_host
+        with self._lock:
+            if self._stopping:
+                return False
+            mine = self._pending_by_host.setdefault(host, set())
+            refused = len(mine) >= cap and sum(1 for e in mine if not _request_waiting(e.sock)) >= cap
+            if not refused:
+                entry = _Pending(sock=sock, host=host, deadline=time.monotonic() + self.cfg.acse_timeout_seconds)
+                self._pending[sock] = entry
+                mine.add(entry)
+                if len(self._pending) == 1:
+                    self._reaper_wake.set()
+                self._set_pending_gauge()
+            elif not mine:
+                del self._pending_by_host[host]
+        if refused:
+            self._closed("per_host_cap", host)
+        return not refused
+
+    def _set_pending_gauge(self) -> None:  # under self._lock
+        if self.metrics is not None:
+            self.metrics.dicom_pending_connections.set(len(self._pending))
+
+    def _release(self, entry: _Pending, reason: str | None) -> bool:
+        """Forget a pending connection (its request arrived: ``reason`` None; or it was closed). Idempotent."""
+        with self._lock:
+            if self._pending.get(entry.sock) is not entry:
+                return False
+            del self._pending[entry.sock]
+            mine = self._pending_by_host.get(entry.host)
+            if mine is not None:
+                mine.discard(entry)
+                if not mine:
+                    del self._pending_by_host[entry.host]
+            self._set_pending_gauge()
+        if reason is not None:
+            self._closed(reason, entry.host)
+        return True
+
+    def _close_reason(self, entry: _Pending, state: str | None = None) -> str:
+        if self._stopping:
+            return "shutdown"
+        if entry.hung_up_at is not None or time.monotonic() >= entry.deadline:
+            return "acse_timeout"  # the reaper's hang-up, or pynetdicom's ARTIM (which starts after the accept)
+        if state == "Sta13":
+            return "invalid_pdu"  # something other than an A-ASSOCIATE-RQ: pynetdicom answered A-ABORT
+        return "peer_closed"  # closed by the peer, or its TLS handshake failed
+
+    def _forget(self, sock: Any) -> None:
+        """The server closes ``sock``: a connection still pending here ended without ``EVT_CONN_CLOSE``."""
+        with self._lock:
+            entry = self._pending.get(sock)
+        if entry is not None:
+            self._release(entry, self._close_reason(entry))
+
+    def _closed(self, reason: str, host: str) -> None:
+        """Count a connection closed before its request; log it, at most once a minute per reason and host."""
+        if self.metrics is not None:
+            self.metrics.dicom_connections_closed.labels(reason=reason).inc()
+        now = time.monotonic()
+        key = (reason, host)
+        with self._lock:
+            last, left_out = self._closed_logged.get(key, (None, 0))
+            if last is not None and now - last < _CLOSED_LOG_EVERY:
+                self._closed_logged[key] = (last, left_out + 1)
+                return
+            if len(self._closed_logged) >= 1024:  # many hosts: start over rather than grow
+                self._closed_logged.clear()
+            self._closed_logged[key] = (now, 0)
+        # peer_closed is what TCP health checks and port scans look like: not worth a warning
+        emit = log.debug if reason in ("peer_closed", "shutdown") else log.warning
+        emit("dicom.connection.closed", reason=reason, peer_host=host, left_out=left_out)
+
+    def _reap(self) -> None:
+        """The ACSE timeout, from the accept on: shut down connections still pending at their deadline.
+
+        pynetdicom's own timers cannot do it for a connection whose DUL thread is blocked in a read (a
+        half-sent PDU, a TLS handshake) or whose thread has not started; the hang-up makes any such read
+        return, and pynetdicom then closes the connection (``EVT_CONN_CLOSE`` releases it).
+        """
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+                now = time.monotonic()
+                due, stuck, waits = [], [], []
+                for entry in self._pending.values():
+                    if entry.hung_up_at is None:
+                        if entry.deadline <= now:
+                            entry.hung_up_at = now
+                            due.append(entry)
+                        else:
+                            waits.append(entry.deadline)
+                    elif now - entry.hung_up_at >= _HANGUP_GRACE:
+                        stuck.append(entry)
+                    else:
+                        waits.append(entry.hung_up_at + _HANGUP_GRACE)
+                self._reaper_wake.clear()
+            for entry in due:
+                _hang_up(entry.sock)
+            for entry in stuck:  # a safety net: never let a lost entry count against its host for ever
+                self._release(entry, "acse_timeout")
+            self._reaper_wake.wait(max(0.0, min(waits) - time.monotonic()) if waits else None)
 
     # ---- association events ----------------------------------------------------------------------------
 
@@ -965,10 +1248,20 @@ class DicomReceiver:
             return ""
 
     def _on_conn_open(self, event: evt.Event) -> None:
+        assoc = event.assoc
         try:
-            _install_fast_paths(event.assoc)
+            _install_fast_paths(assoc)
         except Exception as exc:  # noqa: BLE001 - pynetdicom's own code still works
             log.warning("dicom.fast_paths_failed", error=type(exc).__name__)
+        # Before the association's threads start: its request queue tells when the A-ASSOCIATE-RQ arrives.
+        dul = assoc.dul
+        if not isinstance(dul.to_user_queue, _UserQueue):
+            dul.to_user_queue = _UserQueue()
+        with self._lock:
+            entry = self._pending.get(getattr(dul.socket, "socket", None))
+        assoc._psg_pending = entry
+        if entry is not None:
+            dul.to_user_queue.on_request = functools.partial(self._release, entry, None)
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -985,19 +1278,36 @@ class DicomReceiver:
                 reason, diagnostic = "calling_ae", 0x03
             elif not any(hosts is None or _normalise_peer(peer) in hosts for hosts in entries):
                 reason, diagnostic = "caller_host", 0x03
+        entry = getattr(assoc, "_psg_pending", None)
+        if entry is not None:  # normally released already, when the DUL handed the request on
+            self._release(entry, None)
+        if reason is None:
+            # The slot check (pynetdicom's own is off): only callers allowed in count, and only from their
+            # request on; a slot is freed when the connection closes (EVT_CONN_CLOSE), or found dead here.
+            with self._lock:
+                for key in [k for k, a in self._slots.items() if not a.is_alive()]:
+                    del self._slots[key]
+                if len(self._slots) >= self.cfg.max_associations:
+                    reason = "max_associations"
+                else:
+                    self._slots[id(assoc)] = assoc
         if reason is None:
             _speed_up_socket(assoc)
             return
         self._count("dicom_associations", "rejected")
         log.warning("dicom.association.rejected", reason=reason, calling_ae=calling, called_ae=called,
                     peer_host=peer)
-        assoc.acse.send_reject(0x01, 0x01, diagnostic)
+        if reason == "max_associations":  # as pynetdicom: transient, service provider (presentation), local limit
+            assoc.acse.send_reject(0x02, 0x03, 0x02)
+        else:
+            assoc.acse.send_reject(0x01, 0x01, diagnostic)
         assoc.kill()
 
     def _on_rejected_by_pynetdicom(self, event: evt.Event) -> None:
-        # Only pynetdicom's own rejections get here (ours do not trigger the event): the association limit.
+        # Only pynetdicom's own rejections get here (ours do not trigger the event); its association limit is
+        # off (see _on_requested), so this is for anything else pynetdicom may refuse.
         self._count("dicom_associations", "rejected")
-        log.warning("dicom.association.rejected", reason="max_associations",
+        log.warning("dicom.association.rejected", reason="pynetdicom",
                     calling_ae=self._calling_ae(event.assoc), peer_host=self._peer_host(event.assoc))
 
     def _on_established(self, event: evt.Event) -> None:
@@ -1021,13 +1331,25 @@ class DicomReceiver:
                         peer_host=self._peer_host(event.assoc))
 
     def _on_conn_close(self, event: evt.Event) -> None:
-        key = id(event.assoc)
+        # Runs in the DUL thread, inside the state machine's action (its state is still the one it closed in).
+        assoc = event.assoc
+        key = id(assoc)
         with self._lock:
             was_active = key in self._active
             self._active.discard(key)
             self._aborted.discard(key)
+            self._slots.pop(key, None)
         if was_active and self.metrics is not None:
             self.metrics.dicom_active_associations.dec()
+        entry = getattr(assoc, "_psg_pending", None)
+        if entry is not None:
+            state = getattr(getattr(assoc.dul, "state_machine", None), "current_state", None)
+            self._release(entry, self._close_reason(entry, state))
+        user_queue = assoc.dul.to_user_queue
+        if isinstance(user_queue, _UserQueue):
+            # Closed before any request: pynetdicom's association thread would wait for one until the ACSE
+            # timeout (holding a thread, and a slot in pynetdicom's count); wake it so that it ends now.
+            user_queue.wake_unrequested()
 
     def _on_echo(self, event: evt.Event) -> int:
         log.debug("dicom.echo", calling_ae=self._calling_ae(event.assoc), peer_host=self._peer_host(event.assoc))

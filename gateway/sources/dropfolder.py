@@ -20,9 +20,20 @@ together with its recording, once it is stable itself (the recording waits for i
 
 A claim moves the files into their own folder ``<spool_dir>/incoming/<claim_id>/``: ``claim.json``
 (the manifest) is written and synced first, then the recording and its sidecars are renamed in
-(``os.rename``; a copy, sync and unlink when the spool is on another filesystem), then the folder is
-synced. A claimed file is never seen again. After a crash between the claim and its registration in
-the database, :func:`recover_claims` rebuilds the claims from their manifests.
+(``os.rename``; a copy, sync and unlink when the spool is on another filesystem, or when another user
+owns the file, so that the spooled copy is ours to make private), then the folder is synced. A claimed
+file is never seen again. After a crash between the claim and its registration in the database,
+:func:`recover_claims` rebuilds the claims from their manifests.
+
+File names can hold a patient's name or MRN, so nothing the gateway creates is named after the original:
+the recording becomes ``<claim_id><ext>`` (``ext``: ``.edf``, ``.bdf``, ``.rec``, ``.dcm``, ``.dicom``,
+lower-cased, else ``.dat``; the readers go by content), and its sidecars follow it so that
+:func:`~gateway.identifiers.find_sidecar` still finds them: ``<file>.json`` becomes
+``<claim_id><ext>.json`` and ``<stem>.json`` becomes ``<claim_id>.json``. The original path is in the
+manifest only until the study is registered (recovery needs it before: the name goes into the
+database's ``input_name``, which the file-name pattern reads, and an interrupted cross-filesystem move
+is finished by removing the original); :func:`forget_original` then drops it. Claimed files are private
+(:func:`gateway.fsutil.private_file_mode`).
 
 Logs carry a claim id or a short hash of the path (``file_key``), never a file name (it can hold an MRN).
 """
@@ -44,11 +55,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ..config import DropFolderConfig
-from ..fsutil import atomic_write, fsync_dir
+from ..fsutil import atomic_write, fsync_dir, make_private, open_private, private_dir_mode, private_mkdir
 from ..logging import get_logger
 from ..metrics import Metrics
+from ..readers import DICOM_SUFFIXES, EDF_SUFFIXES
 
-__all__ = ["MANIFEST_NAME", "ClaimedFile", "DropFolderWatcher", "recover_claims"]
+__all__ = ["MANIFEST_NAME", "ClaimedFile", "DropFolderWatcher", "forget_original", "recover_claims",
+           "spool_name"]
 
 log = get_logger(__name__)
 
@@ -64,6 +77,11 @@ _MAX_SIGNALS = 4096
 _INT = re.compile(r"^[+-]?\d+(\.0*)?$")
 _RETRY_FIRST_S = 30.0  # after a failed claim (permission denied), retry after this, doubling
 _RETRY_MAX_S = 3600.0
+MANIFEST_VERSION = 2  # 2: files renamed after the claim id, original path dropped once registered
+# Extensions kept (lower-cased) on the spooled recording; any other becomes .dat, so that a name like
+# "DOE.JANE" does not leave "JANE" behind. The readers sniff the content; these only help an EDF whose
+# header is broken get the EDF reader's reason.
+_KEPT_SUFFIXES = frozenset(EDF_SUFFIXES + DICOM_SUFFIXES)
 
 # The one rename that moves files; a module-level indirection so tests can simulate EXDEV.
 _rename = os.rename
@@ -72,8 +90,8 @@ _rename = os.rename
 @dataclass(frozen=True)
 class ClaimedFile:
     source: str  # DropFolderConfig.source of the folder it came from
-    original_path: Path  # where it was found
-    spool_path: Path  # the claimed recording: <spool_dir>/incoming/<claim_id>/<original file name>
+    original_path: Path  # where it was found (its name goes to the database's input_name)
+    spool_path: Path  # the claimed recording: <spool_dir>/incoming/<claim_id>/<claim_id><ext>
     sidecars: tuple[Path, ...]  # claimed sidecar files, in the same claim folder
     sha256: str  # of the recording's bytes, computed after the claim
     size: int
@@ -110,6 +128,75 @@ def _hash_file(path: Path) -> tuple[str, int]:
 
 def _write_manifest(folder: Path, manifest: dict) -> None:
     atomic_write(folder / MANIFEST_NAME, json.dumps(manifest, indent=2).encode("utf-8"))
+
+
+def spool_name(original: str, base: str) -> str:
+    """The name a recording called ``original`` gets in the gateway's folders: ``base`` (a claim id or a
+    study key) and the original's extension when it is one the readers know, else ``.dat``."""
+    suffix = Path(original).suffix.lower()
+    return base + (suffix if suffix in _KEPT_SUFFIXES else ".dat")
+
+
+def _irregular_sidecar(recording: Path) -> str | None:
+    """Why the recording must wait: a sidecar name beside it that is not a regular file (a symbolic link,
+    a folder, a pipe). Claimed without it, the study would go out under the header's identifiers."""
+    for name in dict.fromkeys((recording.name + ".json", recording.stem + ".json")):
+        if name == recording.name:
+            continue
+        try:
+            st = os.stat(recording.with_name(name), follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            return "sidecar is a symbolic link"
+        if not stat.S_ISREG(st.st_mode):
+            return "sidecar is not a regular file"
+    return None
+
+
+def _sidecar_target(recording: Path, sidecar: Path, new_recording: str) -> str:
+    """The new name of ``sidecar`` for ``recording`` renamed to ``new_recording``, such that
+    find_sidecar(new) finds it as it found the original: ``<file>.json`` first, ``<stem>.json`` second."""
+    if sidecar.name == recording.name + ".json":
+        return new_recording + ".json"
+    return Path(new_recording).stem + ".json"
+
+
+def _original_sidecar(original: Path, recording: str, sidecar: str) -> Path:
+    """Where a claimed sidecar came from (the inverse of :func:`_sidecar_target`)."""
+    if sidecar == recording + ".json":
+        return original.with_name(original.name + ".json")
+    if sidecar == Path(recording).stem + ".json":
+        return original.with_name(original.stem + ".json")
+    return original.with_name(sidecar)
+
+
+def forget_original(folder: Path, renames: dict[str, str] | None = None) -> bool:
+    """Drop the original path from the claim manifest in ``folder`` once the study is registered (the
+    database's ``input_name`` keeps the name), and record ``renames`` (old file name -> new) of the
+    recording and its sidecars. Returns True when the manifest was rewritten.
+
+    A manifest that cannot be read is left as it is (a corrupt one is the operator's to look at).
+    """
+    path = Path(folder) / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(manifest, dict):
+        return False
+    renames = renames or {}
+    before = dict(manifest)
+    manifest.pop("original_path", None)
+    if isinstance(manifest.get("recording"), str):
+        manifest["recording"] = renames.get(manifest["recording"], manifest["recording"])
+    if isinstance(manifest.get("sidecars"), list):
+        manifest["sidecars"] = [renames.get(n, n) if isinstance(n, str) else n for n in manifest["sidecars"]]
+    if manifest == before:
+        return False
+    manifest["version"] = MANIFEST_VERSION
+    _write_manifest(Path(folder), manifest)
+    return True
 
 
 def _header_int(raw: bytes) -> int | None:
@@ -196,12 +283,15 @@ class DropFolderWatcher:
     """Polls drop folders and claims stable recordings into ``<spool_dir>/incoming/<claim_id>/``.
 
     ``exclude`` lists folders never scanned even when they lie inside a watched folder (processed and
-    quarantine folders); the spool folder is always excluded. Not thread-safe: one scanner at a time.
+    quarantine folders); the spool folder is always excluded. ``known(spool_path)`` says whether a claim
+    is registered in the database: each scan drops the original path from the manifests of this
+    watcher's registered claims (:func:`forget_original`). Not thread-safe: one scanner at a time.
     """
 
     def __init__(self, folders: list[DropFolderConfig], spool_dir: Path, *,
                  clock: Callable[[], float] = time.monotonic, metrics: Metrics | None = None,
-                 incomplete_grace_seconds: float = 3600.0, exclude: Iterable[Path] = ()) -> None:
+                 incomplete_grace_seconds: float = 3600.0, exclude: Iterable[Path] = (),
+                 known: Callable[[Path], bool] | None = None) -> None:
         self._folders = list(folders)
         self._spool_dir = Path(spool_dir)
         self._incoming = self._spool_dir / INCOMING
@@ -214,7 +304,13 @@ class DropFolderWatcher:
         self._sidecar_tracks: dict[Path, _Track] = {}
         # Originals copied to the spool that could not be unlinked: ignored while unchanged.
         self._leftovers: dict[Path, tuple[int, int]] = {}
+        # Recordings not claimed because a sidecar is not a regular file (reason per recording): their
+        # identifiers are unknown, and the header's must not stand in for them silently.
+        self.held: dict[Path, str] = {}
         self._unavailable: set[int] = set()
+        self._known = known
+        # Claims whose manifest still names the original: forgotten once the database has the claim.
+        self._unregistered: list[Path] = []
 
     @property
     def pending(self) -> int:
@@ -225,6 +321,7 @@ class DropFolderWatcher:
 
     def scan(self) -> list[ClaimedFile]:
         """One polling pass over all folders; claims (and returns) the files that are stable."""
+        self._forget_registered()
         now = self._clock()
         seen: set[Path] = set()
         listed: set[int] = set()
@@ -250,9 +347,30 @@ class DropFolderWatcher:
                         if (p in seen and p not in done) or t.folder not in listed}
         self._sidecar_tracks = {p: t for p, t in self._sidecar_tracks.items() if p in sidecars_seen}
         self._leftovers = {p: s for p, s in self._leftovers.items() if p in seen}
+        self.held = {p: r for p, r in self.held.items() if p in seen}
+        if self._known is not None:
+            self._unregistered.extend(c.spool_path for c in claimed)
         if self._metrics is not None:
             self._metrics.last_scan.set(time.time())
         return claimed
+
+    def _forget_registered(self) -> None:
+        """Drop the original path from the manifests of the claims the database has registered since the
+        last scan (the caller registers what scan() returns; a failed registration keeps it for recovery)."""
+        waiting: list[Path] = []
+        for spool_path in self._unregistered:
+            if not spool_path.parent.is_dir():  # already moved on to processed/ (forgotten there)
+                continue
+            try:
+                registered = self._known is not None and self._known(spool_path)
+                if registered:
+                    forget_original(spool_path.parent)
+            except Exception as exc:  # noqa: BLE001 - the database or the disk: try again next scan
+                log.warning("dropfolder.forget_failed", claim_id=spool_path.parent.name, error=type(exc).__name__)
+                registered = False
+            if not registered:
+                waiting.append(spool_path)
+        self._unregistered = waiting
 
     def _list(self, index: int, folder: DropFolderConfig) -> list[tuple[Path, os.stat_result]] | None:
         root = Path(folder.path)
@@ -318,6 +436,15 @@ class DropFolderWatcher:
         if self._leftovers.get(path) == stamp:
             return None
         folder = self._folders[index]
+        irregular = _irregular_sidecar(path)
+        if irregular is not None:
+            if self.held.get(path) != irregular:  # once per file and reason, not at every scan
+                log.warning("dropfolder.held", file_key=_file_key(path), source=folder.source, reason=irregular)
+            self.held[path] = irregular
+            self._tracks.pop(path, None)
+            return None
+        if self.held.pop(path, None) is not None:
+            log.info("dropfolder.released", file_key=_file_key(path), source=folder.source)
         track = self._tracks.get(path)
         if track is None or track.stamp != stamp:
             track = _Track(stamp=stamp, since=now, folder=index)
@@ -395,14 +522,15 @@ class DropFolderWatcher:
     # -- the claim --
 
     def _new_claim_folder(self) -> tuple[str, Path]:
-        self._incoming.mkdir(parents=True, exist_ok=True)
+        private_mkdir(self._incoming)
         while True:
             claim_id = _new_claim_id()
             folder = self._incoming / claim_id
             try:
-                folder.mkdir()
+                folder.mkdir(mode=private_dir_mode())
             except FileExistsError:
                 continue
+            make_private(folder, is_dir=True)  # the group, and a mode the umask did not narrow
             fsync_dir(self._incoming, best_effort=True)
             return claim_id, folder
 
@@ -418,29 +546,33 @@ class DropFolderWatcher:
                 self._metrics.dropfolder_files.labels(result="failed").inc()
             track.retry_at = now + _RETRY_FIRST_S
             return None
+        recording = spool_name(path.name, claim_id)
+        targets = {s: _sidecar_target(path, s, recording) for s in sidecars}
         manifest = {
-            "version": 1,
+            "version": MANIFEST_VERSION,
             "claim_id": claim_id,
             "source": folder.source,
+            # Until the study is registered only: recovery needs the name (input_name) and the original
+            # (an interrupted copy is finished by removing it); forget_original() drops it.
             "original_path": str(path),
-            "recording": path.name,
-            "sidecars": [s.name for s in sidecars],
+            "recording": recording,
+            "sidecars": list(targets.values()),
             "claimed_at": datetime.now(UTC).isoformat(),
             "filename_pattern": folder.filename_pattern,
         }
         moves: list[_Move] = []
         try:
             _write_manifest(claim_dir, manifest)
-            moves.append(_move(path, claim_dir / path.name, stamp))
-            kept: list[Path] = []
-            for sidecar in sidecars:
+            moves.append(_move(path, claim_dir / recording, stamp))
+            kept: list[str] = []
+            for sidecar, target in targets.items():
                 try:
-                    moves.append(_move(sidecar, claim_dir / sidecar.name, None))
-                    kept.append(claim_dir / sidecar.name)
+                    moves.append(_move(sidecar, claim_dir / target, None))
+                    kept.append(target)
                 except FileNotFoundError:  # deleted meanwhile: nothing left to claim
                     log.info("dropfolder.sidecar_vanished", claim_id=claim_id)
             if len(kept) != len(sidecars):
-                manifest["sidecars"] = [s.name for s in kept]
+                manifest["sidecars"] = kept
                 _write_manifest(claim_dir, manifest)
         except FileNotFoundError:
             _rollback(moves, claim_dir)
@@ -472,7 +604,7 @@ class DropFolderWatcher:
         fsync_dir(claim_dir, best_effort=True)
         fsync_dir(path.parent, best_effort=True)
 
-        spool_path = claim_dir / path.name
+        spool_path = claim_dir / recording
         try:
             sha, size = _hash_file(spool_path)
         except OSError as exc:  # the claim stands; recover_claims picks it up at the next start
@@ -497,21 +629,35 @@ def _real(path: Path) -> Path:
         return path.absolute()
 
 
+def _owned(path: Path) -> bool:
+    """Whether this process may chmod ``path`` (it owns it, or it is root)."""
+    uid = os.geteuid()
+    return uid == 0 or os.stat(path, follow_symlinks=False).st_uid == uid
+
+
 def _move(src: Path, dst: Path, stamp: tuple[int, int] | None) -> _Move:
-    """Rename ``src`` to ``dst``; across filesystems, copy to a temporary name, sync and rename.
+    """Rename ``src`` to ``dst`` and make it private; across filesystems, or when another user owns
+    ``src`` (its mode could not be changed), copy to a private temporary name, sync and rename.
 
     The original of a copy is left in place (the caller unlinks it once every file of the claim is in).
     ``stamp``: the size and mtime the source must still have after a copy, else :class:`_Changed`.
     """
-    try:
-        _rename(src, dst)
-        return _Move(src, dst, copied=False)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
+    if _owned(src):
+        try:
+            _rename(src, dst)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+        else:
+            try:
+                make_private(dst)  # it keeps the drop folder's mode (0644 under umask 022) otherwise
+            except OSError:
+                _rename(dst, src)
+                raise
+            return _Move(src, dst, copied=False)
     tmp = dst.with_name("." + dst.name + _COPY_SUFFIX)
     try:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+        with open(src, "rb") as fin, os.fdopen(open_private(tmp), "wb") as fout:
             before = os.fstat(fin.fileno())
             while chunk := fin.read(_CHUNK):
                 fout.write(chunk)
@@ -598,6 +744,11 @@ def recover_claims(spool_dir: Path, known: Callable[[Path], bool]) -> list[Claim
                 log.warning("dropfolder.claim_orphaned", claim_id=claim_id, reason="no recording")
             continue
         if known(spool_path):
+            # Registered before a crash that came before forget_original: the database has the name now.
+            try:
+                forget_original(claim_dir)
+            except OSError as exc:
+                log.warning("dropfolder.forget_failed", claim_id=claim_id, error=exc.strerror)
             continue
         for entry in claim_dir.iterdir():  # an interrupted copy of a sidecar
             if entry.name.startswith(".") and entry.name.endswith(_COPY_SUFFIX):
@@ -608,10 +759,14 @@ def recover_claims(spool_dir: Path, known: Callable[[Path], bool]) -> list[Claim
             log.error("dropfolder.hash_failed", claim_id=claim_id, reason=exc.strerror or type(exc).__name__)
             continue
         sidecars = tuple(claim_dir / n for n in sidecar_names if (claim_dir / n).is_file())
-        original = Path(manifest.get("original_path") or recording)
-        _finish_copy(original, spool_path, sha, claim_id)
-        for sidecar in sidecars:
-            _finish_copy(original.with_name(sidecar.name), sidecar, None, claim_id)
+        if manifest.get("original_path"):
+            original = Path(manifest["original_path"])
+            _finish_copy(original, spool_path, sha, claim_id)
+            for sidecar in sidecars:
+                _finish_copy(_original_sidecar(original, recording, sidecar.name), sidecar, None, claim_id)
+        else:  # forgotten, yet not registered (the study row was deleted): the name is gone for good
+            log.warning("dropfolder.original_unknown", claim_id=claim_id)
+            original = spool_path
         log.info("dropfolder.recovered", claim_id=claim_id, size=size)
         claims.append(ClaimedFile(
             source=str(manifest.get("source") or ""), original_path=original, spool_path=spool_path,

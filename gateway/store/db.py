@@ -3,11 +3,16 @@
 SQLite (the embedded default) runs in WAL mode with ``synchronous=FULL``: a study or instance that was
 acknowledged is on disk, and readers (the CLI, /healthz) never block the daemon. PostgreSQL is used
 through psycopg 3 (``postgresql+psycopg://``; a bare ``postgresql://`` URL is mapped to it).
+
+The SQLite file holds names, MRNs, birth dates and the full HL7 text: it is created private (0600, or
+0640 with a ``service.group``) before sqlite3 opens it, whatever the umask; SQLite gives its ``-wal`` and
+``-shm`` files the database file's mode. The ``.migrate-lock`` beside it is private too.
 """
 
 from __future__ import annotations
 
 import fcntl
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,18 +21,38 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["current_revision", "head_revision", "make_engine", "normalise_url", "session_factory", "upgrade"]
+from ..fsutil import make_private, open_private, private_mkdir
+
+__all__ = ["SQLITE_SIDE_FILES", "current_revision", "head_revision", "make_engine", "normalise_url",
+           "session_factory", "sqlite_path", "upgrade"]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+# The files SQLite (and the migration lock) keep beside the database: <file><suffix>.
+SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal", ".migrate-lock")
 
 
 def normalise_url(url: str) -> str:
     if url.startswith(("postgresql://", "postgres://")):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL; None for another backend, an in-memory database or a URI."""
+    url = normalise_url(url)
+    if not url.startswith("sqlite"):
+        return None
+    try:
+        database = make_url(url).database
+    except ArgumentError:  # make_engine says what is wrong with it
+        return None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
 
 
 def is_sqlite(engine: Engine) -> bool:
@@ -40,8 +65,15 @@ def make_engine(url: str, echo: bool = False) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[1] if "///" in url else ""
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            private_mkdir(Path(path).parent)
         engine = create_engine(url, echo=echo, connect_args={"timeout": 30, "check_same_thread": False})
+        database = sqlite_path(url)
+        if database is not None:
+
+            @event.listens_for(engine, "do_connect")
+            def _private_file(_dialect, _record, _cargs, _cparams) -> None:
+                # sqlite3 would create a missing file under the umask (0644 under 022): create it first.
+                _create_private(database)
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record) -> None:
@@ -54,6 +86,15 @@ def make_engine(url: str, echo: bool = False) -> Engine:
 
         return engine
     return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+
+def _create_private(path: Path) -> None:
+    """Create ``path`` empty and private when it does not exist (an empty file is an empty database)."""
+    try:
+        fd = open_private(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    except FileExistsError:
+        return
+    os.close(fd)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -94,7 +135,12 @@ def _sqlite_migration_lock(engine: Engine) -> Iterator[None]:
     if not path or path == ":memory:":
         yield
         return
-    with open(f"{path}.migrate-lock", "a") as fh:
+    fd = os.open(f"{path}.migrate-lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        make_private(fd)  # an older version's lock file was 0644; this one is private
+    except OSError:
+        pass  # another user's lock file (a migration run as root): locking it is all that is needed
+    with os.fdopen(fd, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
