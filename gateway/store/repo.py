@@ -559,14 +559,8 @@ class Repo:
 
         ``attempt`` None: the connection could not be opened, no byte left (a try, not an attempt)."""
         with self.sessions.begin() as s:
-            values: dict[str, Any] = {"last_error": error, "updated_at": utcnow(),
-                                      "next_attempt_at": utcnow() + timedelta(seconds=delay_seconds)}
-            if attempt is None:
-                values["attempts"] = Message.attempts + 1
-            else:
-                self._finish_attempt(s, attempt, AttemptOutcome.NAKED if ack_code else AttemptOutcome.ERROR,
-                                     ack_code, error)
-            s.execute(update(Message).where(Message.id == msg.id).values(**values), execution_options=_NO_SYNC)
+            self._end_try(s, msg, attempt, ack_code, error, last_error=error, updated_at=utcnow(),
+                          next_attempt_at=utcnow() + timedelta(seconds=delay_seconds))
             return s.get(Message, msg.id).attempts
 
     def message_dead(self, msg: Message, attempt: DeliveryAttempt | None, reason: str, ack_code: str | None,
@@ -574,17 +568,22 @@ class Repo:
         """Dead letter: the message leaves the queue (the next one goes), the study is FAILED with the reason."""
         now = utcnow()
         with self.sessions.begin() as s:
-            values: dict[str, Any] = {"state": str(MessageState.DEAD), "ack_code": ack_code, "last_error": reason,
-                                      "updated_at": now}
-            if attempt is None:
-                values["attempts"] = Message.attempts + 1
-            else:
-                self._finish_attempt(s, attempt, AttemptOutcome.NAKED if ack_code else AttemptOutcome.ERROR,
-                                     ack_code, reason)
-            s.execute(update(Message).where(Message.id == msg.id).values(**values), execution_options=_NO_SYNC)
+            self._end_try(s, msg, attempt, ack_code, reason, state=str(MessageState.DEAD), ack_code=ack_code,
+                          last_error=reason, updated_at=now)
             self._move_study_of(s, msg, (State.QUEUED,), State.FAILED, "message.dead_letter", actor,
                                 {"message_id": msg.id, "control_id": msg.control_id, "reason": reason},
                                 last_error=f"delivery: {reason}", error_kind="delivery", finished_at=now)
+
+    def _end_try(self, s: Session, msg: Message, attempt: DeliveryAttempt | None, answer: str | None,
+                 error: str, **values: Any) -> None:
+        """A try that was not accepted: its attempt ends NAKED (``answer``: the ACK code) or ERROR; a try without an
+        attempt (no connection) is counted on the message, whose other ``values`` are set with it."""
+        if attempt is None:
+            values["attempts"] = Message.attempts + 1
+        else:
+            self._finish_attempt(s, attempt, AttemptOutcome.NAKED if answer else AttemptOutcome.ERROR,
+                                 answer, error)
+        s.execute(update(Message).where(Message.id == msg.id).values(**values), execution_options=_NO_SYNC)
 
     def _finish_attempt(self, s: Session, attempt: DeliveryAttempt, outcome: AttemptOutcome,
                         ack_code: str | None, error: str | None) -> None:
