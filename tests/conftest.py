@@ -24,6 +24,17 @@ def reference_dir() -> Path:
     return REFERENCE_DIR
 
 
+@pytest.fixture(scope="session")
+def model(tmp_path_factory):
+    """(the generated demo bundle, a CPU engine on it): what the in-process pipeline tests run; one per
+    session (a module defining its own ``model`` uses that)."""
+    from inference.bundle import load_bundle, make_demo_bundle
+    from inference.engine import Engine, EngineOptions
+
+    bundle = load_bundle(make_demo_bundle(tmp_path_factory.mktemp("bundle") / "demo"))
+    return bundle, Engine(bundle, EngineOptions(device="cpu"))
+
+
 # ---- databases: every persistence/integration test runs on SQLite and on PostgreSQL ----------------
 POSTGRES_ENV = "PSG_TEST_POSTGRES_URL"
 

@@ -23,20 +23,12 @@ from gateway.batch.export import ExportError, check_export_dir, export_studies
 from gateway.fsutil import atomic_write
 from gateway.readers.synthetic import write_synthetic_night
 from gateway.store.models import State, Study
-from inference.bundle import load_bundle, make_demo_bundle
-from inference.engine import Engine, EngineOptions
 
 HOURS = 0.1  # 6 minutes: two 5-minute windows, 12 scored epochs
 MODALITIES = ["BAS", "RESP", "EKG", "EMG"]
 FIXED = ["source_kind", "state", "duration_s", "modalities", "montage_version", "model_name", "model_hash",
          "model_validated", "age_years", "sex", "demographics_encoding", "tail_tokens", "diagnosis_tokens"]
 IDENTIFIERS = ["patient_id", "accession", "study_uid", "recording_start"]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    bundle = load_bundle(make_demo_bundle(tmp_path_factory.mktemp("bundle") / "demo"))
-    return bundle, Engine(bundle, EngineOptions(device="cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -20,17 +20,9 @@ from gateway.readers.synthetic import write_synthetic_night
 from gateway.store.db import current_revision, head_revision, make_engine, upgrade
 from gateway.store.models import State
 from gateway.store.repo import Repo
-from inference.bundle import load_bundle, make_demo_bundle
-from inference.engine import Engine, EngineOptions
 
 runner = CliRunner()
 CORRUPT = b"0       " + b"garbage" * 100  # not an EDF header: the pipeline fails it at once (permanent)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    bundle = load_bundle(make_demo_bundle(tmp_path_factory.mktemp("bundle") / "demo"))
-    return bundle, Engine(bundle, EngineOptions(device="cpu"))
 
 
 @pytest.fixture(scope="module")

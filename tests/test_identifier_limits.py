@@ -28,8 +28,7 @@ from gateway.readers.synthetic import write_synthetic_night
 from gateway.recording import Channel, Demographics, Recording
 from gateway.steps import decode_inputs
 from gateway.store.models import State
-from inference.bundle import DemographicsEncoding, load_bundle, make_demo_bundle
-from inference.engine import Engine, EngineOptions
+from inference.bundle import DemographicsEncoding
 
 HOURS = 0.1  # the pipeline's shortest night (two 5-minute windows), as tests/test_pipeline.py
 LIMIT = {limit.attribute: limit.max_chars for limit in FIELD_LIMITS}
@@ -339,12 +338,6 @@ def _unreadable(monkeypatch, sidecar: Path) -> None:
 
 
 # ---- end to end: the in-process pipeline -------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    bundle = load_bundle(make_demo_bundle(tmp_path_factory.mktemp("bundle") / "demo"))
-    return bundle, Engine(bundle, EngineOptions(device="cpu"))
 
 
 @pytest.fixture

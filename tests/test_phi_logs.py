@@ -37,8 +37,6 @@ from gateway.pipeline import MontageHolder, classify
 from gateway.readers.dicom_synthetic import write_psg_study
 from gateway.readers.synthetic import write_synthetic_night
 from gateway.store.models import Event, State, Study
-from inference.bundle import load_bundle, make_demo_bundle
-from inference.engine import Engine, EngineOptions
 
 HOURS = 0.1  # 6 minutes: the pipeline tests' night
 
@@ -76,12 +74,6 @@ def logs():
     structlog.configure(**saved)
     for h in [h for h in root.handlers if h not in handlers]:
         root.removeHandler(h)
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    bundle = load_bundle(make_demo_bundle(tmp_path_factory.mktemp("bundle") / "demo"))
-    return bundle, Engine(bundle, EngineOptions(device="cpu"))
 
 
 @pytest.fixture

@@ -23,12 +23,6 @@ HOURS = 0.1  # 6 minutes: two 5-minute windows, a hypnogram of 12 epochs
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    bundle = load_bundle(make_demo_bundle(tmp_path_factory.mktemp("bundle") / "demo"))
-    return bundle, Engine(bundle, EngineOptions(device="cpu"))
-
-
-@pytest.fixture(scope="module")
 def night_bytes(tmp_path_factory) -> bytes:
     return write_synthetic_night(tmp_path_factory.mktemp("n") / "n.edf", hours=HOURS, seed=5).read_bytes()
 
