@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def _write(args: tuple[str, float, int]) -> str:
-    from gateway.readers.synthetic import write_synthetic_night
+    from gateway.synthetic.night import write_synthetic_night
 
     path, hours, seed = args
     write_synthetic_night(Path(path), hours=hours, seed=seed)

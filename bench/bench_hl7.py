@@ -25,10 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gateway.config import Hl7Config
-from gateway.flags import Flag, FlagDecision
 from gateway.hl7.compose import build_study_message, new_control_id
 from gateway.hl7.delivery import Deliverer
 from gateway.logging import configure_logging
+from gateway.pipeline.flags import Flag, FlagDecision
 from gateway.store.db import make_engine, upgrade
 from gateway.store.models import MessageState, State
 from gateway.store.repo import Repo

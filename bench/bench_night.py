@@ -20,7 +20,7 @@ is its own (model load included):
 
 Imports and model loading are outside every child's seconds; ``total`` is from the start of the read.
 
-The night (``gateway.readers.synthetic.DEFAULT_BENCH_CHANNELS``) has mixed rates -- SpO2 at 1 Hz,
+The night (``gateway.synthetic.night.DEFAULT_BENCH_CHANNELS``) has mixed rates -- SpO2 at 1 Hz,
 respiration at 32 Hz, EEG/EOG/leg EMG at 256 Hz, snore at 500 Hz, chin EMG and ECG at the top rate
 512 Hz -- so the MNE read upsamples 16 of its 18 channels; ``night.rates_hz`` lists them.
 
@@ -61,8 +61,8 @@ def _bundle_dir() -> Path:
 def child_ours(edf: Path, precision: str, save: Path | None) -> dict:
     import torch
 
-    from gateway.montage import default_table
-    from gateway.prepare import prepare_study
+    from gateway.montage.table import default_table
+    from gateway.pipeline.prepare import prepare_study
     from gateway.readers.edf import read_edf
     from inference.bundle import load_bundle
     from inference.engine import Engine, EngineOptions
@@ -178,7 +178,7 @@ def child_reference(edf: Path) -> dict:
     not written). Every channel in the file is resampled, as ``convert`` does; the encoder then takes the
     mapped ones.
     """
-    from gateway.montage import default_table
+    from gateway.montage.table import default_table
     from inference.bundle import load_bundle
 
     encoder = load_bundle(_bundle_dir()).encoder
@@ -206,7 +206,7 @@ def child_legacy(edf: Path) -> dict:
     import pyedflib
     from scipy.signal import butter, filtfilt
 
-    from gateway.montage import default_table
+    from gateway.montage.table import default_table
     from inference.bundle import load_bundle
 
     encoder = load_bundle(_bundle_dir()).encoder
@@ -269,7 +269,7 @@ def main() -> None:
         print(json.dumps(child_legacy(args.edf)))
         return
 
-    from gateway.readers.synthetic import DEFAULT_BENCH_CHANNELS, write_synthetic_night
+    from gateway.synthetic.night import DEFAULT_BENCH_CHANNELS, write_synthetic_night
 
     with tempfile.TemporaryDirectory(prefix="psg-bench-") as tmp:
         tmp_path = Path(tmp)

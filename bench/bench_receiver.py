@@ -38,14 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gateway.config import DicomConfig
 from gateway.logging import configure_logging
-from gateway.readers.dicom_synthetic import (
+from gateway.sources.dicom.receiver import DicomReceiver, ReceivedInstance
+from gateway.synthetic.dicom_study import (
     SLEEP_EEG,
     WaveformChannel,
     WaveformGroup,
     make_waveform_dataset,
     write_waveform_file,
 )
-from gateway.sources.dicom_scp import DicomReceiver, ReceivedInstance
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 STORESCP_OPTS = ["+B", "-pdu", "131072"]

@@ -22,10 +22,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.montage import default_table, load_table
-from gateway.prepare import prepare_study
+from gateway.montage.table import default_table, load_table
+from gateway.pipeline.prepare import prepare_study
 from gateway.readers.edf import read_edf
-from gateway.readers.synthetic import write_synthetic_night
+from gateway.synthetic.night import write_synthetic_night
 from inference.bundle import load_bundle
 from inference.engine import Engine, EngineOptions
 from inference.results import MODALITIES, StudyInput

@@ -37,7 +37,7 @@ def semantic_problems(cfg: GatewayConfig, connect: bool = False) -> list[str]:
             # The daemon moves files out of the folder (and creates it when missing).
             problems.append(f"drop_folders[{i}].path: {folder.path} cannot be created or written")
     if cfg.montage.table is not None:
-        from .montage import MontageError, MontageTable
+        from .montage.table import MontageError, MontageTable
 
         try:
             MontageTable.load(cfg.montage.table)

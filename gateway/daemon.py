@@ -40,10 +40,10 @@ from .http import OpsServer
 from .logging import configure_logging, get_logger
 from .metrics import Metrics
 from .model import load_model
-from .montage import MontageError
-from .pipeline import MontageHolder, Pipeline
+from .montage.table import MontageError
+from .pipeline.runner import MontageHolder, Pipeline
 from .sdnotify import notify, watchdog_interval
-from .sources.dicom_scp import DicomReceiver, ReceivedInstance
+from .sources.dicom.receiver import DicomReceiver, ReceivedInstance
 from .sources.dropfolder import ClaimedFile, DropFolderWatcher, recover_claims
 from .store.db import SQLITE_SIDE_FILES, make_engine, sqlite_path, upgrade
 from .store.models import WORKING_STATES, MessageState, State, Study

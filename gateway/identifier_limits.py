@@ -1,9 +1,9 @@
 """Bounds on identifiers and demographics: the one gate every source's values pass before use or storage.
 
 The readers (EDF/BDF header, DICOM), the site's sidecar JSON and the file-name pattern all end in
-:func:`apply_identifier_limits`: :func:`gateway.identifiers.apply_site_identifiers` calls it last (so
+:func:`apply_identifier_limits`: :func:`gateway.pipeline.identifiers.apply_site_identifiers` calls it last (so
 ``psg-gateway infer``, the daemon and the archive batch get it for one file or one DICOM folder) and
-:func:`gateway.steps.decode_inputs` calls it for a study of several DICOM instances.
+:func:`gateway.pipeline.steps.decode_inputs` calls it for a study of several DICOM instances.
 
 Per field (characters, after control characters are removed)::
 

@@ -64,7 +64,7 @@ MIN_DURATION_S = float(TOKENS_PER_EPOCH * TOKEN_SECONDS)
 def check_duration(duration_s: float) -> None:
     """Raise :class:`InputError` for a recording shorter than one 30-s epoch.
 
-    Called on the recording's duration before any channel is preprocessed (``gateway.prepare``) and on
+    Called on the recording's duration before any channel is preprocessed (``gateway.pipeline.prepare``) and on
     the samples the engine is given, so that every caller (``infer``, the daemon, a batch) refuses it
     with the same one-line reason instead of failing deep inside preprocessing or staging.
     """

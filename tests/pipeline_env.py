@@ -11,7 +11,7 @@ from sqlalchemy import Engine as DbEngine
 from gateway.config import PathsConfig, PipelineConfig
 from gateway.fsutil import private_mkdir
 from gateway.metrics import Metrics
-from gateway.pipeline import MontageHolder, Pipeline
+from gateway.pipeline.runner import MontageHolder, Pipeline
 from gateway.store.db import make_engine, upgrade
 from gateway.store.models import Study
 from gateway.store.repo import Repo

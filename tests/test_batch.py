@@ -36,12 +36,10 @@ from typer.testing import CliRunner
 from gateway.batch.work import hash_file
 from gateway.cli.main import app
 from gateway.config import PipelineConfig, load_config
-from gateway.flags import read_hazards, watched_hazards
 from gateway.metrics import Metrics
-from gateway.pipeline import MontageHolder, Pipeline
-from gateway.readers.dicom_synthetic import write_psg_study
+from gateway.pipeline.flags import read_hazards, watched_hazards
+from gateway.pipeline.runner import MontageHolder, Pipeline
 from gateway.readers.edf_header import read_header
-from gateway.readers.synthetic import DEFAULT_BENCH_CHANNELS, SyntheticChannel, write_synthetic_night
 from gateway.store.batch_repo import BatchRepo
 from gateway.store.db import make_engine, upgrade
 from gateway.store.models import (
@@ -57,6 +55,8 @@ from gateway.store.models import (
     Study,
 )
 from gateway.store.repo import Repo
+from gateway.synthetic.dicom_study import write_psg_study
+from gateway.synthetic.night import DEFAULT_BENCH_CHANNELS, SyntheticChannel, write_synthetic_night
 from inference.bundle import ensure_demo_bundle, load_bundle
 from inference.engine import Engine, EngineOptions
 

@@ -21,8 +21,8 @@ from pyedflib import highlevel
 from gateway.batch import export as export_mod
 from gateway.batch.export import ExportError, check_export_dir, export_studies
 from gateway.fsutil import atomic_write
-from gateway.readers.synthetic import write_synthetic_night
 from gateway.store.models import State, Study
+from gateway.synthetic.night import write_synthetic_night
 
 HOURS = 0.1  # 6 minutes: two 5-minute windows, 12 scored epochs
 MODALITIES = ["BAS", "RESP", "EKG", "EMG"]

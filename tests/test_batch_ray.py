@@ -12,8 +12,8 @@ import yaml
 
 from gateway.batch.runner import BatchOptions, BatchRunner
 from gateway.config import load_config
-from gateway.readers.synthetic import write_synthetic_night
 from gateway.store.models import State
+from gateway.synthetic.night import write_synthetic_night
 
 pytestmark = pytest.mark.slow
 

@@ -64,8 +64,8 @@ from mllp_peer import MllpPeer, PeerAction
 from peers import DCMTK_ENV, dcmtk
 from sqlalchemy import text
 
-from gateway.readers.dicom_synthetic import write_psg_study
-from gateway.readers.synthetic import write_synthetic_night
+from gateway.synthetic.dicom_study import write_psg_study
+from gateway.synthetic.night import write_synthetic_night
 from inference.bundle import make_demo_bundle
 
 pytestmark = pytest.mark.slow

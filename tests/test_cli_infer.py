@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gateway.cli.main import app
-from gateway.readers.synthetic import write_synthetic_night
+from gateway.synthetic.night import write_synthetic_night
 from inference.bundle import make_demo_bundle
 
 runner = CliRunner()
@@ -181,7 +181,7 @@ def test_outputs_are_private_under_the_usual_umask(short_night, demo_bundle, tmp
 
 
 def test_infer_on_a_dicom_study_folder(demo_bundle, tmp_path):
-    from gateway.readers.dicom_synthetic import write_psg_study
+    from gateway.synthetic.dicom_study import write_psg_study
 
     write_psg_study(tmp_path / "study", hours=0.1, seed=2)
     out = tmp_path / "out"
@@ -254,7 +254,7 @@ def test_recording_shorter_than_one_epoch_is_refused_in_one_line(tmp_path, demo_
     counts by its span (records at 0, 1 and 11 s: 12 s)."""
     from test_edf_discontinuous import Sig, edf_bytes, record_tals
 
-    from gateway.readers.dicom_synthetic import write_psg_study
+    from gateway.synthetic.dicom_study import write_psg_study
 
     if kind == "edf":
         src = write_synthetic_night(tmp_path / "short.edf", hours=12 / 3600, seed=1)

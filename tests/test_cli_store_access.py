@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 from gateway.cli.main import app
 from gateway.cli.store_access import shown_url
 from gateway.config import load_config
-from gateway.readers.synthetic import write_synthetic_night
 from gateway.store.db import current_revision, head_revision, make_engine, upgrade
 from gateway.store.models import State
 from gateway.store.repo import Repo
+from gateway.synthetic.night import write_synthetic_night
 
 runner = CliRunner()
 CORRUPT = b"0       " + b"garbage" * 100  # not an EDF header: the pipeline fails it at once (permanent)

@@ -16,9 +16,9 @@ import yaml
 from daemon_proc import EXE, Daemon
 from peers import DCMTK_ENV, dcmtk
 
-from gateway.readers.dicom_synthetic import write_psg_study
-from gateway.readers.synthetic import write_synthetic_night
 from gateway.store.models import State
+from gateway.synthetic.dicom_study import write_psg_study
+from gateway.synthetic.night import write_synthetic_night
 from inference.bundle import make_demo_bundle
 
 pytestmark = pytest.mark.slow

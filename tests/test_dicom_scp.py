@@ -24,7 +24,14 @@ from pynetdicom.sop_class import Verification
 
 from gateway.config import DicomCaller, DicomConfig, TlsConfig
 from gateway.metrics import Metrics
-from gateway.readers.dicom_synthetic import (
+from gateway.sources.dicom.receiver import (
+    STATUS_DATASET_MISMATCH,
+    STATUS_OUT_OF_RESOURCES,
+    DicomReceiver,
+    ReceivedInstance,
+    spool_path_for,
+)
+from gateway.synthetic.dicom_study import (
     GENERAL_ECG,
     MULTICHANNEL_RESPIRATORY,
     SLEEP_EEG,
@@ -32,13 +39,6 @@ from gateway.readers.dicom_synthetic import (
     WaveformGroup,
     make_waveform_dataset,
     write_psg_study,
-)
-from gateway.sources.dicom_scp import (
-    STATUS_DATASET_MISMATCH,
-    STATUS_OUT_OF_RESOURCES,
-    DicomReceiver,
-    ReceivedInstance,
-    spool_path_for,
 )
 
 TS = [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian]
@@ -497,7 +497,7 @@ def test_stop_ends_pending_connections(make_receiver):
 
 
 def test_request_waiting_peeks_without_consuming():
-    from gateway.sources.dicom_scp import _request_waiting
+    from gateway.sources.dicom.receiver import _request_waiting
 
     a, b = socket.socketpair()
     try:
@@ -662,7 +662,7 @@ def test_fast_paths_match_installed_pynetdicom():
 
     from pynetdicom import association, dimse, dimse_messages, dsutils, dul
 
-    from gateway.sources import dicom_scp
+    from gateway.sources.dicom import receiver as dicom_scp
 
     assert dicom_scp._FAST_PATHS, "fast paths disabled for this pynetdicom version"
     funcs = (dul.DULServiceProvider.run_reactor, dul.DULServiceProvider._read_pdu_data,
@@ -684,7 +684,7 @@ def test_fast_paths_match_installed_pynetdicom():
 
 
 def test_fast_paths_used_by_our_associations(make_receiver, study, monkeypatch):
-    from gateway.sources import dicom_scp
+    from gateway.sources.dicom import receiver as dicom_scp
 
     waits, fallbacks, syncs = [], [], []
     wait_dul = dicom_scp._Waker.wait_dul
@@ -712,7 +712,7 @@ def test_store_response_encoded_like_pynetdicom(status, uid):
     from pynetdicom.dimse_messages import C_STORE_RSP
     from pynetdicom.dimse_primitives import C_STORE
 
-    from gateway.sources.dicom_scp import _encode_store_rsp
+    from gateway.sources.dicom.receiver import _encode_store_rsp
 
     rsp = C_STORE()
     rsp.MessageIDBeingRespondedTo = 65535
@@ -735,7 +735,7 @@ def test_file_meta_encoded_like_pydicom(ts, uid):
     from pydicom.filewriter import write_file_meta_info
     from pynetdicom.dsutils import create_file_meta
 
-    from gateway.sources.dicom_scp import _encode_file_meta
+    from gateway.sources.dicom.receiver import _encode_file_meta
 
     kw = {"sop_class_uid": pydicom.uid.UID(SLEEP_EEG), "sop_instance_uid": pydicom.uid.UID(uid),
           "transfer_syntax": ts}
@@ -747,7 +747,7 @@ def test_file_meta_encoded_like_pydicom(ts, uid):
 def test_p_data_decoded_like_pynetdicom():
     from pynetdicom.pdu import P_DATA_TF
 
-    from gateway.sources.dicom_scp import _decode_p_data_tf
+    from gateway.sources.dicom.receiver import _decode_p_data_tf
 
     pdvs = [(1, b"\x03" + b"c" * 9), (3, b"\x00" + bytes(range(256)) * 40), (5, b"\x02")]
     body = b"".join((len(d) + 1).to_bytes(4, "big") + bytes([c]) + d

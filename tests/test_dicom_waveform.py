@@ -12,9 +12,17 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from gateway.montage import default_table
+from gateway.montage.table import default_table
 from gateway.readers import read_recording
-from gateway.readers.dicom_synthetic import (
+from gateway.readers.dicom_waveform import (
+    ACCEPTED_SOP_CLASSES,
+    WAVEFORM_SOP_CLASSES,
+    parse_patient_age,
+    read_dicom_study,
+    study_uid_of,
+)
+from gateway.readers.errors import ReaderError
+from gateway.synthetic.dicom_study import (
     GENERAL_ECG,
     MULTICHANNEL_RESPIRATORY,
     SLEEP_EEG,
@@ -26,14 +34,6 @@ from gateway.readers.dicom_synthetic import (
     write_psg_study,
     write_waveform_file,
 )
-from gateway.readers.dicom_waveform import (
-    ACCEPTED_SOP_CLASSES,
-    WAVEFORM_SOP_CLASSES,
-    parse_patient_age,
-    read_dicom_study,
-    study_uid_of,
-)
-from gateway.readers.errors import ReaderError
 
 T0 = datetime(2024, 3, 1, 22, 0, 0)
 

@@ -12,11 +12,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from gateway.config import DropFolderConfig
-from gateway.identifiers import find_sidecar
 from gateway.metrics import Metrics
-from gateway.readers.synthetic import SyntheticChannel, write_synthetic_night
+from gateway.pipeline.identifiers import find_sidecar
 from gateway.sources import dropfolder
 from gateway.sources.dropfolder import ClaimedFile, DropFolderWatcher, recover_claims
+from gateway.synthetic.night import SyntheticChannel, write_synthetic_night
 
 _CHANNELS = (SyntheticChannel("C3-M2", 64, "eeg"), SyntheticChannel("SpO2", 1, "spo2", unit="%",
                                                                   physical_min=0.0, physical_max=100.0))

@@ -325,7 +325,7 @@ def test_read_streams_one_channel_without_holding_samples(tmp_path):
 
 
 def test_raw_reader_equals_pyedflib_path_on_a_continuous_night(tmp_path):
-    from gateway.readers.synthetic import write_synthetic_night
+    from gateway.synthetic.night import write_synthetic_night
 
     night = write_synthetic_night(tmp_path / "n.edf", hours=0.02, seed=4)
     a, b = read_edf(night), read_raw_edf(night)

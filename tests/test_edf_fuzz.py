@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_edf_discontinuous import Sig, edf_bytes, ramp, record_tals
 
+from gateway.pipeline.scoring import reference_hypnogram
 from gateway.readers.edf import read_edf
 from gateway.readers.errors import ReaderError
-from gateway.scoring import reference_hypnogram
 
 pytestmark = pytest.mark.slow
 

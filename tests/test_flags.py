@@ -7,7 +7,7 @@ import math
 import pytest
 
 from gateway.config import FlagOutcome, FlagsConfig, SleepFinding
-from gateway.flags import HazardRow, evaluate, outcome_code, watched_hazards
+from gateway.pipeline.flags import HazardRow, evaluate, outcome_code, watched_hazards
 
 ROWS = [HazardRow(1041, "death", "death", math.log(2.5)),
         HazardRow(1043, "Heart Failure", "Heart Failure", math.log(0.8)),

@@ -212,8 +212,8 @@ def test_deployed_cox_head_flags_and_names_itself_in_the_oru(cox_data, tmp_path,
 
     from gateway.batch.runner import BatchOptions, BatchRunner
     from gateway.config import load_config
-    from gateway.readers.synthetic import write_synthetic_night
     from gateway.store.models import MessageState
+    from gateway.synthetic.night import write_synthetic_night
 
     root, labels, _ = cox_data
     head = tmp_path / "hf-head"

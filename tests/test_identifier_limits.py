@@ -18,16 +18,16 @@ import pydicom
 import pytest
 from pipeline_env import pipeline_env, spool_file
 
-import gateway.identifiers as identifiers_module
+import gateway.pipeline.identifiers as identifiers_module
 from gateway.identifier_limits import FIELD_LIMITS, IdentifierError, apply_identifier_limits
-from gateway.identifiers import apply_site_identifiers
-from gateway.readers.dicom_synthetic import write_psg_study
+from gateway.pipeline.identifiers import apply_site_identifiers
+from gateway.pipeline.steps import decode_inputs
 from gateway.readers.edf import read_edf
 from gateway.readers.errors import ReaderError
-from gateway.readers.synthetic import write_synthetic_night
 from gateway.recording import Channel, Demographics, Recording
-from gateway.steps import decode_inputs
 from gateway.store.models import State
+from gateway.synthetic.dicom_study import write_psg_study
+from gateway.synthetic.night import write_synthetic_night
 from inference.bundle import DemographicsEncoding
 
 HOURS = 0.1  # the pipeline's shortest night (two 5-minute windows), as tests/test_pipeline.py

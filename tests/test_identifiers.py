@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.identifiers import apply_site_identifiers, find_sidecar, from_filename, read_sidecar
+from gateway.pipeline.identifiers import apply_site_identifiers, find_sidecar, from_filename, read_sidecar
 from gateway.readers.errors import ReaderError
 from gateway.recording import Channel, Demographics, Identifiers, Recording
 
@@ -148,7 +148,7 @@ def test_bad_filename_values_and_bad_pattern(tmp_path):
 
 def test_on_a_real_edf(tmp_path):
     from gateway.readers.edf import read_edf
-    from gateway.readers.synthetic import write_synthetic_night
+    from gateway.synthetic.night import write_synthetic_night
 
     path = write_synthetic_night(tmp_path / "7654321_A12.edf", hours=0.01, seed=5)
     (tmp_path / "7654321_A12.edf.json").write_text('{"patient_name": "Site^Name"}')

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import montage as montage_module
-from gateway.montage import (
+from gateway.montage import table as montage_module
+from gateway.montage.table import (
     EXCLUDE,
     IGNORE,
     MODALITIES,
@@ -25,7 +25,7 @@ from gateway.montage import (
     render_rule,
     scope_matches,
 )
-from gateway.readers.synthetic import DEFAULT_BENCH_CHANNELS
+from gateway.synthetic.night import DEFAULT_BENCH_CHANNELS
 
 ROOT = Path(__file__).resolve().parents[1]
 MAPPINGS_DEFAULT = ROOT / "mappings" / "default.yaml"

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from gateway.cli import montage_cmd
 from gateway.cli.main import app
-from gateway.montage import MontageTable, default_table
-from gateway.readers.synthetic import SyntheticChannel, write_synthetic_night
+from gateway.montage.table import MontageTable, default_table
+from gateway.synthetic.night import SyntheticChannel, write_synthetic_night
 
 runner = CliRunner()
 
@@ -38,7 +38,7 @@ def _json(result) -> dict:
 def studies(tmp_path_factory) -> Path:
     """A folder of studies: two EDF nights (one with unknown labels), a DICOM study in a sub-folder, a broken
     EDF file and a text file."""
-    from gateway.readers.dicom_synthetic import write_psg_study
+    from gateway.synthetic.dicom_study import write_psg_study
 
     root = tmp_path_factory.mktemp("studies")
     write_synthetic_night(root / "good.edf", hours=0.02, seed=1)

@@ -20,12 +20,12 @@ from structlog.testing import capture_logs
 from gateway.config import load_config
 from gateway.daemon import Daemon as GatewayDaemon
 from gateway.http import OpsServer
-from gateway.montage import MontageTable
-from gateway.pipeline import MontageHolder
-from gateway.readers.synthetic import write_synthetic_night
+from gateway.montage.table import MontageTable
+from gateway.pipeline.runner import MontageHolder
 from gateway.store.db import make_engine, upgrade
 from gateway.store.models import State
 from gateway.store.repo import Repo
+from gateway.synthetic.night import write_synthetic_night
 from inference.bundle import make_demo_bundle
 
 GOOD = "name: site\nformat: 2\nextends: default\nrules: []\n"

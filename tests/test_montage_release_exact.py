@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from gateway.cli.main import app
 from gateway.config import load_config
 from gateway.config_check import semantic_problems
-from gateway.montage import EXCLUDE, MODALITIES, MontageTable, default_table, load_table
+from gateway.montage.table import EXCLUDE, MODALITIES, MontageTable, default_table, load_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RELEASE_EXACT = ROOT / "mappings" / "release-exact.yaml"
@@ -202,7 +202,7 @@ def test_fixture_and_sleep_edf_recordings(reference_dir, release):
 
 
 def test_loads_through_the_daemon_configuration(tmp_path):
-    from gateway.pipeline import MontageHolder
+    from gateway.pipeline.runner import MontageHolder
 
     mappings = tmp_path / "mappings"
     mappings.mkdir()

@@ -33,10 +33,10 @@ from gateway.logging import (
     get_logger,
     scrub,
 )
-from gateway.pipeline import MontageHolder, classify
-from gateway.readers.dicom_synthetic import write_psg_study
-from gateway.readers.synthetic import write_synthetic_night
+from gateway.pipeline.runner import MontageHolder, classify
 from gateway.store.models import Event, State, Study
+from gateway.synthetic.dicom_study import write_psg_study
+from gateway.synthetic.night import write_synthetic_night
 
 HOURS = 0.1  # 6 minutes: the pipeline tests' night
 
@@ -96,7 +96,7 @@ def _phi_edf(path: Path, seed: int, hours: float = HOURS) -> bytes:
 
 
 def _sidecar(paths, claim: str, name: str, **values) -> None:
-    """``<file>.json`` beside the spooled file (gateway.identifiers)."""
+    """``<file>.json`` beside the spooled file (gateway.pipeline.identifiers)."""
     doc = {"patient_id": MRN, "patient_name": NAME, "accession": ACCESSION, "birth_date": BIRTH.isoformat(),
            "sex": "F", **values}
     (paths.spool / "incoming" / claim / f"{name}.json").write_text(json.dumps(doc))
@@ -172,14 +172,14 @@ def test_no_identifier_reaches_logs_reasons_events_or_last_error(env, logs, tmp_
     def leaky(engine, prepared, progress=None):
         raise ValueError(f"cannot score {MRN!r} ({NAME}, born {BIRTH}, {ACCESSION}) from /spool/{FILE}")
 
-    monkeypatch.setattr("gateway.pipeline.infer_prepared", leaky)
+    monkeypatch.setattr("gateway.pipeline.runner.infer_prepared", leaky)
     study = spool_file(paths, FILE, _phi_edf(tmp_path / "internal.edf", seed=26), repo, claim="internal")
     _sidecar(paths, "internal", FILE)
     outcomes["internal"] = _run(pipe, repo, study)
     monkeypatch.undo()
 
     # 8. a transient storage error naming the file, then success (the retry's reason is stored too)
-    from gateway import pipeline as pipeline_module
+    from gateway.pipeline import runner as pipeline_module
 
     real, calls = pipeline_module.infer_prepared, []
 
@@ -189,7 +189,7 @@ def test_no_identifier_reaches_logs_reasons_events_or_last_error(env, logs, tmp_
             raise OSError(errno.ENOSPC, "No space left on device", f"/var/psg/outputs/{FILE}")
         return real(engine, prepared, progress)
 
-    monkeypatch.setattr("gateway.pipeline.infer_prepared", full_disk)
+    monkeypatch.setattr("gateway.pipeline.runner.infer_prepared", full_disk)
     study = spool_file(paths, FILE, _phi_edf(tmp_path / "retry.edf", seed=27), repo, claim="retry")
     _sidecar(paths, "retry", FILE)
     retry = _run(pipe, repo, study)
@@ -389,7 +389,7 @@ def test_an_over_long_patient_id_makes_a_value_free_oru_error():
 
 
 def test_the_dicom_folder_and_file_names_are_bound_with_the_study(tmp_path):
-    from gateway.pipeline import study_logging
+    from gateway.pipeline.runner import study_logging
 
     study = Study(key="abc", input_name=FILE, input_path=str(tmp_path / MRN), patient_id=None,
                   patient_name=NAME, birth_date=BIRTH, accession=ACCESSION, study_uid=None, dicom_study_uid="1.2.3.4")

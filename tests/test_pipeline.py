@@ -10,12 +10,12 @@ import pytest
 from pipeline_env import pipeline_env, spool_file
 
 from gateway.config import PipelineConfig
-from gateway.pipeline import MontageHolder
-from gateway.readers.dicom_synthetic import write_psg_study
-from gateway.readers.synthetic import write_synthetic_night
+from gateway.pipeline.runner import MontageHolder
 from gateway.store.db import make_engine, upgrade
 from gateway.store.models import State
 from gateway.store.repo import Repo
+from gateway.synthetic.dicom_study import write_psg_study
+from gateway.synthetic.night import write_synthetic_night
 from inference.bundle import load_bundle, make_demo_bundle
 from inference.engine import Engine, EngineOptions
 
@@ -165,7 +165,7 @@ def test_broken_montage_edit_keeps_previous_table(env, tmp_path):
 
 def test_transient_error_is_retried_with_backoff_then_succeeds(env, night_bytes, monkeypatch):
     repo, pipe, paths = env
-    import gateway.pipeline as pl
+    import gateway.pipeline.runner as pl
 
     real = pl.infer_prepared
     calls = {"n": 0}
@@ -192,7 +192,7 @@ def test_transient_error_is_retried_with_backoff_then_succeeds(env, night_bytes,
 
 def test_transient_error_gives_up_after_max_attempts(env, night_bytes, monkeypatch):
     repo, pipe, paths = env
-    import gateway.pipeline as pl
+    import gateway.pipeline.runner as pl
 
     monkeypatch.setattr(pl, "infer_prepared", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
     pipe.cfg = PipelineConfig(retry_backoff_seconds=0.001, max_attempts=2)
@@ -235,7 +235,7 @@ def test_reconcile_finishes_a_move_interrupted_by_a_crash(env, night_bytes):
 
 
 def test_error_reasons_never_quote_file_names():
-    from gateway.pipeline import classify
+    from gateway.pipeline.runner import classify
 
     err = classify(FileNotFoundError(2, "No such file or directory", "/drop/1234567_DOE_JANE.edf"))
     assert "DOE" not in str(err) and "No such file" in str(err) and not err.transient
@@ -327,7 +327,7 @@ def test_resume_at_inferred_runs_only_the_flag_step(env, night_bytes, monkeypatc
     with repo.sessions.begin() as s:
         row = s.get(type(done), done.id)
         row.state = "INFERRED"
-    import gateway.pipeline as pl
+    import gateway.pipeline.runner as pl
 
     monkeypatch.setattr(pl, "infer_prepared", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-ran")))
     _hl7_pipe(pipe)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gateway.montage import default_table
-from gateway.prepare import MappingError, prepare_study
+from gateway.montage.table import default_table
+from gateway.pipeline.prepare import MappingError, prepare_study
 from gateway.recording import Channel, Demographics, Recording
 
 SECONDS = 600

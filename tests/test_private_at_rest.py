@@ -30,10 +30,10 @@ from gateway.batch.export import check_export_dir
 from gateway.cli.main import app
 from gateway.config import DropFolderConfig
 from gateway.fsutil import atomic_write, atomic_write_with, durable_mkdir, set_private_mode, tighten_tree
-from gateway.readers.synthetic import write_synthetic_night
 from gateway.sources.dropfolder import DropFolderWatcher, recover_claims
 from gateway.store.db import make_engine, upgrade
 from gateway.store.models import State
+from gateway.synthetic.night import write_synthetic_night
 from inference.bundle import load_bundle, make_demo_bundle
 from inference.engine import Engine, EngineOptions
 
@@ -322,7 +322,7 @@ def test_db_upgrade_run_under_umask_022_creates_a_private_database(tmp_path, gro
 def test_daemon_launched_with_umask_022_keeps_var_private(tmp_path, bundle_dir, nights, group):
     from daemon_proc import Daemon
 
-    from gateway.readers.dicom_synthetic import write_psg_study
+    from gateway.synthetic.dicom_study import write_psg_study
 
     var = tmp_path / "d" / "var"
     overrides: dict = {"drop_folders": [{"path": str(tmp_path / "d" / "drop"), "stable_seconds": 0.3,

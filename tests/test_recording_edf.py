@@ -12,8 +12,8 @@ import pytest
 
 from gateway.readers.edf import read_edf
 from gateway.readers.errors import ReaderError
-from gateway.readers.synthetic import DEFAULT_BENCH_CHANNELS, SyntheticChannel, write_synthetic_night
 from gateway.recording import Annotation, Channel, Demographics, Identifiers, Recording
+from gateway.synthetic.night import DEFAULT_BENCH_CHANNELS, SyntheticChannel, write_synthetic_night
 
 SLEEP_EDF_LABELS = ["EEG Fpz-Cz", "EEG Pz-Oz", "EOG horizontal", "Resp oro-nasal", "EMG submental",
                     "Temp rectal", "Event marker"]

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.montage import default_table, load_table
-from gateway.prepare import prepare_study
+from gateway.montage.table import default_table, load_table
+from gateway.pipeline.prepare import prepare_study
 from gateway.readers.edf import read_edf
 from gateway.recording import Channel, Recording
 from inference.bundle import load_bundle

@@ -6,9 +6,9 @@ from collections import Counter
 
 import pytest
 
+from gateway.pipeline.scoring import UNSCORED, Agreement, agreement, reference_hypnogram, stage_of
 from gateway.readers.edf import read_edf
 from gateway.recording import Annotation
-from gateway.scoring import UNSCORED, Agreement, agreement, reference_hypnogram, stage_of
 
 
 @pytest.mark.parametrize(("text", "stage"), [

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from inference.engine import Engine
 from inference.results import StudyResult
 
-from ..montage import MontageTable
+from ..montage.table import MontageTable
 from .work import FileHash, Prepared, PrepareJob, WorkFailure, discard, hash_file, init_worker, load, prepare
 
 __all__ = ["Backend", "InferOutcome", "LocalBackend", "infer_many"]

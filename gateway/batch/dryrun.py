@@ -10,12 +10,12 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ..montage import MontageTable
+from ..montage.table import MontageTable
+from ..pipeline.steps import decode_inputs
 from ..readers.errors import ReaderError
-from ..steps import decode_inputs
+from ..sources.archive import ArchiveItem, Discovery
 from ..store.batch_repo import BatchRepo
 from ..store.models import PIPELINE_DONE, State, Study
-from .discover import ArchiveItem, Discovery
 from .work import hash_file
 
 __all__ = ["PlanRow", "plan"]

@@ -48,8 +48,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from gateway.flags import HazardRow, read_hazards
 from gateway.fsutil import atomic_write, atomic_write_with, private_mkdir
+from gateway.pipeline.flags import HazardRow, read_hazards
 from gateway.store.models import Study
 
 __all__ = ["ExportError", "ExportReport", "check_export_dir", "check_identifiers_kept", "export_studies",

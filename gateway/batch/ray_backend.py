@@ -19,7 +19,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from ..config import ModelConfig
-from ..montage import MontageTable
+from ..montage.table import MontageTable
 from .backends import InferOutcome
 from .work import FileHash, Prepared, PrepareJob, WorkFailure, hash_file, prepare
 

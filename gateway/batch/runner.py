@@ -44,13 +44,13 @@ from ..heads.store import HeadError
 from ..logging import get_logger
 from ..metrics import Metrics
 from ..model import load_model
-from ..pipeline import MontageHolder, Pipeline, StepError, study_logging
+from ..pipeline.runner import MontageHolder, Pipeline, StepError, study_logging
+from ..sources.archive import ArchiveItem, Discovery, discover
 from ..store.batch_repo import BatchRepo
 from ..store.db import make_engine, normalise_url, upgrade
 from ..store.models import PIPELINE_DONE, State, Study
 from ..store.repo import Repo, StudyChanged, aware
 from .backends import Backend, InferOutcome, LocalBackend
-from .discover import ArchiveItem, Discovery, discover
 from .export import ExportError, ExportReport, check_export_dir, check_identifiers_kept, export_studies
 from .progress import BatchProgress
 from .summary import Tally, write_summary

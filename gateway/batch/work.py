@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..montage import MontageTable
-from ..steps import Decoded, decode_and_map
+from ..montage.table import MontageTable
+from ..pipeline.steps import Decoded, decode_and_map
 
 __all__ = [
     "FileHash",
@@ -126,7 +126,7 @@ class WorkFailure:
 def prepare(job: PrepareJob, table: MontageTable | None = None,
             spill_dir: str | None = None) -> Prepared | WorkFailure:
     """Decode, map and preprocess one study; a failure comes back classified."""
-    from ..pipeline import classify
+    from ..pipeline.runner import classify
 
     try:
         return _prepare(job, table, spill_dir)

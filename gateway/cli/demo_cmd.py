@@ -30,9 +30,9 @@ def demo(
     from pynetdicom import AE
 
     from ..daemon import Daemon
-    from ..readers.dicom_synthetic import write_psg_study
-    from ..readers.synthetic import write_synthetic_night
     from ..store.models import FINAL_STATES
+    from ..synthetic.dicom_study import write_psg_study
+    from ..synthetic.night import write_synthetic_night
 
     cfg = load_or_exit(config)
     if not cfg.drop_folders or not cfg.dicom.enabled:

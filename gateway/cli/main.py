@@ -107,14 +107,14 @@ def infer(
     from inference.bundle import BundleError, ensure_demo_bundle, load_bundle
     from inference.engine import Engine, EngineOptions, InputError
 
-    from ..identifiers import apply_site_identifiers
     from ..logging import configure_logging, get_logger
-    from ..montage import MontageError, MontageTable, default_table
-    from ..outputs import write_study_outputs
-    from ..prepare import MappingError, prepare_study
+    from ..montage.table import MontageError, MontageTable, default_table
+    from ..pipeline.identifiers import apply_site_identifiers
+    from ..pipeline.outputs import write_study_outputs
+    from ..pipeline.prepare import MappingError, prepare_study
+    from ..pipeline.steps import infer_prepared, outputs_extra, shift_annotations, staging_agreement
     from ..readers import read_recording
     from ..readers.errors import ReaderError
-    from ..steps import infer_prepared, outputs_extra, shift_annotations, staging_agreement
 
     configure_logging()
     log = get_logger("psg.infer")
@@ -189,7 +189,7 @@ def example_night(
     seed: Annotated[int, typer.Option(help="Random seed")] = 0,
 ) -> None:
     """Write a synthetic 18-channel PSG night (for demos and benchmarks; no real person)."""
-    from ..readers.synthetic import write_synthetic_night
+    from ..synthetic.night import write_synthetic_night
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_synthetic_night(path, hours=hours, seed=seed)

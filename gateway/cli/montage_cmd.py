@@ -26,7 +26,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..fsutil import atomic_write, launcher_umask
-from ..montage import (
+from ..montage.table import (
     BUILTIN_NAME,
     DEFAULT_RESOURCE,
     EXCLUDE,

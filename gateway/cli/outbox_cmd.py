@@ -153,7 +153,7 @@ def hl7_preview(ref: Annotated[str, typer.Argument(help="Study id or key")],
                 config: StoreConfigOption = None) -> None:
     """The ER7 text the study would send now (flags re-evaluated; nothing stored or sent)."""
     from ..hl7.compose import build_study_message
-    from ..pipeline import study_decision
+    from ..pipeline.runner import study_decision
 
     cfg, repo = open_store(config)
     study = _find(repo, ref)

@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from ..config import Hl7Config
-from ..flags import FlagDecision
+from ..pipeline.flags import FlagDecision
 from ..store.models import Study
 from .oru import OruFlag, OruMetric, OruPatient, OruSettings, OruStudy, build_oru
 

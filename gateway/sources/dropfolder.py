@@ -15,7 +15,7 @@ pipeline quarantines it with the reader's error instead of the folder stalling o
 not EDF/BDF at all is claimed after the stable time (the reader rejects it later with a clear reason).
 Only the few fixed header fields are read, and only once the file has been still for the stable time.
 
-A sidecar ``<file>.json`` or ``<stem>.json`` (see :func:`gateway.identifiers.find_sidecar`) is claimed
+A sidecar ``<file>.json`` or ``<stem>.json`` (see :func:`gateway.pipeline.identifiers.find_sidecar`) is claimed
 together with its recording, once it is stable itself (the recording waits for it).
 
 A claim moves the files into their own folder ``<spool_dir>/incoming/<claim_id>/``: ``claim.json``
@@ -28,7 +28,7 @@ file is never seen again. After a crash between the claim and its registration i
 File names can hold a patient's name or MRN, so nothing the gateway creates is named after the original:
 the recording becomes ``<claim_id><ext>`` (``ext``: ``.edf``, ``.bdf``, ``.rec``, ``.dcm``, ``.dicom``,
 lower-cased, else ``.dat``; the readers go by content), and its sidecars follow it so that
-:func:`~gateway.identifiers.find_sidecar` still finds them: ``<file>.json`` becomes
+:func:`~gateway.pipeline.identifiers.find_sidecar` still finds them: ``<file>.json`` becomes
 ``<claim_id><ext>.json`` and ``<stem>.json`` becomes ``<claim_id>.json``. The original path is in the
 manifest only until the study is registered (recovery needs it before: the name goes into the
 database's ``input_name``, which the file-name pattern reads, and an interrupted cross-filesystem move

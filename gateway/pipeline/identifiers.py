@@ -53,9 +53,9 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from .identifier_limits import apply_identifier_limits
-from .readers.errors import ReaderError
-from .recording import Demographics, Recording
+from ..identifier_limits import apply_identifier_limits
+from ..readers.errors import ReaderError
+from ..recording import Demographics, Recording
 
 __all__ = ["SiteIdentifiers", "apply_site_identifiers", "find_sidecar", "from_filename", "read_sidecar"]
 

@@ -33,7 +33,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import DSfloat
 
-from .dicom_waveform import WAVEFORM_SOP_CLASSES
+from ..readers.dicom_waveform import WAVEFORM_SOP_CLASSES
 
 __all__ = [
     "GENERAL_ECG",

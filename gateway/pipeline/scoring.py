@@ -26,7 +26,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .recording import Annotation
+from ..recording import Annotation
 
 __all__ = ["EPOCH_S", "STAGES", "Agreement", "agreement", "reference_hypnogram", "stage_of"]
 

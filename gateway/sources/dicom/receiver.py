@@ -151,10 +151,10 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from ..config import DicomConfig, TlsConfig
-from ..fsutil import fsync_dir
-from ..logging import get_logger
-from ..metrics import Metrics
+from ...config import DicomConfig, TlsConfig
+from ...fsutil import fsync_dir
+from ...logging import get_logger
+from ...metrics import Metrics
 
 __all__ = [
     "STATUS_CANNOT_UNDERSTAND",

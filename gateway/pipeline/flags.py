@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import FlagOutcome, FlagsConfig, SleepFinding
+from ..config import FlagOutcome, FlagsConfig, SleepFinding
 
 __all__ = [
     "Finding",

@@ -42,8 +42,18 @@ from inference.bundle import ModelBundle
 from inference.engine import Engine, InputError
 from inference.results import StudyResult
 
-from .config import FlagsConfig, Hl7Config, PathsConfig, PipelineConfig
-from .crashpoints import crashpoint
+from ..config import FlagsConfig, Hl7Config, PathsConfig, PipelineConfig
+from ..crashpoints import crashpoint
+from ..fsutil import atomic_write, make_private, private_mkdir
+from ..hl7.compose import build_study_message, new_control_id
+from ..hl7.oru import OruError
+from ..logging import add_study_identifiers, bind_study, get_logger, scrub
+from ..metrics import Metrics
+from ..montage.table import MontageTable
+from ..readers.errors import ReaderError
+from ..sources.dropfolder import forget_original, spool_name
+from ..store.models import PIPELINE_DONE, MessageState, State, Study
+from ..store.repo import Repo, StudyChanged
 from .flags import (
     FlagDecision,
     HazardRow,
@@ -53,18 +63,8 @@ from .flags import (
     read_metrics,
     watched_hazards,
 )
-from .fsutil import atomic_write, make_private, private_mkdir
-from .hl7.compose import build_study_message, new_control_id
-from .hl7.oru import OruError
-from .logging import add_study_identifiers, bind_study, get_logger, scrub
-from .metrics import Metrics
-from .montage import MontageTable
 from .prepare import MappingError
-from .readers.errors import ReaderError
-from .sources.dropfolder import forget_original, spool_name
 from .steps import Decoded, decode_and_map, infer_prepared, store_outputs
-from .store.models import PIPELINE_DONE, MessageState, State, Study
-from .store.repo import Repo, StudyChanged
 
 __all__ = ["MontageFailure", "MontageHolder", "Pipeline", "StepError", "classify", "study_decision"]
 
@@ -165,7 +165,7 @@ class MontageHolder:
         self._logged: tuple[str, str] | None = None
 
     def _load(self) -> MontageTable:
-        from .montage import default_table
+        from ..montage.table import default_table
 
         return MontageTable.load(self.path) if self.path else default_table()
 
@@ -179,7 +179,7 @@ class MontageHolder:
     def _reason(self, exc: Exception) -> str:
         """The load error on one line, without folders (a table's folder is the site's; keep /healthz free of
         paths) and without the loader's ``montage table`` prefix (the problem text says it)."""
-        from .montage import MontageError
+        from ..montage.table import MontageError
 
         text = str(exc) if isinstance(exc, MontageError) else f"{type(exc).__name__}: {exc}"
         # Keep the last part of any absolute path (the table and the tables it extends, named by file).

@@ -15,14 +15,14 @@ from typing import Any
 from inference.engine import Engine
 from inference.results import StudyResult
 
-from .identifier_limits import apply_identifier_limits
+from ..identifier_limits import apply_identifier_limits
+from ..montage.table import MontageTable
+from ..readers import read_recording
+from ..readers.dicom_waveform import read_dicom_study
+from ..recording import Annotation, Recording
 from .identifiers import apply_site_identifiers
-from .montage import MontageTable
 from .outputs import write_study_outputs
 from .prepare import PreparedStudy, prepare_study
-from .readers import read_recording
-from .readers.dicom_waveform import read_dicom_study
-from .recording import Annotation, Recording
 from .scoring import agreement, reference_hypnogram
 
 __all__ = [

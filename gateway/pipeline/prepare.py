@@ -17,8 +17,8 @@ from inference.gaps import preprocess_with_gaps
 from inference.preprocess import n_target_samples
 from inference.results import StudyInput
 
-from .montage import MontageMatch, MontageTable
-from .recording import Recording
+from ..montage.table import MontageMatch, MontageTable
+from ..recording import Recording
 
 
 class MappingError(ValueError):

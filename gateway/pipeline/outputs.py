@@ -25,7 +25,7 @@ import numpy as np
 
 from inference.results import STAGES, TOKEN_SECONDS, TOKENS_PER_EPOCH, TOKENS_PER_WINDOW, StudyResult
 
-from .fsutil import atomic_write, durable_mkdir
+from ..fsutil import atomic_write, durable_mkdir
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

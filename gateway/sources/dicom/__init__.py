@@ -1,0 +1,1 @@
+"""The DICOM source: a C-STORE/C-ECHO receiver (``receiver``)."""
