@@ -50,13 +50,13 @@ def test_outbox_commands_and_preview(tmp_path, db_url):
                            actor="t").study
     s = repo.claim("w", 60)
     for st in (State.DECODED, State.MAPPED):
-        s = repo.transition(s, st, "w", "x")
+        s = repo.transition(s, st, "w", f"study.{st.lower()}")
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (out_dir / "hazards.csv").write_text("index,phecode,phenotype,log_hazard,hazard_ratio\n"
                                          "1041,death,death,0.9,2.46\n")
     (out_dir / "metrics.json").write_text(json.dumps({"sleep": {"tst_min": 400.0, "stage_min": {}}}))
-    s = repo.transition(s, State.INFERRED, "w", "x", output_path=str(out_dir), patient_id="MRN9",
+    s = repo.transition(s, State.INFERRED, "w", "study.inferred", output_path=str(out_dir), patient_id="MRN9",
                         bundle_name="sleepfm", bundle_version="1", bundle_validated=True)
     er7 = ("MSH|^~\\&|A|B|C|D|20260101||ORU^R01^ORU_R01|PSGCLI0001|P|2.5.1\rPID|1||MRN9")
     s, m = repo.queue_message(s, State.QUEUED, "w", "study.queued", None, destination="127.0.0.1:2575",

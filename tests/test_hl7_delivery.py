@@ -46,7 +46,7 @@ def _queue(repo: Repo, n: int, dest: str) -> list[tuple[int, str]]:
                                filename_pattern=None, actor="t").study
         s = repo.claim("w", 60)
         for st in (State.DECODED, State.MAPPED, State.INFERRED):
-            s = repo.transition(s, st, "w", "x")
+            s = repo.transition(s, st, "w", f"study.{st.lower()}")
         control = f"PSGTEST{i:04d}"
         repo.queue_message(s, State.QUEUED, "w", "study.queued", None, destination=dest, control_id=control,
                            er7=_er7(control), message_state=MessageState.PENDING, correction=False)

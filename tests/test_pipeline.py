@@ -227,7 +227,7 @@ def test_reconcile_finishes_a_move_interrupted_by_a_crash(env, night_bytes):
     study = spool_file(paths, "night.edf", night_bytes, repo)
     c = repo.claim("w", 60)
     for s in (State.DECODED, State.MAPPED, State.INFERRED, State.FLAGGED):
-        c = repo.transition(c, s, "w", "x")
+        c = repo.transition(c, s, "w", f"study.{s.lower()}")
     # committed FLAGGED, crashed before the move
     assert pipe.reconcile() == 1
     assert (paths.processed / study.key / f"{study.key}.edf").read_bytes() == night_bytes

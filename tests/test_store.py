@@ -142,10 +142,10 @@ def test_retry_and_reprocess_rules(repo: Repo) -> None:
     failed = repo.transition(c, State.FAILED, "w", "study.failed", last_error="bad file")
     assert repo.retry(failed.id, "cli").state == State.READY
     c = repo.claim("w", 60)
-    done = repo.transition(c, State.DECODED, "w", "x")
-    done = repo.transition(done, State.MAPPED, "w", "x")
-    done = repo.transition(done, State.INFERRED, "w", "x")
-    done = repo.transition(done, State.FLAGGED, "w", "x")
+    done = repo.transition(c, State.DECODED, "w", "study.decoded")
+    done = repo.transition(done, State.MAPPED, "w", "study.mapped")
+    done = repo.transition(done, State.INFERRED, "w", "study.inferred")
+    done = repo.transition(done, State.FLAGGED, "w", "study.flagged")
     again = repo.reprocess(done.id, "cli")
     assert again.state == State.READY and again.version == 2 and again.attempts == 0
     assert repo.events(s.id)[-1].actor == "cli"

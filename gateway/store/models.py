@@ -27,29 +27,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from ..pipeline.states import FINAL_STATES, PIPELINE_DONE, WORKING_STATES, State
+
 __all__ = ["FINAL_STATES", "PIPELINE_DONE", "WORKING_STATES", "ArchiveFile", "AttemptOutcome", "Base", "BatchRun", "DeliveryAttempt", "DeliveryLease", "Event", "Instance", "Message", "MessageState", "Output", "ReferenceHazard", "State", "Study"]
 
-
-class State(StrEnum):
-    RECEIVED = "RECEIVED"  # bytes spooled; a DICOM study may still be receiving instances
-    READY = "READY"  # complete (stable) and waiting for a worker
-    DECODED = "DECODED"
-    MAPPED = "MAPPED"
-    INFERRED = "INFERRED"  # outputs stored; the last step until flags and delivery exist
-    FLAGGED = "FLAGGED"
-    QUEUED = "QUEUED"
-    DELIVERED = "DELIVERED"
-    DUPLICATE = "DUPLICATE"
-    FAILED = "FAILED"
-    SHADOW = "SHADOW"
-    HELD = "HELD"  # batch --no-send: results stored, the message held until ``outbox release``
-
-
-# States a worker picks a study up from (after a crash, the last committed one).
-WORKING_STATES = (State.READY, State.DECODED, State.MAPPED, State.INFERRED)
-# FLAGGED is final when nothing is to be sent; QUEUED waits for the delivery job, not for a worker.
-FINAL_STATES = (State.FLAGGED, State.DELIVERED, State.SHADOW, State.HELD, State.DUPLICATE, State.FAILED)
-PIPELINE_DONE = (*FINAL_STATES, State.QUEUED)  # the worker's part is over: the input leaves the spool
 
 _TS = DateTime(timezone=True)
 

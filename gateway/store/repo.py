@@ -19,6 +19,7 @@ from sqlalchemy import Engine, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ..pipeline.states import check_transition
 from .db import is_sqlite, session_factory
 from .models import (
     FINAL_STATES,
@@ -734,6 +735,9 @@ class Repo:
 
     def _event(self, s: Session, study: Study, event: str, from_state: str | None, to_state: str | None,
                actor: str, detail: dict[str, Any] | None) -> None:
+        """Record an event; every state change passes here, so here it is checked against the table
+        (raising rolls the whole transaction back: an illegal transition is never committed)."""
+        check_transition(event, from_state, to_state)
         s.add(Event(study_id=study.id, at=utcnow(), event=event, from_state=from_state and str(from_state),
                     to_state=to_state and str(to_state), version=study.version, actor=actor, detail=detail))
 
