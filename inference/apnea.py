@@ -70,6 +70,26 @@ def severity_of(ahi: np.ndarray) -> np.ndarray:
 
     ``< 5`` normal (0), ``5 <= AHI < 15`` mild (1), ``15 <= AHI < 30`` moderate (2), ``>= 30`` severe (3):
     a boundary value belongs to the higher class. Raises ``ValueError`` for a negative or non-finite AHI.
+
+    Parameters
+    ----------
+    ahi : array_like
+        Apnea-hypopnea indices in events per hour.
+
+    Returns
+    -------
+    numpy.ndarray
+        Class indices (int64), one per value (flattened).
+
+    Raises
+    ------
+    ValueError
+        A negative, NaN or infinite AHI.
+
+    Examples
+    --------
+    >>> severity_of([0.0, 5.0, 14.9, 15.0, 30.0])
+    array([0, 1, 1, 2, 3])
     """
     a = _check_ahi(ahi)
     return np.searchsorted(np.asarray(SEVERITY_CUTS), a, side="right").astype(np.int64)
@@ -86,6 +106,23 @@ def token_statistics(tokens: Mapping[str, np.ndarray] | None,
     token to the next: breathing events are short, repeated disturbances). A modality absent from
     ``tokens`` (or ``tokens`` None, or fewer than two tokens) gives a block of 256 NaN, imputed later
     like any missing feature. Token rows that are not finite are left out.
+
+    Parameters
+    ----------
+    tokens : mapping of str to numpy.ndarray, or None
+        Token embeddings ``(T, 128)`` by modality, as in ``StudyResult.token_embeddings``.
+    modalities : sequence of str, default ("RESP", "EKG")
+        The modalities summarised, in order.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(256 * len(modalities),)`` float64.
+
+    Raises
+    ------
+    ValueError
+        A modality's array that is not ``(tokens, 128)``.
     """
     out = np.full(2 * EMBED_DIM * len(modalities), np.nan, dtype=np.float64)
     for k, m in enumerate(modalities):
@@ -106,7 +143,20 @@ def token_statistics(tokens: Mapping[str, np.ndarray] | None,
 
 def apnea_feature_names(use_token_stats: bool = True,
                         modalities: Sequence[str] = TOKEN_STAT_MODALITIES) -> tuple[str, ...]:
-    """Column names of :func:`apnea_features`: ``BAS_0..EMG_127`` then ``RESP_std_0``, ``RESP_absdiff_0``..."""
+    """Column names of :func:`apnea_features`: ``BAS_0..EMG_127`` then ``RESP_std_0``, ``RESP_absdiff_0``...
+
+    Parameters
+    ----------
+    use_token_stats : bool, default True
+        Include the token-statistic columns.
+    modalities : sequence of str, default ("RESP", "EKG")
+        The modalities whose token statistics are included.
+
+    Returns
+    -------
+    tuple of str
+        512 night-vector names, then per modality 128 ``_std_`` and 128 ``_absdiff_`` names.
+    """
     names = [f"{m}_{i}" for m in MODALITIES for i in range(EMBED_DIM)]
     if use_token_stats:
         for m in modalities:
@@ -118,7 +168,27 @@ def apnea_feature_names(use_token_stats: bool = True,
 def apnea_features(night: np.ndarray, tokens: Mapping[str, np.ndarray] | None,
                    use_token_stats: bool = True) -> np.ndarray:
     """One night's features (float64): the 512-d night vector (NaN for a missing modality), followed,
-    with ``use_token_stats``, by :func:`token_statistics` of the RESP and EKG tokens (512 more values)."""
+    with ``use_token_stats``, by :func:`token_statistics` of the RESP and EKG tokens (512 more values).
+
+    Parameters
+    ----------
+    night : numpy.ndarray
+        The 512-d night vector (``StudyResult.night_vector``).
+    tokens : mapping of str to numpy.ndarray, or None
+        Token embeddings by modality; only RESP and EKG are read.
+    use_token_stats : bool, default True
+        Append the token statistics.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(512,)`` or ``(1024,)`` float64, NaN where a modality is missing (a copy).
+
+    Raises
+    ------
+    ValueError
+        A night vector that does not have 512 values, or token arrays of the wrong shape.
+    """
     x = np.asarray(night, dtype=np.float64).reshape(-1)
     if x.size != NIGHT_DIM:
         raise ValueError(f"the night vector must have {NIGHT_DIM} values, got {x.size}")
@@ -161,6 +231,28 @@ class ApneaModel:
     penalties chosen by cross-validation, ``1 / C``: for ``method="ahi_score"`` the ridge penalty
     ``alpha`` of the AHI score (objective ``||y - Zw||^2 + alpha ||w||^2``), for ``"logistic"``
     scikit-learn's convention (summed log-loss + ``||w||^2 / (2 C)``).
+
+    Parameters
+    ----------
+    center, scale, impute : numpy.ndarray
+        ``(p,)`` standardisation centre and scale, and the values that replace missing features
+        (the training means; equal to ``center`` for a fitted model).
+    presence_coef : numpy.ndarray
+        ``(p,)`` logistic coefficients of P(AHI >= 5) on the standardised features.
+    presence_intercept : float
+        Its intercept.
+    severity_coef : numpy.ndarray
+        ``(4, p)`` softmax coefficients, one row per class of :data:`SEVERITY`.
+    severity_intercept : numpy.ndarray
+        ``(4,)`` intercepts (``-1e4`` for a class absent from training).
+    l2_presence, l2_severity : float
+        The penalties chosen by cross-validation (``1 / C``).
+    feature_names : tuple of str
+        Names of the ``p`` features.
+    n_train : int
+        Training studies.
+    method : str
+        How it was fitted, ``"ahi_score"`` or ``"logistic"`` (``"unknown"`` when a dict did not say).
     """
 
     center: np.ndarray  # (p,)
@@ -178,24 +270,66 @@ class ApneaModel:
 
     @property
     def n_features(self) -> int:
+        """Number of features ``p`` the model takes."""
         return int(self.center.shape[0])
 
     def standardize(self, X: np.ndarray) -> np.ndarray:
-        """``(n, p)`` features -> imputed, standardised ``(n, p)`` (what the coefficients apply to)."""
+        """``(n, p)`` features -> imputed, standardised ``(n, p)`` (what the coefficients apply to).
+
+        Parameters
+        ----------
+        X : numpy.ndarray
+            ``(n, p)`` features or one ``(p,)`` row; NaN where missing.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n, p)`` float64.
+
+        Raises
+        ------
+        ValueError
+            Rows without ``p`` features.
+        """
         x = np.atleast_2d(np.asarray(X, dtype=np.float64))
         if x.ndim != 2 or x.shape[1] != self.n_features:
             raise ValueError(f"expected {self.n_features} features per row, got shape {np.shape(X)}")
         return (_fill_missing(x, self.impute) - self.center) / self.scale
 
     def predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(P(presence) (n,), severity probabilities (n, 4) in SEVERITY order)`` for ``(n, p)`` rows."""
+        """``(P(presence) (n,), severity probabilities (n, 4) in SEVERITY order)`` for ``(n, p)`` rows.
+
+        Parameters
+        ----------
+        X : numpy.ndarray
+            ``(n, p)`` features (e.g. rows of :func:`apnea_features`) or one row; NaN where missing.
+
+        Returns
+        -------
+        presence : numpy.ndarray
+            ``(n,)`` probability that AHI >= 5.
+        severity : numpy.ndarray
+            ``(n, 4)`` class probabilities in :data:`SEVERITY` order; rows sum to 1.
+
+        Raises
+        ------
+        ValueError
+            Rows without ``p`` features.
+        """
         z = self.standardize(X)
         presence = _sigmoid(z @ self.presence_coef + self.presence_intercept)
         severity = _softmax(z @ self.severity_coef.T + self.severity_intercept)
         return presence, severity
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe (plain lists and floats; no NaN or infinity)."""
+        """JSON-safe (plain lists and floats; no NaN or infinity).
+
+        Returns
+        -------
+        dict
+            Every field, plus ``classes`` and ``presence_threshold_ahi`` for readers of the file;
+            :meth:`from_dict` reads it back.
+        """
         return {
             "center": self.center.tolist(), "scale": self.scale.tolist(), "impute": self.impute.tolist(),
             "presence_coef": self.presence_coef.tolist(), "presence_intercept": float(self.presence_intercept),
@@ -207,6 +341,23 @@ class ApneaModel:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ApneaModel:
+        """The model back from :meth:`to_dict`.
+
+        Parameters
+        ----------
+        d : mapping
+            As :meth:`to_dict` writes it; ``feature_names``, ``n_train`` and ``method`` may be absent.
+
+        Returns
+        -------
+        ApneaModel
+            The model.
+
+        Raises
+        ------
+        ValueError
+            A missing or malformed field, or arrays of inconsistent shapes.
+        """
         try:
             center = np.asarray(d["center"], dtype=np.float64)
             model = cls(
@@ -380,6 +531,40 @@ def fit_apnea(X: np.ndarray, ahi: np.ndarray, groups: Sequence[Any], *, seed: in
     (probability 0). Returns ``(model, cv report)``; the report (JSON-safe) holds one row per ``C``
     with the mean and SD of the fold scores of each classifier, the chosen values and, for
     ``ahi_score``, the score classifiers' parameters.
+
+    Parameters
+    ----------
+    X : numpy.ndarray
+        ``(n, p)`` features (rows of :func:`apnea_features`); NaN marks a missing feature.
+    ahi : numpy.ndarray
+        ``(n,)`` scored AHI in events per hour, finite and >= 0.
+    groups : sequence
+        ``(n,)`` patient ids: a patient's nights are never split across folds.
+    seed : int, default 0
+        Seed of the fold assignment.
+    grid : sequence of float, default (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+        Candidate values of ``C``, positive and finite.
+    folds : int, default 5
+        Cross-validation folds, at least 2.
+    method : {"ahi_score", "logistic"}, default "ahi_score"
+        How the classifiers are fitted (above).
+    feature_names : sequence of str, optional
+        One name per column; by default :func:`apnea_feature_names` when ``p`` is 512 or 1024,
+        else ``x0, x1, ...``.
+
+    Returns
+    -------
+    model : ApneaModel
+        The fitted classifiers.
+    report : dict
+        The cross-validation report (JSON-safe).
+
+    Raises
+    ------
+    ValueError
+        An unknown ``method``, malformed or infinite features, lengths that differ, no study, an
+        invalid AHI, ``grid`` or ``folds``, feature names of the wrong length, or training data
+        with a single presence class or a single severity class.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
@@ -514,6 +699,25 @@ def evaluate_apnea(model: ApneaModel, X: np.ndarray, ahi: np.ndarray) -> dict[st
     ``presence``: accuracy and balanced accuracy at P >= 0.5, AUROC (None with a single class), class
     counts. ``severity``: accuracy, balanced accuracy (mean recall over the classes present), the 4x4
     confusion matrix (rows: true class, columns: predicted, both in SEVERITY order), counts per class.
+
+    Parameters
+    ----------
+    model : ApneaModel
+        The fitted classifiers.
+    X : numpy.ndarray
+        ``(n, p)`` features.
+    ahi : numpy.ndarray
+        ``(n,)`` true AHI in events per hour.
+
+    Returns
+    -------
+    dict
+        ``n``, ``presence`` and ``severity`` as above.
+
+    Raises
+    ------
+    ValueError
+        Lengths that differ, no study, an invalid AHI, or rows without ``p`` features.
     """
     x = np.atleast_2d(np.asarray(X, dtype=np.float64))
     a = np.asarray(ahi, dtype=np.float64).reshape(-1)

@@ -15,7 +15,6 @@ The only file I/O in ``inference``: reading (and, for the demo bundle, writing) 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from .checkpoints import CheckpointError, load_into, read_state_dict, sha256_file
+from .identity import BundleIdentity, Outcome  # re-exported: importers use inference.bundle for both
 from .models import DiagnosisHead, EncoderConfig, HeadConfig, SleepEncoder, StagingHead
 
 BASE_DIR, STAGING_DIR, DIAGNOSIS_DIR = "model_base", "model_sleep_staging", "model_diagnosis"
@@ -54,6 +54,17 @@ class DemographicsEncoding:
     with a trained bundle sets these in ``bundle.json`` (``"demographics": {...}``, with a ``name``)
     to what the bundle was trained with. ``declared`` is False when ``bundle.json`` says nothing:
     the default is then only a guess, and every output says ``unconfirmed``.
+
+    Parameters
+    ----------
+    age_center, age_scale : float
+        The age feature is ``(age_years - age_center) / age_scale``.
+    sex_male, sex_female, sex_unknown : float
+        The sex feature for ``M``, ``F`` and anything else.
+    name : str
+        What results call this encoding (its formula when empty).
+    declared : bool
+        Whether the bundle declared it (False: the default was assumed).
     """
 
     age_center: float = 50.0
@@ -74,52 +85,53 @@ class DemographicsEncoding:
 
     @property
     def formula(self) -> str:
+        """The encoding written out, e.g. ``age (50-centred, /20); sex M=1 F=0 unknown=0.5``."""
         return (f"age ({self.age_center:g}-centred, /{self.age_scale:g}); sex M={self.sex_male:g} "
                 f"F={self.sex_female:g} unknown={self.sex_unknown:g}")
 
     def encode(self, age_years: float | None, sex: str | None) -> tuple[float, float]:
+        """The diagnosis head's two demographic inputs for one study.
+
+        Parameters
+        ----------
+        age_years : float or None
+            Age at the study; ``None`` (unknown) gives the age feature 0, the centre.
+        sex : str or None
+            Only its first letter, upper-cased, is read: ``M``, ``F``, else unknown.
+
+        Returns
+        -------
+        tuple of float
+            ``(age feature, sex feature)``.
+        """
         age = 0.0 if age_years is None else (float(age_years) - self.age_center) / self.age_scale
         code = {"M": self.sex_male, "F": self.sex_female}.get((sex or "").upper()[:1], self.sex_unknown)
         return age, code
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """One output of the diagnosis head."""
-
-    index: int
-    phecode: str
-    name: str
-    head: str = ""  # "" for the bundle's diagnosis head; a site head's ``name@checksum`` otherwise
-
-
-@dataclass(frozen=True)
-class BundleIdentity:
-    """What every result records about the model that produced it."""
-
-    name: str
-    version: str
-    validated: bool
-    path: str
-    checkpoints: dict[str, str] = field(default_factory=dict)  # component -> SHA-256
-    site_heads: dict[str, str] = field(default_factory=dict)  # a site's own heads in use: name -> SHA-256
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    @property
-    def model_hash(self) -> str | None:
-        """One hash over the checkpoints' hashes: the model identity a result was made with (a site
-        head's outcomes are named by their own checksum, so deploying one does not change it)."""
-        if not self.checkpoints:
-            return None
-        joined = "".join(f"{k}={v};" for k, v in sorted(self.checkpoints.items()))
-        return hashlib.sha256(joined.encode()).hexdigest()
-
-
 @dataclass
 class ModelBundle:
-    """Loaded networks (eval mode, CPU) with their identity and settings."""
+    """Loaded networks (eval mode, CPU) with their identity and settings.
+
+    Parameters
+    ----------
+    identity : BundleIdentity
+        Name, version, validation status, path and checkpoint hashes.
+    encoder : SleepEncoder
+        The base model (tokenizer, channel pooling, temporal transformer).
+    staging : StagingHead or None
+        The sleep-staging head; ``None`` when the bundle has no ``model_sleep_staging/``.
+    diagnosis : DiagnosisHead or None
+        The diagnosis (Cox) head; ``None`` when the bundle has no ``model_diagnosis/``.
+    outcomes : list of Outcome
+        The diagnosis head's outputs, in index order (empty without a diagnosis head).
+    demographics : DemographicsEncoding
+        How age and sex become the diagnosis head's inputs.
+    modalities : tuple of str
+        The modalities, in the order the heads take them.
+    site_heads : list of SiteHead
+        A site's own heads, applied by the engine after the bundle's (``psg-gateway heads``).
+    """
 
     identity: BundleIdentity
     encoder: SleepEncoder
@@ -131,6 +143,13 @@ class ModelBundle:
     site_heads: list[SiteHead] = field(default_factory=list)  # the site's own heads (psg-gateway heads)
 
     def modules(self) -> list[nn.Module]:
+        """The networks present: the encoder, then the staging and diagnosis heads when loaded.
+
+        Returns
+        -------
+        list of torch.nn.Module
+            The encoder first; the heads that are not ``None`` after it.
+        """
         return [m for m in (self.encoder, self.staging, self.diagnosis) if m is not None]
 
 
@@ -180,7 +199,24 @@ def _head_config(cfg: dict, source: Path) -> HeadConfig:
 
 
 def read_outcomes(path: Path | None = None) -> list[Outcome]:
-    """Read ``label_mapping.csv`` (``label_idx,phecode,phenotype``); the packaged copy by default."""
+    """Read ``label_mapping.csv`` (``label_idx,phecode,phenotype``); the packaged copy by default.
+
+    Parameters
+    ----------
+    path : pathlib.Path, optional
+        A label mapping file; ``None`` reads the copy packaged with ``inference`` (the release's 1065
+        outcomes).
+
+    Returns
+    -------
+    list of Outcome
+        One per row, ``index`` from ``label_idx``.
+
+    Raises
+    ------
+    BundleError
+        Missing columns, a non-integer ``label_idx``, or indices that do not run 0..N-1 in order.
+    """
     if path is None:
         text = resources.files("inference").joinpath("data/label_mapping.csv").read_text(encoding="utf-8")
         source = "packaged label_mapping.csv"
@@ -205,7 +241,36 @@ def _load(model: nn.Module, ckpt: Path) -> nn.Module:
 
 
 def load_bundle(path: str | os.PathLike) -> ModelBundle:
-    """Load a bundle folder; heads whose folder is absent are left out (``None``)."""
+    """Load a bundle folder; heads whose folder is absent are left out (``None``).
+
+    Checkpoints are read with ``torch.load(weights_only=True)`` onto the CPU, in any of the release's
+    formats (see :mod:`inference.checkpoints`), and loaded strictly. The identity is validated only
+    when ``bundle.json`` says ``"validated": true``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The bundle folder (``~`` is expanded); its layout is in this module's docstring.
+
+    Returns
+    -------
+    ModelBundle
+        The networks in eval mode on the CPU, with the bundle's identity, outcomes (from the
+        folder's ``label_mapping.csv`` or the packaged copy) and demographics encoding. Its
+        ``site_heads`` list is empty.
+
+    Raises
+    ------
+    BundleError
+        The folder or ``model_base/`` is missing, a ``config.json`` or ``bundle.json`` is invalid,
+        a checkpoint is missing, unreadable or does not fit its network, the label mapping does
+        not match the diagnosis head's outputs, or ``bundle.json``'s ``demographics`` is malformed.
+
+    References
+    ----------
+    .. [1] The public SleepFM release: the ``sleepfm-clinical`` repository of the Zou group
+       (Stanford) on GitHub, ``sleepfm/checkpoints/``.
+    """
     root = Path(path).expanduser().resolve()
     if not root.is_dir():
         raise BundleError(f"{root}: model bundle folder not found")
@@ -280,6 +345,23 @@ def make_demo_bundle(path: str | os.PathLike, seed: int = 0) -> Path:
 
     Lets the product run end to end where a site has no official weights yet; its outputs mean
     nothing clinically and every result says so. Nothing is downloaded.
+
+    The networks have the release's hyper-parameters and torch's own initialisation under ``seed``
+    (the caller's torch RNG state is left as it was); the checkpoints are written as the release
+    writes them (``module.`` prefixes; the base model under ``"state_dict"``). The folder is written
+    under a temporary name and renamed into place, replacing any folder already at ``path``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Where the bundle folder goes; its parent is created if needed.
+    seed : int, default 0
+        Torch seed of the initialisation (the version becomes ``"1-seed<seed>"``).
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
     """
     root = Path(path)
     configs = _release_configs()
@@ -328,13 +410,31 @@ def make_demo_bundle(path: str | os.PathLike, seed: int = 0) -> Path:
 
 
 def default_demo_bundle_dir() -> Path:
-    """Where the generated demo bundle is kept: ``$XDG_CACHE_HOME/psg-gateway/bundles/...``."""
+    """Where the generated demo bundle is kept: ``$XDG_CACHE_HOME/psg-gateway/bundles/...``.
+
+    Returns
+    -------
+    pathlib.Path
+        ``$XDG_CACHE_HOME`` (default ``~/.cache``) ``/psg-gateway/bundles/sleepfm-demo-untrained-v1``.
+    """
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "psg-gateway" / "bundles" / f"{DEMO_BUNDLE_NAME}-v{DEMO_BUNDLE_VERSION}"
 
 
 def ensure_demo_bundle(path: Path | None = None) -> Path:
-    """Return the demo bundle folder, generating it first if it is not there."""
+    """Return the demo bundle folder, generating it first if it is not there.
+
+    Parameters
+    ----------
+    path : pathlib.Path, optional
+        The folder; :func:`default_demo_bundle_dir` when ``None``.
+
+    Returns
+    -------
+    pathlib.Path
+        The folder, holding a ``bundle.json`` (generated with :func:`make_demo_bundle`, seed 0, when
+        it had none).
+    """
     path = path or default_demo_bundle_dir()
     if not (path / "bundle.json").is_file():
         make_demo_bundle(path)

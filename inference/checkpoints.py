@@ -19,7 +19,20 @@ class CheckpointError(ValueError):
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
+    """Hex SHA-256 of a file, read in chunks.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The file.
+    chunk : int, default 1 MiB
+        Bytes read at a time.
+
+    Returns
+    -------
+    str
+        64 lowercase hex digits.
+    """
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
@@ -32,6 +45,24 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
 
     Accepts ``{"state_dict": ...}`` (released base model), a bare state dict (released heads) and
     ``{"model_state_dict": ...}`` (training checkpoints).
+
+    The file is loaded with ``torch.load(..., map_location="cpu", weights_only=True)``: a checkpoint
+    can hold tensors and plain containers, never code.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The checkpoint file (``.pt`` / ``.pth``).
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        Parameter name to tensor, on the CPU.
+
+    Raises
+    ------
+    CheckpointError
+        The file is missing or not a readable PyTorch checkpoint, or holds no state dict of tensors.
     """
     path = Path(path)
     if not path.is_file():
@@ -45,7 +76,26 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
 
 
 def extract_state_dict(obj: object, source: str = "checkpoint") -> dict[str, Tensor]:
-    """Unwrap a loaded checkpoint object into a flat ``name -> tensor`` dict without ``module.``."""
+    """Unwrap a loaded checkpoint object into a flat ``name -> tensor`` dict without ``module.``.
+
+    Parameters
+    ----------
+    obj : object
+        What ``torch.load`` returned: a state dict, or a mapping holding one under ``state_dict``,
+        ``model_state_dict`` or ``model``.
+    source : str, default "checkpoint"
+        How error messages name the object (e.g. its path).
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        The weights, one leading ``module.`` (DataParallel) removed from each name.
+
+    Raises
+    ------
+    CheckpointError
+        No non-empty state dict, or an entry that is not a tensor.
+    """
     if isinstance(obj, Mapping):
         for key in _NESTING_KEYS:
             inner = obj.get(key)
@@ -68,7 +118,23 @@ def _summarise(names: list[str], limit: int = 8) -> str:
 
 
 def load_into(model: nn.Module, weights: Mapping[str, Tensor], source: str = "checkpoint") -> None:
-    """Load ``weights`` into ``model`` strictly; the error names missing, unexpected and mis-shaped keys."""
+    """Load ``weights`` into ``model`` strictly; the error names missing, unexpected and mis-shaped keys.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The network; its parameters and buffers are overwritten in place.
+    weights : mapping of str to torch.Tensor
+        A state dict, e.g. from :func:`read_state_dict`.
+    source : str, default "checkpoint"
+        How the error message names the weights.
+
+    Raises
+    ------
+    CheckpointError
+        Keys missing from ``weights``, keys the model does not have, or tensors of another shape
+        (up to eight of each are named).
+    """
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))

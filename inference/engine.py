@@ -34,8 +34,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .bundle import ModelBundle, Outcome, load_bundle
+from .bundle import ModelBundle, load_bundle
 from .hypnogram import build_staging
+from .identity import Outcome
 from .results import (
     MODALITIES,
     STAGES,
@@ -67,6 +68,16 @@ def check_duration(duration_s: float) -> None:
     Called on the recording's duration before any channel is preprocessed (``gateway.pipeline.prepare``) and on
     the samples the engine is given, so that every caller (``infer``, the daemon, a batch) refuses it
     with the same one-line reason instead of failing deep inside preprocessing or staging.
+
+    Parameters
+    ----------
+    duration_s : float
+        The recording's duration in seconds.
+
+    Raises
+    ------
+    InputError
+        When the duration is not finite or is shorter than :data:`MIN_DURATION_S` (30 s).
     """
     d = float(duration_s)
     if not (math.isfinite(d) and d >= MIN_DURATION_S):
@@ -89,6 +100,19 @@ class EngineOptions:
     ``fp16`` (CUDA only). ``threads``: torch intra-op threads (``None`` keeps torch's default).
     ``windows_per_batch``: 5-minute windows per encoder forward pass; on CPU small batches stay
     in cache (see ``bench/``), on a GPU larger ones fill it.
+
+    Parameters
+    ----------
+    device : str, default "auto"
+        ``"auto"`` (CUDA when present, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    precision : {"fp32", "bf16", "fp16"}, default "fp32"
+        ``fp32`` is the equivalence mode; ``bf16`` runs under autocast on CPU or CUDA (on a CPU
+        without native bf16 it is emulated, and :class:`Engine` warns); ``fp16`` on CUDA only.
+    threads : int, optional
+        Torch intra-op threads (``torch.set_num_threads``, process-wide); ``None`` keeps torch's
+        default.
+    windows_per_batch : int, optional
+        5-minute windows per encoder forward pass; ``None``: 64 on CUDA, 4 on CPU.
     """
 
     device: str = "auto"
@@ -109,13 +133,44 @@ class _Window:
 
 def release_tokens(n_tokens: int) -> int:
     """Tokens covered by whole 5-minute windows (the release's windows); a night shorter than one
-    window has none, and then its one short window stands in for them."""
+    window has none, and then its one short window stands in for them.
+
+    Parameters
+    ----------
+    n_tokens : int
+        Tokens in the night.
+
+    Returns
+    -------
+    int
+        ``60 * (n_tokens // 60)``, or ``n_tokens`` when that is 0. This is
+        :attr:`StudyResult.tail_start`.
+    """
     whole = (n_tokens // TOKENS_PER_WINDOW) * TOKENS_PER_WINDOW
     return whole if whole else n_tokens
 
 
 def plan_windows(n_tokens: int) -> list[tuple[int, int, int]]:
-    """``(start, length, keep_from)`` per window so that tokens ``0..n_tokens-1`` are each covered once."""
+    """``(start, length, keep_from)`` per window so that tokens ``0..n_tokens-1`` are each covered once.
+
+    Parameters
+    ----------
+    n_tokens : int
+        Tokens in the night.
+
+    Returns
+    -------
+    list of tuple of int
+        One ``(start, length, keep_from)`` per window: whole 60-token windows from token 0, then, when
+        ``n_tokens`` is not a multiple of 60, one window aligned to the end whose first ``keep_from``
+        tokens are already covered by the window before it. A night shorter than 60 tokens is one
+        window of ``n_tokens``; no tokens give an empty list.
+
+    Examples
+    --------
+    >>> plan_windows(130)
+    [(0, 60, 0), (60, 60, 0), (70, 60, 50)]
+    """
     if n_tokens <= 0:
         return []
     if n_tokens < TOKENS_PER_WINDOW:
@@ -128,7 +183,23 @@ def plan_windows(n_tokens: int) -> list[tuple[int, int, int]]:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
+    """``auto`` -> CUDA when available, else CPU.
+
+    Parameters
+    ----------
+    name : str
+        ``"auto"`` or any name ``torch.device`` accepts (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
+
+    Returns
+    -------
+    torch.device
+        The device to run on.
+
+    Raises
+    ------
+    ValueError
+        When a CUDA device is requested and CUDA is not available.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -173,7 +244,13 @@ def _validate(study: StudyInput, position: int) -> tuple[dict[str, np.ndarray], 
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively here (AVX512-BF16 or AMX); without it, bf16 is emulated."""
+    """Whether oneDNN runs bf16 natively here (AVX512-BF16 or AMX); without it, bf16 is emulated.
+
+    Returns
+    -------
+    bool
+        False too when torch cannot tell.
+    """
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -181,7 +258,46 @@ def cpu_has_native_bf16() -> bool:
 
 
 class Engine:
-    """Runs a :class:`ModelBundle` over studies. Create once; reuse for many studies."""
+    """Runs a :class:`ModelBundle` over studies. Create once; reuse for many studies.
+
+    The bundle's networks are moved to the engine's device (in place: the bundle is then tied to
+    that device) and put in eval mode.
+
+    Parameters
+    ----------
+    bundle : ModelBundle
+        The networks and their identity, e.g. from :func:`inference.bundle.load_bundle`.
+    options : EngineOptions, optional
+        Device, precision, threads and batch size; the defaults when ``None``.
+
+    Raises
+    ------
+    ValueError
+        An unknown precision, ``fp16`` on a device other than CUDA, or a CUDA device without CUDA.
+
+    Warns
+    -----
+    RuntimeWarning
+        ``bf16`` on a CPU without native bf16 support (emulated, several times slower than fp32).
+
+    See Also
+    --------
+    inference.results.StudyInput : What :meth:`run` takes.
+    inference.results.StudyResult : What it returns.
+
+    Examples
+    --------
+    A sketch (the demo bundle's weights are untrained; its outputs mean nothing clinically):
+
+    >>> import numpy as np
+    >>> from inference.bundle import ensure_demo_bundle
+    >>> from inference.results import StudyInput
+    >>> engine = Engine.from_bundle_dir(ensure_demo_bundle())  # doctest: +SKIP
+    >>> bas = np.random.default_rng(0).standard_normal((2, 128 * 600), dtype=np.float32)
+    >>> result = engine.run(StudyInput({"BAS": bas}, age_years=57, sex="F"))  # doctest: +SKIP
+    >>> result.night_vector.shape, len(result.staging.hypnogram)  # doctest: +SKIP
+    ((512,), 20)
+    """
 
     def __init__(self, bundle: ModelBundle, options: EngineOptions | None = None) -> None:
         self.options = options or EngineOptions()
@@ -204,12 +320,49 @@ class Engine:
 
     @classmethod
     def from_bundle_dir(cls, path: str | Path, options: EngineOptions | None = None) -> Engine:
+        """Load the bundle folder at ``path`` and make an engine for it.
+
+        Parameters
+        ----------
+        path : str or pathlib.Path
+            A model bundle folder (see :mod:`inference.bundle`).
+        options : EngineOptions, optional
+            As for :class:`Engine`.
+
+        Returns
+        -------
+        Engine
+            ``Engine(load_bundle(path), options)``.
+
+        Raises
+        ------
+        inference.bundle.BundleError
+            The folder is not a complete, consistent bundle.
+        """
         return cls(load_bundle(path), options)
 
     # -- public API ---------------------------------------------------------------------------
 
     def run(self, study: StudyInput) -> StudyResult:
-        """Encode one night and apply the heads."""
+        """Encode one night and apply the heads.
+
+        Parameters
+        ----------
+        study : StudyInput
+            One preprocessed night.
+
+        Returns
+        -------
+        StudyResult
+            Its embeddings, hypnogram, hazards and the bundle identity.
+
+        Raises
+        ------
+        InputError
+            Unknown modalities, no channel in any modality, arrays that are not
+            ``(channels, samples)``, NaN or infinite samples, modalities of different lengths, or
+            less than one 30-s epoch of samples.
+        """
         return self.run_many([study])[0]
 
     def run_many(
@@ -218,6 +371,23 @@ class Engine:
         """Encode several nights with windows batched across them; results in input order.
 
         ``progress(done, total)`` is called after each encoder batch, counting windows.
+
+        Parameters
+        ----------
+        studies : sequence of StudyInput
+            The nights; all are checked before any is encoded.
+        progress : callable, optional
+            ``progress(done, total)``, in 5-minute windows over all studies and modalities.
+
+        Returns
+        -------
+        list of StudyResult
+            One per study, in input order.
+
+        Raises
+        ------
+        InputError
+            As for :meth:`run`, naming the study (its key, or its position).
         """
         checked = [_validate(study, i) for i, study in enumerate(studies)]
         with torch.inference_mode(), self._autocast():

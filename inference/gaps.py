@@ -18,7 +18,25 @@ _CHUNK = 1 << 20
 
 
 def validity_at_target(valid: np.ndarray, rate: float, n_out: int, target_rate: float = TARGET_RATE) -> np.ndarray:
-    """Per 128 Hz sample: whether the nearest native sample was measured."""
+    """Per 128 Hz sample: whether the nearest native sample was measured.
+
+    Parameters
+    ----------
+    valid : numpy.ndarray
+        Boolean per native sample: True where measured, False in a gap.
+    rate : float
+        Native sampling rate in Hz.
+    n_out : int
+        Output length (the recording's samples at ``target_rate``).
+    target_rate : float, default 128.0
+        Output rate in Hz.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean ``(n_out,)``: the validity of native sample ``round(k * rate / target_rate)`` (half
+        up; past the end, the last sample's).
+    """
     valid = np.asarray(valid, dtype=bool).reshape(-1)
     out = np.empty(n_out, dtype=bool)
     last = valid.size - 1
@@ -46,6 +64,37 @@ def preprocess_with_gaps(
     (the recording's highest rate) is passed on to it: the gap-filled channel is upsampled like any
     other; ``workers`` and ``overwrite_input`` too. A channel with no measured sample at all raises
     ``ValueError``.
+
+    Parameters
+    ----------
+    samples : numpy.ndarray
+        1-D real samples at ``rate``; samples in a gap may hold anything (NaN included).
+    valid : numpy.ndarray or None
+        Boolean per sample, False in a gap; ``None`` when the channel has no gap.
+    rate : float
+        Sampling rate of ``samples`` in Hz.
+    n_out : int
+        Output length at 128 Hz (:func:`inference.preprocess.n_target_samples` of the recording).
+    recording_rate : float, optional
+        The recording's highest sampling rate (see :func:`inference.preprocess.resample_to_target`).
+    workers : int, optional
+        Threads to use (default: up to 4); 1 runs serially.
+    overwrite_input : bool, default False
+        Passed on to :func:`~inference.preprocess.preprocess_channel` when there is no gap (a
+        channel with gaps is always copied).
+
+    Returns
+    -------
+    signal : numpy.ndarray
+        A float32 array ``(n_out,)``, z-scored over the measured samples, 0 over the gaps.
+    gap_fraction : float
+        Share of the 128 Hz samples that fall in a gap (0.0 without gaps).
+
+    Raises
+    ------
+    ValueError
+        A channel that is all gap, and whatever :func:`~inference.preprocess.preprocess_channel`
+        raises (empty input, non-finite values, invalid rate or ``n_out``).
     """
     if valid is None or valid.all():
         return preprocess_channel(samples, rate, n_out=n_out, recording_rate=recording_rate, workers=workers,

@@ -10,14 +10,42 @@ EPOCH_MIN = 0.5
 
 
 def epoch_probabilities(token_probs: np.ndarray) -> np.ndarray:
-    """Mean of each run of six 5-s token probabilities; a trailing partial epoch is left out."""
+    """Mean of each run of six 5-s token probabilities; a trailing partial epoch is left out.
+
+    Parameters
+    ----------
+    token_probs : numpy.ndarray
+        ``(T, K)`` probabilities per 5-s token.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(T // 6, K)`` float32, one row per 30-s epoch.
+    """
     n_epochs = token_probs.shape[0] // TOKENS_PER_EPOCH
     used = token_probs[: n_epochs * TOKENS_PER_EPOCH]
     return used.reshape(n_epochs, TOKENS_PER_EPOCH, -1).mean(axis=1).astype(np.float32)
 
 
 def sleep_metrics(stages: np.ndarray) -> SleepMetrics:
-    """Metrics from stage indices per 30-s epoch (0=W, 1=N1, 2=N2, 3=N3, 4=REM)."""
+    """Metrics from stage indices per 30-s epoch (0=W, 1=N1, 2=N2, 3=N3, 4=REM).
+
+    Parameters
+    ----------
+    stages : numpy.ndarray
+        One stage index per scored epoch, in time order.
+
+    Returns
+    -------
+    SleepMetrics
+        TIB, TST, efficiency, latencies, WASO and time per stage (see
+        :class:`~inference.results.SleepMetrics` for the definitions).
+
+    References
+    ----------
+    .. [1] YASA's sleep statistics (``yasa.sleep_statistics``; Vallat & Walker, eLife 2021), whose
+       WASO is wake within the sleep period, from the first to the last non-W epoch.
+    """
     stages = np.asarray(stages, dtype=np.int64)
     n = stages.size
     tib = n * EPOCH_MIN
@@ -48,7 +76,23 @@ def sleep_metrics(stages: np.ndarray) -> SleepMetrics:
 
 def build_staging(token_probs: np.ndarray, tail_start_token: int | None = None) -> Staging:
     """Package token probabilities with their hypnogram and metrics; tokens from ``tail_start_token``
-    on were staged as their own segment (the tail past the last whole 5-minute window)."""
+    on were staged as their own segment (the tail past the last whole 5-minute window).
+
+    Parameters
+    ----------
+    token_probs : numpy.ndarray
+        ``(T, 5)`` stage probabilities per 5-s token, columns in ``STAGES`` order.
+    tail_start_token : int, optional
+        First token of the tail (a multiple of 6, as whole windows hold 60 tokens); ``None`` or
+        ``T`` when there is no tail.
+
+    Returns
+    -------
+    Staging
+        The token and epoch probabilities, the hypnogram (the most probable stage per 30-s epoch)
+        and its :func:`sleep_metrics`; ``tail_start_epoch`` is ``None`` when the tail holds no
+        whole epoch.
+    """
     epochs = epoch_probabilities(token_probs)
     stages = epochs.argmax(axis=1) if len(epochs) else np.zeros(0, dtype=np.int64)
     tail_epoch = None

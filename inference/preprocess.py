@@ -104,7 +104,21 @@ def _pool() -> ThreadPoolExecutor:
 
 def set_default_workers(n: int) -> None:
     """Threads one channel's preprocessing may use (default: up to 4). A process that is itself one of
-    several parallel workers (an archive batch) sets 1, so the workers do not fight over the cores."""
+    several parallel workers (an archive batch) sets 1, so the workers do not fight over the cores.
+
+    Process-wide: it caps the ``workers`` argument of every function here, and the next call makes
+    a thread pool of the new size.
+
+    Parameters
+    ----------
+    n : int
+        Threads, at least 1.
+
+    Raises
+    ------
+    ValueError
+        When ``n < 1``.
+    """
     global _DEFAULT_WORKERS, _POOL
     if n < 1:
         raise ValueError(f"workers must be >= 1, got {n}")
@@ -436,6 +450,30 @@ def n_target_samples(duration_s: float, target_rate: float = TARGET_RATE) -> int
     This is ``len(np.arange(0, duration_s, 1 / target_rate))`` = ``ceil(duration_s * target_rate)``,
     except that float noise below 1e-6 of a sample is ignored (600.0000000001 s -> 76800, not 76801).
     Pass the same value as ``n_out`` for every channel of a recording so that they line up.
+
+    Parameters
+    ----------
+    duration_s : float
+        The recording's duration in seconds (e.g. samples / rate of its longest channel).
+    target_rate : float, default 128.0
+        Output rate in Hz.
+
+    Returns
+    -------
+    int
+        Output samples, at least 1.
+
+    Raises
+    ------
+    ValueError
+        A duration or rate that is not a positive finite number.
+
+    Examples
+    --------
+    >>> n_target_samples(600.0000000001)
+    76800
+    >>> n_target_samples(30.001)
+    3841
     """
     d = float(duration_s)
     rate = _check_rate("target_rate", target_rate)
@@ -526,20 +564,41 @@ def resample_to_target(
     the input at ``i / rate`` seconds. Output times past the last input sample hold the last
     (filtered) value, so ``n_out`` may exceed what the data covers.
 
-    Args:
-        samples: 1-D real samples (any float or integer dtype; float32 avoids a conversion).
-        rate: sampling rate of ``samples`` in Hz.
-        target_rate: output rate in Hz.
-        n_out: output length; default ``n_target_samples(len(samples) / rate, target_rate)``.
-            Pass the recording-wide value so all channels have the same length.
-        workers: threads to use (default: up to 4, the CPUs available); 1 runs serially.
-        recording_rate: the recording's highest rate. A channel below it is first treated as the
-            release's MNE reader treats it, FFT-upsampled to that rate (see :mod:`inference.upsample`),
-            and the low-pass then applies when ``recording_rate > target_rate``. ``None`` (or the
-            channel's own rate) skips that step.
+    Parameters
+    ----------
+    samples : numpy.ndarray
+        1-D real samples (any float or integer dtype; float32 avoids a conversion).
+    rate : float
+        Sampling rate of ``samples`` in Hz.
+    target_rate : float, default 128.0
+        Output rate in Hz.
+    n_out : int, optional
+        Output length; default ``n_target_samples(len(samples) / rate, target_rate)``.
+        Pass the recording-wide value so all channels have the same length.
+    workers : int, optional
+        Threads to use (default: up to 4, the CPUs available; never more than
+        :func:`set_default_workers` allows); 1 runs serially.
+    recording_rate : float, optional
+        The recording's highest rate. A channel below it is first treated as the release's MNE
+        reader treats it, FFT-upsampled to that rate (see :mod:`inference.upsample`), and the
+        low-pass then applies when ``recording_rate > target_rate``. ``None`` (or the channel's own
+        rate) skips that step.
 
-    Raises:
-        ValueError: empty or non-1-D input, non-finite values, invalid rate or ``n_out``.
+    Returns
+    -------
+    numpy.ndarray
+        A new float32 array of shape ``(n_out,)``.
+
+    Raises
+    ------
+    ValueError
+        Empty or non-1-D input, non-finite values, an invalid rate or ``n_out``, or a
+        ``recording_rate`` below ``rate``.
+
+    References
+    ----------
+    .. [1] The public SleepFM release: the ``sleepfm-clinical`` repository of the Zou group
+       (Stanford) on GitHub; its recordings are read with MNE's ``read_raw_edf(preload=True)``.
     """
     out, center = _resample_centered(samples, rate, target_rate, n_out, workers, always_center=False,
                                      recording_rate=recording_rate)
@@ -556,8 +615,22 @@ def standardize(x: np.ndarray, *, workers: int | None = None) -> np.ndarray:
     float64 scalars from float32 chunks (no float64 copy of the array). A zero-variance input
     (e.g. a constant channel) is only centred, giving zeros.
 
-    Raises:
-        ValueError: empty input or non-finite values.
+    Parameters
+    ----------
+    x : numpy.ndarray
+        Real values of any shape; all of them are standardised together.
+    workers : int, optional
+        Threads to use (default: up to 4); 1 runs serially.
+
+    Returns
+    -------
+    numpy.ndarray
+        A float32 array of the shape of ``x``: ``x`` itself when it was standardised in place.
+
+    Raises
+    ------
+    ValueError
+        Empty or non-numeric input, or non-finite values.
     """
     arr = np.asarray(x)
     if arr.size == 0:
@@ -623,6 +696,54 @@ def preprocess_channel(
     to reproduce the release's own path (its reader upsamples every channel to that rate first).
     ``overwrite_input=True`` lets it use a float32 ``samples`` as scratch space (a caller that owns
     the array saves a copy of the channel).
+
+    Parameters
+    ----------
+    samples : numpy.ndarray
+        1-D real samples in physical units (any float or integer dtype).
+    rate : float
+        Sampling rate of ``samples`` in Hz.
+    n_out : int, optional
+        Output length at 128 Hz; pass :func:`n_target_samples` of the recording's duration so that
+        every channel has the same length.
+    workers : int, optional
+        Threads to use (default: up to 4); 1 runs serially.
+    recording_rate : float, optional
+        The recording's highest sampling rate (see :func:`resample_to_target`).
+    overwrite_input : bool, default False
+        Allow ``samples`` to be overwritten (used only when the channel is upsampled first and is a
+        writeable, C-contiguous float32 array).
+
+    Returns
+    -------
+    numpy.ndarray
+        A new C-contiguous float32 array of shape ``(n_out,)``, mean 0 and population standard
+        deviation 1 (all zeros for a constant channel).
+
+    Raises
+    ------
+    ValueError
+        Empty or non-1-D input, non-finite values (gaps must be handled first: see
+        :func:`inference.gaps.preprocess_with_gaps`), an invalid rate or ``n_out``.
+
+    See Also
+    --------
+    resample_to_target : The resampling step alone.
+    standardize : The z-score step alone.
+    inference.gaps.preprocess_with_gaps : The same for a channel with gaps.
+
+    References
+    ----------
+    .. [1] The public SleepFM release: the ``sleepfm-clinical`` repository of the Zou group
+       (Stanford) on GitHub; its recordings are read with MNE's ``read_raw_edf(preload=True)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.sin(np.arange(256 * 60) / 10.0)  # one minute at 256 Hz
+    >>> y = preprocess_channel(x, 256.0, n_out=n_target_samples(60.0))
+    >>> y.shape, y.dtype, round(float(y.std()), 3)
+    ((7680,), dtype('float32'), 1.0)
     """
     out, _ = _resample_centered(samples, rate, TARGET_RATE, n_out, workers, always_center=True,
                                 recording_rate=recording_rate, overwrite_input=overwrite_input)

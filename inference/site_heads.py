@@ -26,25 +26,86 @@ NIGHT_DIM = EMBED_DIM * len(MODALITIES)
 
 
 def sex_code(sex: str | None) -> float:
-    """M -> 1, F -> 0, anything else unknown (NaN, imputed later)."""
+    """M -> 1, F -> 0, anything else unknown (NaN, imputed later).
+
+    Parameters
+    ----------
+    sex : str or None
+        Only the first letter, upper-cased after stripping spaces, is read.
+
+    Returns
+    -------
+    float
+        1.0, 0.0 or NaN.
+    """
     s = (sex or "").strip().upper()[:1]
     return 1.0 if s == "M" else 0.0 if s == "F" else float("nan")
 
 
 def feature_names(demographics: bool) -> tuple[str, ...]:
+    """Column names of :func:`cox_features`.
+
+    Parameters
+    ----------
+    demographics : bool
+        Whether ``age_years`` and ``sex_male`` follow the night vector.
+
+    Returns
+    -------
+    tuple of str
+        ``BAS_0 .. EMG_127`` (512 names), then ``age_years``, ``sex_male`` with ``demographics``.
+    """
     names = tuple(f"{m}_{i}" for m in MODALITIES for i in range(EMBED_DIM))
     return names + (("age_years", "sex_male") if demographics else ())
 
 
 def modality_columns(modality: str) -> slice:
-    """The night-vector columns of one modality (for masking it in an ablation)."""
+    """The night-vector columns of one modality (for masking it in an ablation).
+
+    Parameters
+    ----------
+    modality : str
+        One of ``BAS``, ``RESP``, ``EKG``, ``EMG``.
+
+    Returns
+    -------
+    slice
+        Its 128 columns.
+
+    Raises
+    ------
+    ValueError
+        An unknown modality.
+    """
     i = MODALITIES.index(modality)
     return slice(i * EMBED_DIM, (i + 1) * EMBED_DIM)
 
 
 def cox_features(night: np.ndarray, age: np.ndarray | None = None, sex: np.ndarray | None = None,
                  demographics: bool = False) -> np.ndarray:
-    """(n, 512) night vectors (+ age in years and sex as 1/0) as float64; NaN where unknown."""
+    """(n, 512) night vectors (+ age in years and sex as 1/0) as float64; NaN where unknown.
+
+    Parameters
+    ----------
+    night : numpy.ndarray
+        ``(n, 512)`` night vectors, or one ``(512,)``.
+    age : numpy.ndarray, optional
+        ``(n,)`` ages in years (NaN where unknown); ``None``: all unknown.
+    sex : numpy.ndarray, optional
+        ``(n,)`` sexes: strings (read by :func:`sex_code`) or float codes; ``None``: all unknown.
+    demographics : bool, default False
+        Append the age and sex columns; without it ``age`` and ``sex`` are ignored.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, 512)`` or ``(n, 514)`` float64.
+
+    Raises
+    ------
+    ValueError
+        Night vectors without 512 values.
+    """
     x = np.atleast_2d(np.asarray(night, dtype=np.float64))
     if x.shape[1] != NIGHT_DIM:
         raise ValueError(f"night vectors must have {NIGHT_DIM} values, got {x.shape[1]}")
@@ -58,7 +119,20 @@ def cox_features(night: np.ndarray, age: np.ndarray | None = None, sex: np.ndarr
 
 
 def impute(x: np.ndarray, fill: np.ndarray) -> np.ndarray:
-    """NaN replaced column by column with ``fill`` (the training means)."""
+    """NaN replaced column by column with ``fill`` (the training means).
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        ``(n, p)`` features.
+    fill : numpy.ndarray
+        ``(p,)`` values for the non-finite entries of each column (e.g. ``CoxModel.center``).
+
+    Returns
+    -------
+    numpy.ndarray
+        A float64 copy of ``x`` with every non-finite entry replaced.
+    """
     out = np.array(x, dtype=np.float64, copy=True)
     rows, cols = np.nonzero(~np.isfinite(out))
     out[rows, cols] = np.asarray(fill, dtype=np.float64)[cols]
@@ -67,7 +141,30 @@ def impute(x: np.ndarray, fill: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SiteHead:
-    """A deployed head: its identity, what it was fitted on, and its models."""
+    """A deployed head: its identity, what it was fitted on, and its models.
+
+    Parameters
+    ----------
+    name : str
+        The head's name.
+    kind : {"cox", "apnea"}
+        What it predicts.
+    checksum : str
+        SHA-256 of its ``head.json``.
+    base_model_hash : str or None
+        The model hash of the bundle whose embeddings it was fitted on (``base_model.hash`` in
+        ``head.json``); ``None`` when not recorded.
+    demo_weights : bool
+        Whether it was fitted on the untrained demo bundle's embeddings.
+    demographics : bool
+        Whether its Cox features include age and sex.
+    cox : mapping of str to CoxModel, optional
+        Outcome label to model (a Cox head).
+    apnea : ApneaModel, optional
+        The classifiers (an apnea head).
+    token_statistics : bool
+        Whether its apnea features include the RESP and EKG token statistics.
+    """
 
     name: str
     kind: str  # cox | apnea
@@ -86,7 +183,25 @@ class SiteHead:
 
 
 def apply_cox(head: SiteHead, night: np.ndarray, age: float | None, sex: str | None) -> list[tuple[str, float]]:
-    """(outcome label, log-hazard relative to the training mean) for one night."""
+    """(outcome label, log-hazard relative to the training mean) for one night.
+
+    Parameters
+    ----------
+    head : SiteHead
+        A head with ``cox`` models.
+    night : numpy.ndarray
+        The ``(512,)`` night vector.
+    age : float or None
+        Age in years (used when the head has ``demographics``).
+    sex : str or None
+        Sex (used when the head has ``demographics``).
+
+    Returns
+    -------
+    list of tuple
+        ``(label, log-hazard)`` per outcome, in the head's order; missing features take the
+        training means.
+    """
     assert head.cox is not None
     x = cox_features(night, None if age is None else np.array([age]), np.array([sex], dtype=object),
                      head.demographics)
@@ -98,7 +213,23 @@ def apply_cox(head: SiteHead, night: np.ndarray, age: float | None, sex: str | N
 
 
 def apply_apnea(head: SiteHead, night: np.ndarray, tokens: Mapping[str, np.ndarray] | None) -> dict:
-    """Presence probability and severity of sleep apnea for one night."""
+    """Presence probability and severity of sleep apnea for one night.
+
+    Parameters
+    ----------
+    head : SiteHead
+        A head with an ``apnea`` model.
+    night : numpy.ndarray
+        The ``(512,)`` night vector.
+    tokens : mapping of str to numpy.ndarray, or None
+        The night's token embeddings by modality (read when the head uses token statistics).
+
+    Returns
+    -------
+    dict
+        ``head`` (its :attr:`SiteHead.ident`), ``presence_probability``, ``severity`` (the most
+        probable class) and ``severity_probabilities`` per class, probabilities rounded to 4 digits.
+    """
     assert head.apnea is not None
     x = apnea_features(night, tokens, use_token_stats=head.token_statistics)
     presence, severity = head.apnea.predict(np.atleast_2d(x))

@@ -16,6 +16,25 @@ def group_folds(groups: Sequence[Any] | np.ndarray, folds: int = 5, seed: int = 
 
     Groups are shuffled with ``seed`` and dealt, largest first, to the fold with the fewest rows so far
     (scikit-learn's ``GroupKFold``, but seeded); ``min(folds, number of groups)`` folds.
+
+    Parameters
+    ----------
+    groups : sequence or numpy.ndarray
+        One group label (patient id) per row; labels are compared as text.
+    folds : int, default 5
+        Folds wanted, at least 2.
+    seed : int, default 0
+        Seed of the shuffle that orders groups of equal size.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        Per fold, the ascending row indices held out in it; every row is in exactly one fold.
+
+    Raises
+    ------
+    ValueError
+        ``folds`` not an integer >= 2, or fewer than 2 groups.
     """
     if int(folds) != folds or folds < 2:
         raise ValueError("folds must be an integer >= 2")
@@ -43,6 +62,34 @@ def split_by_group(groups: Sequence[Any], val_fraction: float = 0.2, seed: int =
     ``round(val_fraction * patients)`` patients (at least one, and at least one left for training),
     drawn with ``seed`` from the sorted patient ids, so the split depends on the set of patients only,
     not on the order of the rows.
+
+    Parameters
+    ----------
+    groups : sequence
+        One group label (patient id) per row; labels are compared as text.
+    val_fraction : float, default 0.2
+        Share of the patients held out, strictly between 0 and 1; the count is rounded half up.
+    seed : int, default 0
+        Seed of the draw.
+
+    Returns
+    -------
+    train : list of int
+        Row indices of the training patients, ascending.
+    held_out : list of int
+        Row indices of the held-out patients, ascending.
+
+    Raises
+    ------
+    ValueError
+        ``val_fraction`` not in (0, 1), or fewer than 2 patients.
+
+    Examples
+    --------
+    >>> groups = ["p1", "p1", "p2", "p3", "p4", "p5"]
+    >>> train, held = split_by_group(groups, val_fraction=0.2)
+    >>> len({groups[i] for i in held}), {groups[i] for i in train} & {groups[i] for i in held}
+    (1, set())
     """
     if not 0.0 < float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")

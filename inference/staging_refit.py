@@ -48,6 +48,15 @@ class StagingExample:
     and the patient it belongs to.
 
     Labels beyond the night's last whole epoch are ignored; epochs beyond the labels count as unscored.
+
+    Parameters
+    ----------
+    tokens : mapping of str to numpy.ndarray
+        ``(T, 128)`` token embeddings by modality (as exported, or ``StudyResult.token_embeddings``).
+    labels : numpy.ndarray
+        Integer stage index per 30-s epoch, 0..4 in ``STAGES`` order, -1 for unscored.
+    group : str, default ""
+        The patient, named in error messages.
     """
 
     tokens: Mapping[str, np.ndarray]
@@ -59,7 +68,33 @@ class StagingExample:
 class RefitReport:
     """``before`` / ``after``: :func:`staging_scores` of the starting and the returned weights on the
     validation studies. ``best_epoch`` 0 means no training epoch beat the starting weights, which are
-    then returned unchanged. ``history``: one row per training epoch (train loss, validation scores)."""
+    then returned unchanged. ``history``: one row per training epoch (train loss, validation scores).
+
+    Parameters
+    ----------
+    before, after : dict
+        :func:`staging_scores` on the validation studies, of the starting and the returned weights.
+    epochs_run : int
+        Training epochs run (early stopping may end them before ``epochs``).
+    best_epoch : int
+        The epoch whose weights were returned (0: the starting weights).
+    train_studies, val_studies : int
+        Studies on each side.
+    history : list of dict
+        Per epoch: ``epoch``, ``train_loss``, ``val_macro_f1``, ``val_cohen_kappa``,
+        ``val_accuracy``, ``seconds``.
+    criterion : str
+        The validation score that chose the weights.
+    class_weights : list of float or None
+        Per stage in ``STAGES`` order; ``None`` when unweighted.
+    train_epochs_scored : int
+        Scored 30-s epochs in the training studies.
+    seconds : float
+        Wall time of the refit.
+    settings : dict
+        The arguments that shaped the run (epochs, lr, weight decay, patience, seed, class weighting,
+        gradient clip, device).
+    """
 
     before: dict
     after: dict
@@ -195,6 +230,26 @@ def predict_epochs(head: nn.Module, tokens: Mapping[str, np.ndarray], device: st
     The token softmax averaged over each epoch's six tokens, nights longer than the head's positional
     table in equal segments, exactly as the engine stages a night. ``head`` must already be on
     ``device``; it is run in eval mode and its mode restored afterwards.
+
+    Parameters
+    ----------
+    head : torch.nn.Module
+        A staging head (e.g. ``ModelBundle.staging`` or one returned by :func:`refit_staging`).
+    tokens : mapping of str to numpy.ndarray
+        ``(T, 128)`` token embeddings by modality; a missing modality is absent.
+    device : str or torch.device, default "cpu"
+        Where ``head`` is.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(T // 6, 5)`` float32.
+
+    Raises
+    ------
+    ValueError
+        Unknown modalities, no modality, arrays of the wrong shape or of different lengths, no
+        tokens, or NaN or infinite values.
     """
     night = _night(tokens, _head_embed_dim(head), "night")
     with _eval_mode(head), torch.no_grad():
@@ -214,6 +269,21 @@ def staging_scores(truth: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
     (None for a stage absent from the truth); ``macro_f1``, the mean F1 over the stages present in the
     truth (a predicted stage the scorers never used lowers the others' precision); ``confusion`` (5x5,
     rows true, columns predicted, STAGES order); ``n_epochs_scored``.
+
+    Parameters
+    ----------
+    truth, pred : numpy.ndarray
+        Stage indices (0..4, ``STAGES`` order) of the same scored epochs.
+
+    Returns
+    -------
+    dict
+        The scores above; every score is ``None`` when there is no epoch.
+
+    References
+    ----------
+    .. [1] Cohen, J. (1960). A coefficient of agreement for nominal scales. *Educational and
+       Psychological Measurement*, 20(1), 37-46.
     """
     truth = np.asarray(truth, dtype=np.int64)
     pred = np.asarray(pred, dtype=np.int64)
@@ -315,6 +385,43 @@ def refit_staging(head: StagingHead, train: Sequence[StagingExample], val: Seque
     Deterministic for a given ``seed`` on CPU (the torch RNG is seeded inside a forked RNG state, so
     the caller's is left as it was). Raises ``ValueError`` when there is nothing to learn from or to
     validate on (no training or validation study, no scored epoch) or an input is malformed.
+
+    Parameters
+    ----------
+    head : StagingHead
+        The starting weights (e.g. the bundle's released head); never modified.
+    train, val : sequence of StagingExample
+        Training and validation nights; split them by patient
+        (:func:`inference.splits.split_by_group`).
+    epochs : int, default 20
+        Training epochs at most (0: only the starting weights are scored).
+    lr : float, default 1e-4
+        AdamW learning rate, > 0.
+    weight_decay : float, default 1e-4
+        AdamW weight decay, >= 0.
+    patience : int, default 4
+        Epochs without improvement before stopping, >= 1.
+    seed : int, default 0
+        Seed of the night order and of torch's RNG (dropout).
+    class_weighted : bool, default True
+        Weight the cross-entropy by inverse stage frequency.
+    device : str or torch.device, default "cpu"
+        Where to train; the returned head is there.
+    criterion : {"macro_f1", "cohen_kappa", "accuracy"}, default "macro_f1"
+        The validation score that chooses the weights.
+
+    Returns
+    -------
+    head : StagingHead
+        The best copy, in eval mode.
+    report : RefitReport
+        Scores before and after, the history and the settings.
+
+    Raises
+    ------
+    ValueError
+        An unknown ``criterion``, invalid ``epochs``, ``patience``, ``lr`` or ``weight_decay``, no
+        training or validation study, no scored epoch on either side, or malformed tokens or labels.
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, not {criterion!r}")

@@ -36,7 +36,48 @@ DEFAULT_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 @dataclass(frozen=True, eq=False)  # eq=False: numpy fields make a generated __eq__ raise on comparison
 class CoxModel:
-    """A fitted Cox model: coefficients on the original feature scale and the Breslow baseline hazard."""
+    """A fitted Cox model: coefficients on the original feature scale and the Breslow baseline hazard.
+
+    Made by :func:`fit_cox` (or :meth:`from_dict`); a site's deployed Cox head holds one per outcome.
+
+    Parameters
+    ----------
+    coef : numpy.ndarray
+        ``(p,)`` coefficients on the original feature scale: ``lp = (X - center) @ coef``.
+    center : numpy.ndarray
+        ``(p,)`` training feature means, the reference of ``lp`` and of the baseline hazard (a
+        constant column: its value).
+    scale : numpy.ndarray
+        ``(p,)`` training feature standard deviations (``ddof=1``) used while fitting; 1 for a
+        constant column.
+    l2 : float
+        Penalty strength in ``NLL / n + 0.5 * l2 * ||coef * scale||^2``.
+    ties : {"efron", "breslow"}
+        How tied event times were handled.
+    baseline_times : numpy.ndarray
+        ``(m,)`` distinct training event times, ascending.
+    baseline_cumhaz : numpy.ndarray
+        ``(m,)`` Breslow cumulative baseline hazard at those times, for the centred ``lp``.
+    feature_names : tuple of str
+        Names of the ``p`` features (may be empty).
+    n, events : int
+        Training studies and events.
+    converged : bool
+        Whether the optimiser met its tolerance.
+    iterations : int
+        Optimiser iterations.
+    loglik : float
+        Unpenalised log partial likelihood at the optimum (NaN when unknown).
+
+    References
+    ----------
+    .. [1] Cox, D. R. (1972). Regression models and life-tables. *Journal of the Royal Statistical
+       Society, Series B*, 34(2), 187-220.
+    .. [2] Efron, B. (1977). The efficiency of Cox's likelihood function for censored data.
+       *Journal of the American Statistical Association*, 72(359), 557-565.
+    .. [3] Breslow, N. E. (1974). Covariance analysis of censored survival data. *Biometrics*,
+       30(1), 89-99.
+    """
 
     coef: np.ndarray  # (p,) on the original feature scale: lp = (X - center) @ coef
     center: np.ndarray  # (p,) training feature means (the reference for lp and the baseline hazard)
@@ -61,26 +102,90 @@ class CoxModel:
         return x
 
     def linear_predictor(self, X: ArrayLike) -> np.ndarray:
-        """(n,) log hazard ratio relative to the training mean: (X - center) @ coef."""
+        """(n,) log hazard ratio relative to the training mean: (X - center) @ coef.
+
+        Parameters
+        ----------
+        X : array_like
+            ``(n, p)`` features, or one row ``(p,)``; no NaN (impute first, e.g. with ``center``).
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n,)`` float64 linear predictors (the risk score: higher, earlier expected event).
+
+        Raises
+        ------
+        ValueError
+            When the rows do not have ``p`` features.
+        """
         return (self._matrix(X) - self.center) @ self.coef
 
     def baseline_at(self, t: float) -> float:
-        """Cumulative baseline hazard H0(t): a right-continuous step, 0 before the first event time."""
+        """Cumulative baseline hazard H0(t): a right-continuous step, 0 before the first event time.
+
+        Parameters
+        ----------
+        t : float
+            Time, in the training data's unit; past the last event time H0 stays at its last value.
+
+        Returns
+        -------
+        float
+            H0(t) for a study at the training mean (``lp = 0``).
+
+        Raises
+        ------
+        ValueError
+            When ``t`` is not finite.
+        """
         if not np.isfinite(t):
             raise ValueError("t must be finite")
         k = int(np.searchsorted(self.baseline_times, t, side="right"))
         return 0.0 if k == 0 else float(self.baseline_cumhaz[k - 1])
 
     def cumulative_hazard(self, X: ArrayLike, t: float) -> np.ndarray:
-        """(n,) cumulative hazard at t: H0(t) * exp(lp)."""
+        """(n,) cumulative hazard at t: H0(t) * exp(lp).
+
+        Parameters
+        ----------
+        X : array_like
+            ``(n, p)`` features, or one row.
+        t : float
+            Time, finite.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n,)`` cumulative hazards.
+        """
         return self.baseline_at(t) * np.exp(self.linear_predictor(X))
 
     def risk_at(self, X: ArrayLike, t: float) -> np.ndarray:
-        """(n,) probability of the event by t: 1 - exp(-H0(t) * exp(lp))."""
+        """(n,) probability of the event by t: 1 - exp(-H0(t) * exp(lp)).
+
+        Parameters
+        ----------
+        X : array_like
+            ``(n, p)`` features, or one row.
+        t : float
+            Horizon, finite, in the training data's time unit.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(n,)`` absolute risks in [0, 1].
+        """
         return -np.expm1(-self.cumulative_hazard(X, t))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dictionary (lists and Python floats; a NaN log-likelihood as None)."""
+        """JSON-safe dictionary (lists and Python floats; a NaN log-likelihood as None).
+
+        Returns
+        -------
+        dict
+            Every field by name; :meth:`from_dict` reads it back.
+        """
         return {"coef": self.coef.tolist(), "center": self.center.tolist(), "scale": self.scale.tolist(),
                 "l2": float(self.l2), "ties": self.ties, "baseline_times": self.baseline_times.tolist(),
                 "baseline_cumhaz": self.baseline_cumhaz.tolist(), "feature_names": list(self.feature_names),
@@ -90,7 +195,25 @@ class CoxModel:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CoxModel:
-        """The model back from :meth:`to_dict` (exactly: float64 values survive JSON's shortest repr)."""
+        """The model back from :meth:`to_dict` (exactly: float64 values survive JSON's shortest repr).
+
+        Parameters
+        ----------
+        d : dict
+            As :meth:`to_dict` writes it; ``feature_names``, ``l2``, ``ties``, ``n``, ``events``,
+            ``converged``, ``iterations`` and ``loglik`` may be absent.
+
+        Returns
+        -------
+        CoxModel
+            The model.
+
+        Raises
+        ------
+        ValueError
+            Arrays of inconsistent lengths, feature names that do not match the coefficients, or an
+            unknown ``ties``.
+        """
         arr = {k: np.asarray(d[k], dtype=np.float64).reshape(-1)
                for k in ("coef", "center", "scale", "baseline_times", "baseline_cumhaz")}
         p = arr["coef"].shape[0]
@@ -243,6 +366,41 @@ def neg_log_partial_likelihood(beta: ArrayLike, Xs: ArrayLike, time: ArrayLike, 
 
     Risk sets over all subjects (a subject is at risk at every event time up to its own time,
     censoring respected), ties by Efron or Breslow. ``Xs`` is used as given (already standardised).
+
+    Parameters
+    ----------
+    beta : array_like
+        ``(p,)`` coefficients.
+    Xs : array_like
+        ``(n, p)`` features, finite.
+    time : array_like
+        ``(n,)`` follow-up times, finite and >= 0.
+    event : array_like
+        ``(n,)`` 1 for an observed event, 0 for censoring.
+    ties : {"efron", "breslow"}, default "efron"
+        Approximation for tied event times.
+
+    Returns
+    -------
+    value : float
+        ``-log PL(beta)`` (not divided by ``n``, no penalty).
+    gradient : numpy.ndarray
+        ``(p,)`` its gradient.
+
+    Raises
+    ------
+    ValueError
+        Malformed or non-finite inputs, events not 0/1, negative times, an unknown ``ties``, or a
+        ``beta`` of the wrong length.
+
+    References
+    ----------
+    .. [1] Cox, D. R. (1972). Regression models and life-tables. *Journal of the Royal Statistical
+       Society, Series B*, 34(2), 187-220.
+    .. [2] Efron, B. (1977). The efficiency of Cox's likelihood function for censored data.
+       *Journal of the American Statistical Association*, 72(359), 557-565.
+    .. [3] Breslow, N. E. (1974). Covariance analysis of censored survival data. *Biometrics*,
+       30(1), 89-99.
     """
     x, t, e = _check_data(Xs, time, event)
     b = np.asarray(beta, dtype=np.float64).reshape(-1)
@@ -296,6 +454,65 @@ def fit_cox(X: ArrayLike, time: ArrayLike, event: ArrayLike, *, l2: float = 0.0,
     columns: scale 1), so ``l2`` equals lifelines' ``penalizer`` (with l1_ratio 0); the model returns
     ``coef = beta_std / scale`` on the original scale. ``tol`` bounds the gradient norm of that
     objective at convergence; ``converged`` is False when ``max_iter`` ran out first.
+
+    The minimiser is scipy's trust-region Newton-CG (``method="trust-ncg"``) on the analytic gradient
+    and Hessian-vector products, from ``beta = 0``; the baseline hazard is Breslow's estimator at
+    the optimum.
+
+    Parameters
+    ----------
+    X : array_like
+        ``(n, p)`` features, finite (impute missing values first).
+    time : array_like
+        ``(n,)`` follow-up times, finite and >= 0.
+    event : array_like
+        ``(n,)`` 1 for an observed event, 0 for censoring.
+    l2 : float, default 0.0
+        Ridge penalty on the standardised coefficients, finite and >= 0.
+    ties : {"efron", "breslow"}, default "efron"
+        Approximation for tied event times.
+    feature_names : sequence of str, optional
+        One name per column of ``X``.
+    max_iter : int, default 500
+        Optimiser iterations at most.
+    tol : float, default 1e-9
+        Gradient-norm tolerance of the objective.
+
+    Returns
+    -------
+    CoxModel
+        The fitted model.
+
+    Raises
+    ------
+    ValueError
+        Malformed or non-finite inputs, events not 0/1, negative times, an invalid ``l2`` or
+        ``ties``, feature names of the wrong length, or no event at all.
+
+    See Also
+    --------
+    choose_l2 : Choose ``l2`` by grouped cross-validation.
+
+    References
+    ----------
+    .. [1] Cox, D. R. (1972). Regression models and life-tables. *Journal of the Royal Statistical
+       Society, Series B*, 34(2), 187-220.
+    .. [2] Efron, B. (1977). The efficiency of Cox's likelihood function for censored data.
+       *Journal of the American Statistical Association*, 72(359), 557-565.
+    .. [3] Breslow, N. E. (1974). Covariance analysis of censored survival data. *Biometrics*,
+       30(1), 89-99.
+    .. [4] lifelines' ``CoxPHFitter`` (its ``penalizer``), against which the tests check the fit.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.standard_normal((200, 3))
+    >>> time = rng.exponential(np.exp(-X[:, 0]))
+    >>> event = (rng.random(200) < 0.8).astype(int)
+    >>> model = fit_cox(X, time, event, l2=0.01)
+    >>> model.converged, model.coef.shape, bool(model.coef[0] > 0.5)
+    (True, (3,), True)
     """
     x, t, e = _check_data(X, time, event)
     _check_ties(ties)
@@ -336,6 +553,38 @@ def choose_l2(X: ArrayLike, time: ArrayLike, event: ArrayLike, groups: ArrayLike
     Returns the chosen l2 and one row per grid value ``{l2, c_index_mean, c_index_sd, folds}`` (``folds``:
     how many folds gave a C-index; a fold without a comparable held-out pair or without a training event
     is skipped; ``c_index_sd`` is the sample sd, NaN from one fold).
+
+    Parameters
+    ----------
+    X : array_like
+        ``(n, p)`` features, finite.
+    time : array_like
+        ``(n,)`` follow-up times, finite and >= 0.
+    event : array_like
+        ``(n,)`` 1 for an observed event, 0 for censoring.
+    groups : array_like
+        ``(n,)`` group (patient) labels: a group's rows are never split across folds.
+    grid : sequence of float, default (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+        Candidate ``l2`` values, finite and >= 0 (duplicates dropped).
+    folds : int, default 5
+        Folds (at most the number of groups), see :func:`inference.splits.group_folds`.
+    seed : int, default 0
+        Seed of the fold assignment.
+    ties : {"efron", "breslow"}, default "efron"
+        Approximation for tied event times.
+
+    Returns
+    -------
+    l2 : float
+        The grid value with the best mean held-out C-index (the largest among equals).
+    rows : list of dict
+        One per grid value, in grid order: ``l2``, ``c_index_mean``, ``c_index_sd``, ``folds``.
+
+    Raises
+    ------
+    ValueError
+        Malformed inputs, an empty or invalid grid, no event at all, or no fold with a comparable
+        held-out pair.
     """
     x, t, e = _check_data(X, time, event)
     _check_ties(ties)

@@ -116,6 +116,42 @@ def harrell_c(time: ArrayLike, event: ArrayLike, risk: ArrayLike) -> float:
 
     Equal to ``lifelines.utils.concordance_index(time, -risk, event)`` (exact risk ties, lifelines' rule
     for tied times).
+
+    A pair is comparable when the study with the earlier time had an event; a censored study at the
+    same time as an event counts as later; two events at the same time are not comparable.
+
+    Parameters
+    ----------
+    time : array_like
+        ``(n,)`` follow-up times, finite and >= 0.
+    event : array_like
+        ``(n,)`` 1 for an observed event, 0 for censoring.
+    risk : array_like
+        ``(n,)`` risk scores, higher for an earlier expected event (e.g. the Cox linear predictor).
+
+    Returns
+    -------
+    float
+        The C-index in [0, 1]; NaN when there is no comparable pair.
+
+    Raises
+    ------
+    ValueError
+        Arrays of different lengths or not one-dimensional, non-finite values, negative times, or
+        events other than 0/1.
+
+    References
+    ----------
+    .. [1] Harrell, F. E., Califf, R. M., Pryor, D. B., Lee, K. L., & Rosati, R. A. (1982).
+       Evaluating the yield of medical tests. *JAMA*, 247(18), 2543-2546.
+    .. [2] ``lifelines.utils.concordance_index``, against which the tests check it.
+
+    Examples
+    --------
+    >>> harrell_c([1, 2, 3], [1, 1, 0], [3.0, 2.0, 1.0])
+    1.0
+    >>> harrell_c([1, 2, 3], [1, 1, 0], [0.0, 0.0, 0.0])
+    0.5
     """
     t, e = _survival(time, event)
     r = _vector("risk", risk, t.shape[0])
@@ -169,6 +205,42 @@ def uno_c(time: ArrayLike, event: ArrayLike, risk: ArrayLike, train_time: ArrayL
     As ``sksurv.metrics.concordance_index_ipcw(train, test, risk, tau, tied_tol)``: each comparable pair
     with the earlier event i is weighted 1 / G(t_i)^2, events at or after ``tau`` get weight 0, and risks
     within ``tied_tol`` count as ties.
+
+    Parameters
+    ----------
+    time : array_like
+        ``(n,)`` follow-up times, finite and >= 0.
+    event : array_like
+        ``(n,)`` 1 for an observed event, 0 for censoring.
+    risk : array_like
+        ``(n,)`` risk scores, higher for an earlier expected event.
+    train_time, train_event : array_like
+        The training data's times and events, from which the censoring distribution G is estimated.
+    tau : float, optional
+        Truncation time: only events before ``tau`` are weighted. Needed when test events lie past
+        the training follow-up.
+    tied_tol : float, default 1e-8
+        Risks closer than this count as tied (one half).
+
+    Returns
+    -------
+    float
+        The C-index in [0, 1]; NaN when no event is weighted or there is no comparable pair.
+
+    Raises
+    ------
+    ValueError
+        Malformed inputs (as :func:`harrell_c`), a non-finite ``tau``, training data without an event,
+        test events after the training follow-up, or G zero at a test event time.
+
+    References
+    ----------
+    .. [1] Uno, H., Cai, T., Pencina, M. J., D'Agostino, R. B., & Wei, L. J. (2011). On the
+       C-statistics for evaluating overall adequacy of risk prediction procedures with censored
+       survival data. *Statistics in Medicine*, 30(10), 1105-1117.
+    .. [2] Kaplan, E. L., & Meier, P. (1958). Nonparametric estimation from incomplete
+       observations. *Journal of the American Statistical Association*, 53(282), 457-481.
+    .. [3] ``sksurv.metrics.concordance_index_ipcw``, against which the tests check it.
     """
     t, e = _survival(time, event)
     r = _vector("risk", risk, t.shape[0])
@@ -194,6 +266,41 @@ def td_auc(time: ArrayLike, event: ArrayLike, risk: ArrayLike, horizons: ArrayLi
     As ``sksurv.metrics.cumulative_dynamic_auc``: cases are events by t weighted 1/G(t_i), controls are
     studies still event-free after t; each horizon must lie in [min(time), max(time)). NaN for a horizon
     without a case or a control.
+
+    Parameters
+    ----------
+    time : array_like
+        ``(n,)`` follow-up times, finite and >= 0.
+    event : array_like
+        ``(n,)`` 1 for an observed event, 0 for censoring.
+    risk : array_like
+        ``(n,)`` risk scores, higher for an earlier expected event.
+    horizons : array_like
+        Times t at which AUC(t) is computed (a scalar or a 1-D array).
+    train_time, train_event : array_like
+        The training data's times and events, for the censoring distribution G (Kaplan-Meier).
+    tied_tol : float, default 1e-8
+        Risks closer than this form one threshold.
+
+    Returns
+    -------
+    numpy.ndarray
+        One AUC per horizon, in the order given.
+
+    Raises
+    ------
+    ValueError
+        Malformed inputs, a horizon outside ``[min(time), max(time))``, training data without an
+        event, test events after the training follow-up, or G zero at a test event time.
+
+    References
+    ----------
+    .. [1] Uno, H., Cai, T., Tian, L., & Wei, L. J. (2007). Evaluating prediction rules for t-year
+       survivors with censored regression models. *Journal of the American Statistical
+       Association*, 102(478), 527-537.
+    .. [2] Hung, H., & Chiang, C.-T. (2010). Estimation methods for time-dependent AUC models with
+       survival data. *Canadian Journal of Statistics*, 38(1), 8-26.
+    .. [3] ``sksurv.metrics.cumulative_dynamic_auc``, against which the tests check it.
     """
     t, e = _survival(time, event)
     r = _vector("risk", risk, t.shape[0])
@@ -236,7 +343,32 @@ def _km(t: np.ndarray, e: np.ndarray, at: float) -> tuple[float, float]:
 
 
 def km_risk_at(time: ArrayLike, event: ArrayLike, t: float) -> float:
-    """1 - Kaplan-Meier survival at ``t`` (constant after the last observed time)."""
+    """1 - Kaplan-Meier survival at ``t`` (constant after the last observed time).
+
+    Parameters
+    ----------
+    time : array_like
+        ``(n,)`` follow-up times, finite and >= 0.
+    event : array_like
+        ``(n,)`` 1 for an observed event, 0 for censoring.
+    t : float
+        The time, finite.
+
+    Returns
+    -------
+    float
+        The observed risk by ``t`` in [0, 1].
+
+    Raises
+    ------
+    ValueError
+        Malformed inputs, or a non-finite ``t``.
+
+    References
+    ----------
+    .. [1] Kaplan, E. L., & Meier, P. (1958). Nonparametric estimation from incomplete
+       observations. *Journal of the American Statistical Association*, 53(282), 457-481.
+    """
     tt, e = _survival(time, event)
     if not np.isfinite(t):
         raise ValueError("t must be finite")
@@ -250,6 +382,38 @@ def calibration_by_decile(time: ArrayLike, event: ArrayLike, predicted_risk: Arr
     Bins are equal-count groups of the studies ordered by predicted risk (ties in rank order), so every
     bin has n // bins or n // bins + 1 studies. ``observed_low``/``observed_high`` is the Greenwood 95 % CI
     of the observed risk, clipped to [0, 1].
+
+    Parameters
+    ----------
+    time : array_like
+        ``(n,)`` follow-up times, finite and >= 0.
+    event : array_like
+        ``(n,)`` 1 for an observed event, 0 for censoring.
+    predicted_risk : array_like
+        ``(n,)`` each study's predicted probability of the event by ``horizon`` (e.g.
+        :meth:`inference.survival.CoxModel.risk_at`).
+    horizon : float
+        The time at which risk is compared, finite and >= 0.
+    bins : int, default 10
+        Number of bins, at most ``n``.
+
+    Returns
+    -------
+    list of dict
+        One per bin, lowest predicted risk first: ``n``, ``events``, ``mean_predicted``,
+        ``observed``, ``observed_low``, ``observed_high``.
+
+    Raises
+    ------
+    ValueError
+        Malformed inputs, an invalid ``horizon`` or ``bins``, or fewer studies than bins.
+
+    References
+    ----------
+    .. [1] Kaplan, E. L., & Meier, P. (1958). Nonparametric estimation from incomplete
+       observations. *Journal of the American Statistical Association*, 53(282), 457-481.
+    .. [2] Greenwood, M. (1926). The natural duration of cancer. *Reports on Public Health and
+       Medical Subjects*, 33. London: HMSO.
     """
     t, e = _survival(time, event)
     p = _vector("predicted_risk", predicted_risk, t.shape[0])
@@ -281,6 +445,39 @@ def bootstrap_ci(statistic: Callable[[np.ndarray], float], n: int, *,
     (one label per row, e.g. the patient), as many groups as there are drawn with replacement and all
     rows of each drawn group. Replicates where the statistic is NaN are dropped; (NaN, NaN, 0) if none is
     left.
+
+    Parameters
+    ----------
+    statistic : callable
+        ``statistic(rows) -> float`` for an integer index array into the data.
+    n : int
+        Rows in the data.
+    groups : array_like, optional
+        ``(n,)`` group labels (e.g. patient ids) for a cluster bootstrap; ``None`` resamples rows.
+    n_boot : int, default 200
+        Replicates.
+    seed : int, default 0
+        Seed of the resampling.
+    alpha : float, default 0.05
+        The interval covers ``1 - alpha`` (quantiles ``alpha / 2`` and ``1 - alpha / 2``).
+
+    Returns
+    -------
+    low, high : float
+        The percentile interval.
+    valid : int
+        Replicates with a finite statistic.
+
+    Raises
+    ------
+    ValueError
+        ``n`` or ``n_boot`` not a positive integer, ``alpha`` outside (0, 1), or ``groups`` of the
+        wrong length.
+
+    References
+    ----------
+    .. [1] Efron, B., & Tibshirani, R. J. (1993). *An Introduction to the Bootstrap*. Chapman &
+       Hall.
     """
     if int(n) != n or n < 1:
         raise ValueError("n must be a positive integer")
