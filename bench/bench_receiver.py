@@ -1,6 +1,7 @@
 """Receiver throughput on loopback: our DicomReceiver vs DCMTK's storescp, both fed by DCMTK's storescu.
 
     .venv/bin/python bench/bench_receiver.py [--small 300] [--hours 8] [--channels 12] [--repeat 3]
+                                             [--compare-fast-paths]
 
 (a) instances/s for N small Sleep EEG instances (distinct SOP Instance UIDs, one association);
 (b) MB/s for one full-night Sleep EEG instance (hours x 256 Hz x channels, 16-bit).
@@ -9,7 +10,9 @@ Ours runs with fsync on and a sink doing one SQLite insert + commit per instance
 storescp runs with ``+B`` (bit-preserving: writes the data set as received, as ours does), ``-pdu 131072``
 (its largest receive PDU) and ``-od``; storescp has no fsync option, so it is measured without one.
 storescu runs with ``-R`` (propose only the files' SOP classes) and ``TCP_NODELAY=1``.
-Ours is also measured with fsync off (``ours_nofsync``), the like-for-like comparison with storescp.
+Ours is also measured with fsync off (``ours_nofsync``), the like-for-like comparison with storescp, and,
+with ``--compare-fast-paths``, with ``dicom.fast_paths: false`` (``ours_plain``: fsync on, plain pynetdicom;
+see gateway/sources/dicom/fastpaths.py).
 Each variant runs ``--repeat`` times (default 3), the variants taking turns; best and median are reported
 (wall time of storescu, i.e. until the last response and the release). Prints one JSON object, with whether
 the targets are met: >= 200 small instances/s with fsync on, and at least storescp's MB/s on the large one.
@@ -128,10 +131,10 @@ def send(port: int, aec: str, files: list[Path]) -> float:
     return elapsed
 
 
-def run_ours(files: list[Path], work: Path, fsync: bool = True) -> float:
+def run_ours(files: list[Path], work: Path, fsync: bool = True, fast_paths: bool = True) -> float:
     spool = work / "spool"
     sink = SqliteSink(work / "bench.db")
-    receiver = DicomReceiver(DicomConfig(port=0, fsync=fsync), spool, sink)
+    receiver = DicomReceiver(DicomConfig(port=0, fsync=fsync, fast_paths=fast_paths), spool, sink)
     receiver.start()
     try:
         elapsed = send(receiver.port, "PSGGATEWAY", files)
@@ -144,6 +147,10 @@ def run_ours(files: list[Path], work: Path, fsync: bool = True) -> float:
 
 def run_ours_nofsync(files: list[Path], work: Path) -> float:
     return run_ours(files, work, fsync=False)
+
+
+def run_ours_plain(files: list[Path], work: Path) -> float:
+    return run_ours(files, work, fast_paths=False)
 
 
 def run_storescp(files: list[Path], work: Path) -> float:
@@ -189,6 +196,8 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=12)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None, help="where to write (default: system temp)")
+    parser.add_argument("--compare-fast-paths", action="store_true",
+                        help="also run ours with dicom.fast_paths: false (ours_plain)")
     args = parser.parse_args()
     for tool in ("storescu", "storescp"):
         if shutil.which(tool) is None:
@@ -202,17 +211,21 @@ def main() -> None:
         large = large_file(inputs / "large", args.hours, args.channels)
         small_bytes = sum(f.stat().st_size for f in small)
         large_mb = large.stat().st_size / 1e6
-        times = measure({
+        variants = {
             "small_ours": (run_ours, small), "small_storescp": (run_storescp, small),
             "small_ours_nofsync": (run_ours_nofsync, small),
             "large_ours": (run_ours, [large]), "large_storescp": (run_storescp, [large]),
             "large_ours_nofsync": (run_ours_nofsync, [large]),
-        }, base, args.repeat)
+        }
+        if args.compare_fast_paths:
+            variants |= {"small_ours_plain": (run_ours_plain, small), "large_ours_plain": (run_ours_plain, [large])}
+        times = measure(variants, base, args.repeat)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
-    small_rates = {k: rates(args.small, times[f"small_{k}"]) for k in ("ours", "storescp", "ours_nofsync")}
-    large_rates = {k: rates(large_mb, times[f"large_{k}"]) for k in ("ours", "storescp", "ours_nofsync")}
+    kinds = ("ours", "storescp", "ours_nofsync", *(("ours_plain",) if args.compare_fast_paths else ()))
+    small_rates = {k: rates(args.small, times[f"small_{k}"]) for k in kinds}
+    large_rates = {k: rates(large_mb, times[f"large_{k}"]) for k in kinds}
     target_small = 200
     result = {
         "small": {
@@ -238,7 +251,8 @@ def main() -> None:
         },
         "options": {
             "ours": "fsync=true (file and folder fsynced before Success), sqlite sink (WAL, synchronous=NORMAL, "
-                    "commit per instance), max PDU unlimited; ours_nofsync: same with fsync=false",
+                    "commit per instance), max PDU unlimited, fast_paths=true; ours_nofsync: same with "
+                    "fsync=false; ours_plain (--compare-fast-paths): same with fast_paths=false",
             "ours_fsync": True,
             "storescp": "storescp " + " ".join(STORESCP_OPTS) + " -aet STORESCP -od DIR PORT (no fsync option)",
             "storescu": "storescu " + " ".join(STORESCU_OPTS) + " -aet BENCH -aec AEC 127.0.0.1 PORT FILES..., "

@@ -187,6 +187,10 @@ class DicomConfig(_Section):
     # A study is complete when no new instance arrived for this long (Orthanc's StableAge).
     stable_age_seconds: float = Field(60.0, ge=0)
     fsync: bool = True
+    # pynetdicom 3.0 internals replaced for speed on the receiver's associations (gateway/sources/dicom/
+    # fastpaths.py: event-driven reactors, copy-free PDU reads, directly encoded responses and file meta).
+    # false: plain pynetdicom, slower, same files and answers (to compare). Other pynetdicom versions: off.
+    fast_paths: bool = True
     tls: TlsConfig = Field(default_factory=TlsConfig)
 
     @field_validator("ae_title")

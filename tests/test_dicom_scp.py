@@ -1,13 +1,17 @@
 """The DICOM receiver (Storage SCP) against real peers: DCMTK storescu/echoscu and pynetdicom.
 
 DCMTK tests skip when the tools are missing, unless ``PSG_REQUIRE_DCMTK=1`` (CI), where they fail.
+The fast paths' own unit tests (pins, encoders) are in test_dicom_fastpaths.py; here, the receiver with
+them on (the default) and off.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import ssl
+import stat
 import subprocess
 import tempfile
 import threading
@@ -24,6 +28,9 @@ from pynetdicom.sop_class import Verification
 
 from gateway.config import DicomCaller, DicomConfig, TlsConfig
 from gateway.metrics import Metrics
+from gateway.sources.base import Source
+from gateway.sources.dicom import fastpaths
+from gateway.sources.dicom import receiver as receiver_module
 from gateway.sources.dicom.receiver import (
     STATUS_DATASET_MISMATCH,
     STATUS_OUT_OF_RESOURCES,
@@ -46,10 +53,14 @@ SOP_CLASSES = (SLEEP_EEG, MULTICHANNEL_RESPIRATORY, GENERAL_ECG)
 
 
 class MemorySink:
+    """A fake :class:`~gateway.sources.base.Intake` (the DICOM half of it)."""
+
     def __init__(self) -> None:
         self.instances: dict[str, ReceivedInstance] = {}
         self.fail = False
         self.lock = threading.Lock()
+        self.promoted: set[str] = set()
+        self.stable_ages: list[float] = []
 
     def known_instance(self, sop_instance_uid: str) -> bool:
         with self.lock:
@@ -61,6 +72,14 @@ class MemorySink:
         assert instance.path.is_file()
         with self.lock:
             self.instances[instance.sop_instance_uid] = instance
+
+    def promote_stable(self, stable_age_seconds: float) -> int:
+        """Every study not promoted yet is stable (the age is recorded, not waited for)."""
+        with self.lock:
+            self.stable_ages.append(stable_age_seconds)
+            ready = {i.study_uid for i in self.instances.values()} - self.promoted
+            self.promoted |= ready
+            return len(ready)
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +97,10 @@ def _cfg(**kw) -> DicomConfig:
 def make_receiver(tmp_path: Path):
     started: list[DicomReceiver] = []
 
-    def make(cfg: DicomConfig | None = None, sink: MemorySink | None = None):
+    def make(cfg: DicomConfig | None = None, sink: MemorySink | None = None, spool: Path | None = None):
         sink = sink or MemorySink()
         metrics = Metrics()
-        receiver = DicomReceiver(cfg or _cfg(), tmp_path / "spool", sink, metrics)
+        receiver = DicomReceiver(cfg or _cfg(), spool or tmp_path / "spool", sink, metrics)
         receiver.start()
         started.append(receiver)
         return receiver, sink, metrics
@@ -642,57 +661,17 @@ def test_stop_aborts_lingering_association(make_receiver):
     assert _metric(metrics, "psg_dicom_associations_total", result="aborted") == 1
 
 
-# ---- fast paths (pynetdicom internals mirrored for our associations) ---------------------------------------
-
-# sha256(source)[:16] of the pynetdicom 3.0.4 code that dicom_scp's fast paths mirror or hook. A pynetdicom
-# upgrade that changes any of them fails here: re-read the new code, update the fast paths, then these values.
-_MIRRORED = {
-    "DULServiceProvider.run_reactor": "e3a10eb3a0931e48",
-    "DULServiceProvider._read_pdu_data": "19f2d4e38c13c835",
-    "Association._run_reactor": "f28838c5559e462a",
-    "DIMSEServiceProvider.send_msg": "a839cf2fb46976d9",
-    "DIMSEMessage.decode_msg": "f51c777e841a76be",
-    "create_file_meta": "035ed415f5aeea15",
-}
-
-
-def test_fast_paths_match_installed_pynetdicom():
-    import hashlib
-    import inspect
-
-    from pynetdicom import association, dimse, dimse_messages, dsutils, dul
-
-    from gateway.sources.dicom import receiver as dicom_scp
-
-    assert dicom_scp._FAST_PATHS, "fast paths disabled for this pynetdicom version"
-    funcs = (dul.DULServiceProvider.run_reactor, dul.DULServiceProvider._read_pdu_data,
-             association.Association._run_reactor, dimse.DIMSEServiceProvider.send_msg,
-             dimse_messages.DIMSEMessage.decode_msg, dsutils.create_file_meta)
-    got = {f.__qualname__: hashlib.sha256(inspect.getsource(f).encode()).hexdigest()[:16] for f in funcs}
-    assert got == _MIRRORED
-    # the module-level names the chunked receive looks up, and the attributes the fast paths replace
-    for name in ("NamedTemporaryFile", "create_file_meta", "write_file_meta_info"):
-        assert hasattr(dimse_messages, name)
-    ae = AE()
-    assoc = association.Association(ae, "acceptor")
-    for obj, attrs in ((assoc.dul, ("to_provider_queue", "to_user_queue", "_recv_pdu", "event_queue",
-                                    "_run_loop_delay", "_kill_thread", "artim_timer", "_idle_timer")),
-                       (assoc.dimse, ("msg_queue",)),
-                       (assoc, ("_dul_ready", "_reactor_checkpoint", "_is_paused", "_kill"))):
-        for attr in attrs:
-            assert hasattr(obj, attr), attr
+# ---- fast paths on (the default) and off -----------------------------------------------------------------
 
 
 def test_fast_paths_used_by_our_associations(make_receiver, study, monkeypatch):
-    from gateway.sources.dicom import receiver as dicom_scp
-
     waits, fallbacks, syncs = [], [], []
-    wait_dul = dicom_scp._Waker.wait_dul
-    monkeypatch.setattr(dicom_scp._Waker, "wait_dul", lambda self, t: waits.append(1) or wait_dul(self, t))
-    monkeypatch.setattr(dicom_scp, "_ORIGINAL_SEND_MSG", lambda *a: fallbacks.append(a[1]))
-    monkeypatch.setattr(dicom_scp, "_WRITEBACK_STEP", 4096)
-    fdatasync = dicom_scp._fdatasync
-    monkeypatch.setattr(dicom_scp, "_fdatasync", lambda fd: syncs.append(fd) or fdatasync(fd))
+    wait_dul = fastpaths._Waker.wait_dul
+    monkeypatch.setattr(fastpaths._Waker, "wait_dul", lambda self, t: waits.append(1) or wait_dul(self, t))
+    monkeypatch.setattr(fastpaths, "_ORIGINAL_SEND_MSG", lambda *a: fallbacks.append(a[1]))
+    monkeypatch.setattr(fastpaths, "_WRITEBACK_STEP", 4096)
+    fdatasync = fastpaths._fdatasync
+    monkeypatch.setattr(fastpaths, "_fdatasync", lambda fd: syncs.append(fd) or fdatasync(fd))
     receiver, sink, _ = make_receiver(_cfg(fsync=True))
     result = _storescu(receiver.port, study)
     assert result.returncode == 0, result.stderr
@@ -706,59 +685,83 @@ def test_fast_paths_used_by_our_associations(make_receiver, study, monkeypatch):
         assert ds.file_meta.MediaStorageSOPInstanceUID == inst.sop_instance_uid
 
 
-@pytest.mark.parametrize("status", [0x0000, 0xA700, 0xA900, 0xC000])
-@pytest.mark.parametrize("uid", ["1.2.3", "1.2.34", "1.2.826.0.1.3680043.8.498.12345678901234567890"])
-def test_store_response_encoded_like_pynetdicom(status, uid):
-    from pynetdicom.dimse_messages import C_STORE_RSP
-    from pynetdicom.dimse_primitives import C_STORE
+def test_without_fast_paths_the_same_files(make_receiver, study, tmp_path, monkeypatch):
+    """``dicom.fast_paths: false``: plain pynetdicom, and the spool gets the same files, privately, fsynced."""
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    installed: list[bool] = []
+    install = fastpaths.install
+    monkeypatch.setattr(fastpaths, "install", lambda *a, **k: installed.append(install(*a, **k)) or installed[-1])
+    waits: list[int] = []
+    wait_dul = fastpaths._Waker.wait_dul
+    monkeypatch.setattr(fastpaths._Waker, "wait_dul", lambda self, t: waits.append(1) or wait_dul(self, t))
+    fsyncs: list[int] = []
+    fsync = os.fsync
+    monkeypatch.setattr(receiver_module.os, "fsync", lambda fd: fsyncs.append(fd) or fsync(fd))
 
-    from gateway.sources.dicom.receiver import _encode_store_rsp
-
-    rsp = C_STORE()
-    rsp.MessageIDBeingRespondedTo = 65535
-    rsp.AffectedSOPClassUID = SLEEP_EEG
-    rsp.AffectedSOPInstanceUID = uid
-    rsp.Status = status
-    msg = C_STORE_RSP()
-    msg.primitive_to_message(rsp)
-    (pdata,) = msg.encode_msg(1, 16384)
-    assert pdata.presentation_data_value_list[0][1] == b"\x03" + _encode_store_rsp(rsp)
-    rsp.ErrorComment = "detail"
-    assert _encode_store_rsp(rsp) is None  # anything unusual goes through pynetdicom
-
-
-@pytest.mark.parametrize("ts", TS)
-@pytest.mark.parametrize("uid", ["1.2.3", "1.2.34"])
-def test_file_meta_encoded_like_pydicom(ts, uid):
-    import io
-
-    from pydicom.filewriter import write_file_meta_info
-    from pynetdicom.dsutils import create_file_meta
-
-    from gateway.sources.dicom.receiver import _encode_file_meta
-
-    kw = {"sop_class_uid": pydicom.uid.UID(SLEEP_EEG), "sop_instance_uid": pydicom.uid.UID(uid),
-          "transfer_syntax": ts}
-    buf = io.BytesIO()
-    write_file_meta_info(buf, create_file_meta(**kw))
-    assert buf.getvalue() == _encode_file_meta(**kw)
+    spooled: dict[bool, dict[str, tuple[bytes, int]]] = {}
+    synced: dict[bool, int] = {}
+    for fast in (True, False):
+        installed.clear()
+        waits.clear()
+        fsyncs.clear()
+        spool = tmp_path / f"spool-{'fast' if fast else 'plain'}"
+        receiver, sink, metrics = make_receiver(_cfg(fast_paths=fast, fsync=True), spool=spool)
+        result = _storescu(receiver.port, study)
+        assert result.returncode == 0, result.stderr
+        assert _send(receiver.port, study[:1]) == [0]  # a duplicate, from pynetdicom
+        assert _metric(metrics, "psg_dicom_instances_total", result="stored") == 3
+        assert _metric(metrics, "psg_dicom_instances_total", result="duplicate") == 1
+        assert (installed and all(installed) and waits) if fast else (not installed and not waits)
+        for inst in sink.instances.values():
+            assert inst.path == spool_path_for(spool, inst.study_uid, inst.sop_instance_uid)
+        spooled[fast] = {str(p.relative_to(spool)): (p.read_bytes(), stat.S_IMODE(p.stat().st_mode))
+                         for p in _spooled(spool)}
+        synced[fast] = len(fsyncs)
+        assert list((spool / "dicom" / ".incoming").iterdir()) == []
+    assert len(spooled[False]) == 3
+    assert spooled[False] == spooled[True]  # same names, same bytes, same modes
+    assert {mode for _, mode in spooled[False].values()} == {0o600}
+    assert synced[False] == synced[True] >= 6  # each file and its folder, with or without the fast paths
+    assert list(system_tmp.iterdir()) == []
 
 
-def test_p_data_decoded_like_pynetdicom():
-    from pynetdicom.pdu import P_DATA_TF
+def test_unsupported_pynetdicom_falls_back(make_receiver, study, monkeypatch):
+    monkeypatch.setattr(fastpaths, "ACTIVE", False)
+    waits: list[int] = []
+    wait_dul = fastpaths._Waker.wait_dul
+    monkeypatch.setattr(fastpaths._Waker, "wait_dul", lambda self, t: waits.append(1) or wait_dul(self, t))
+    receiver, sink, _ = make_receiver(_cfg(fast_paths=True))
+    assert _send(receiver.port, study) == [0, 0, 0]
+    assert len(sink.instances) == 3 and not waits
 
-    from gateway.sources.dicom.receiver import _decode_p_data_tf
 
-    pdvs = [(1, b"\x03" + b"c" * 9), (3, b"\x00" + bytes(range(256)) * 40), (5, b"\x02")]
-    body = b"".join((len(d) + 1).to_bytes(4, "big") + bytes([c]) + d
-                    for c, d in pdvs)
-    reference = P_DATA_TF()
-    reference.decode(b"\x04\x00" + len(body).to_bytes(4, "big") + body)
-    fast = _decode_p_data_tf(bytearray(body))
-    assert [(i.presentation_context_id, bytes(i.presentation_data_value))
-            for i in fast.presentation_data_value_items] == \
-        [(i.presentation_context_id, i.presentation_data_value) for i in reference.presentation_data_value_items]
-    assert [(c, bytes(d)) for c, d in fast.to_primitive().presentation_data_value_list] == pdvs
-    for broken in (body[:-1], body + b"\x00\x00", b"\x00\x00\x00\x00\x01"):
-        with pytest.raises(ValueError):
-            _decode_p_data_tf(bytearray(broken))
+# ---- the Source protocol ------------------------------------------------------------------------------------
+
+
+def test_source_poll_promotes_and_health_reports(make_receiver, study, tmp_path):
+    idle = DicomReceiver(_cfg(), tmp_path / "idle", MemorySink())
+    assert isinstance(idle, Source) and idle.name == "dicom"
+    assert idle.health() == {"port": None, "active_associations": 0, "pending_connections": 0}
+
+    receiver, sink, _ = make_receiver(_cfg(stable_age_seconds=42.0, acse_timeout_seconds=10.0))
+    assert isinstance(receiver, Source)
+    assert receiver.poll() == 0 and sink.stable_ages == [42.0]
+    assert _send(receiver.port, study) == [0, 0, 0]
+    assert receiver.poll() == 1  # the study's three instances: one study promoted
+    assert receiver.poll() == 0 and sink.stable_ages == [42.0] * 3
+
+    assert receiver.health() == {"port": receiver.port, "active_associations": 0, "pending_connections": 0}
+    silent = _silent(receiver.port, 1)
+    assoc = _scu().associate("127.0.0.1", receiver.port, ae_title="PSGGATEWAY")
+    try:
+        assert assoc.is_established
+        assert _wait(lambda: receiver.health() == {"port": receiver.port, "active_associations": 1,
+                                                   "pending_connections": 1})
+    finally:
+        assoc.release()
+        for s in silent:
+            s.close()
+    receiver.stop(timeout=1.0)
+    assert receiver.health()["port"] is None

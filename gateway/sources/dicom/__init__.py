@@ -1,1 +1,1 @@
-"""The DICOM source: a C-STORE/C-ECHO receiver (``receiver``)."""
+"""The DICOM source: a C-STORE/C-ECHO receiver (``receiver``) and its pynetdicom speed-ups (``fastpaths``)."""

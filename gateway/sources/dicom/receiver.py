@@ -7,7 +7,7 @@ instance goes through:
    streamed, PDV by PDV, into a Part-10 file (preamble, file meta with the negotiated transfer
    syntax, data set as sent) in ``<spool_dir>/dicom/.incoming/``. Nothing is held in memory and
    nothing is decoded; the maximum PDU size is unlimited.
-2. The handler asks ``sink.known_instance(sop_instance_uid)``: a duplicate is answered Success
+2. The handler asks ``intake.known_instance(sop_instance_uid)``: a duplicate is answered Success
    (0x0000) and not written again.
 3. Only the header up to (0020,000E) is parsed (``read_partial`` with a stop condition) to get the
    Study and Series Instance UIDs. Without a Study Instance UID the instance is refused with 0xA900
@@ -17,7 +17,7 @@ instance goes through:
    ``<spool_dir>/dicom/<sha256(study_uid)[:24]>/<sha256(sop_instance_uid)[:24]>.dcm`` and the folder
    is fsynced. The incoming folder is inside the spool, so this is a rename on one filesystem (when it
    is not, a copy to a hidden temporary name in the target folder, fsync, rename).
-5. ``sink.instance_received(...)`` records it. Any exception there, or any disk error before, removes
+5. ``intake.instance_received(...)`` records it. Any exception there, or any disk error before, removes
    the file and answers 0xA700 (out of resources) so the sender retries later; the receiver goes on.
 
 Two associations sending the same SOP Instance UID at once are serialised: the second waits for the
@@ -72,32 +72,16 @@ Process-wide settings
     at that receiver's incoming folder (other pynetdicom users in the process keep the system temporary
     folder). ``_config.LOG_HANDLER_LEVEL`` is set to ``"none"`` (pynetdicom's standard handlers format
     every PDU and message, UIDs included, at any log level) and the ``pynetdicom`` logger to WARNING
-    (its debug output can show patient data). The sockets of this receiver's associations (only those)
-    read PDUs with one ``recv_into`` buffer instead of pynetdicom's 4 KiB reads.
+    (its debug output can show patient data). These are needed for correctness and privacy and are on
+    whatever ``cfg.fast_paths`` says.
 
-Fast paths (pynetdicom 3.0.x internals, this receiver's associations only)
-    pynetdicom polls: its DUL thread and its association thread each sleep 1 ms between checks, and every
-    C-STORE costs several pydicom Datasets (file meta, response command set). For the associations of a
-    gateway receiver (installed from ``EVT_CONN_OPEN``, before their threads start; other pynetdicom users in
-    the process are untouched):
-
-    - event-driven reactors: the DUL thread waits in ``select`` on the peer's socket and a wake-up socket
-      pair (written on each put into ``to_provider_queue``), the association thread on an Event (set on each
-      put into ``dimse.msg_queue`` and ``dul.to_user_queue``); both wake at least every 10 ms to check timers
-      and kill flags as before. The loops are pynetdicom's ``run_reactor`` / ``_run_reactor`` with the sleep
-      replaced (``_dul_run_reactor``, ``_assoc_run_reactor``).
-    - P-DATA-TF PDUs are read into one buffer and their PDVs handed on as memoryviews (pynetdicom copies a
-      128 KiB PDU five times); other PDUs, or an association with ``EVT_DATA_RECV`` handlers, take pynetdicom's
-      decoder.
-    - C-STORE responses are encoded directly (byte-identical; anything with an error comment or offending
-      element, or with ``EVT_DIMSE_SENT`` handlers, goes through pynetdicom).
-    - the chunked-receive file meta is written directly (``dimse_messages.create_file_meta`` and
-      ``write_file_meta_info``, scoped to our DUL threads like ``NamedTemporaryFile``; byte-identical).
-    - with ``cfg.fsync``, every 8 MiB written to an incoming file a helper thread fdatasyncs it (by name), so
-      the fsync before Success has only the tail left; that fsync and the folder fsync still happen.
-
-    The fast paths are enabled for pynetdicom 3.0.x only (``_FAST_PATHS``); tests/test_dicom_scp.py pins a
-    hash of the source of every pynetdicom function they mirror, so an upgrade that changes one fails loudly.
+Fast paths (``cfg.fast_paths``, on by default)
+    For speed, the associations of this receiver run replacements of some pynetdicom 3.0 internals
+    (event-driven reactors instead of 1 ms polling, copy-free PDU reads, C-STORE responses and file meta
+    encoded directly, early writeback of large files with ``cfg.fsync``): see :mod:`.fastpaths`, which says
+    what each replaces, which pynetdicom versions they are pinned to, and that any other version runs
+    pynetdicom's own code. With ``dicom.fast_paths: false`` the receiver runs plain pynetdicom (to compare in
+    production): the same spooled files (bytes, names, modes, fsyncs), answers and limits, only slower.
 
 Logs carry calling AE titles, peer addresses and ``study_key`` (a short hash of the Study Instance UID),
 never patient names or IDs.
@@ -112,7 +96,6 @@ import ipaddress
 import logging
 import os
 import queue
-import select
 import shutil
 import socket
 import ssl
@@ -120,17 +103,15 @@ import struct
 import tempfile
 import threading
 import time
-import types
 import uuid
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import pynetdicom
 from pydicom.filereader import data_element_generator, read_partial
-from pydicom.filewriter import write_file_meta_info as _ORIGINAL_WRITE_FILE_META_INFO
 from pydicom.tag import Tag
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -139,14 +120,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
-from pynetdicom import association as _association
-from pynetdicom import dimse as _dimse
-from pynetdicom import dimse_primitives as _dimse_primitives
-from pynetdicom import dsutils as _dsutils
-from pynetdicom import dul as _dul
-from pynetdicom import pdu as _pdu
-from pynetdicom import pdu_items as _pdu_items
-from pynetdicom.pdu_primitives import A_ASSOCIATE, P_DATA
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
@@ -155,6 +129,8 @@ from ...config import DicomConfig, TlsConfig
 from ...fsutil import fsync_dir
 from ...logging import get_logger
 from ...metrics import Metrics
+from ..base import Intake
+from . import fastpaths
 
 __all__ = [
     "STATUS_CANNOT_UNDERSTAND",
@@ -164,7 +140,6 @@ __all__ = [
     "TRANSFER_SYNTAXES",
     "WAVEFORM_STORAGE_SOP_CLASSES",
     "DicomReceiver",
-    "InstanceSink",
     "ReceivedInstance",
     "spool_path_for",
 ]
@@ -221,16 +196,6 @@ class ReceivedInstance:
     peer_host: str
 
 
-class InstanceSink(Protocol):
-    def known_instance(self, sop_instance_uid: str) -> bool:
-        """True: already stored -> not written again, answered Success."""
-        ...
-
-    def instance_received(self, instance: ReceivedInstance) -> None:
-        """Record the instance; raising removes the spool file and answers 0xA700."""
-        ...
-
-
 def _key(uid: str) -> str:
     return hashlib.sha256(uid.encode("ascii", "replace")).hexdigest()[:_KEY_LEN]
 
@@ -247,13 +212,13 @@ def _clean_uid(value: Any) -> str:
 # ---- pynetdicom's temporary files in the receiver's own spool ---------------------------------------------
 # pynetdicom creates the chunked-receive file with ``NamedTemporaryFile(delete=False, mode="wb",
 # suffix=".dcm")`` in the DUL thread of the association; we give it a ``dir`` when that association
-# belongs to one of our AEs, so the final step is a rename on one filesystem.
+# belongs to one of our AEs, so the final step is a rename on one filesystem and received data never sits in
+# the system temporary folder. ``mkstemp`` creates it 0600 whatever the umask: the spooled file keeps that
+# mode. Needed for correctness, so installed with or without the fast paths.
 
 _INCOMING_DIRS: weakref.WeakKeyDictionary[AE, Path] = weakref.WeakKeyDictionary()
 _PATCH_LOCK = threading.Lock()
 _ORIGINAL_NTF = tempfile.NamedTemporaryFile
-_ORIGINAL_CREATE_FILE_META = _dsutils.create_file_meta
-_ORIGINAL_SEND_MSG = _dimse.DIMSEServiceProvider.send_msg
 
 
 def _incoming_dir_of_current_thread() -> Path | None:
@@ -268,64 +233,12 @@ def _incoming_dir_of_current_thread() -> Path | None:
 
 
 def _spool_named_temporary_file(*args: Any, **kwargs: Any) -> Any:
-    folder = None
     if "dir" not in kwargs:
         folder = _incoming_dir_of_current_thread()
         if folder is not None:
             kwargs["dir"] = folder
             kwargs.setdefault("prefix", "rx-")
-    handle = _ORIGINAL_NTF(*args, **kwargs)
-    if folder is not None and folder in _EARLY_WRITEBACK_DIRS:
-        _EarlyWriteback(handle)
-    return handle
-
-
-_EARLY_WRITEBACK_DIRS: set[Path] = set()  # incoming folders of receivers with cfg.fsync
-_WRITEBACK_STEP = 8 * 1024 * 1024
-_fdatasync = getattr(os, "fdatasync", os.fsync)
-
-
-class _EarlyWriteback:
-    """Starts writing a large incoming file to disk while it is still being received.
-
-    Installed as the ``write`` of pynetdicom's temporary file (its wrapper looks ``write`` up on the instance):
-    every ``_WRITEBACK_STEP`` bytes a helper thread opens the file by name and fdatasyncs it (at most one at a
-    time per file; a file renamed or removed meanwhile is skipped), so the fsync before answering Success has
-    only the tail left. Durability is unchanged: that final fsync still happens.
-    """
-
-    __slots__ = ("_busy", "_file", "_name", "_next", "_written")
-
-    def __init__(self, handle: Any) -> None:
-        self._file = handle.file
-        self._name = handle.name
-        self._written = 0
-        self._next = _WRITEBACK_STEP
-        self._busy = False
-        handle.write = self.write
-
-    def write(self, data: Any) -> int:
-        n = self._file.write(data)
-        self._written += len(data)
-        if self._written >= self._next:
-            self._next = self._written + _WRITEBACK_STEP
-            if not self._busy:
-                self._busy = True
-                self._file.flush()
-                threading.Thread(target=self._sync, name="dicom-writeback", daemon=True).start()
-        return n
-
-    def _sync(self) -> None:
-        try:
-            fd = os.open(self._name, os.O_RDONLY)
-            try:
-                _fdatasync(fd)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
-        finally:
-            self._busy = False
+    return _ORIGINAL_NTF(*args, **kwargs)
 
 
 def _install_pynetdicom_settings() -> None:
@@ -336,9 +249,6 @@ def _install_pynetdicom_settings() -> None:
         _config.LOG_HANDLER_LEVEL = "none"
         if getattr(dimse_messages, "NamedTemporaryFile", None) is not _spool_named_temporary_file:
             dimse_messages.NamedTemporaryFile = _spool_named_temporary_file  # type: ignore[attr-defined]
-        if _FAST_PATHS:
-            dimse_messages.create_file_meta = _spool_create_file_meta  # type: ignore[attr-defined]
-            dimse_messages.write_file_meta_info = _spool_write_file_meta_info  # type: ignore[attr-defined]
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
@@ -399,33 +309,6 @@ def _normalise_peer(host: str) -> str:
     return str(addr)
 
 
-def _recv_exact(self: Any, nr_bytes: int) -> bytearray:
-    """``AssociationSocket.recv`` with one buffer and ``recv_into`` instead of 4 KiB reads and appends.
-
-    Same contract: up to ``nr_bytes``, fewer only when the peer closed the connection. Installed on the
-    sockets of this receiver's associations only (a 128 KiB PDU is 1-3 system calls instead of 32).
-    """
-    buf = bytearray(nr_bytes)
-    view = memoryview(buf)
-    got = 0
-    sock = self.socket
-    while got < nr_bytes:
-        n = sock.recv_into(view[got:], nr_bytes - got)
-        if not n:
-            view.release()
-            del buf[got:]
-            return buf
-        got += n
-    view.release()
-    return buf
-
-
-def _speed_up_socket(assoc: Any) -> None:
-    sock = getattr(getattr(assoc, "dul", None), "socket", None)
-    if sock is not None and getattr(sock, "socket", None) is not None and hasattr(sock.socket, "recv_into"):
-        sock.recv = types.MethodType(_recv_exact, sock)
-
-
 def _wake_unassociated(assoc: Any) -> None:
     """End an acceptor thread still waiting for its A-ASSOCIATE-RQ (it would wait the whole ACSE timeout).
 
@@ -436,396 +319,6 @@ def _wake_unassociated(assoc: Any) -> None:
     queue = getattr(getattr(assoc, "dul", None), "to_user_queue", None)
     if queue is not None and queue.empty() and not getattr(queue, "requested", False):
         queue.put(None)
-
-
-# ---- fast paths for this receiver's associations (pynetdicom 3.0.x) -----------------------------------------
-# Installed per association from EVT_CONN_OPEN (before its threads start), only for associations of a gateway
-# receiver's AE and only with the pynetdicom minor version they were written against (:data:`_FAST_PATHS`);
-# anything else runs pynetdicom's own code. tests/test_dicom_scp.py pins the pynetdicom functions they mirror
-# (by a hash of their source), so an upgrade that changes them fails loudly instead of drifting silently.
-
-_FAST_PATHS = pynetdicom.__version__.split(".")[:2] == ["3", "0"]
-_WAIT_CAP = 0.01  # s: longest wait without a wake-up (timers, kill flags, a DUL thread that ended)
-_PDU_HEADER = struct.Struct(">BBL")
-_UINT4_BE = struct.Struct(">L")
-_UI_TAGS_RSP = (b"\x00\x00\x02\x00", b"\x00\x00\x00\x10")  # (0000,0002), (0000,1000), implicit VR LE
-
-
-class _Waker:
-    """Wake-ups for one association: a socket pair for its DUL thread (which also waits on the peer's socket)
-    and an Event for its reactor thread. Both wait at most ``_WAIT_CAP`` s, then check their flags as before."""
-
-    def __init__(self) -> None:
-        self.assoc_event = threading.Event()
-        self._r, self._w = socket.socketpair()
-        self._r.setblocking(False)
-        self._w.setblocking(False)
-
-    def wake_dul(self) -> None:
-        try:
-            self._w.send(b"\x00")
-        except OSError:  # buffer full (a wake-up is pending anyway) or closed (the DUL thread ended)
-            pass
-
-    def wake_assoc(self) -> None:
-        self.assoc_event.set()
-
-    def wait_dul(self, transport: Any) -> bool:
-        """Wait until the peer's socket is readable, a wake-up arrives or ``_WAIT_CAP`` passes.
-
-        True when the peer's socket was readable."""
-        sock = getattr(transport, "socket", None)
-        fds: list[Any] = [self._r]
-        if sock is not None and getattr(transport, "_is_connected", False):
-            if isinstance(sock, ssl.SSLSocket) and sock.pending():
-                return True
-            fds.append(sock)
-        try:
-            ready, _, _ = select.select(fds, [], [], _WAIT_CAP)
-        except (OSError, ValueError):  # the socket was closed under us: poll like pynetdicom
-            time.sleep(0.001)
-            return False
-        if self._r in ready:
-            try:
-                while self._r.recv(4096):
-                    pass
-            except OSError:
-                pass
-        return len(fds) > 1 and fds[1] in ready
-
-    def wait_assoc(self) -> None:
-        self.assoc_event.wait(_WAIT_CAP)
-        self.assoc_event.clear()
-
-    def close(self) -> None:
-        self._r.close()
-        self._w.close()
-
-
-class _WakingQueue(queue.Queue):  # type: ignore[type-arg]
-    """A Queue that calls ``wake`` after each put (the reader waits on it instead of polling)."""
-
-    def __init__(self, wake: Callable[[], None] | None = None) -> None:
-        super().__init__()
-        self._wake = wake
-
-    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        super().put(item, block, timeout)
-        if self._wake is not None:
-            self._wake()
-
-
-class _UserQueue(_WakingQueue):
-    """``dul.to_user_queue`` of this receiver's associations: notes when the A-ASSOCIATE-RQ is handed to the
-    association thread (calling ``on_request``: the connection is no longer pending), and wakes that thread
-    when the connection ends before any request (:meth:`wake_unrequested`).
-
-    Only the DUL thread puts requests here, and it also runs ``EVT_CONN_CLOSE``: called from there,
-    :meth:`wake_unrequested` cannot race with a request being delivered.
-    """
-
-    def __init__(self, wake: Callable[[], None] | None = None) -> None:
-        super().__init__(wake)
-        self.requested = False
-        self.on_request: Callable[[], None] | None = None
-
-    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        if not self.requested and isinstance(item, A_ASSOCIATE):
-            self.requested = True
-            if self.on_request is not None:
-                self.on_request()
-        super().put(item, block, timeout)
-
-    def wake_unrequested(self) -> bool:
-        """End the association thread's wait for the request (pynetdicom takes ``None`` as its ACSE timeout:
-        it stops the DUL and closes the socket). Nothing once a request was delivered. True when woken."""
-        if self.requested:
-            return False
-        super().put(None)
-        return True
-
-
-def _dul_run_reactor(self: Any) -> None:
-    """``DULServiceProvider.run_reactor`` with its 1 ms polling sleep replaced by :meth:`_Waker.wait_dul`."""
-    waker: _Waker = self._psg_waker
-    self._idle_timer.start()
-    sleep = False
-    readable = False  # the last wait ended on a readable socket and no event has been processed since
-    try:
-        while True:
-            if not self.assoc._dul_ready.is_set():
-                self.assoc._dul_ready.set()
-                sleep = True
-            if sleep:
-                if readable:  # readable yet nothing to do (should not happen): do not spin, poll as pynetdicom
-                    readable = False
-                    time.sleep(self._run_loop_delay)
-                else:
-                    readable = waker.wait_dul(self.socket)
-            if self._kill_thread:
-                break
-            if self.artim_timer.expired:
-                self.event_queue.put("Evt18")
-            try:
-                if self._process_recv_primitive():
-                    pass
-                elif self._is_transport_event():
-                    self._idle_timer.restart()
-            except Exception as exc:  # noqa: BLE001 - as pynetdicom: abort the association
-                _dul.LOGGER.error("Exception in DUL.run(), aborting association")
-                _dul.LOGGER.exception(exc)
-                abort_pdu = _pdu.A_ABORT_RQ()
-                abort_pdu.source = 0x02
-                abort_pdu.reason_diagnostic = 0x00
-                self.socket.send(abort_pdu.encode())
-                self.assoc.is_aborted = True
-                self.assoc.is_established = False
-                self.assoc._kill = True
-                self._kill_thread = True
-                return
-            try:
-                event = self.event_queue.get(block=False)
-            except queue.Empty:
-                sleep = True
-                continue
-            self.state_machine.do_action(event)
-            sleep = readable = False
-    finally:
-        waker.wake_assoc()
-        waker.close()
-
-
-def _assoc_run_reactor(self: Any) -> None:
-    """``Association._run_reactor`` (acceptor) with its 1 ms polling sleep replaced by :meth:`_Waker.wait_assoc`."""
-    waker: _Waker = self._psg_waker
-    self._is_paused = False
-    while not self._kill:
-        if self.dimse.msg_queue.empty():
-            waker.wait_assoc()
-        self._is_paused = True
-        self._reactor_checkpoint.wait()
-        self._is_paused = False
-        context_id, msg = self.dimse.get_msg(block=False)
-        if msg:
-            self._serve_request(msg, context_id)
-        if self.is_established and self.acse.is_release_requested():
-            self.acse.send_release(is_response=True)
-            _association.LOGGER.info("Association Released")
-            self.is_released = True
-            self.is_established = False
-            evt.trigger(self, evt.EVT_RELEASED, {})
-            self.kill()
-            return
-        if self.acse.is_aborted():
-            log_msg = "Association Aborted"
-            if self.acse.is_aborted("a-p-abort"):
-                log_msg += " (A-P-ABORT)"
-            _association.LOGGER.info(log_msg)
-            self.dul.receive_pdu(wait=False)
-            self.is_aborted = True
-            self.is_established = False
-            evt.trigger(self, evt.EVT_ABORTED, {})
-            self.kill()
-            return
-        if not self.dul.is_alive():
-            self.kill()
-            return
-        if self.dul.idle_timer_expired():
-            _association.LOGGER.error("Network timeout reached")
-            if self.network_timeout_response == "A-RELEASE":
-                self._is_paused = True
-                self._reactor_checkpoint.wait()
-                self.release()
-                self._is_paused = False
-            else:
-                self.abort()
-            self.kill()
-            return
-
-
-def _decode_p_data_tf(body: bytearray) -> Any:
-    """A P-DATA-TF PDU from its body (after the 6-byte header), its PDVs as memoryviews of ``body`` (no copies)."""
-    view = memoryview(body)
-    items = []
-    offset, end = 0, len(body)
-    while offset < end:
-        if offset + 5 > end:
-            raise ValueError("truncated PDV item")
-        item_end = offset + 4 + _UINT4_BE.unpack_from(body, offset)[0]
-        if item_end < offset + 5 or item_end > end:
-            raise ValueError("invalid PDV item length")
-        item = _pdu_items.PresentationDataValueItem()
-        item.presentation_context_id = body[offset + 4]
-        item.presentation_data_value = view[offset + 5:item_end]  # type: ignore[assignment]
-        items.append(item)
-        offset = item_end
-    pdu = _pdu.P_DATA_TF()
-    pdu.presentation_data_value_items = items
-    return pdu
-
-
-def _dul_read_pdu_data(self: Any) -> None:
-    """``DULServiceProvider._read_pdu_data`` without copying P-DATA-TF PDUs: one read into one buffer, the PDVs
-    handed on as memoryviews (pynetdicom copies each 128 KiB PDU five times). Same events, same logs."""
-    transport = self.socket
-    try:
-        header = transport.recv(6)
-    except (OSError, TimeoutError) as exc:
-        _dul.LOGGER.error("Connection closed before the entire PDU was received")
-        _dul.LOGGER.exception(exc)
-        self.event_queue.put("Evt17")
-        return
-    if len(header) != 6:
-        self.event_queue.put("Evt17")
-        return
-    pdu_type, _, pdu_length = _PDU_HEADER.unpack(header)
-    if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
-        _dul.LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
-        self.event_queue.put("Evt19")
-        return
-    try:
-        body = transport.recv(pdu_length)
-    except (OSError, TimeoutError) as exc:
-        _dul.LOGGER.error("Connection closed before the entire PDU was received")
-        _dul.LOGGER.exception(exc)
-        self.event_queue.put("Evt17")
-        return
-    if len(body) != pdu_length:
-        _dul.LOGGER.error(f"The received PDU is shorter than expected ({len(body) + 6} of "
-                          f"{6 + pdu_length} bytes received)")
-        self.event_queue.put("Evt17")
-        return
-    try:
-        if pdu_type == 0x04 and not self.assoc.get_handlers(evt.EVT_DATA_RECV):
-            pdu, event = _decode_p_data_tf(body), "Evt10"
-            evt.trigger(self.assoc, evt.EVT_PDU_RECV, {"pdu": pdu})
-        else:
-            pdu, event = self._decode_pdu(bytearray(header) + body)
-        self.event_queue.put(event)
-    except Exception as exc:  # noqa: BLE001 - as pynetdicom: an invalid PDU
-        _dul.LOGGER.error("Unable to decode the received PDU data")
-        _dul.LOGGER.exception(exc)
-        self.event_queue.put("Evt19")
-        return
-    self._recv_pdu.put(pdu)
-
-
-def _implicit_le(tag: bytes, value: bytes) -> bytes:
-    return tag + len(value).to_bytes(4, "little") + value
-
-
-def _ui(value: Any) -> bytes:
-    raw = str(value).encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
-
-
-def _encode_store_rsp(primitive: Any) -> bytes | None:
-    """The command set of a C-STORE-RSP as pynetdicom encodes it (implicit VR LE), or None (use pynetdicom)."""
-    if (type(primitive) is not _dimse_primitives.C_STORE or primitive.MessageIDBeingRespondedTo is None
-            or primitive.Status is None or primitive.ErrorComment is not None
-            or primitive.OffendingElement is not None):
-        return None
-    try:
-        body = b"".join((
-            _implicit_le(b"\x00\x00\x02\x00", _ui(primitive.AffectedSOPClassUID))
-            if primitive.AffectedSOPClassUID is not None else b"",
-            _implicit_le(b"\x00\x00\x00\x01", b"\x01\x80"),
-            _implicit_le(b"\x00\x00\x20\x01", int(primitive.MessageIDBeingRespondedTo).to_bytes(2, "little")),
-            _implicit_le(b"\x00\x00\x00\x08", b"\x01\x01"),
-            _implicit_le(b"\x00\x00\x00\x09", int(primitive.Status).to_bytes(2, "little")),
-            _implicit_le(b"\x00\x00\x00\x10", _ui(primitive.AffectedSOPInstanceUID))
-            if primitive.AffectedSOPInstanceUID is not None else b"",
-        ))
-    except (UnicodeError, OverflowError, ValueError, TypeError):
-        return None
-    return _implicit_le(b"\x00\x00\x00\x00", len(body).to_bytes(4, "little")) + body
-
-
-def _dimse_send_msg(self: Any, primitive: Any, context_id: int) -> None:
-    """``DIMSEServiceProvider.send_msg`` with C-STORE responses encoded directly (pydicom builds and encodes
-    two Datasets per response); everything else, and any response with extras, goes to pynetdicom."""
-    command = _encode_store_rsp(primitive)
-    max_pdu = self.maximum_pdu_size
-    if (command is None or (max_pdu and len(command) + 12 > max_pdu)
-            or self.assoc.get_handlers(evt.EVT_DIMSE_SENT)):
-        _ORIGINAL_SEND_MSG(self, primitive, context_id)
-        return
-    pdata = P_DATA()
-    pdata.presentation_data_value_list = [[context_id, b"\x03" + command]]
-    self.dul.send_pdu(pdata)
-
-
-class _RawFileMeta:
-    """File meta information already encoded (explicit VR LE, group length first)."""
-
-    __slots__ = ("encoded",)
-
-    def __init__(self, encoded: bytes) -> None:
-        self.encoded = encoded
-
-
-def _explicit_le(tag: bytes, vr: bytes, value: bytes) -> bytes:
-    if vr == b"OB":
-        return tag + vr + b"\x00\x00" + len(value).to_bytes(4, "little") + value
-    return tag + vr + len(value).to_bytes(2, "little") + value
-
-
-def _encode_file_meta(*, sop_class_uid: Any, sop_instance_uid: Any, transfer_syntax: Any,
-                      implementation_uid: Any = None, implementation_version: Any = None) -> bytes:
-    """What ``write_file_meta_info(fp, create_file_meta(...))`` writes, without building a Dataset."""
-    uid = implementation_uid if implementation_uid is not None else _dsutils.PYNETDICOM_IMPLEMENTATION_UID
-    version = (implementation_version if implementation_version is not None
-               else _dsutils.PYNETDICOM_IMPLEMENTATION_VERSION)
-    name = str(version).encode("ascii")
-    if len(name) % 2:
-        name += b" "
-    body = b"".join((
-        _explicit_le(b"\x02\x00\x01\x00", b"OB", b"\x00\x01"),
-        _explicit_le(b"\x02\x00\x02\x00", b"UI", _ui(sop_class_uid)),
-        _explicit_le(b"\x02\x00\x03\x00", b"UI", _ui(sop_instance_uid)),
-        _explicit_le(b"\x02\x00\x10\x00", b"UI", _ui(transfer_syntax)),
-        _explicit_le(b"\x02\x00\x12\x00", b"UI", _ui(uid)),
-        _explicit_le(b"\x02\x00\x13\x00", b"SH", name),
-    ))
-    return _explicit_le(b"\x02\x00\x00\x00", b"UL", len(body).to_bytes(4, "little")) + body
-
-
-def _spool_create_file_meta(**kwargs: Any) -> Any:
-    if _incoming_dir_of_current_thread() is not None and all(kwargs.get(k) for k in (
-            "sop_class_uid", "sop_instance_uid", "transfer_syntax")):
-        try:
-            return _RawFileMeta(_encode_file_meta(**kwargs))
-        except (UnicodeError, TypeError):
-            pass
-    return _ORIGINAL_CREATE_FILE_META(**kwargs)
-
-
-def _spool_write_file_meta_info(fp: Any, file_meta: Any, *args: Any, **kwargs: Any) -> Any:
-    if isinstance(file_meta, _RawFileMeta):
-        fp.write(file_meta.encoded)
-        return None
-    return _ORIGINAL_WRITE_FILE_META_INFO(fp, file_meta, *args, **kwargs)
-
-
-def _install_fast_paths(assoc: Any) -> bool:
-    """Event-driven reactors, copy-free P-DATA reads and direct C-STORE-RSP encoding for ``assoc``.
-
-    Called before the association's threads start; False (pynetdicom's own code runs) when not applicable."""
-    if not _FAST_PATHS or _config.PASS_CONTEXTVARS or assoc.is_requestor:
-        return False
-    dul, dimse = assoc.dul, assoc.dimse
-    if dul.is_alive() or assoc.is_alive():
-        return False
-    waker = _Waker()
-    dul._psg_waker = assoc._psg_waker = waker
-    dul.to_provider_queue = _WakingQueue(waker.wake_dul)
-    dul.to_user_queue = _UserQueue(waker.wake_assoc)
-    dimse.msg_queue = _WakingQueue(waker.wake_assoc)
-    dul._read_pdu_data = types.MethodType(_dul_read_pdu_data, dul)
-    dimse.send_msg = types.MethodType(_dimse_send_msg, dimse)
-    assoc._run_reactor = types.MethodType(_assoc_run_reactor, assoc)
-    dul.run = types.MethodType(_dul_run_reactor, dul)  # Thread.run: the DUL thread's body
-    return True
 
 
 def _context_syntax(event: Any) -> str | None:
@@ -879,6 +372,38 @@ _HANGUP_GRACE = 5.0  # s: a pending entry still there this long after its hang-u
 _MAX_PEEK = 64 * 1024
 _CLOSED_LOG_EVERY = 60.0  # s: one log line per (reason, host) at most, with the number left out
 _PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+_UINT4_BE = struct.Struct(">L")
+
+
+class _UserQueue(queue.Queue):  # type: ignore[type-arg]
+    """``dul.to_user_queue`` of this receiver's associations: notes when the A-ASSOCIATE-RQ is handed to the
+    association thread (calling ``on_request``: the connection is no longer pending), and wakes that thread
+    when the connection ends before any request (:meth:`wake_unrequested`).
+
+    Only the DUL thread puts requests here, and it also runs ``EVT_CONN_CLOSE``: called from there,
+    :meth:`wake_unrequested` cannot race with a request being delivered. Installed with or without the fast
+    paths (which wrap its ``put`` to wake their reactor).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requested = False
+        self.on_request: Callable[[], None] | None = None
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        if not self.requested and isinstance(item, A_ASSOCIATE):
+            self.requested = True
+            if self.on_request is not None:
+                self.on_request()
+        super().put(item, block, timeout)
+
+    def wake_unrequested(self) -> bool:
+        """End the association thread's wait for the request (pynetdicom takes ``None`` as its ACSE timeout:
+        it stops the DUL and closes the socket). Nothing once a request was delivered. True when woken."""
+        if self.requested:
+            return False
+        self.put(None)  # self.put, not super().put: the fast paths' wrapper wakes their reactor
+        return True
 
 
 @dataclass(eq=False)
@@ -952,13 +477,19 @@ class _Refused(Exception):
 
 
 class DicomReceiver:
-    """A Storage SCP writing received instances into ``<spool_dir>/dicom`` and reporting them to ``sink``."""
+    """A Storage SCP writing received instances into ``<spool_dir>/dicom`` and handing them to ``intake``.
 
-    def __init__(self, cfg: DicomConfig, spool_dir: Path, sink: InstanceSink,
+    A :class:`~gateway.sources.base.Source`: :meth:`start`, :meth:`poll` (promotes the studies that became
+    stable), :meth:`stop`, :meth:`health`.
+    """
+
+    name = "dicom"
+
+    def __init__(self, cfg: DicomConfig, spool_dir: Path, intake: Intake,
                  metrics: Metrics | None = None) -> None:
         self.cfg = cfg
         self.spool_dir = Path(spool_dir)
-        self.sink = sink
+        self.intake = intake
         self.metrics = metrics
         self._root = self.spool_dir / DICOM_DIR
         self._incoming = self._root / INCOMING_DIR
@@ -1012,8 +543,6 @@ class DicomReceiver:
         ssl_context = (build_server_ssl_context(cfg.tls, cfg.network_timeout_seconds)
                        if cfg.tls.enabled else None)
         _INCOMING_DIRS[ae] = self._incoming
-        if cfg.fsync:
-            _EARLY_WRITEBACK_DIRS.add(self._incoming)
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -1039,13 +568,29 @@ class DicomReceiver:
         log.info("dicom.listening", ae_title=cfg.ae_title, host=cfg.host, port=self.port,
                  tls=cfg.tls.enabled, mutual_tls=cfg.tls.enabled and cfg.tls.require_client_cert,
                  allowed_callers=len(cfg.allowed_callers), max_associations=cfg.max_associations,
-                 acse_timeout=cfg.acse_timeout_seconds, max_pending_per_host=cfg.max_pending_per_host)
+                 acse_timeout=cfg.acse_timeout_seconds, max_pending_per_host=cfg.max_pending_per_host,
+                 fast_paths=cfg.fast_paths and fastpaths.ACTIVE)
+        if cfg.fast_paths and not fastpaths.ACTIVE:
+            # pynetdicom's own code runs (slower, same results): the fast paths are pinned to other versions
+            log.warning("dicom.fast_paths_unsupported", pynetdicom=pynetdicom.__version__,
+                     supported=",".join(fastpaths.SUPPORTED_PYNETDICOM))
 
     @property
     def port(self) -> int:
         if self._server is None:
             raise RuntimeError("DicomReceiver not started")
         return int(self._server.server_address[1])
+
+    def poll(self) -> int:
+        """Mark ready the studies that received nothing for ``cfg.stable_age_seconds``; how many."""
+        return self.intake.promote_stable(self.cfg.stable_age_seconds)
+
+    def health(self) -> dict[str, Any]:
+        """For ``/healthz``: the listening port (None when not listening) and the connection counts."""
+        server = self._server
+        return {"port": int(server.server_address[1]) if server is not None else None,
+                "active_associations": self.active_associations,
+                "pending_connections": self.pending_connections}
 
     @property
     def active_associations(self) -> int:
@@ -1103,7 +648,6 @@ class DicomReceiver:
             self._reaper = None
         if ae is not None:
             _INCOMING_DIRS.pop(ae, None)
-            _EARLY_WRITEBACK_DIRS.discard(self._incoming)
         log.info("dicom.stopped", aborted=len(remaining))
 
     def _clean_incoming(self) -> None:
@@ -1249,19 +793,19 @@ class DicomReceiver:
 
     def _on_conn_open(self, event: evt.Event) -> None:
         assoc = event.assoc
-        try:
-            _install_fast_paths(assoc)
-        except Exception as exc:  # noqa: BLE001 - pynetdicom's own code still works
-            log.warning("dicom.fast_paths_failed", error=type(exc).__name__)
         # Before the association's threads start: its request queue tells when the A-ASSOCIATE-RQ arrives.
         dul = assoc.dul
-        if not isinstance(dul.to_user_queue, _UserQueue):
-            dul.to_user_queue = _UserQueue()
+        user_queue = dul.to_user_queue = _UserQueue()
         with self._lock:
             entry = self._pending.get(getattr(dul.socket, "socket", None))
         assoc._psg_pending = entry
         if entry is not None:
-            dul.to_user_queue.on_request = functools.partial(self._release, entry, None)
+            user_queue.on_request = functools.partial(self._release, entry, None)
+        if self.cfg.fast_paths:  # after the queue above: the fast paths wrap the queues they find
+            try:
+                fastpaths.install(assoc, early_writeback=self.cfg.fsync)
+            except Exception as exc:  # noqa: BLE001 - pynetdicom's own code still works
+                log.warning("dicom.fast_paths_failed", error=type(exc).__name__)
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
@@ -1292,7 +836,6 @@ class DicomReceiver:
                 else:
                     self._slots[id(assoc)] = assoc
         if reason is None:
-            _speed_up_socket(assoc)
             return
         self._count("dicom_associations", "rejected")
         log.warning("dicom.association.rejected", reason=reason, calling_ae=calling, called_ae=called,
@@ -1401,7 +944,7 @@ class DicomReceiver:
                     break
             done.wait(self.cfg.network_timeout_seconds)
         try:
-            if self.sink.known_instance(sop_uid):
+            if self.intake.known_instance(sop_uid):
                 self._count("dicom_instances", "duplicate")
                 log.info("dicom.instance.duplicate", calling_ae=calling, peer_host=peer)
                 return STATUS_SUCCESS
@@ -1448,7 +991,7 @@ class DicomReceiver:
             instance = ReceivedInstance(study_uid=study_uid, series_uid=series_uid, sop_instance_uid=sop_uid,
                                         sop_class_uid=sop_class, path=final, size=size, calling_ae=calling,
                                         peer_host=peer)
-            self.sink.instance_received(instance)
+            self.intake.instance_received(instance)
         except BaseException:
             if created:
                 try:
