@@ -226,10 +226,20 @@ def tighten_tree(roots: Iterable[Path], exclude: Iterable[Path] = ()) -> tuple[i
     return changed, foreign
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int | None = None) -> None:
+def atomic_write(path: Path, data: bytes, *, mode: int | None = None, keep_mode: bool = False) -> None:
     """Write ``data`` to ``path`` durably, so that a reader (or a crash) sees the old file or the new one,
     never a part: temporary file, fsync, rename, folder fsync. ``mode``: the new file's permissions
-    (default: the private mode, 0600 or 0640 with a ``service.group``, whatever the umask)."""
+    (default: the private mode, 0600 or 0640 with a ``service.group``, whatever the umask).
+
+    ``keep_mode``: when ``path`` exists, the new file gets its permissions (an admin's edited file stays
+    as they set it); ``mode`` then applies only to a file that does not exist yet. The owner is not kept:
+    the new file is this process's, as with any rename-into-place.
+    """
+    if keep_mode:
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            pass
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         if mode is None:

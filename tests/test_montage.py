@@ -10,19 +10,16 @@ from pathlib import Path
 import pytest
 
 from gateway.montage import table as montage_module
+from gateway.montage.editing import MontageEditError, add_rule_text, remove_rules_text, render_rule
 from gateway.montage.table import (
     EXCLUDE,
     IGNORE,
     MODALITIES,
-    MontageEditError,
     MontageError,
     MontageTable,
-    add_rule_text,
     default_table,
     normalise_label,
     parse_source,
-    remove_rules_text,
-    render_rule,
     scope_matches,
 )
 from gateway.synthetic.night import DEFAULT_BENCH_CHANNELS

@@ -356,7 +356,7 @@ def test_add_write_is_atomic(site, monkeypatch):
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(montage_cmd.os, "replace", boom)
+    monkeypatch.setattr(os, "replace", boom)
     result = _run("add", "X9", "EMG", "--table", site)
     assert result.exit_code != 0 and isinstance(result.exception, OSError)
     assert site.read_bytes() == original

@@ -8,41 +8,37 @@ document instead. Errors go to stderr as one line naming the file and the reason
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
-import getpass
 import json
-import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from importlib import resources
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..fsutil import atomic_write, launcher_umask
+from ..montage.audit import audit_log_path
+from ..montage.editing import (
+    MontageEditError,
+    RuleExistsError,
+    TableEdit,
+    add_rule,
+    editable_table,
+    remove_rules,
+)
+from ..montage.recordings import read_studies
 from ..montage.table import (
-    BUILTIN_NAME,
-    DEFAULT_RESOURCE,
     EXCLUDE,
     KINDS,
     MODALITIES,
-    MontageEditError,
     MontageError,
     MontageRule,
     MontageTable,
     Resolution,
-    add_rule_text,
     load_table,
-    normalise_label,
     parse_source,
-    remove_rules_text,
-    render_rule,
 )
 
 montage_app = typer.Typer(
@@ -122,74 +118,11 @@ def _suggest_text(suggestions: list[dict[str, Any]]) -> str:
     return "closest: " + ", ".join(f"{s['label']!r} ({s['modality']})" for s in suggestions)
 
 
-# ---- finding studies ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Study:
-    name: str
-    kind: str  # "file" (EDF/BDF/DICOM file read on its own) or "dicom" (a DICOM study of one or more files)
-    paths: list[Path] = field(default_factory=list)
-
-
-def _discover(paths: Sequence[Path]) -> tuple[list[_Study], list[dict[str, str]], int]:
-    """Studies to test under the given paths: each file named; in a folder, every EDF/BDF file and every
-    DICOM study (files grouped by Study Instance UID). Returns (studies, errors, other files skipped)."""
-    from ..readers import DICOM_SUFFIXES, EDF_SUFFIXES, sniff_format
-    from ..readers.dicom_waveform import study_uid_of
-
-    studies: list[_Study] = []
-    errors: list[dict[str, str]] = []
-    skipped = 0
-    for path in paths:
-        if path.is_file():
-            studies.append(_Study(str(path), "file", [path]))
-            continue
-        groups: dict[str, list[Path]] = {}
-        for file in sorted(p for p in path.rglob("*") if p.is_file()):
-            kind = sniff_format(file)
-            suffix = file.suffix.lower()
-            if kind == "edf" or (kind is None and suffix in EDF_SUFFIXES):
-                studies.append(_Study(str(file), "file", [file]))
-            elif kind == "dicom" or suffix in DICOM_SUFFIXES:
-                try:
-                    uid = study_uid_of([file])
-                except Exception as exc:  # noqa: BLE001 - a bad file must not stop the scan
-                    errors.append({"input": str(file), "error": str(exc)})
-                    continue
-                groups.setdefault(uid or f"<no study uid> {file.parent}", []).append(file)
-            else:
-                skipped += 1
-        names: Counter[str] = Counter()
-        for files in groups.values():
-            common = Path(os.path.commonpath([str(f.parent) for f in files]))
-            names[str(common)] += 1
-            name = str(common) if names[str(common)] == 1 else f"{common} (study {names[str(common)]})"
-            studies.append(_Study(name, "dicom", files))
-    return studies, errors, skipped
-
-
-def _read(study: _Study):
-    from ..readers import read_recording
-    from ..readers.dicom_waveform import read_dicom_study
-
-    if study.kind == "dicom":
-        return read_dicom_study(study.paths, ignore_unsupported=True)
-    return read_recording(study.paths[0])
-
-
-def _recordings(paths: Sequence[Path]) -> Iterator[tuple[_Study, Any, str | None]]:
-    """``(study, recording or None, error or None)`` for every study under ``paths``; never stops early."""
-    studies, errors, _ = _discover(paths)
-    for error in errors:
-        yield _Study(error["input"], "file"), None, error["error"]
-    for study in studies:
-        try:
-            recording = _read(study)
-        except Exception as exc:  # noqa: BLE001 - report the file and go on with the next one
-            yield study, None, str(exc) or type(exc).__name__
-        else:
-            yield study, recording, None
+def _kind(kind: str) -> str:
+    k = "normalised" if kind.lower() == "normalized" else kind.lower()
+    if k not in KINDS:
+        raise _usage(f"--kind: unknown kind {kind!r} (expected {', '.join(KINDS)})")
+    return k
 
 
 def _n(count: int, one: str, many: str) -> str:
@@ -228,9 +161,7 @@ def list_rules(
         wanted_scope = None if scope.lower() == "none" else _source(scope)
         rules = [r for r in rules if r.scope == wanted_scope]
     if kind is not None:
-        k = "normalised" if kind.lower() == "normalized" else kind.lower()
-        if k not in KINDS:
-            raise _usage(f"--kind: unknown kind {kind!r} (expected {', '.join(KINDS)})")
+        k = _kind(kind)
         rules = [r for r in rules if r.kind == k]
     if as_json:
         _echo_json({"table": _table_doc(table), "rules": [r.as_dict() for r in rules]})
@@ -347,13 +278,13 @@ def _print_study(name: str, table: MontageTable, doc: dict[str, Any]) -> None:
 def _test_paths(paths: Sequence[Path], table: MontageTable, source: str | None, as_json: bool) -> int:
     studies: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
-    for study, recording, error in _recordings(paths):
-        if error is not None:
-            errors.append({"input": study.name, "error": error})
+    for study in read_studies(paths):
+        if study.error is not None:
+            errors.append({"input": study.name, "error": study.error})
             if not as_json:
-                err.print(f"[bold red]error:[/] {escape(error)}")
+                err.print(f"[bold red]error:[/] {escape(study.error)}")
             continue
-        doc = {"input": study.name, **_study_doc(table, recording, source)}
+        doc = {"input": study.name, **_study_doc(table, study.recording, source)}
         studies.append(doc)
         if not as_json:
             _print_study(study.name, table, doc)
@@ -435,12 +366,12 @@ def unmapped(
     studies_with: Counter[str] = Counter()
     errors: list[dict[str, str]] = []
     n_studies = 0
-    for study, recording, error in _recordings(paths):
-        if error is not None:
-            errors.append({"input": study.name, "error": error})
+    for study in read_studies(paths):
+        if study.error is not None:
+            errors.append({"input": study.name, "error": study.error})
             continue
         n_studies += 1
-        match = table.map_labels([ch.label for ch in recording.channels], src)
+        match = table.map_labels([ch.label for ch in study.recording.channels], src)
         channels.update(match.unmapped)
         studies_with.update(set(match.unmapped))
     rows = [{"label": label, "channels": n, "studies": studies_with[label],
@@ -515,11 +446,11 @@ def _labels_from(paths: Sequence[Path]) -> tuple[list[str], list[dict[str, str]]
                     labels.setdefault(line.strip(), None)
         else:
             recordings.append(path)
-    for study, recording, error in _recordings(recordings):
-        if error is not None:
-            errors.append({"input": study.name, "error": error})
+    for study in read_studies(recordings):
+        if study.error is not None:
+            errors.append({"input": study.name, "error": study.error})
             continue
-        for ch in recording.channels:
+        for ch in study.recording.channels:
             labels.setdefault(ch.label, None)
     return list(labels), errors
 
@@ -619,74 +550,10 @@ def _editable(table_path: Path | None, command: str) -> Path:
     if table_path is None:
         raise _usage(f"{command} needs --table FILE: the built-in table is read-only; name a site table "
                      "(a new FILE is created, extending the built-in table)")
-    target = table_path.resolve() if table_path.is_symlink() else table_path
-    if target.is_dir():
-        raise _usage(f"{table_path}: is a folder, not a table file")
-    with contextlib.suppress(OSError, TypeError):
-        builtin = Path(str(resources.files("gateway").joinpath(DEFAULT_RESOURCE)))
-        if target.exists() and builtin.exists() and target.resolve() == builtin.resolve():
-            raise _usage(f"{table_path}: the built-in table is read-only; write a site table that extends it")
-    return target
-
-
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """Serialise edits of tables in one folder (flock on the folder; best effort where unsupported)."""
     try:
-        import fcntl
-
-        fd = os.open(folder, os.O_RDONLY)
-    except (ImportError, OSError):
-        yield
-        return
-    try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` durably and atomically, keeping an existing table's permissions; a new
-    table is an ordinary file (the launcher's umask): configuration, not PHI, which the daemon's user reads."""
-    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~launcher_umask()
-    atomic_write(path, text.encode("utf-8"), mode=mode)
-
-
-def audit_log_path(table_path: Path) -> Path:
-    """The audit log beside a table: ``site.yaml`` -> ``site.yaml.audit.log``."""
-    return table_path.with_name(table_path.name + ".audit.log")
-
-
-def _os_user() -> str:
-    try:
-        user = getpass.getuser()
-    except Exception:  # noqa: BLE001 - no login name (containers): the uid still says who
-        user = f"uid:{os.getuid()}" if hasattr(os, "getuid") else "unknown"
-    sudo = os.environ.get("SUDO_USER")
-    return f"{user} (sudo by {sudo})" if sudo and sudo != user else user
-
-
-def _audit(table_path: Path, action: str, rules: list[dict[str, Any]], before: str | None, after: str) -> None:
-    """Append one JSON line: UTC time, OS user, action, rule(s), table versions. Labels and rules only: a
-    table holds no patient data, and nothing else is written."""
-    entry = {
-        "time": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "user": _os_user(), "action": action,
-        "table": table_path.name, "rules": rules, "version_before": before, "version_after": after,
-    }
-    with open(audit_log_path(table_path), "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _new_table_text(path: Path) -> str:
-    return (f"# Site montage table, created by 'psg-gateway montage add' on "
-            f"{dt.datetime.now(dt.UTC):%Y-%m-%d}.\n"
-            "# It extends the built-in table: only the site's own labels and overrides go here.\n"
-            "# Changes are logged in the .audit.log file beside it. See docs/montage.md.\n"
-            f"name: {json.dumps(path.stem)}\nformat: 2\nextends: {BUILTIN_NAME}\nrules:\n")
+        return editable_table(table_path)
+    except MontageEditError as exc:
+        raise _usage(str(exc)) from None
 
 
 def _refuse_conflicts(exc: MontageError, path: Path, as_json: bool, action: str,
@@ -720,6 +587,18 @@ def _override_hint(problems: Sequence[Any]) -> str | None:
     return None
 
 
+def _edit(action: str, path: Path, as_json: bool, edit: Callable[[], TableEdit]) -> TableEdit:
+    """Run one edit of the library; its refusals and errors as this command reports them."""
+    try:
+        return edit()
+    except RuleExistsError as exc:
+        raise _refuse_conflicts(exc, path, as_json, action, code=EXIT_PROBLEMS) from None
+    except MontageError as exc:  # the edited table would be invalid
+        raise _refuse_conflicts(exc, path, as_json, action) from None
+    except MontageEditError as exc:
+        raise _usage(str(exc)) from None
+
+
 @montage_app.command("add")
 def add(
     label: Annotated[str, typer.Argument(help="The label (or, with --kind regex, the regular expression)")],
@@ -736,69 +615,27 @@ def add(
 ) -> None:
     """Add a rule to a site table: validated first, written atomically, logged in <table>.audit.log."""
     path = _editable(table_path, "add")
-    try:
-        line = render_rule(kind, label, modality, priority=priority, scope=scope, note=note)
-        new_rule = MontageRule(kind, label, modality, priority, scope, note or "")
-    except ValueError as exc:
-        raise _usage(str(exc)) from None
-    with _locked(path.parent):
-        created = not path.exists()
-        try:
-            text = _new_table_text(path) if created else path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise _usage(f"{path}: cannot read: {exc}") from None
-        current = _parse_for_edit(text, path)
-        for rule in current.rules:
-            if rule.identity != new_rule.identity:
-                continue
-            same = (rule.modality, rule.priority, rule.note) == (new_rule.modality, new_rule.priority,
-                                                                new_rule.note)
-            if same:
-                message = f"nothing to do: {rule.describe()} is already in effect"
-                if as_json:
-                    _echo_json({"action": "add", "table": str(path), "ok": True, "written": False,
-                                "message": message})
-                else:
-                    out.print(escape(message))
-                raise typer.Exit(EXIT_OK)
-            if rule in current.own_rules:
-                raise _refuse_conflicts(MontageError(path, f"{rule.describe()} already exists for this label; "
-                                                     "remove it first (montage remove)"), path, as_json, "add",
-                                        code=EXIT_PROBLEMS)
-        try:
-            new_text = add_rule_text(text, line, source=str(path))
-        except MontageEditError as exc:
-            raise _usage(str(exc)) from None
-        try:
-            new = MontageTable.parse(new_text, source=str(path), default_name=path.stem, base_dir=path.parent)
-        except MontageError as exc:
-            raise _refuse_conflicts(exc, path, as_json, "add") from None
-        _write_atomic(path, new_text)
-        added = new.own_rules[-1]
-        _audit(path, "add", [added.as_dict()], None if created else current.version, new.version)
-    effect = _effect(new, added)
+    done = _edit("add", path, as_json, lambda: add_rule(path, kind, label, modality, priority=priority,
+                                                        scope=scope, note=note))
+    if not done.written:
+        if as_json:
+            _echo_json({"action": "add", "table": str(path), "ok": True, "written": False,
+                        "message": done.message})
+        else:
+            out.print(escape(done.message))
+        raise typer.Exit(EXIT_OK)
+    (added,) = done.rules
+    effect = _effect(done.table, added)
     if as_json:
-        _echo_json({"action": "add", "table": str(path), "ok": True, "written": True, "created": created,
-                    "rule": added.as_dict(), "version_before": None if created else current.version,
-                    "version_after": new.version, "effect": effect})
+        _echo_json({"action": "add", "table": str(path), "ok": True, "written": True, "created": done.created,
+                    "rule": added.as_dict(), "version_before": done.version_before,
+                    "version_after": done.table.version, "effect": effect})
         return
-    out.print(f"{'created' if created else 'updated'} {escape(str(path))}: added {escape(added.describe())}")
-    out.print(f"version {'(new)' if created else current.version} -> {new.version}; "
+    out.print(f"{'created' if done.created else 'updated'} {escape(str(path))}: added {escape(added.describe())}")
+    out.print(f"version {'(new)' if done.created else done.version_before} -> {done.table.version}; "
               f"logged in {escape(str(audit_log_path(path)))}")
     if effect:
         out.print(escape(effect["text"]))
-
-
-def _parse_for_edit(text: str, path: Path) -> MontageTable:
-    try:
-        table = MontageTable.parse(text, source=str(path), default_name=path.stem, base_dir=path.parent,
-                                   check=False)
-    except MontageError as exc:
-        raise _usage(str(exc)) from None
-    if table.format != 2:
-        raise _usage(f"{path}: a format-1 table (modalities/ignore sections) cannot be edited by the CLI; "
-                     "rewrite it in format 2 (see docs/montage.md)")
-    return table
 
 
 def _effect(table: MontageTable, rule: MontageRule) -> dict[str, Any] | None:
@@ -835,68 +672,27 @@ def remove(
     path = _editable(table_path, "remove")
     if not path.exists():
         raise _usage(f"{path}: file not found")
-    k = None
-    if kind is not None:
-        k = "normalised" if kind.lower() == "normalized" else kind.lower()
-        if k not in KINDS:
-            raise _usage(f"--kind: unknown kind {kind!r} (expected {', '.join(KINDS)})")
-    wanted_scope: str | None | bool = False  # False: any scope
+    k = None if kind is None else _kind(kind)
+    wanted_scope: str | None | Literal[False] = False  # False: any scope
     if scope is not None:
         wanted_scope = None if scope.lower() == "none" else _source(scope)
-
-    def selects(rule: MontageRule) -> bool:
-        if k is not None and rule.kind != k:
-            return False
-        if wanted_scope is not False and rule.scope != wanted_scope:
-            return False
-        if rule.kind == "exact":
-            return rule.key == label.strip()
-        if rule.kind == "normalised":
-            return rule.key == normalise_label(label)
-        return rule.pattern == label
-
-    with _locked(path.parent):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise _usage(f"{path}: cannot read: {exc}") from None
-        current = _parse_for_edit(text, path)
-        chosen = [r for r in current.own_rules if selects(r)]
-        if not chosen:
-            inherited = [r for r in (current.base.rules if current.base else ()) if selects(r)]
-            if inherited:
-                raise _usage(f"{path}: {inherited[0].describe()} comes from the table it extends "
-                             f"({inherited[0].table}); override it here with a rule of higher priority instead")
-            raise _usage(f"{path}: no rule for {label!r}"
-                         + (f" of kind {k}" if k else "") + (f" with scope {scope}" if scope else ""))
-        if len(chosen) > 1 and not all_matching:
-            listed = "; ".join(r.describe() for r in chosen)
-            raise _usage(f"{path}: {len(chosen)} rules match ({listed}); narrow with --kind/--scope or "
-                         "pass --all")
-        try:
-            new_text = remove_rules_text(text, current, chosen)
-        except MontageEditError as exc:
-            raise _usage(str(exc)) from None
-        try:
-            new = MontageTable.parse(new_text, source=str(path), default_name=path.stem, base_dir=path.parent)
-        except MontageError as exc:
-            raise _refuse_conflicts(exc, path, as_json, "remove") from None
-        _write_atomic(path, new_text)
-        _audit(path, "remove", [r.as_dict() for r in chosen], current.version, new.version)
+    done = _edit("remove", path, as_json, lambda: remove_rules(path, label, kind=k, scope=wanted_scope,
+                                                               all_matching=all_matching))
     effects = []
-    for rule in chosen:
+    for rule in done.rules:
         if rule.kind != "regex":
-            res = new.resolve(rule.pattern, rule.scope)
+            res = done.table.resolve(rule.pattern, rule.scope)
             effects.append({"label": rule.pattern, "status": res.status, "modality": res.modality,
                             "rule": res.rule.describe() if res.rule else None})
     if as_json:
         _echo_json({"action": "remove", "table": str(path), "ok": True, "written": True,
-                    "rules": [r.as_dict() for r in chosen], "version_before": current.version,
-                    "version_after": new.version, "effect": effects})
+                    "rules": [r.as_dict() for r in done.rules], "version_before": done.version_before,
+                    "version_after": done.table.version, "effect": effects})
         return
-    for rule in chosen:
+    for rule in done.rules:
         out.print(f"removed {escape(rule.describe())}")
-    out.print(f"version {current.version} -> {new.version}; logged in {escape(str(audit_log_path(path)))}")
+    out.print(f"version {done.version_before} -> {done.table.version}; "
+              f"logged in {escape(str(audit_log_path(path)))}")
     for e in effects:
         now = f"{e['modality']} by {e['rule']}" if e["rule"] else e["status"]
         out.print(escape(f"now {e['label']!r} -> {now}"))

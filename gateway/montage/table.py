@@ -53,20 +53,16 @@ __all__ = [
     "KINDS",
     "MODALITIES",
     "ChannelMapping",
-    "MontageEditError",
     "MontageError",
     "MontageMatch",
     "MontageRule",
     "MontageTable",
     "Problem",
     "Resolution",
-    "add_rule_text",
     "default_table",
     "load_table",
     "normalise_label",
     "parse_source",
-    "remove_rules_text",
-    "render_rule",
     "scope_matches",
 ]
 
@@ -101,10 +97,6 @@ class MontageError(ValueError):
         self.problems = list(problems)
         where = f"{source}, line {line}" if line is not None else f"{source}"
         super().__init__(f"montage table {where}: {message}")
-
-
-class MontageEditError(ValueError):
-    """A rule cannot be added to or removed from a table's text in place."""
 
 
 # ---- labels and sources --------------------------------------------------------------------------------------
@@ -298,22 +290,6 @@ class MontageRule:
     def as_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "pattern": self.pattern, "modality": self.modality, "priority": self.priority,
                 "scope": self.scope, "note": self.note or None, "table": self.table, "line": self.line}
-
-
-def render_rule(kind: str, pattern: str, modality: str, *, priority: int | None = None,
-                scope: str | None = None, note: str | None = None) -> str:
-    """One rule as a one-line YAML flow mapping, the way the tables write them:
-    ``{normalised: "C3-M2", modality: BAS}``."""
-    rule = MontageRule(kind, pattern, modality, priority, scope, note or "")  # validates
-    q = functools.partial(json.dumps, ensure_ascii=False)  # a JSON string is a valid YAML double-quoted one
-    parts = [f"{rule.kind}: {q(pattern)}", f"modality: {rule.modality}"]
-    if priority is not None:
-        parts.append(f"priority: {int(priority)}")
-    if rule.scope is not None:
-        parts.append(f"scope: {q(rule.scope)}")
-    if note:
-        parts.append(f"note: {q(note)}")
-    return "{" + ", ".join(parts) + "}"
 
 
 # ---- results -------------------------------------------------------------------------------------------------
@@ -987,104 +963,3 @@ def compose(text: str, source: str) -> yaml.Node | None:
                            line=mark.line + 1 if mark else None) from None
     except yaml.YAMLError as exc:
         raise MontageError(source, f"not valid YAML: {exc}") from None
-
-
-# ---- editing a table's text in place (comments and layout kept) ---------------------------------------------
-
-
-def _is_blank_or_comment(line: str) -> bool:
-    stripped = line.strip()
-    return not stripped or stripped.startswith("#")
-
-
-def _last_line(lines: list[str], span: RuleSpan) -> int:
-    """The last line (0-based) that holds the rule: its end line, or the line before when nothing of the node
-    is on its end line (a block mapping ends where the next token starts); trailing blank and comment lines
-    are not counted."""
-    ends_inside = span.end_line < len(lines) and lines[span.end_line][:span.end_col].strip()
-    last = min(span.end_line if ends_inside else span.end_line - 1, len(lines) - 1)
-    while last > span.start_line and _is_blank_or_comment(lines[last]):
-        last -= 1
-    return last
-
-
-def _rules_node(text: str, source: str) -> tuple[yaml.Node | None, yaml.Node | None]:
-    root = compose(text, source)
-    if not isinstance(root, yaml.MappingNode):
-        raise MontageEditError(f"{source}: the table is not a mapping")
-    for key_node, value in root.value:
-        if isinstance(key_node, yaml.ScalarNode) and key_node.value == "rules":
-            return key_node, value
-    return None, None
-
-
-def add_rule_text(text: str, rule_yaml: str, source: str = "<table>") -> str:
-    """``text`` with one rule (as :func:`render_rule` writes it) appended to its ``rules`` list; comments
-    and layout are kept. :class:`MontageEditError` when the list is written in a way this cannot extend."""
-    lines = text.splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines[-1] += "\n"
-    key_node, value = _rules_node(text, source)
-    if key_node is None:
-        return "".join(lines) + f"rules:\n  - {rule_yaml}\n"
-    assert value is not None
-    if isinstance(value, yaml.SequenceNode) and value.value:
-        if value.flow_style:
-            raise MontageEditError(f"{source}: 'rules' is written as a [...] list; write one rule per line")
-        last_item = value.value[-1]
-        span = RuleSpan(last_item.start_mark.line, last_item.start_mark.column, last_item.end_mark.line,
-                        last_item.end_mark.column)
-        first = value.value[0]
-        head = lines[first.start_mark.line][:first.start_mark.column]
-        if not head.rstrip().endswith("-"):
-            raise MontageEditError(f"{source}: cannot find the rule list's indentation")
-        indent = head.rstrip()[:-1]
-        if indent.strip():
-            raise MontageEditError(f"{source}: cannot find the rule list's indentation")
-        at = _last_line(lines, span) + 1
-        return "".join(lines[:at] + [f"{indent}- {rule_yaml}\n"] + lines[at:])
-    empty_scalar = isinstance(value, yaml.ScalarNode) and value.tag == "tag:yaml.org,2002:null"
-    empty_flow = isinstance(value, yaml.SequenceNode) and not value.value
-    if not (empty_scalar or empty_flow):
-        raise MontageEditError(f"{source}: 'rules' is not a list")
-    line_no = key_node.start_mark.line
-    if empty_flow and (value.start_mark.line != line_no or value.end_mark.line != line_no):
-        raise MontageEditError(f"{source}: cannot edit the empty 'rules' entry in place")
-    line = lines[line_no]
-    head = line[:key_node.end_mark.column].rstrip() + ":"
-    if empty_flow:
-        tail = line[value.end_mark.column:].strip()
-    else:
-        tail = line[key_node.end_mark.column:].strip()
-        tail = tail[1:].strip() if tail.startswith(":") else tail
-    if tail and not tail.startswith("#"):
-        raise MontageEditError(f"{source}: cannot edit the empty 'rules' entry in place")
-    indent = " " * (key_node.start_mark.column + 2)
-    new = [head + (f"  {tail}" if tail else "") + "\n", f"{indent}- {rule_yaml}\n"]
-    return "".join(lines[:line_no] + new + lines[line_no + 1:])
-
-
-def remove_rules_text(text: str, table: MontageTable, rules: Sequence[MontageRule]) -> str:
-    """``text`` (the file ``table`` was loaded from) without the given rules of its own; each rule's lines
-    go, with a comment on the same line. :class:`MontageEditError` when a rule shares a line with another."""
-    lines = text.splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines[-1] += "\n"
-    drop: set[int] = set()
-    for rule in rules:
-        try:
-            index = next(i for i, own in enumerate(table.own_rules) if own is rule)
-        except StopIteration:
-            raise MontageEditError(f"{table.source}: {rule.short()} is not one of this file's rules") from None
-        span = table.spans[index]
-        head = lines[span.start_line][:span.start_col]
-        if head.strip() != "-":
-            raise MontageEditError(f"{table.source}, line {span.start_line + 1}: the rule shares its line "
-                                   "with other text; edit the file by hand")
-        last = _last_line(lines, span)
-        end_text = lines[last][span.end_col:] if last == span.end_line else ""
-        if end_text.strip() and not end_text.strip().startswith("#"):
-            raise MontageEditError(f"{table.source}, line {last + 1}: the rule shares its line with other text; "
-                                   "edit the file by hand")
-        drop.update(range(span.start_line, last + 1))
-    return "".join(line for i, line in enumerate(lines) if i not in drop)

@@ -9,6 +9,10 @@ at all (so its study is unknown) is listed as unreadable.
 root given on the command line (``*`` also matches ``/``, so ``*.edf`` matches at any depth);
 ``--since`` compares the recording's date (EDF start date, DICOM Study/Acquisition date) and falls
 back to the file's modification date when the header has none.
+
+Two callers: the batch (``psg-gateway batch``: archive folders, and files classified like those found in
+them) and ``psg-gateway montage test|unmapped`` (``files_as_items``: a file named on the command line is
+one study of its own, whatever it holds, and its reader says what is wrong with it).
 """
 
 from __future__ import annotations
@@ -64,8 +68,13 @@ class Discovery:
 
 
 def discover(roots: Sequence[Path], *, since: date | None = None, include: Sequence[str] = (),
-             exclude: Sequence[str] = ()) -> Discovery:
-    """Every study under ``roots`` that passes the filters, in a stable order (path order)."""
+             exclude: Sequence[str] = (), files_as_items: bool = False) -> Discovery:
+    """Every study under ``roots`` that passes the filters, in a stable order (path order).
+
+    ``files_as_items``: a root that is a file is one item of kind ``"file"`` (not classified, not grouped
+    with other DICOM files of its study, never skipped as "not a PSG file"): someone named it, so it is
+    read, and fails with its reader's reason when it is no recording. Folders are walked as always.
+    """
     found = Discovery()
     dicom: dict[str, list[DicomInstanceRef]] = {}
     dicom_meta: dict[str, tuple[Path, str, date | None]] = {}
@@ -85,7 +94,13 @@ def discover(roots: Sequence[Path], *, since: date | None = None, include: Seque
                 found.skipped["excluded (--exclude)"] += 1
                 continue
             kind = _kind(path)
-            if kind == "edf":
+            if files_as_items and path == root:
+                recorded = _edf_date(path) if kind == "edf" else None
+                if since and (recorded or _mtime_date(path)) < since:
+                    found.skipped["recorded before --since"] += 1
+                    continue
+                found.items.append(ArchiveItem("file", root, rel, (path,), recorded))
+            elif kind == "edf":
                 recorded = _edf_date(path)
                 if since and (recorded or _mtime_date(path)) < since:
                     found.skipped["recorded before --since"] += 1
