@@ -73,7 +73,7 @@ def child_ours(edf: Path, precision: str, save: Path | None) -> dict:
     recording = read_edf(edf)
     t_open = time.perf_counter() - t0
     prepared = prepare_study(recording, default_table())
-    result = engine.run(prepared.study)
+    result = engine.run(prepared.engine_input)
     total = time.perf_counter() - t0
     if save is not None:
         np.savez(save, hazards=result.hazards.log_hazard, probs=result.staging.token_probs,

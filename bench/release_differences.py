@@ -57,7 +57,7 @@ def main() -> None:
     ref = np.load(pre / "fixture_10min_release_outputs.npz")
     exact = load_table(ROOT / "mappings" / "release-exact.yaml")
     recording = read_edf(pre / "fixture_10min.edf")
-    release_input = prepare_study(recording, exact).study.signals  # Leg/L excluded, as the release loses it
+    release_input = prepare_study(recording, exact).engine_input.signals  # Leg/L excluded, as the release loses it
     ours = engine.run(StudyInput(release_input, AGE, SEX))
     report: dict = {"bundle": "shared/reference/sleepfm (random weights)"}
 
@@ -74,7 +74,7 @@ def main() -> None:
     report["float32_not_float16"] = _compare(ours, engine.run(StudyInput(f16, AGE, SEX)))
 
     # 2. labels with '/' kept (the release's HDF5 writer turns 'Leg/L' into a group and loses it)
-    kept = engine.run(StudyInput(prepare_study(recording, default_table()).study.signals, AGE, SEX))
+    kept = engine.run(StudyInput(prepare_study(recording, default_table()).engine_input.signals, AGE, SEX))
     report["slash_labels_kept_Leg/L"] = _compare(kept, ours)
 
     # 3. a one-channel modality is passed through the channel pooling as the release does when it is alone;
@@ -98,8 +98,8 @@ def main() -> None:
         #    are computed without it (as the release); before, the tail window entered the heads too.
         night = write_synthetic_night(Path(tmp) / "tail.edf", hours=1045 / 3600, seed=3)
         prepared = prepare_study(read_edf(night), default_table())
-        full = engine.run(StudyInput(prepared.study.signals, AGE, SEX))
-        cut = engine.run(StudyInput({m: a[:, : 180 * 640] for m, a in prepared.study.signals.items()}, AGE, SEX))
+        full = engine.run(StudyInput(prepared.engine_input.signals, AGE, SEX))
+        cut = engine.run(StudyInput({m: a[:, : 180 * 640] for m, a in prepared.engine_input.signals.items()}, AGE, SEX))
         report["tail_staged_on_its_own"] = {
             "whole_windows_vs_night_cut_there": _compare(full, cut, slice(0, 180)),
             "tail_tokens": full.tail_tokens, "tail_epochs": len(full.staging.hypnogram) - full.staging.tail_start_epoch,
@@ -124,8 +124,8 @@ def main() -> None:
         report["default_table_wider_matching"] = {
             "channels_default": wide.channels, "channels_release_exact": strict.channels,
             "unmapped_release_exact": strict.match.unmapped,
-            "effect": _compare(engine.run(StudyInput(wide.study.signals, AGE, SEX)),
-                               engine.run(StudyInput(strict.study.signals, AGE, SEX))),
+            "effect": _compare(engine.run(StudyInput(wide.engine_input.signals, AGE, SEX)),
+                               engine.run(StudyInput(strict.engine_input.signals, AGE, SEX))),
         }
     print(json.dumps(report, indent=2))
 

@@ -40,11 +40,14 @@ from .http import OpsServer
 from .logging import configure_logging, get_logger
 from .metrics import Metrics
 from .model import load_model
+from .montage.holder import MontageHolder
 from .montage.table import MontageError
-from .pipeline.runner import MontageHolder, Pipeline
+from .pipeline.intake import StudyIntake
+from .pipeline.runner import Pipeline
 from .sdnotify import notify, watchdog_interval
-from .sources.dicom.receiver import DicomReceiver, ReceivedInstance
-from .sources.dropfolder import ClaimedFile, DropFolderWatcher, recover_claims
+from .sources.base import Source
+from .sources.dicom.receiver import DicomReceiver
+from .sources.dropfolder import DropFolderSource
 from .store.db import SQLITE_SIDE_FILES, make_engine, sqlite_path, upgrade
 from .store.models import WORKING_STATES, MessageState, State, Study
 from .store.repo import Repo
@@ -78,27 +81,6 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:300]}"
 
 
-class _InstanceSink:
-    """What the DICOM receiver calls: the database decides duplicates and study versions."""
-
-    def __init__(self, daemon: Daemon):
-        self.daemon = daemon
-
-    def known_instance(self, sop_instance_uid: str) -> bool:
-        return self.daemon.repo.known_instance(sop_instance_uid)
-
-    def instance_received(self, instance: ReceivedInstance) -> None:
-        crashpoint("receive.dicom")
-        study, stored = self.daemon.repo.register_instance(
-            study_uid=instance.study_uid, sop_instance_uid=instance.sop_instance_uid,
-            sop_class_uid=instance.sop_class_uid, path=str(instance.path), folder=str(instance.path.parent),
-            size=instance.size, calling_ae=instance.calling_ae)
-        if not stored and Path(study.input_path or "") != instance.path.parent:
-            # A concurrent duplicate: the first copy is recorded elsewhere, this one is surplus.
-            instance.path.unlink(missing_ok=True)
-        crashpoint("dicom.stored")
-
-
 class Daemon:
     def __init__(self, cfg: GatewayConfig, *, configure_logs: bool = True):
         self.cfg = cfg
@@ -113,11 +95,11 @@ class Daemon:
         self._workers: list[threading.Thread] = []
         self._busy: dict[str, str] = {}  # worker -> study key
         self._lock_file: Any = None
-        self._claims_to_recover = False  # a registration failed: look for unregistered claims next scan
         self.repo: Repo | None = None
-        self.receiver: DicomReceiver | None = None
+        self.sources: list[Source] = []  # started in this order, stopped in the reverse
+        self.receiver: DicomReceiver | None = None  # the DICOM source, when enabled
         self.ops: OpsServer | None = None
-        self.watcher: DropFolderWatcher | None = None
+        self.drop_folders: DropFolderSource | None = None
         self.scheduler: BackgroundScheduler | None = None
         self.deliverer: Deliverer | None = None
         self.worker_prefix = f"{cfg.service.node_name}:"
@@ -206,10 +188,10 @@ class Daemon:
             raise StartupError(f"montage.table: {cfg.montage.table}: {type(exc).__name__}: {exc}") from None
         # 1 while the table file on disk does not load (the last good table is still served).
         self.metrics.montage_reload_failing.set_function(lambda: float(self.montage.failure is not None))
-        self.pipeline = Pipeline(self.repo, engine, bundle, self.montage, paths, cfg.pipeline, self.metrics,
-                                 flags=cfg.flags, hl7=cfg.hl7)
+        self.pipeline = Pipeline(self.repo, bundle, self.montage, paths, cfg.pipeline, self.metrics,
+                                 flags=cfg.flags, hl7=cfg.hl7, engine=engine)
         self.deliverer = (Deliverer(self.repo, cfg.hl7, self.metrics, holder=self.worker_id,
-                                    on_finished=self.pipeline.place_input) if cfg.hl7.enabled else None)
+                                    on_finished=self.pipeline.inputs.place) if cfg.hl7.enabled else None)
         log.info("daemon.starting", site=cfg.site, node=cfg.service.node_name, database=self.db.dialect.name,
                  bundle=bundle.identity.name, validated=bundle.identity.validated,
                  montage=self.montage.table.version, device=str(engine.device))
@@ -218,13 +200,14 @@ class Daemon:
         # Our downtime must not count toward a DICOM study's stable age: a study whose sender was cut
         # off by it would otherwise go out final from a partial receive right after this start.
         restarted = self.repo.restart_stable_clocks(actor=self.worker_id)
-        moved = self.pipeline.reconcile()
-        self.watcher = DropFolderWatcher(cfg.drop_folders, Path(paths.spool), metrics=self.metrics,
-                                         exclude=[Path(p) for p in (paths.spool, paths.outputs, paths.processed,
-                                                                     paths.quarantine)],
-                                         known=self._claim_known)  # registered claims forget the original name
-        recovered = self._register_claims(recover_claims(Path(paths.spool), self._claim_known))
-        log.info("daemon.resumed", leases_released=released, inputs_moved=moved, claims_recovered=recovered,
+        moved = self.pipeline.inputs.reconcile()
+        self.intake = StudyIntake(self.repo, self.pipeline.inputs, self.metrics, on_arrival=self._wake.set)
+        self.drop_folders = DropFolderSource(
+            cfg.drop_folders, Path(paths.spool), self.intake, metrics=self.metrics,
+            exclude=[Path(p) for p in (paths.spool, paths.outputs, paths.processed, paths.quarantine)])
+        self.drop_folders.start()  # registers the claims a previous run left unregistered
+        self.sources.append(self.drop_folders)
+        log.info("daemon.resumed", leases_released=released, inputs_moved=moved,
                  receiving_studies_restarted=restarted)
 
         for i in range(cfg.pipeline.workers):
@@ -233,13 +216,14 @@ class Daemon:
             t.start()
             self._workers.append(t)
         if cfg.dicom.enabled:
-            self.receiver = DicomReceiver(cfg.dicom, Path(paths.spool), _InstanceSink(self), self.metrics)
+            receiver = DicomReceiver(cfg.dicom, Path(paths.spool), self.intake, self.metrics)
             try:
-                self.receiver.start()
+                receiver.start()
             except OSError as exc:
-                self.receiver = None
                 raise StartupError(f"cannot listen for DICOM on {cfg.dicom.host}:{cfg.dicom.port}: "
                                    f"{exc.strerror}") from None
+            self.receiver = receiver
+            self.sources.append(receiver)
         if cfg.http.enabled:
             try:
                 self.ops = OpsServer(cfg.http.host, cfg.http.port, self.metrics.registry, self.health)
@@ -283,8 +267,8 @@ class Daemon:
         deadline = time.monotonic() + self.cfg.service.shutdown_timeout_seconds
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=False)
-        if self.receiver is not None:
-            self.receiver.stop(timeout=min(10.0, self.cfg.service.shutdown_timeout_seconds))
+        for source in reversed(self.sources):
+            source.stop(timeout=min(10.0, self.cfg.service.shutdown_timeout_seconds))
         for t in self._workers:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
         unfinished = [t.name for t in self._workers if t.is_alive()]
@@ -327,50 +311,28 @@ class Daemon:
 
     # ---- sources ------------------------------------------------------------------------------
     def scan(self) -> None:
-        """One pass of the periodic source work: drop folders, then DICOM studies that became stable."""
+        """One pass of the periodic source work: every source polls (drop folders claim stable files, the
+        DICOM receiver promotes stable studies); what they hand over goes through the one intake."""
         if self.stopping.is_set() or self.repo is None:
             return
-        try:
-            claimed = self.watcher.scan() if self.watcher else []
-            if self._claims_to_recover:
-                self._claims_to_recover = False
-                claimed += recover_claims(Path(self.cfg.paths.spool), self._claim_known)
-            self._register_claims(claimed)
-            promoted = self.repo.promote_stable(self.cfg.dicom.stable_age_seconds)
-            for study in promoted:
-                log.info("study.ready", study_key=study.key, source=study.source)
+        failed = False
+        for source in self.sources:
+            try:
+                source.poll()
+            except Exception as exc:  # noqa: BLE001 - the next scan tries again; the daemon keeps running
+                failed = True
+                # str(exc) of an OSError quotes the path, which may hold an MRN: the kind and errno text only.
+                log.error("scan.failed", source=source.name, error=type(exc).__name__,
+                          reason=getattr(exc, "strerror", None))
+        if self.receiver is None:
+            try:  # DICOM studies a receiver, since disabled, left receiving still complete
+                self.intake.promote_stable(self.cfg.dicom.stable_age_seconds)
+            except Exception as exc:  # noqa: BLE001 - as above
+                failed = True
+                log.error("scan.failed", source="dicom", error=type(exc).__name__)
+        if not failed:
             self.last_scan = datetime.now(UTC)
             self.metrics.last_scan.set(self.last_scan.timestamp())
-            if claimed or promoted:
-                self._wake.set()
-        except Exception as exc:  # noqa: BLE001 - the next scan tries again; the daemon keeps running
-            # str(exc) of an OSError quotes the path, which may hold an MRN: the kind and errno text only.
-            log.error("scan.failed", error=type(exc).__name__, reason=getattr(exc, "strerror", None))
-
-    def _claim_known(self, path: Path) -> bool:
-        return self.repo.known_input(str(path))
-
-    def _register_claims(self, claimed: list[ClaimedFile]) -> int:
-        n = 0
-        for c in claimed:
-            crashpoint("receive.file")
-            try:
-                reg = self.repo.register_file(source=c.source, path=str(c.spool_path), name=c.original_path.name,
-                                              sha256=c.sha256, filename_pattern=c.filename_pattern,
-                                              actor=c.source)
-            except Exception as exc:  # noqa: BLE001 - the claim stays in the spool; recovered on a later scan
-                log.error("study.register_failed", claim_id=c.claim_id, error=type(exc).__name__)
-                self._claims_to_recover = True
-                continue
-            n += 1
-            if reg.duplicate:
-                log.info("study.duplicate", study_key=reg.study.key, source=c.source)
-                self.metrics.study_transitions.labels(str(State.DUPLICATE)).inc()
-                self.pipeline.finalize(reg.study, State.DUPLICATE)
-            else:
-                log.info("study.received", study_key=reg.study.key, source=c.source, size=c.size)
-                self.metrics.study_transitions.labels(str(State.READY)).inc()
-        return n
 
     # ---- workers ------------------------------------------------------------------------------
     def _worker_loop(self, worker: str) -> None:
@@ -392,7 +354,7 @@ class Daemon:
                 continue
             self._busy[worker] = study.key
             try:
-                self.pipeline.process(study, worker)
+                self.pipeline.run(study, worker)
             except Exception as exc:  # noqa: BLE001 - the database went away while recording a failure
                 log.error("worker.error", worker=worker, study_key=study.key, error=type(exc).__name__)
                 self._release_when_possible(study)
@@ -465,10 +427,9 @@ class Daemon:
         montage_failure = self.montage.failure if hasattr(self, "montage") else None
         problems = [montage_failure.describe()] if montage_failure is not None else []
         destination = self._destination_health(outbox, problems) if db_ok else None
-        held = dict(self.watcher.held) if self.watcher else {}
-        if held:  # file names may hold PHI: the count and the reasons only
-            problems.append(f"drop folders: {len(held)} file(s) held, not claimed: "
-                            f"{'; '.join(sorted(set(held.values())))} (fix or remove the sidecar)")
+        sources = {source.name: source.health() for source in self.sources}
+        for report in sources.values():
+            problems.extend(report.get("problems", []))
         if self.stopping.is_set():
             status = "stopping"
         elif not healthy:
@@ -483,12 +444,10 @@ class Daemon:
             "last_scan": self.last_scan.isoformat() if self.last_scan else None,
             "queues": {"receiving": counts.get(str(State.RECEIVED), 0), "waiting": working,
                        "in_progress": len(self._busy), "failed": counts.get(str(State.FAILED), 0),
-                       "pending_files": self.watcher.pending if self.watcher else 0,
+                       "pending_files": sources.get("drop_folders", {}).get("pending_files", 0),
                        "outbox": outbox.get(str(MessageState.PENDING), 0),
                        "dead_letters": outbox.get(str(MessageState.DEAD), 0)},
-            "dicom": ({"port": self.receiver.port, "active_associations": self.receiver.active_associations,
-                       "pending_connections": self.receiver.pending_connections}
-                      if self.receiver else None),
+            "dicom": sources.get("dicom"),
             "montage": self.montage.table.version if hasattr(self, "montage") else None,
             "destination": destination,
         }

@@ -110,6 +110,11 @@ def identifier_variants(*values: object) -> frozenset[str]:
     return frozenset(v for v in out if len(v) >= _MIN_IDENTIFIER_CHARS)
 
 
+def bound_study_key() -> str | None:
+    """The key of the study bound to this thread's (or task's) log context, if any."""
+    return structlog.contextvars.get_contextvars().get("study_key")
+
+
 def bound_identifiers() -> frozenset[str]:
     """The identifier texts bound for the study this thread (or task) works on; empty outside a study."""
     return _IDENTIFIERS.get() or frozenset()

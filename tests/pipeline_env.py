@@ -11,7 +11,8 @@ from sqlalchemy import Engine as DbEngine
 from gateway.config import PathsConfig, PipelineConfig
 from gateway.fsutil import private_mkdir
 from gateway.metrics import Metrics
-from gateway.pipeline.runner import MontageHolder, Pipeline
+from gateway.montage.holder import MontageHolder
+from gateway.pipeline.runner import Pipeline
 from gateway.store.db import make_engine, upgrade
 from gateway.store.models import Study
 from gateway.store.repo import Repo
@@ -29,8 +30,8 @@ def pipeline_env(db_url: str, var: Path, bundle: ModelBundle, engine: Engine
     for p in (paths.spool, paths.outputs, paths.processed, paths.quarantine):
         assert not p.exists()
         private_mkdir(p)  # as the daemon's start creates them
-    pipe = Pipeline(repo, engine, bundle, MontageHolder(None), paths, PipelineConfig(retry_backoff_seconds=0.01),
-                    Metrics())
+    pipe = Pipeline(repo, bundle, MontageHolder(None), paths, PipelineConfig(retry_backoff_seconds=0.01), Metrics(),
+                    engine=engine)
     return db, repo, pipe, paths
 
 

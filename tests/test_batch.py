@@ -37,8 +37,10 @@ from gateway.batch.work import hash_file
 from gateway.cli.main import app
 from gateway.config import PipelineConfig, load_config
 from gateway.metrics import Metrics
-from gateway.pipeline.flags import read_hazards, watched_hazards
-from gateway.pipeline.runner import MontageHolder, Pipeline
+from gateway.montage.holder import MontageHolder
+from gateway.pipeline.flags import watched_hazards
+from gateway.pipeline.outputs import read_hazards
+from gateway.pipeline.runner import Pipeline
 from gateway.readers.edf_header import read_header
 from gateway.store.batch_repo import BatchRepo
 from gateway.store.db import make_engine, upgrade
@@ -317,7 +319,7 @@ def test_processed_studies_seed_the_reference_distribution(tmp_path, db_url, rep
     assert {r.study_id for r in rows} == {s.id for s in studies} and len(studies) == 2
     for study in studies:
         mine = {r.label: r.log_hazard for r in rows if r.study_id == study.id}
-        expected = watched_hazards(flags, read_hazards(Path(study.output_path) / "hazards.csv"))
+        expected = watched_hazards(flags, read_hazards(Path(study.output_path)))
         assert mine and mine == pytest.approx(expected)
         assert {r.model_hash for r in rows if r.study_id == study.id} == {study.bundle_hash}
         assert study.bundle_hash
@@ -376,7 +378,7 @@ def _daemon_setup(tmp_path, db_url, repo, daemon_model) -> tuple[Path, Path, Stu
     for p in (paths.outputs, paths.processed, paths.quarantine):
         p.mkdir(parents=True, exist_ok=True)
     bundle, engine = daemon_model
-    pipeline = Pipeline(repo, engine, bundle, MontageHolder(None), paths, PipelineConfig(), Metrics())
+    pipeline = Pipeline(repo, bundle, MontageHolder(None), paths, PipelineConfig(), Metrics(), engine=engine)
     done = _daemon_study(repo, cfg, done_night, "c1")
     assert pipeline.run_once(f"{NODE}:w0")
     waiting = _daemon_study(repo, cfg, waiting_night, "c2")

@@ -7,7 +7,8 @@ import math
 import pytest
 
 from gateway.config import FlagOutcome, FlagsConfig, SleepFinding
-from gateway.pipeline.flags import HazardRow, evaluate, outcome_code, watched_hazards
+from gateway.pipeline.flags import evaluate, outcome_code, watched_hazards
+from gateway.pipeline.outputs import HazardRow
 
 ROWS = [HazardRow(1041, "death", "death", math.log(2.5)),
         HazardRow(1043, "Heart Failure", "Heart Failure", math.log(0.8)),

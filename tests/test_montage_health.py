@@ -20,8 +20,8 @@ from structlog.testing import capture_logs
 from gateway.config import load_config
 from gateway.daemon import Daemon as GatewayDaemon
 from gateway.http import OpsServer
+from gateway.montage.holder import MontageHolder
 from gateway.montage.table import MontageTable
-from gateway.pipeline.runner import MontageHolder
 from gateway.store.db import make_engine, upgrade
 from gateway.store.models import State
 from gateway.store.repo import Repo

@@ -202,7 +202,7 @@ def test_fixture_and_sleep_edf_recordings(reference_dir, release):
 
 
 def test_loads_through_the_daemon_configuration(tmp_path):
-    from gateway.pipeline.runner import MontageHolder
+    from gateway.montage.holder import MontageHolder
 
     mappings = tmp_path / "mappings"
     mappings.mkdir()

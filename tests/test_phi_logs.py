@@ -33,7 +33,8 @@ from gateway.logging import (
     get_logger,
     scrub,
 )
-from gateway.pipeline.runner import MontageHolder, classify
+from gateway.montage.holder import MontageHolder
+from gateway.pipeline.errors import classify
 from gateway.store.models import Event, State, Study
 from gateway.synthetic.dicom_study import write_psg_study
 from gateway.synthetic.night import write_synthetic_night
@@ -172,7 +173,7 @@ def test_no_identifier_reaches_logs_reasons_events_or_last_error(env, logs, tmp_
     def leaky(engine, prepared, progress=None):
         raise ValueError(f"cannot score {MRN!r} ({NAME}, born {BIRTH}, {ACCESSION}) from /spool/{FILE}")
 
-    monkeypatch.setattr("gateway.pipeline.runner.infer_prepared", leaky)
+    monkeypatch.setattr("gateway.pipeline.runner.infer_ready", leaky)
     study = spool_file(paths, FILE, _phi_edf(tmp_path / "internal.edf", seed=26), repo, claim="internal")
     _sidecar(paths, "internal", FILE)
     outcomes["internal"] = _run(pipe, repo, study)
@@ -181,7 +182,7 @@ def test_no_identifier_reaches_logs_reasons_events_or_last_error(env, logs, tmp_
     # 8. a transient storage error naming the file, then success (the retry's reason is stored too)
     from gateway.pipeline import runner as pipeline_module
 
-    real, calls = pipeline_module.infer_prepared, []
+    real, calls = pipeline_module.infer_ready, []
 
     def full_disk(engine, prepared, progress=None):
         if not calls:
@@ -189,7 +190,7 @@ def test_no_identifier_reaches_logs_reasons_events_or_last_error(env, logs, tmp_
             raise OSError(errno.ENOSPC, "No space left on device", f"/var/psg/outputs/{FILE}")
         return real(engine, prepared, progress)
 
-    monkeypatch.setattr("gateway.pipeline.runner.infer_prepared", full_disk)
+    monkeypatch.setattr("gateway.pipeline.runner.infer_ready", full_disk)
     study = spool_file(paths, FILE, _phi_edf(tmp_path / "retry.edf", seed=27), repo, claim="retry")
     _sidecar(paths, "retry", FILE)
     retry = _run(pipe, repo, study)

@@ -10,7 +10,7 @@ import pytest
 from pipeline_env import pipeline_env, spool_file
 
 from gateway.config import PipelineConfig
-from gateway.pipeline.runner import MontageHolder
+from gateway.montage.holder import MontageHolder
 from gateway.store.db import make_engine, upgrade
 from gateway.store.models import State
 from gateway.store.repo import Repo
@@ -167,7 +167,7 @@ def test_transient_error_is_retried_with_backoff_then_succeeds(env, night_bytes,
     repo, pipe, paths = env
     import gateway.pipeline.runner as pl
 
-    real = pl.infer_prepared
+    real = pl.infer_ready
     calls = {"n": 0}
 
     def flaky(engine, prepared, progress=None):
@@ -176,7 +176,7 @@ def test_transient_error_is_retried_with_backoff_then_succeeds(env, night_bytes,
             raise MemoryError()
         return real(engine, prepared, progress)
 
-    monkeypatch.setattr(pl, "infer_prepared", flaky)
+    monkeypatch.setattr(pl, "infer_ready", flaky)
     study = spool_file(paths, "night.edf", night_bytes, repo)
     pipe.run_once("w")
     waiting = repo.get(study.id)
@@ -194,7 +194,7 @@ def test_transient_error_gives_up_after_max_attempts(env, night_bytes, monkeypat
     repo, pipe, paths = env
     import gateway.pipeline.runner as pl
 
-    monkeypatch.setattr(pl, "infer_prepared", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
+    monkeypatch.setattr(pl, "infer_ready", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
     pipe.cfg = PipelineConfig(retry_backoff_seconds=0.001, max_attempts=2)
     study = spool_file(paths, "night.edf", night_bytes, repo)
     import time
@@ -229,13 +229,13 @@ def test_reconcile_finishes_a_move_interrupted_by_a_crash(env, night_bytes):
     for s in (State.DECODED, State.MAPPED, State.INFERRED, State.FLAGGED):
         c = repo.transition(c, s, "w", f"study.{s.lower()}")
     # committed FLAGGED, crashed before the move
-    assert pipe.reconcile() == 1
+    assert pipe.inputs.reconcile() == 1
     assert (paths.processed / study.key / f"{study.key}.edf").read_bytes() == night_bytes
     assert repo.get(study.id).input_path == str(paths.processed / study.key / f"{study.key}.edf")
 
 
 def test_error_reasons_never_quote_file_names():
-    from gateway.pipeline.runner import classify
+    from gateway.pipeline.errors import classify
 
     err = classify(FileNotFoundError(2, "No such file or directory", "/drop/1234567_DOE_JANE.edf"))
     assert "DOE" not in str(err) and "No such file" in str(err) and not err.transient
@@ -329,7 +329,7 @@ def test_resume_at_inferred_runs_only_the_flag_step(env, night_bytes, monkeypatc
         row.state = "INFERRED"
     import gateway.pipeline.runner as pl
 
-    monkeypatch.setattr(pl, "infer_prepared", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-ran")))
+    monkeypatch.setattr(pl, "infer_ready", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-ran")))
     _hl7_pipe(pipe)
     pipe.run_once("w")
     assert repo.get(study.id).state == State.QUEUED
@@ -409,7 +409,7 @@ def test_a_dead_letter_quarantines_its_input_with_the_delivery_reason(env, night
         study = spool_file(paths, "night.edf", night_bytes, repo)
         pipe.run_once("w")
         assert Path(repo.get(study.id).input_path).parent == paths.processed / study.key
-        deliverer = Deliverer(repo, pipe.hl7, holder="t:1", on_finished=pipe.place_input)
+        deliverer = Deliverer(repo, pipe.hl7, holder="t:1", on_finished=pipe.inputs.place)
         peer.script.append(PeerAction.ack("AE", text="unknown patient"))
         assert deliverer.drain() == 1
         failed = repo.get(study.id)

@@ -26,11 +26,11 @@ def test_channels_grouped_in_modality_order_and_standardised():
         duration_s=SECONDS, demographics=Demographics(sex="F", age_years=61.0),
     )
     prepared = prepare_study(rec, default_table(), key="k")
-    assert list(prepared.study.signals) == ["BAS", "RESP", "EKG"]
+    assert list(prepared.engine_input.signals) == ["BAS", "RESP", "EKG"]
     assert prepared.channels == {"BAS": ["C3-M2", "C4-M1"], "RESP": ["Thor"], "EKG": ["ECG II"]}
-    assert prepared.study.signals["BAS"].shape == (2, 128 * SECONDS)
-    assert prepared.study.age_years == 61.0 and prepared.study.sex == "F"
-    for block in prepared.study.signals.values():
+    assert prepared.engine_input.signals["BAS"].shape == (2, 128 * SECONDS)
+    assert prepared.engine_input.age_years == 61.0 and prepared.engine_input.sex == "F"
+    for block in prepared.engine_input.signals.values():
         assert block.dtype == np.float32
         np.testing.assert_allclose(block.mean(axis=1), 0, atol=1e-3)
         np.testing.assert_allclose(block.std(axis=1), 1, atol=1e-3)
@@ -43,7 +43,7 @@ def test_gap_is_kept_on_the_timeline_as_zeros_and_reported():
     valid[256 * 100 : 256 * 160] = False
     rec = Recording(channels=[_channel("C3-M2", 256, 1, valid), _channel("Thor", 32, 2)], duration_s=SECONDS)
     prepared = prepare_study(rec, default_table())
-    bas = prepared.study.signals["BAS"][0]
+    bas = prepared.engine_input.signals["BAS"][0]
     assert bas.shape == (128 * SECONDS,)
     assert (bas[128 * 100 : 128 * 160] == 0).all()
     assert np.abs(bas[128 * 170 : 128 * 200]).max() > 0.5
@@ -55,7 +55,7 @@ def test_dead_channel_is_dropped_with_reason_and_study_goes_on():
     rec = Recording(channels=[_channel("C3-M2", 256, 1, dead), _channel("C4-M1", 256, 2)], duration_s=SECONDS)
     prepared = prepare_study(rec, default_table())
     assert prepared.channels == {"BAS": ["C4-M1"]}
-    assert prepared.study.signals["BAS"].shape == (1, 128 * SECONDS)
+    assert prepared.engine_input.signals["BAS"].shape == (1, 128 * SECONDS)
     assert "all gap" in prepared.dropped["C3-M2"]
 
 
@@ -88,4 +88,4 @@ def test_shorter_than_one_epoch_is_refused_before_any_channel_is_read(seconds, s
 
 def test_thirty_seconds_are_prepared():
     rec = Recording(channels=[Channel.from_array("C3-M2", 256, np.ones(256 * 30, np.float32))], duration_s=30.0)
-    assert prepare_study(rec, default_table()).study.signals["BAS"].shape == (1, 128 * 30)
+    assert prepare_study(rec, default_table()).engine_input.signals["BAS"].shape == (1, 128 * 30)

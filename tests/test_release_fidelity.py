@@ -57,7 +57,7 @@ def test_gateway_preprocessing_equals_the_release_per_channel(fixture):
     seen = 0
     for modality, used in prepared.channels.items():
         for row, label in enumerate(used):
-            diff = np.abs(prepared.study.signals[modality][row] - ref["signals"][labels.index(label)]).max()
+            diff = np.abs(prepared.engine_input.signals[modality][row] - ref["signals"][labels.index(label)]).max()
             assert diff <= 2e-3, f"{label}: {diff:.3g}"
             assert diff <= 2e-5, f"{label}: {diff:.3g} (measured ~1e-6)"
             seen += 1
@@ -80,7 +80,7 @@ def release_result(fixture):
     demo = fixture["outputs"]["demo"]
     # (age - 50) / 20 = 0.25 and female = 0.0: the fixture's encoded demographics (0.25, 0.0)
     assert tuple(demo) == (0.25, 0.0)
-    signals = fixture["prepared"].study.signals
+    signals = fixture["prepared"].engine_input.signals
     return engine, signals, engine.run(StudyInput(signals, 55.0, "F"))
 
 

@@ -20,6 +20,7 @@ from inference.engine import Engine
 from inference.results import StudyResult
 
 from ..montage.table import MontageTable
+from ..pipeline.prepare import ReadyStudy
 from .work import FileHash, Prepared, PrepareJob, WorkFailure, discard, hash_file, init_worker, load, prepare
 
 __all__ = ["Backend", "InferOutcome", "LocalBackend", "infer_many"]
@@ -39,18 +40,18 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def infer_many(engine: Engine, decoded: list) -> list[InferOutcome]:
+def infer_many(engine: Engine, ready: list[ReadyStudy]) -> list[InferOutcome]:
     """Run the engine over several nights at once; when the call fails, run them one by one so one
     bad night fails alone (its error is returned in its place)."""
     try:
-        return list(engine.run_many([d.prepared.study for d in decoded]))
+        return list(engine.run_many([r.engine_input for r in ready]))
     except Exception as exc:  # noqa: BLE001 - isolate the night that caused it
-        if len(decoded) == 1:
+        if len(ready) == 1:
             return [exc]
     out: list[InferOutcome] = []
-    for d in decoded:
+    for r in ready:
         try:
-            out.append(engine.run_many([d.prepared.study])[0])
+            out.append(engine.run_many([r.engine_input])[0])
         except Exception as exc:  # noqa: BLE001
             out.append(exc)
     return out

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 import tempfile
@@ -49,7 +48,14 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from gateway.fsutil import atomic_write, atomic_write_with, private_mkdir
-from gateway.pipeline.flags import HazardRow, read_hazards
+from gateway.pipeline.outputs import (
+    HAZARDS_FILE,
+    METRICS_FILE,
+    NIGHT_FILE,
+    HazardRow,
+    read_hazards,
+    read_metrics,
+)
 from gateway.store.models import Study
 
 __all__ = ["ExportError", "ExportReport", "check_export_dir", "check_identifiers_kept", "export_studies",
@@ -173,27 +179,25 @@ def _read_outputs(study: Study, tokens: bool) -> _StudyOutputs | str:
     if not study.output_path:
         return f"no stored outputs (state {study.state})"
     folder = Path(study.output_path)
-    for name in ("night.npy", "metrics.json"):
+    for name in (NIGHT_FILE, METRICS_FILE):
         if not (folder / name).is_file():
             return f"{name} missing from its output folder (state {study.state})"
     try:
-        metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+        metrics = read_metrics(folder)
     except (OSError, ValueError) as exc:
-        return f"metrics.json unreadable: {exc}"
+        return f"{METRICS_FILE} unreadable: {exc}"
     if not isinstance(metrics, dict):
-        return "metrics.json unreadable: not a JSON object"
+        return f"{METRICS_FILE} unreadable: not a JSON object"
     modalities = [str(m) for m in metrics.get("modalities") or []]
     for modality in modalities:
         needed = [f"{modality}_5min.npy", *([f"{modality}.npy"] if tokens else [])]
         for name in needed:
             if not (folder / EMBEDDINGS_DIR / name).is_file():
                 return f"embeddings/{name} missing from its output folder"
-    hazards: list[HazardRow] | None = None
-    if (folder / "hazards.csv").is_file():
-        try:
-            hazards = read_hazards(folder / "hazards.csv")
-        except (OSError, ValueError, KeyError) as exc:
-            return f"hazards.csv unreadable: {exc!r}"
+    try:
+        hazards = read_hazards(folder)
+    except (OSError, ValueError, KeyError) as exc:
+        return f"{HAZARDS_FILE} unreadable: {exc!r}"
     return _StudyOutputs(folder, metrics, modalities, hazards)
 
 

@@ -34,8 +34,8 @@ def _prepare_task(job: PrepareJob, table: MontageTable) -> tuple[Prepared | Work
     outcome = prepare(job, table)
     if isinstance(outcome, WorkFailure):
         return outcome, {}
-    signals = outcome.decoded.prepared.study.signals
-    outcome.decoded.prepared.study.signals = {}
+    signals = outcome.ready.engine_input.signals
+    outcome.ready.engine_input.signals = {}
     return outcome, signals
 
 
@@ -56,8 +56,8 @@ class _InferActor:
         from .backends import infer_many
 
         for meta, sig in zip(metas, signals):
-            meta.decoded.prepared.study.signals = sig
-        return infer_many(self.engine, [m.decoded for m in metas])
+            meta.ready.engine_input.signals = sig
+        return infer_many(self.engine, [m.ready for m in metas])
 
 
 class RayBackend:

@@ -44,7 +44,9 @@ from ..heads.store import HeadError
 from ..logging import get_logger
 from ..metrics import Metrics
 from ..model import load_model
-from ..pipeline.runner import MontageHolder, Pipeline, StepError, study_logging
+from ..montage.holder import MontageHolder
+from ..pipeline.errors import StepError
+from ..pipeline.runner import StudySteps, study_logging
 from ..sources.archive import ArchiveItem, Discovery, discover
 from ..store.batch_repo import BatchRepo
 from ..store.db import make_engine, normalise_url, upgrade
@@ -63,7 +65,7 @@ log = get_logger("psg.batch")
 
 def _study_bound(method: Any) -> Any:
     """Run a per-study step (``method(self, entry, ...)``) with the entry's study bound to the log context,
-    as the daemon's ``Pipeline.process`` does: its key on events, its identifiers redacted (the runner
+    as the daemon's ``Pipeline.run`` does: its key on events, its identifiers redacted (the runner
     interleaves studies in one thread, so the binding is per step, not per study)."""
     @functools.wraps(method)
     def bound(self: Any, entry: Any, *args: Any, **kwargs: Any) -> Any:
@@ -235,9 +237,8 @@ class BatchRunner:
         log.info("batch.started", run=self.run_id, studies=len(found.items), unreadable=len(found.unreadable),
                  skipped=sum(found.skipped.values()), leases_freed=freed, backend="ray" if self.opts.ray else "local")
         self.backend = self._backend()
-        self.pipeline = Pipeline(self.repo, getattr(self.backend, "engine", None), self.bundle, self.montage,
-                                 self.cfg.paths, self.cfg.pipeline, Metrics(), flags=self.cfg.flags, hl7=self.cfg.hl7,
-                                 hold_messages=not self.opts.send)
+        self.pipeline = StudySteps(self.repo, self.bundle, self.montage, self.cfg.paths, self.cfg.pipeline, Metrics(),
+                                   flags=self.cfg.flags, hl7=self.cfg.hl7, hold_messages=not self.opts.send)
         t0 = time.perf_counter()
         status = "finished"
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -480,15 +481,15 @@ class BatchRunner:
             self._failed(entry, outcome)
             return
         assert entry.study is not None
-        entry.timings.update(outcome.decoded.timings)
+        entry.timings.update(outcome.ready.stage_s)
         entry.timings["queue_s"] = round(time.perf_counter() - entry.queued_at - outcome.timings.get("worker_s", 0), 3)
         try:
-            entry.study = self.pipeline.record_decoded(entry.study, outcome.decoded, self.worker)
+            entry.study = self.pipeline.record_ready(entry.study, outcome.ready, self.worker)
         except StudyChanged:
             self.backend.release(outcome)
             self._superseded(entry)
             return
-        self.tally.mapped(outcome.decoded.prepared.channels, outcome.decoded.prepared.match.unmapped)
+        self.tally.mapped(outcome.ready.channels, outcome.ready.match.unmapped)
         self.ready.append((entry, outcome))
 
     def _inferred(self, entry: _Entry, prepared: Prepared, outcome: InferOutcome) -> None:
@@ -497,11 +498,11 @@ class BatchRunner:
                 self._failed(entry, outcome)
                 return
             infer_s = sum(outcome.timings_s.get(k, 0.0) for k in ("encode", "heads"))
-            decoded = prepared.decoded
-            self.tally.recorded_hours += decoded.recording.duration_s / 3600
+            ready = prepared.ready
+            self.tally.recorded_hours += ready.recording.duration_s / 3600
             assert entry.study is not None
             study = entry.study
-            self._finish(entry, lambda: self.pipeline.record_inferred(study, decoded, outcome, self.worker, infer_s))
+            self._finish(entry, lambda: self.pipeline.record_inferred(study, ready, outcome, self.worker, infer_s))
         finally:
             self.backend.release(prepared)
 

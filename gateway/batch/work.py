@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..montage.table import MontageTable
-from ..pipeline.steps import Decoded, decode_and_map
+from ..pipeline.steps import ReadyStudy, decode_and_prepare
 
 __all__ = [
     "FileHash",
@@ -107,8 +107,11 @@ class SpillRef:
 
 @dataclass
 class Prepared:
+    """A worker's ready study, as it travels back to the runner: the job it answers, and the signals
+    either inside ``ready`` or spilled to a shared-memory file (``spill``) to keep them out of the pipe."""
+
     job: PrepareJob
-    decoded: Decoded
+    ready: ReadyStudy
     spill: SpillRef | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -126,7 +129,7 @@ class WorkFailure:
 def prepare(job: PrepareJob, table: MontageTable | None = None,
             spill_dir: str | None = None) -> Prepared | WorkFailure:
     """Decode, map and preprocess one study; a failure comes back classified."""
-    from ..pipeline.runner import classify
+    from ..pipeline.errors import classify
 
     try:
         return _prepare(job, table, spill_dir)
@@ -140,14 +143,14 @@ def _prepare(job: PrepareJob, table: MontageTable | None, spill_dir: str | None)
     if table is None:
         raise RuntimeError("worker not initialised with a montage table")
     t0 = time.perf_counter()
-    decoded = decode_and_map([Path(p) for p in job.paths], job.filename_pattern, table, job.key, job.source)
+    ready = decode_and_prepare([Path(p) for p in job.paths], job.filename_pattern, table, job.key, job.source)
     where = Path(spill_dir) if spill_dir else _spill_dir
-    spill = _spill(decoded, where, job.key) if where is not None else None
-    return Prepared(job, decoded, spill, {"worker_s": round(time.perf_counter() - t0, 3)})
+    spill = _spill(ready, where, job.key) if where is not None else None
+    return Prepared(job, ready, spill, {"worker_s": round(time.perf_counter() - t0, 3)})
 
 
-def _spill(decoded: Decoded, folder: Path, key: str) -> SpillRef:
-    signals = decoded.prepared.study.signals
+def _spill(ready: ReadyStudy, folder: Path, key: str) -> SpillRef:
+    signals = ready.engine_input.signals
     path = folder / f"{key}.{os.getpid()}.f32"
     layout = []
     offset = 0
@@ -157,20 +160,20 @@ def _spill(decoded: Decoded, folder: Path, key: str) -> SpillRef:
             fh.write(memoryview(arr).cast("B"))
             layout.append((modality, int(arr.shape[0]), int(arr.shape[1]), offset))
             offset += arr.nbytes
-    decoded.prepared.study.signals = {}
+    ready.engine_input.signals = {}
     return SpillRef(str(path), tuple(layout))
 
 
-def load(prepared: Prepared) -> Decoded:
-    """The decoded study with its signals mapped back from the spill file (read-only, no copy)."""
+def load(prepared: Prepared) -> ReadyStudy:
+    """The ready study with its signals mapped back from the spill file (read-only, no copy)."""
     spill = prepared.spill
-    if spill is not None and not prepared.decoded.prepared.study.signals:
+    if spill is not None and not prepared.ready.engine_input.signals:
         signals = {}
         for modality, rows, cols, offset in spill.layout:
             signals[modality] = (np.memmap(spill.path, dtype=np.float32, mode="r", offset=offset, shape=(rows, cols))
                                  if rows * cols else np.empty((rows, cols), np.float32))
-        prepared.decoded.prepared.study.signals = signals
-    return prepared.decoded
+        prepared.ready.engine_input.signals = signals
+    return prepared.ready
 
 
 def discard(prepared: Prepared) -> None:
@@ -180,7 +183,7 @@ def discard(prepared: Prepared) -> None:
             os.unlink(prepared.spill.path)
         except FileNotFoundError:
             pass
-    prepared.decoded.prepared.study.signals = {}
+    prepared.ready.engine_input.signals = {}
 
 
 def choose_spill_dir(fallback: Path, configured: Path | None = None, need_bytes: int = 2 << 30) -> Path:

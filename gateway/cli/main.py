@@ -109,10 +109,15 @@ def infer(
 
     from ..logging import configure_logging, get_logger
     from ..montage.table import MontageError, MontageTable, default_table
-    from ..pipeline.identifiers import apply_site_identifiers
-    from ..pipeline.outputs import write_study_outputs
-    from ..pipeline.prepare import MappingError, prepare_study
-    from ..pipeline.steps import infer_prepared, outputs_extra, shift_annotations, staging_agreement
+    from ..pipeline.prepare import MappingError
+    from ..pipeline.steps import (
+        decode_inputs,
+        infer_ready,
+        prepare_study,
+        shift_annotations,
+        staging_agreement,
+        store_outputs,
+    )
     from ..readers import read_recording
     from ..readers.errors import ReaderError
 
@@ -131,7 +136,7 @@ def infer(
             raise ReaderError(file, "file not found")
         key = _study_key(file)
         log.info("study.received", study_key=key, source="cli")
-        recording = apply_site_identifiers(read_recording(file), file, filename_pattern)
+        recording = decode_inputs([file], filename_pattern)
         scored_annotations = recording.annotations
         if hypnogram:
             scored_annotations = shift_annotations(read_recording(hypnogram), recording)
@@ -139,14 +144,13 @@ def infer(
                  duration_s=round(recording.duration_s, 1), warnings=recording.warnings)
         with _progress() as progress:
             task = progress.add_task("preprocess channels", total=None)
-            prepared = prepare_study(recording, table, key=key, source=source,
-                                     progress=lambda d, t: progress.update(task, completed=d, total=t))
+            ready = prepare_study(recording, table, key=key, source=source,
+                                  progress=lambda d, t: progress.update(task, completed=d, total=t))
             log.info("study.mapped", study_key=key, montage=table.version,
-                     modalities={m: len(v) for m, v in prepared.channels.items()},
-                     unmapped=prepared.match.unmapped, ignored=prepared.match.ignored)
+                     modalities={m: len(v) for m, v in ready.channels.items()},
+                     unmapped=ready.match.unmapped, ignored=ready.match.ignored)
             task = progress.add_task("encode 5-min windows", total=None)
-            result = infer_prepared(engine, prepared,
-                                    progress=lambda d, t: progress.update(task, completed=d, total=t))
+            result = infer_ready(engine, ready, progress=lambda d, t: progress.update(task, completed=d, total=t))
     except (ReaderError, MontageError, BundleError, MappingError, InputError, ValueError) as exc:
         # A path may carry a patient name: the log gets the study key and the reason without paths.
         reason = exc.reason if isinstance(exc, ReaderError) else str(exc)
@@ -154,23 +158,22 @@ def infer(
                   reason=reason.replace(str(file.parent), "<folder>"))
         _fail(str(exc))
         return
-    annotations = scored_annotations
-    scoring = staging_agreement(result, annotations)
+    scoring = staging_agreement(result, scored_annotations)
     if scoring is not None:
         log.info("study.staging_agreement", study_key=key, epochs=scoring["epochs"],
                  accuracy=scoring["accuracy"], kappa=scoring["kappa"])
-    write_study_outputs(result, out_dir, extra=outputs_extra(table, source, prepared, recording, scoring))
+    store_outputs(result, out_dir, ready, scored_annotations)
     log.info("study.inferred", study_key=key, tokens=result.n_tokens, missing=result.missing_modalities,
              validated=result.validated, seconds=round(time.perf_counter() - started, 2))
-    _summary(result, prepared, out_dir)
+    _summary(result, ready, out_dir)
 
 
-def _summary(result, prepared, out_dir: Path) -> None:
+def _summary(result, ready, out_dir: Path) -> None:
     table = Table(title=f"study {result.key}", show_header=False)
-    for modality, labels in prepared.channels.items():
+    for modality, labels in ready.channels.items():
         table.add_row(modality, ", ".join(labels))
-    if prepared.match.unmapped:
-        table.add_row("unmapped", ", ".join(prepared.match.unmapped))
+    if ready.match.unmapped:
+        table.add_row("unmapped", ", ".join(ready.match.unmapped))
     if result.missing_modalities:
         table.add_row("missing", ", ".join(result.missing_modalities) + " (masked in the heads)")
     if result.staging is not None:

@@ -28,13 +28,13 @@ study processing. Every retry sends the stored ER7 unchanged (same MSH-10).
 from __future__ import annotations
 
 import os
-import random
 import ssl
 import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from ..backoff import backoff_delay
 from ..config import Hl7Config
 from ..crashpoints import crashpoint
 from ..logging import get_logger
@@ -184,8 +184,7 @@ class Deliverer:
         if self.cfg.max_attempts and tries >= self.cfg.max_attempts:
             self._dead(msg, attempt, f"gave up after {tries} attempts: {error}", ack)
             return True
-        delay = min(self.cfg.retry_backoff_max_seconds, self.cfg.retry_backoff_seconds * 2 ** max(tries - 1, 0))
-        delay *= random.uniform(0.8, 1.2)
+        delay = backoff_delay(tries, self.cfg.retry_backoff_seconds, self.cfg.retry_backoff_max_seconds)
         self.repo.message_retry_later(msg, attempt, error, delay, ack.code if ack else None)
         self._failed_with(ack.code if ack else error.partition(":")[0])
         self._count("not_connected" if attempt is None else ("naked" if ack else "error"))

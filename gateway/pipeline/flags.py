@@ -8,15 +8,12 @@ result must carry (for example that percentile thresholds are not active yet).
 
 from __future__ import annotations
 
-import csv
-import json
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..config import FlagOutcome, FlagsConfig, SleepFinding
+from .outputs import HazardRow
 
 __all__ = [
     "Finding",
@@ -26,8 +23,6 @@ __all__ = [
     "demographics_note",
     "evaluate",
     "outcome_code",
-    "read_hazards",
-    "read_metrics",
     "watched_hazards",
 ]
 
@@ -41,19 +36,6 @@ _FINDING_TEXT = {
     "waso_min": "Wake after sleep onset",
     "rem_latency_min": "REM latency",
 }
-
-
-@dataclass(frozen=True)
-class HazardRow:
-    index: int
-    phecode: str
-    phenotype: str
-    log_hazard: float
-    head: str = ""  # "" for the bundle's diagnosis head, else the site head's name@checksum
-
-    @property
-    def hazard_ratio(self) -> float:
-        return math.exp(self.log_hazard)
 
 
 @dataclass(frozen=True)
@@ -97,17 +79,6 @@ def outcome_code(outcome: FlagOutcome) -> str:
         return outcome.code
     slug = "".join(ch if ch.isalnum() else "-" for ch in outcome.label.upper()).strip("-")
     return f"PSG-{slug}"[:20]
-
-
-def read_hazards(path: Path) -> list[HazardRow]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return [HazardRow(int(r["index"]), r["phecode"], r["phenotype"], float(r["log_hazard"]), r.get("head") or "")
-                for r in csv.DictReader(f)]
-
-
-def read_metrics(path: Path) -> dict[str, Any]:
-    """A study's metrics.json (its sleep metrics under ``sleep``, the age/sex encoding ...)."""
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def demographics_note(encoding: str | None) -> str:

@@ -1,4 +1,5 @@
-"""Writing a study's results as plain files a researcher opens with numpy, pandas or a spreadsheet.
+"""A study's result files: written here, and read back here (the flag step, the export), so their
+format lives in one module. Plain files a researcher opens with numpy, pandas or a spreadsheet.
 
 ```
 OUT/
@@ -18,6 +19,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,31 @@ import numpy as np
 from inference.results import STAGES, TOKEN_SECONDS, TOKENS_PER_EPOCH, TOKENS_PER_WINDOW, StudyResult
 
 from ..fsutil import atomic_write, durable_mkdir
+
+__all__ = ["HAZARDS_FILE", "HYPNOGRAM_FILE", "METRICS_FILE", "NIGHT_FILE", "HazardRow", "hypnogram_rows",
+           "metrics_document", "read_hazards", "read_metrics", "windows_document", "write_study_outputs"]
+
+HAZARDS_FILE = "hazards.csv"
+HYPNOGRAM_FILE = "hypnogram.csv"
+METRICS_FILE = "metrics.json"
+NIGHT_FILE = "night.npy"
+HAZARD_COLUMNS = ("index", "phecode", "phenotype", "log_hazard", "hazard_ratio", "head")
+HYPNOGRAM_COLUMNS = ("epoch", "onset_s", "stage", *(f"p_{s}" for s in STAGES), "tail")
+
+
+@dataclass(frozen=True)
+class HazardRow:
+    """One row of ``hazards.csv`` as read back."""
+
+    index: int
+    phecode: str
+    phenotype: str
+    log_hazard: float
+    head: str = ""  # "" for the bundle's diagnosis head, else the site head's name@checksum
+
+    @property
+    def hazard_ratio(self) -> float:
+        return math.exp(self.log_hazard)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -114,14 +142,31 @@ def write_study_outputs(result: StudyResult, out_dir: Path, extra: dict[str, Any
     for modality in result.modalities:
         put(f"embeddings/{modality}.npy", _npy_bytes(result.token_embeddings[modality]))
         put(f"embeddings/{modality}_5min.npy", _npy_bytes(result.window_embeddings[modality]))
-    put("night.npy", _npy_bytes(result.night_vector))
+    put(NIGHT_FILE, _npy_bytes(result.night_vector))
     if result.staging is not None:
-        put("hypnogram.csv", _csv_bytes(["epoch", "onset_s", "stage", *(f"p_{s}" for s in STAGES), "tail"],
-                                        hypnogram_rows(result)))
+        put(HYPNOGRAM_FILE, _csv_bytes(list(HYPNOGRAM_COLUMNS), hypnogram_rows(result)))
     if result.hazards is not None:
         hz = result.hazards
         rows = [[o.index, o.phecode, o.name, f"{lh:.6f}", f"{hr:.6f}", o.head]
                 for o, lh, hr in zip(hz.outcomes, hz.log_hazard, hz.hazard_ratio)]
-        put("hazards.csv", _csv_bytes(["index", "phecode", "phenotype", "log_hazard", "hazard_ratio", "head"], rows))
-    put("metrics.json", (json.dumps(metrics_document(result, extra), indent=2) + "\n").encode("utf-8"))
+        put(HAZARDS_FILE, _csv_bytes(list(HAZARD_COLUMNS), rows))
+    put(METRICS_FILE, (json.dumps(metrics_document(result, extra), indent=2) + "\n").encode("utf-8"))
     return written
+
+
+def read_hazards(out_dir: Path) -> list[HazardRow] | None:
+    """The hazards a study's outputs hold; None when it has none (no diagnosis head, or not written)."""
+    path = Path(out_dir) / HAZARDS_FILE
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8") as f:
+        return [HazardRow(int(r["index"]), r["phecode"], r["phenotype"], float(r["log_hazard"]), r.get("head") or "")
+                for r in csv.DictReader(f)]
+
+
+def read_metrics(out_dir: Path) -> dict[str, Any] | None:
+    """A study's metrics.json (its sleep metrics under ``sleep``, the age/sex encoding ...); None when absent."""
+    path = Path(out_dir) / METRICS_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))

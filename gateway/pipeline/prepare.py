@@ -26,13 +26,25 @@ class MappingError(ValueError):
 
 
 @dataclass
-class PreparedStudy:
-    study: StudyInput
+class ReadyStudy:
+    """A study decoded, mapped and preprocessed: the one value the engine takes and the outputs describe.
+
+    ``engine_input`` is what the encoder runs on; the rest says how it was made (the montage match,
+    the rows used per modality, gaps and dropped channels) for ``metrics.json``, the study's events and
+    the batch tally. ``recording`` keeps the metadata only (its sample sources detached), so the value
+    crosses process boundaries (an archive batch prepares in worker processes).
+    """
+
+    engine_input: StudyInput
+    recording: Recording
+    table: MontageTable
+    source: str | None
     match: MontageMatch
     channels: dict[str, list[str]]  # modality -> labels used, in row order
-    timings_s: dict[str, float] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)  # read, preprocess (joined to the result's)
     gap_fraction: dict[str, float] = field(default_factory=dict)  # label -> share of the night in gaps
     dropped: dict[str, str] = field(default_factory=dict)  # label -> why it was not used
+    stage_s: dict[str, float] = field(default_factory=dict)  # decode_s, map_s: the pipeline's stage timings
 
 
 def prepare_study(
@@ -41,7 +53,7 @@ def prepare_study(
     key: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     source: str | None = None,
-) -> PreparedStudy:
+) -> ReadyStudy:
     """Map ``recording``'s channels with ``table`` and preprocess them for the engine.
 
     ``source`` (``dicom:<AE title>``, ``folder:<path>``) selects the table's scoped rules.
@@ -102,10 +114,11 @@ def prepare_study(
         # the pipeline's error scrubber removes (it stands for a value) - leaving nothing to read.
         raise MappingError("no usable channel: " + "; ".join(f"{label}: {why}" for label, why in dropped.items()))
     demographics = recording.demographics
-    study = StudyInput(
+    engine_input = StudyInput(
         signals=signals,
         age_years=demographics.age_at(recording.start),
         sex=demographics.sex,
         key=key,
     )
-    return PreparedStudy(study, match, used, {"read": t_read, "preprocess": t_pre}, gaps, dropped)
+    return ReadyStudy(engine_input, recording.detached(), table, source, match, used,
+                      {"read": t_read, "preprocess": t_pre}, gaps, dropped)

@@ -1,14 +1,15 @@
-"""The study steps shared by ``psg-gateway infer`` and the daemon's pipeline: decode, map, infer, store.
+"""The study steps: decode, prepare (map + preprocess), infer, store.
 
-One implementation whichever source fed the study, so a file run by hand and the same file dropped into
-the daemon's folder give the same outputs.
+``psg-gateway infer``, the daemon's workers and the archive batch call these same functions, so a file
+run by hand, the same file dropped into the daemon's folder and the same file in an archive give the
+same outputs. Each step takes and gives one value: paths -> :class:`~gateway.recording.Recording`
+-> :class:`~gateway.pipeline.prepare.ReadyStudy` -> :class:`~inference.results.StudyResult` -> files.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +23,16 @@ from ..readers.dicom_waveform import read_dicom_study
 from ..recording import Annotation, Recording
 from .identifiers import apply_site_identifiers
 from .outputs import write_study_outputs
-from .prepare import PreparedStudy, prepare_study
+from .prepare import ReadyStudy, prepare_study
 from .scoring import agreement, reference_hypnogram
 
 __all__ = [
-    "Decoded",
-    "decode_and_map",
+    "ReadyStudy",
+    "decode_and_prepare",
     "decode_inputs",
-    "infer_prepared",
+    "infer_ready",
     "outputs_extra",
+    "prepare_study",
     "shift_annotations",
     "staging_agreement",
     "store_outputs",
@@ -49,9 +51,10 @@ def decode_inputs(paths: Sequence[Path], filename_pattern: str | None = None, na
     return apply_identifier_limits(read_dicom_study(paths, ignore_unsupported=True), Path(paths[0]))
 
 
-def infer_prepared(engine: Engine, prepared: PreparedStudy, progress: Progress | None = None) -> StudyResult:
-    result = engine.run_many([prepared.study], progress=progress)[0]
-    result.timings_s = {**prepared.timings_s, **result.timings_s}
+def infer_ready(engine: Engine, ready: ReadyStudy, progress: Progress | None = None) -> StudyResult:
+    """Run the engine on a ready study; the result's timings include the read and preprocess times."""
+    result = engine.run_many([ready.engine_input], progress=progress)[0]
+    result.timings_s = {**ready.timings_s, **result.timings_s}
     return result
 
 
@@ -71,53 +74,36 @@ def staging_agreement(result: StudyResult, annotations: Sequence[Annotation]) ->
     return None if reference is None else agreement(result.staging.hypnogram, reference).to_dict()
 
 
-def outputs_extra(table: MontageTable, source: str | None, prepared: PreparedStudy, recording: Recording,
-                  scoring: dict[str, Any] | None) -> dict[str, Any]:
+def outputs_extra(ready: ReadyStudy, scoring: dict[str, Any] | None) -> dict[str, Any]:
     """What metrics.json records beside the model's results: montage, gaps, recording, agreement."""
+    table, recording = ready.table, ready.recording
     return {
-        "montage": {"name": table.name, "version": table.version, "source": source,
-                    "channels": prepared.channels, "unmapped": prepared.match.unmapped,
-                    "ignored": prepared.match.ignored,
-                    "mapping": [c.as_dict() for c in prepared.match.channels]},
-        "gaps": {"fraction_by_channel": prepared.gap_fraction, "dropped_channels": prepared.dropped},
+        "montage": {"name": table.name, "version": table.version, "source": ready.source,
+                    "channels": ready.channels, "unmapped": ready.match.unmapped,
+                    "ignored": ready.match.ignored,
+                    "mapping": [c.as_dict() for c in ready.match.channels]},
+        "gaps": {"fraction_by_channel": ready.gap_fraction, "dropped_channels": ready.dropped},
         "recording": {"duration_s": recording.duration_s, "channels": len(recording.channels),
                       "format": recording.format, "warnings": recording.warnings},
         "staging_agreement": scoring,
     }
 
 
-def store_outputs(result: StudyResult, out_dir: Path, table: MontageTable, source: str | None,
-                  prepared: PreparedStudy, recording: Recording,
+def store_outputs(result: StudyResult, out_dir: Path, ready: ReadyStudy,
                   annotations: Sequence[Annotation] | None = None) -> list[Path]:
-    """Write the study's output files (as ``psg-gateway infer`` does); returns the paths written."""
-    scoring = staging_agreement(result, recording.annotations if annotations is None else annotations)
-    return write_study_outputs(result, out_dir, extra=outputs_extra(table, source, prepared, recording, scoring))
+    """Write the study's output files; returns the paths written. ``annotations``: a scored hypnogram
+    to compare with (default: the recording's own stage annotations)."""
+    scoring = staging_agreement(result, ready.recording.annotations if annotations is None else annotations)
+    return write_study_outputs(result, out_dir, extra=outputs_extra(ready, scoring))
 
 
-def map_recording(recording: Recording, table: MontageTable, key: str, source: str | None,
-                  progress: Progress | None = None) -> PreparedStudy:
-    return prepare_study(recording, table, key=key, source=source, progress=progress)
-
-
-@dataclass
-class Decoded:
-    """A study decoded and mapped, ready for the engine: the recording's metadata (its sample sources
-    detached, so this crosses process boundaries), the engine's input and the table that mapped it."""
-
-    recording: Recording
-    prepared: PreparedStudy
-    table: MontageTable
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-def decode_and_map(paths: Sequence[Path], filename_pattern: str | None, table: MontageTable, key: str,
-                   source: str | None, name: str | None = None) -> Decoded:
+def decode_and_prepare(paths: Sequence[Path], filename_pattern: str | None, table: MontageTable, key: str,
+                       source: str | None, name: str | None = None) -> ReadyStudy:
     """Decode the inputs and map and preprocess their channels: the CPU part of a study, which the
     daemon runs in its worker and an archive batch in worker processes."""
     t0 = time.perf_counter()
     recording = decode_inputs(paths, filename_pattern, name)
     t1 = time.perf_counter()
-    prepared = map_recording(recording, table, key, source)
-    t2 = time.perf_counter()
-    return Decoded(recording.detached(), prepared, table,
-                   {"decode_s": round(t1 - t0, 3), "map_s": round(t2 - t1, 3)})
+    ready = prepare_study(recording, table, key=key, source=source)
+    ready.stage_s = {"decode_s": round(t1 - t0, 3), "map_s": round(time.perf_counter() - t1, 3)}
+    return ready

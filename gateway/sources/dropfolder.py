@@ -53,19 +53,21 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..config import DropFolderConfig
-from ..fsutil import atomic_write, fsync_dir, make_private, open_private, private_dir_mode, private_mkdir
+from ..fsutil import fsync_dir, make_private, open_private, private_dir_mode, private_mkdir
 from ..logging import get_logger
 from ..metrics import Metrics
-from ..readers import DICOM_SUFFIXES, EDF_SUFFIXES
+from ..spool import MANIFEST_NAME, MANIFEST_VERSION, forget_original, spool_name, write_manifest
 
-__all__ = ["MANIFEST_NAME", "ClaimedFile", "DropFolderWatcher", "forget_original", "recover_claims",
-           "spool_name"]
+if TYPE_CHECKING:
+    from .base import Intake
+
+__all__ = ["ClaimedFile", "DropFolderSource", "DropFolderWatcher", "recover_claims"]
 
 log = get_logger(__name__)
 
-MANIFEST_NAME = "claim.json"
 INCOMING = "incoming"
 _MANIFEST_TMP = f".{MANIFEST_NAME}."  # atomic_write's temporary names beside the manifest
 _COPY_SUFFIX = ".copying"  # hidden temporary name of a cross-filesystem copy: .<name>.copying
@@ -77,11 +79,6 @@ _MAX_SIGNALS = 4096
 _INT = re.compile(r"^[+-]?\d+(\.0*)?$")
 _RETRY_FIRST_S = 30.0  # after a failed claim (permission denied), retry after this, doubling
 _RETRY_MAX_S = 3600.0
-MANIFEST_VERSION = 2  # 2: files renamed after the claim id, original path dropped once registered
-# Extensions kept (lower-cased) on the spooled recording; any other becomes .dat, so that a name like
-# "DOE.JANE" does not leave "JANE" behind. The readers sniff the content; these only help an EDF whose
-# header is broken get the EDF reader's reason.
-_KEPT_SUFFIXES = frozenset(EDF_SUFFIXES + DICOM_SUFFIXES)
 
 # The one rename that moves files; a module-level indirection so tests can simulate EXDEV.
 _rename = os.rename
@@ -126,17 +123,6 @@ def _hash_file(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _write_manifest(folder: Path, manifest: dict) -> None:
-    atomic_write(folder / MANIFEST_NAME, json.dumps(manifest, indent=2).encode("utf-8"))
-
-
-def spool_name(original: str, base: str) -> str:
-    """The name a recording called ``original`` gets in the gateway's folders: ``base`` (a claim id or a
-    study key) and the original's extension when it is one the readers know, else ``.dat``."""
-    suffix = Path(original).suffix.lower()
-    return base + (suffix if suffix in _KEPT_SUFFIXES else ".dat")
-
-
 def _irregular_sidecar(recording: Path) -> str | None:
     """Why the recording must wait: a sidecar name beside it that is not a regular file (a symbolic link,
     a folder, a pipe). Claimed without it, the study would go out under the header's identifiers."""
@@ -169,34 +155,6 @@ def _original_sidecar(original: Path, recording: str, sidecar: str) -> Path:
     if sidecar == Path(recording).stem + ".json":
         return original.with_name(original.stem + ".json")
     return original.with_name(sidecar)
-
-
-def forget_original(folder: Path, renames: dict[str, str] | None = None) -> bool:
-    """Drop the original path from the claim manifest in ``folder`` once the study is registered (the
-    database's ``input_name`` keeps the name), and record ``renames`` (old file name -> new) of the
-    recording and its sidecars. Returns True when the manifest was rewritten.
-
-    A manifest that cannot be read is left as it is (a corrupt one is the operator's to look at).
-    """
-    path = Path(folder) / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(manifest, dict):
-        return False
-    renames = renames or {}
-    before = dict(manifest)
-    manifest.pop("original_path", None)
-    if isinstance(manifest.get("recording"), str):
-        manifest["recording"] = renames.get(manifest["recording"], manifest["recording"])
-    if isinstance(manifest.get("sidecars"), list):
-        manifest["sidecars"] = [renames.get(n, n) if isinstance(n, str) else n for n in manifest["sidecars"]]
-    if manifest == before:
-        return False
-    manifest["version"] = MANIFEST_VERSION
-    _write_manifest(Path(folder), manifest)
-    return True
 
 
 def _header_int(raw: bytes) -> int | None:
@@ -562,7 +520,7 @@ class DropFolderWatcher:
         }
         moves: list[_Move] = []
         try:
-            _write_manifest(claim_dir, manifest)
+            write_manifest(claim_dir, manifest)
             moves.append(_move(path, claim_dir / recording, stamp))
             kept: list[str] = []
             for sidecar, target in targets.items():
@@ -573,7 +531,7 @@ class DropFolderWatcher:
                     log.info("dropfolder.sidecar_vanished", claim_id=claim_id)
             if len(kept) != len(sidecars):
                 manifest["sidecars"] = kept
-                _write_manifest(claim_dir, manifest)
+                write_manifest(claim_dir, manifest)
         except FileNotFoundError:
             _rollback(moves, claim_dir)
             log.info("dropfolder.claim_failed", file_key=key, source=folder.source, reason="vanished")
@@ -787,3 +745,51 @@ def _finish_copy(original: Path, claimed: Path, sha: str | None, claim_id: str) 
         log.info("dropfolder.original_removed", claim_id=claim_id)
     except OSError:
         return
+
+
+class DropFolderSource:
+    """The drop folders as a :class:`~gateway.sources.base.Source`: each poll scans them and hands every
+    claimed recording to the intake; a claim the intake could not register stays in the spool and is
+    offered again (``recover_claims``) on the next poll, as claims a crash left are on ``start``."""
+
+    name = "drop_folders"
+
+    def __init__(self, folders: list[DropFolderConfig], spool_dir: Path, intake: Intake, *,
+                 metrics: Metrics | None = None, exclude: Iterable[Path] = ()) -> None:
+        self.intake = intake
+        self._spool_dir = Path(spool_dir)
+        # Registered claims forget the original name (the watcher asks the intake which are registered).
+        self.watcher = DropFolderWatcher(folders, spool_dir, metrics=metrics, exclude=exclude,
+                                         known=intake.known_input)
+        self._recover = False
+
+    def start(self) -> None:
+        """Register the claims a previous run left in the spool unregistered (a crash after the claim)."""
+        self._hand_over(recover_claims(self._spool_dir, self.intake.known_input))
+
+    def poll(self) -> int:
+        claimed = self.watcher.scan()
+        if self._recover:
+            self._recover = False
+            claimed += recover_claims(self._spool_dir, self.intake.known_input)
+        return self._hand_over(claimed)
+
+    def _hand_over(self, claimed: list[ClaimedFile]) -> int:
+        n = 0
+        for claim in claimed:
+            if self.intake.file_claimed(claim):
+                n += 1
+            else:
+                self._recover = True
+        return n
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Nothing runs between polls: a claim in progress finishes inside ``poll``."""
+
+    def health(self) -> dict[str, Any]:
+        held = self.watcher.held
+        problems = []
+        if held:  # file names may hold PHI: the count and the reasons only
+            problems.append(f"drop folders: {len(held)} file(s) held, not claimed: "
+                            f"{'; '.join(sorted(set(held.values())))} (fix or remove the sidecar)")
+        return {"pending_files": self.watcher.pending, "held_files": len(held), "problems": problems}
