@@ -1,6 +1,6 @@
 """Measure each deliberate difference between psg-gateway and the SleepFM release's own path.
 
-Prints one JSON document: for each difference the README lists (section "Where psg-gateway differs from
+Prints one JSON document: for each difference docs/researcher-guide.md lists (section "Where psg-gateway differs from
 the SleepFM release, and why"), the largest change it makes to tokens, 5-minute vectors, stage
 probabilities and log-hazards, on the release's mixed-rate fixture (with the release's outputs) or on a
 synthetic night, with the reference bundle in ../shared/reference/sleepfm (random weights: the sizes are

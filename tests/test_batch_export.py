@@ -201,7 +201,7 @@ def test_readme_example(processed, monkeypatch):
     studies, tmp = processed
     export_studies(studies, tmp / "export")
     monkeypatch.chdir(tmp)
-    # --- as in README.md, "Export for researchers" ---
+    # --- as in docs/researcher-guide.md, "Export for researchers" ---
     studies_df = pd.read_parquet("export/studies.parquet")
     outcomes = pd.read_csv("export/outcomes.csv", dtype=str)
     key = studies_df.study_key[0]

@@ -1,4 +1,4 @@
-"""What the README promises about delivery, on SQLite and PostgreSQL with an independent MLLP peer:
+"""What docs/integration-guide.md promises about delivery, on SQLite and PostgreSQL with an independent MLLP peer:
 every ORU the EHR receives is an attempt in our records (recorded before the first byte leaves); an
 attempt a crash left in flight is marked INTERRUPTED, recorded as a possible duplicate and resent with
 the same MSH-10; one deliverer per destination across processes sharing the database (a lease that

@@ -57,7 +57,7 @@ def outbox_show(message_id: int, config: StoreConfigOption = None, as_json: Json
         err.print(f"no message {message_id}")
         raise typer.Exit(1)
     # Every time the bytes may have reached the EHR: the copies it holds are at least the answered
-    # attempts (ACKED, NAKED) and at most all of them (README, "Delivery guarantee").
+    # attempts (ACKED, NAKED) and at most all of them (docs/integration-guide.md, "Delivery guarantee").
     attempts = [{"attempt": a.attempt, "outcome": a.outcome, "ack": a.ack_code, "holder": a.holder,
                  "started_at": a.started_at.isoformat() if a.started_at else None,
                  "finished_at": a.finished_at.isoformat() if a.finished_at else None, "error": a.error}

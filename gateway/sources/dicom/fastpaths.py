@@ -35,8 +35,8 @@ Early writeback (``install(assoc, early_writeback=True)``, the receiver's ``dico
     file and of its folder still happen.
 
 Why: throughput. ``make bench-receiver`` (bench/bench_receiver.py; ``--compare-fast-paths`` adds runs with
-``dicom.fast_paths: false``) measures the receiver against DCMTK's storescp; the README's *Performance*
-section ("DICOM receiver") has the numbers, with these fast paths in place. They change speed only: the
+``dicom.fast_paths: false``) measures the receiver against DCMTK's storescp; docs/integration-guide.md ("Receiver
+throughput") has the numbers, with these fast paths in place. They change speed only: the
 spooled files (bytes, names, modes), the answers and the receiver's logs are the same with
 ``dicom.fast_paths: false``.
 What is needed for correctness (pynetdicom's temporary files in the receiver's spool, the pending-connection
