@@ -220,7 +220,33 @@ def test_error_empty_and_directory(tmp_path):
     (tmp_path / "empty.edf").write_bytes(b"")
     assert "empty" in str(_reader_error(tmp_path / "empty.edf", "truncated"))
     (tmp_path / "dir.edf").mkdir()
-    assert "directory" in str(_reader_error(tmp_path / "dir.edf", "not_edf"))
+    assert "is a folder, not a file" in str(_reader_error(tmp_path / "dir.edf", "unreadable"))
+
+
+@pytest.mark.parametrize("case", ["missing", "folder", "unreadable"])
+def test_both_readers_report_the_same_os_error_the_same_way(tmp_path, case):
+    """One mapping of OSError to ReaderError (readers.errors.os_error): an EDF and a DICOM file that
+    cannot be opened for the same reason give the same kind and reason, without the path in the reason."""
+    import os
+
+    from gateway.readers.dicom_waveform import read_dicom_study
+
+    if case == "unreadable" and os.geteuid() == 0:
+        pytest.skip("root reads a mode-000 file")
+    errors = []
+    for name, read in (("patient-DOE.edf", read_edf), ("patient-DOE.dcm", lambda p: read_dicom_study([p]))):
+        path = tmp_path / name
+        if case == "folder":
+            path.mkdir()
+        elif case == "unreadable":
+            path.write_bytes(b"\0" * 512)
+            path.chmod(0)
+        with pytest.raises(ReaderError) as info:
+            read(path)
+        errors.append(info.value)
+    edf, dicom = errors
+    assert edf.kind == dicom.kind == ("not_found" if case == "missing" else "unreadable")
+    assert edf.reason == dicom.reason and "DOE" not in edf.reason
 
 
 def test_error_truncated(night, tmp_path):

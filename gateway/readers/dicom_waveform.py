@@ -89,7 +89,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..recording import Annotation, Channel, Demographics, Identifiers, Recording
-from .errors import ReaderError
+from .errors import ReaderError, os_error
 
 __all__ = [
     "ACCEPTED_SOP_CLASSES",
@@ -344,12 +344,6 @@ def _dcmread(path: Path, **kwargs: Any):
 
     try:
         return dcmread(path, **kwargs)
-    except FileNotFoundError:
-        raise ReaderError(path, "file not found", kind="not_found") from None
-    except IsADirectoryError:
-        raise ReaderError(path, "is a folder, not a DICOM file", kind="unreadable") from None
-    except PermissionError as exc:
-        raise ReaderError(path, f"cannot read the file ({exc.strerror})", kind="unreadable") from None
     except InvalidDicomError:
         raise ReaderError(path, "not a DICOM file (no DICM preamble or file meta information)",
                           kind="unsupported") from None
@@ -357,7 +351,7 @@ def _dcmread(path: Path, **kwargs: Any):
         raise ReaderError(path, "DICOM file is truncated (ends inside a data element)",
                           kind="truncated") from None
     except OSError as exc:
-        raise ReaderError(path, f"cannot read the file ({exc})", kind="unreadable") from None
+        raise os_error(path, exc) from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on garbage; none may escape
         raise ReaderError(path, f"DICOM file cannot be parsed ({type(exc).__name__}: {exc})",
                           kind="corrupt") from None

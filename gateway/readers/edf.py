@@ -66,7 +66,7 @@ from .edf_header import (
     read_header,
     require_data_records,
 )
-from .errors import ReaderError
+from .errors import ReaderError, os_error
 
 __all__ = ["ReaderError", "read_edf"]
 
@@ -134,7 +134,7 @@ def read_edf(path: str | Path, *, sample_reader: Literal["numpy", "pyedflib"] = 
     try:
         stamp = FileStamp.of(path)
     except OSError as exc:
-        raise ReaderError(path, f"cannot stat file: {exc.strerror or exc}", kind="unreadable") from None
+        raise os_error(path, exc, "cannot stat the file") from None
     notes = list(header.warnings)
     recording: Recording | None = None
     if not header.raw_reasons:

@@ -59,7 +59,7 @@ from .edf_header import (
     require_data_records,
     start_plus,
 )
-from .errors import ReaderError
+from .errors import ReaderError, os_error
 
 __all__ = ["MAX_TIMELINE_S", "Placement", "RecordSource", "build_raw_recording", "read_raw_edf"]
 
@@ -179,7 +179,7 @@ class RecordSource:
                     except BufferError:  # a view is still referenced (only after an error): GC closes it
                         pass
         except OSError as exc:
-            raise ReaderError(self.path, f"cannot read samples: {exc.strerror or exc}", kind="unreadable") from exc
+            raise os_error(self.path, exc, "cannot read samples") from exc
         return out
 
     def _gather(self, mapped: mmap.mmap, out: np.ndarray) -> None:
@@ -237,7 +237,7 @@ def _annotation_bytes(header: EdfHeader, index: int) -> np.ndarray:
                 except BufferError:
                     pass
     except OSError as exc:
-        raise ReaderError(path, f"cannot read the annotations: {exc.strerror or exc}", kind="unreadable") from None
+        raise os_error(path, exc, "cannot read the annotations") from None
     return out
 
 
@@ -375,7 +375,7 @@ def _stamp(path: Path) -> FileStamp:
     try:
         return FileStamp.of(path)
     except OSError as exc:
-        raise ReaderError(path, f"cannot stat file: {exc.strerror or exc}", kind="unreadable") from None
+        raise os_error(path, exc, "cannot stat the file") from None
 
 
 def read_raw_edf(path: str | Path, *, warnings: list[str] | None = None) -> Recording:

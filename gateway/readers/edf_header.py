@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..recording import Demographics, Identifiers
-from .errors import ReaderError
+from .errors import ReaderError, os_error
 
 __all__ = [
     "ANNOTATION_LABELS",
@@ -100,7 +100,7 @@ def check_unchanged(path: Path, stamp: FileStamp) -> None:
     except FileNotFoundError as exc:
         raise ReaderError(path, "file has gone since it was decoded", kind="not_found") from exc
     except OSError as exc:
-        raise ReaderError(path, f"cannot stat file: {exc.strerror or exc}", kind="unreadable") from exc
+        raise os_error(path, exc, "cannot stat the file") from exc
     if now != stamp:
         raise ReaderError(path, "file changed since it was decoded (size or modification time differ)",
                           kind="corrupt")
@@ -303,8 +303,6 @@ def _printable(raw: bytes) -> bool:
 def read_header(path: Path) -> EdfHeader:
     """Parse and check the header of an EDF/BDF file. Raises :class:`ReaderError` naming the field."""
     try:
-        if path.is_dir():
-            raise ReaderError(path, "is a directory, not an EDF/BDF file", kind="not_edf")
         size = path.stat().st_size
         with open(path, "rb") as fh:
             fixed = fh.read(256)
@@ -321,14 +319,8 @@ def read_header(path: Path) -> EdfHeader:
                 raise ReaderError(path, f"not a valid EDF/BDF file: the number of signals is {n_signals}",
                                   kind="corrupt")
             signal_header = fh.read(256 * n_signals)
-    except FileNotFoundError:
-        raise ReaderError(path, "file not found", kind="not_found") from None
-    except PermissionError:
-        raise ReaderError(path, "permission denied", kind="unreadable") from None
-    except IsADirectoryError:
-        raise ReaderError(path, "is a directory, not an EDF/BDF file", kind="not_edf") from None
     except OSError as exc:
-        raise ReaderError(path, f"cannot read file: {exc.strerror or exc}", kind="unreadable") from None
+        raise os_error(path, exc) from None
 
     if len(signal_header) < 256 * n_signals:
         raise ReaderError(path, f"truncated inside the header ({size} bytes, the header of {n_signals} "
