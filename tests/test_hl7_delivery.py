@@ -171,3 +171,36 @@ def test_resend_of_a_delivered_message(repo, peer):
     assert d.drain() == 1
     assert peer.control_ids == [control, control] and repo.get(study_id).state == State.DELIVERED
     assert hl7.parse(peer.received[1]).segment("MSH")[10][0] == control
+
+
+def test_every_event_of_a_try_names_its_message_through_the_bound_context(repo, peer):
+    """The delivery job binds message_id/study_id/control_id once per try (structlog contextvars); each
+    event carries them although no call passes them, and nothing of them is left bound afterwards."""
+    import io
+    import json
+    import logging
+
+    import structlog
+
+    from gateway.logging import configure_logging
+
+    saved, handlers, buf = structlog.get_config(), list(logging.getLogger().handlers), io.StringIO()
+    configure_logging("debug", json=True, stream=buf)
+    try:
+        d = _deliverer(repo, peer)
+        [(study_id, control)] = _queue(repo, 1, f"127.0.0.1:{peer.port}")
+        peer.script.extend([PeerAction.ack("AR", text="busy"), PeerAction.ack("AE", text="unknown patient")])
+        d.drain()
+        time.sleep(0.1)
+        d.drain()
+        d.close()
+    finally:
+        structlog.configure(**saved)
+        for h in [h for h in logging.getLogger().handlers if h not in handlers]:
+            logging.getLogger().removeHandler(h)
+    events = {e["event"]: e for e in map(json.loads, buf.getvalue().splitlines())}
+    message_id = repo.messages(study_id=study_id)[0].id
+    for name in ("message.retry_scheduled", "message.dead_letter"):
+        assert (events[name]["message_id"], events[name]["study_id"], events[name]["control_id"]) == (
+            message_id, study_id, control)
+    assert structlog.contextvars.get_contextvars() == {}

@@ -34,6 +34,8 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from structlog.contextvars import bound_contextvars
+
 from ..backoff import backoff_delay
 from ..config import Hl7Config
 from ..crashpoints import crashpoint
@@ -89,7 +91,10 @@ class Deliverer:
                     msg = self.repo.next_message(self.cfg.destination)
                     if msg is None:
                         break
-                    if not self._deliver(msg):
+                    # Every event of this try names the message (bound once, not passed at each call).
+                    with bound_contextvars(message_id=msg.id, study_id=msg.study_id, control_id=msg.control_id):
+                        delivered = self._deliver(msg)
+                    if not delivered:
                         break  # backoff or lease lost: the queue holds behind this message
                     sent += 1
             except BaseException:
@@ -154,7 +159,7 @@ class Deliverer:
         attempt = self.repo.begin_attempt(msg, self.holder, self.cfg.delivery_lease_seconds)
         if attempt is None:  # the lease went to another node, or the message is no longer pending
             self._held_at = None
-            log.warning("delivery.lease_lost", destination=self.cfg.destination, message_id=msg.id)
+            log.warning("delivery.lease_lost", destination=self.cfg.destination)
             return False
         crashpoint("delivery.recorded")
         try:
@@ -170,8 +175,7 @@ class Deliverer:
             self.last_delivered_at = datetime.now(UTC)
             if self.metrics is not None:
                 self.metrics.study_transitions.labels("DELIVERED").inc()
-            log.info("message.delivered", message_id=msg.id, study_id=msg.study_id, control_id=msg.control_id,
-                     ack=ack.code, correction=msg.correction, attempt=attempt.attempt)
+            log.info("message.delivered", ack=ack.code, correction=msg.correction, attempt=attempt.attempt)
             self._finished(msg)
             return True
         if ack.rejected_permanently:
@@ -188,8 +192,7 @@ class Deliverer:
         self.repo.message_retry_later(msg, attempt, error, delay, ack.code if ack else None)
         self._failed_with(ack.code if ack else error.partition(":")[0])
         self._count("not_connected" if attempt is None else ("naked" if ack else "error"))
-        log.warning("message.retry_scheduled", message_id=msg.id, study_id=msg.study_id,
-                    control_id=msg.control_id, attempt=tries, delay_s=round(delay, 1), error=error[:200])
+        log.warning("message.retry_scheduled", attempt=tries, delay_s=round(delay, 1), error=error[:200])
         return False
 
     def _dead(self, msg: Message, attempt: DeliveryAttempt | None, reason: str, ack: Ack | None) -> None:
@@ -198,8 +201,7 @@ class Deliverer:
         self._failed_with(ack.code if ack else "dead letter")
         if self.metrics is not None:
             self.metrics.study_transitions.labels("FAILED").inc()
-        log.error("message.dead_letter", message_id=msg.id, study_id=msg.study_id, control_id=msg.control_id,
-                  reason=reason[:300])
+        log.error("message.dead_letter", reason=reason[:300])
         self._finished(msg)
 
     def _failed_with(self, kind: str) -> None:
@@ -212,7 +214,7 @@ class Deliverer:
         try:
             self._on_finished(msg.study_id)
         except Exception as exc:  # noqa: BLE001 - the state is committed; the next start reconciles
-            log.error("delivery.input_move_failed", study_id=msg.study_id, error=type(exc).__name__)
+            log.error("delivery.input_move_failed", error=type(exc).__name__)
 
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:
