@@ -109,11 +109,11 @@ def db_upgrade(config: ConfigOption = None) -> None:
 @db_app.command("current")
 def db_current(config: StoreConfigOption = None) -> None:
     """Show the schema revision of the database and the one this version expects."""
-    from ..store.db import current_revision, head_revision, make_engine
-    from .store_access import require_config, sqlite_file
+    from ..store.db import current_revision, head_revision, make_engine, sqlite_path
+    from .store_access import require_config
 
     cfg = require_config(config)
-    file = sqlite_file(cfg.database_url)
+    file = sqlite_path(cfg.database_url)
     # looking must not create the database: sqlite3 creates a missing file on connect
     missing = file is not None and not file.is_file()
     now = None if missing else current_revision(make_engine(cfg.database_url))

@@ -20,10 +20,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from ..config import GatewayConfig
-from ..store.db import current_revision, head_revision, make_engine, normalise_url
+from ..store.db import current_revision, head_revision, make_engine, normalise_url, sqlite_path
 from ..store.repo import Repo
 
-__all__ = ["CONFIG_ENV", "StoreConfigOption", "open_store", "require_config", "shown_url", "sqlite_file"]
+__all__ = ["CONFIG_ENV", "StoreConfigOption", "open_store", "require_config", "shown_url"]
 
 CONFIG_ENV = "PSG_CONFIG"
 
@@ -59,14 +59,6 @@ def shown_url(url: str) -> str:
         return "(unparseable database URL)"
 
 
-def sqlite_file(url: str) -> Path | None:
-    """The file of a SQLite URL (None for another backend or an in-memory database)."""
-    u = make_url(normalise_url(url))
-    if u.get_backend_name() != "sqlite" or not u.database or u.database == ":memory:":
-        return None
-    return Path(u.database)
-
-
 def _check_schema(engine: Engine, shown: str) -> None:
     try:
         now = current_revision(engine)
@@ -93,15 +85,15 @@ def open_store(config: Path | None) -> tuple[GatewayConfig, Repo]:
     cfg = require_config(config)
     url = cfg.database_url
     shown = shown_url(url)
-    try:
-        file = sqlite_file(url)
-    except ArgumentError:
-        _refuse("the configured database URL cannot be parsed", 1)
     # make_engine creates the SQLite file's folder and sqlite3 creates the file on connect: look first.
+    file = sqlite_path(url)
     if file is not None and not file.is_file():
         _refuse(f"database {shown} does not exist: create it with `psg-gateway db upgrade` "
                 "(or start the daemon)", 1)
-    engine = make_engine(url)
+    try:
+        engine = make_engine(url)
+    except ArgumentError:
+        _refuse("the configured database URL cannot be parsed", 1)
     _check_schema(engine, shown)
     err.print(f"database: {shown}", style="dim", highlight=False, markup=False, soft_wrap=True)
     return cfg, Repo(engine)

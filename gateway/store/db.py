@@ -63,11 +63,10 @@ def make_engine(url: str, echo: bool = False) -> Engine:
     """An engine with the pragmas and pool settings each backend needs."""
     url = normalise_url(url)
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[1] if "///" in url else ""
-        if path and path != ":memory:":
-            private_mkdir(Path(path).parent)
-        engine = create_engine(url, echo=echo, connect_args={"timeout": 30, "check_same_thread": False})
         database = sqlite_path(url)
+        if database is not None:
+            private_mkdir(database.parent)
+        engine = create_engine(url, echo=echo, connect_args={"timeout": 30, "check_same_thread": False})
         if database is not None:
 
             @event.listens_for(engine, "do_connect")
