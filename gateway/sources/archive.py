@@ -94,14 +94,8 @@ def discover(roots: Sequence[Path], *, since: date | None = None, include: Seque
                 found.skipped["excluded (--exclude)"] += 1
                 continue
             kind = _kind(path)
-            if files_as_items and path == root:
+            if kind == "edf" or (files_as_items and path == root):  # a file named directly: one study
                 recorded = _edf_date(path) if kind == "edf" else None
-                if since and (recorded or _mtime_date(path)) < since:
-                    found.skipped["recorded before --since"] += 1
-                    continue
-                found.items.append(ArchiveItem("file", root, rel, (path,), recorded))
-            elif kind == "edf":
-                recorded = _edf_date(path)
                 if since and (recorded or _mtime_date(path)) < since:
                     found.skipped["recorded before --since"] += 1
                     continue
