@@ -8,7 +8,7 @@ DEMO_DIR ?= demo-out
 DEMO_HOURS ?= 8
 PYTEST_ARGS ?=
 
-.PHONY: install demo run peers test bench bench-receiver bench-hl7 bench-batch bench-differences lint clean
+.PHONY: install demo run peers test test-fast test-integration test-e2e bench bench-receiver bench-hl7 bench-batch bench-differences lint clean
 
 # torch first, pinned: a bare or open-ended torch requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -44,8 +44,21 @@ peers:
 	  { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q dcmtk >/dev/null; } || \
 	  echo "could not install DCMTK: DICOM peer tests will be skipped"; }
 
+# Every test, every layer (what CI runs through .ci/run).
 test: $(STAMP) $(TEST_EXTRAS) peers
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The test layers (tests/README.md). make test-fast is the edit-and-rerun loop, well under a minute: the
+# unit layer (no DCMTK, PostgreSQL, Ray, listener, daemon or pipeline on a night) without the slow tests.
+# make test-integration: the real peers; make test-e2e: the whole product. Neither replaces make test.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "unit and not slow" $(PYTEST_ARGS)
+
+test-integration: $(STAMP) $(TEST_EXTRAS) peers
+	$(BIN)/python -m pytest -m integration $(PYTEST_ARGS)
+
+test-e2e: $(STAMP) $(TEST_EXTRAS) peers
+	$(BIN)/python -m pytest -m e2e $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_night.py

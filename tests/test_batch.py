@@ -62,6 +62,8 @@ from gateway.synthetic.night import DEFAULT_BENCH_CHANNELS, SyntheticChannel, wr
 from inference.bundle import ensure_demo_bundle, load_bundle
 from inference.engine import Engine, EngineOptions
 
+pytestmark = pytest.mark.e2e
+
 HOURS = 0.1  # 6 minutes: two 5-minute windows per modality; a study takes well under a second
 NODE = "testnode"
 EXE = Path(sys.executable).with_name("psg-gateway")

@@ -15,7 +15,7 @@ from gateway.config import load_config
 from gateway.store.models import State
 from gateway.synthetic.night import write_synthetic_night
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 def _ray():

@@ -68,7 +68,7 @@ from gateway.synthetic.dicom_study import write_psg_study
 from gateway.synthetic.night import write_synthetic_night
 from inference.bundle import make_demo_bundle
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 SEED = int(os.environ.get("PSG_CHAOS_SEED", "14"))
 STABLE_AGE = 3.0  # dicom.stable_age_seconds; the downtime after the mid-C-STORE kill is longer

@@ -21,7 +21,7 @@ from gateway.synthetic.dicom_study import write_psg_study
 from gateway.synthetic.night import write_synthetic_night
 from inference.bundle import make_demo_bundle
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,8 @@ from typer.testing import CliRunner
 from gateway.cli.main import app
 from inference.bundle import ensure_demo_bundle, load_bundle
 
+pytestmark = pytest.mark.slow
+
 runner = CliRunner()
 
 

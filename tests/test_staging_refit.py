@@ -27,6 +27,8 @@ from inference.staging_refit import (
     staging_scores,
 )
 
+pytestmark = pytest.mark.slow
+
 EPOCHS_PER_NIGHT = 60  # 0.5 h: 360 tokens
 # Plausible transitions between runs of one stage (W, N1, N2, N3, REM).
 NEXT = {0: [1, 1, 2], 1: [2, 2, 0], 2: [3, 4, 1, 0], 3: [2, 2, 4], 4: [2, 1, 0]}

@@ -23,7 +23,7 @@ import yaml
 
 from inference.bundle import make_demo_bundle
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 EXE = Path(sys.executable).with_name("psg-gateway")
 
 
