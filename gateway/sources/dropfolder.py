@@ -765,7 +765,9 @@ class DropFolderSource:
 
     def start(self) -> None:
         """Register the claims a previous run left in the spool unregistered (a crash after the claim)."""
-        self._hand_over(recover_claims(self._spool_dir, self.intake.known_input))
+        recovered = self._hand_over(recover_claims(self._spool_dir, self.intake.known_input))
+        if recovered:
+            log.info("dropfolder.claims_recovered", claims=recovered)
 
     def poll(self) -> int:
         claimed = self.watcher.scan()
