@@ -113,12 +113,17 @@ class EngineOptions:
         default.
     windows_per_batch : int, optional
         5-minute windows per encoder forward pass; ``None``: 64 on CUDA, 4 on CPU.
+    modality_attribution : bool, default True
+        Also run the diagnosis head once per present modality with that modality masked, and report
+        the change in each log-hazard (:attr:`inference.results.Hazards.attribution`). One head pass
+        per modality on the encoded tokens; the encoder does not run again.
     """
 
     device: str = "auto"
     precision: str = "fp32"
     threads: int | None = None
     windows_per_batch: int | None = None
+    modality_attribution: bool = True
 
 
 @dataclass(frozen=True)
@@ -506,6 +511,9 @@ class Engine:
             demo = torch.tensor([[age_feature, sex_feature]], device=self.device)
             log_hazard = self.bundle.diagnosis(stacked[:, :, :diagnosis_tokens], demo, modality_mask)
             hazards = Hazards(log_hazard[0].float().cpu().numpy(), self.bundle.outcomes)
+            if self.options.modality_attribution and len(present) > 1:
+                hazards.attribution = self._attribution(stacked[:, :, :diagnosis_tokens], demo, modality_mask,
+                                                        present, hazards.log_hazard)
         hazards, site_results = self._site_heads(study, night, tokens, hazards)
         return StudyResult(
             key=study.key,
@@ -548,8 +556,24 @@ class Engine:
                     values.append(lp)
             if head.apnea is not None:
                 site[head.name] = apply_apnea(head, night, {m: t.numpy() for m, t in tokens.items()})
-        merged = Hazards(np.asarray(values, dtype=np.float32), outcomes) if outcomes else hazards
-        return merged, site
+        if not outcomes:
+            return hazards, site
+        attribution = {} if hazards is None else hazards.attribution
+        return Hazards(np.asarray(values, dtype=np.float32), outcomes, attribution), site
+
+    def _attribution(self, stacked: Tensor, demo: Tensor, modality_mask: Tensor, present: list[str],
+                     log_hazard: np.ndarray) -> dict[str, np.ndarray]:
+        """The diagnosis head once per present modality with that modality masked: how much each moved
+        every log-hazard (the head masks a modality as it masks a missing one)."""
+        head = self.bundle.diagnosis
+        assert head is not None
+        out: dict[str, np.ndarray] = {}
+        for modality in present:
+            mask = modality_mask.clone()
+            mask[0, MODALITIES.index(modality)] = True
+            without = head(stacked, demo, mask)[0].float().cpu().numpy()
+            out[modality] = (log_hazard - without).astype(np.float32)
+        return out
 
     def _stage(self, stacked: Tensor, modality_mask: Tensor) -> np.ndarray:
         """Stage probabilities per token; nights longer than the head's positional table go in

@@ -152,10 +152,18 @@ class Hazards:
     outcomes : list of Outcome
         The ``K`` outcomes: the bundle's diagnosis head's (1065 phecodes in the release), followed
         by those of a site's own Cox heads (their :attr:`Outcome.head` names the head).
+    attribution : dict of str to numpy.ndarray, optional
+        Modality attribution of the bundle's diagnosis head: for each modality present, the change
+        in log-hazard it makes, ``log_hazard - log_hazard_with_it_masked``, one value per outcome of
+        the bundle's head (its first ``len(...)`` outcomes; a site's Cox heads are not attributed).
+        Positive: the modality raised the outcome's risk score. Masking uses the head's own modality
+        mask, as for a modality that is missing. Empty when one modality alone was present (nothing
+        would be left to score) or the engine ran without attribution.
     """
 
     log_hazard: np.ndarray  # (K,) float32
     outcomes: list[Outcome]
+    attribution: dict[str, np.ndarray] = field(default_factory=dict)  # modality -> (K_bundle,) float32
 
     @property
     def hazard_ratio(self) -> np.ndarray:

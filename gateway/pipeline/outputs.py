@@ -11,6 +11,9 @@ OUT/
   metrics.json              sleep metrics, modalities, windows (tail), diagnosis input, demographics
                             encoding, montage, model bundle, timings
   hazards.csv               index, phecode, phenotype, log_hazard, hazard_ratio, head ("" or a site head)
+  attribution.csv           index, phecode, phenotype, then per modality present the change in log_hazard
+                            it makes (log_hazard - log_hazard with it masked; the bundle's head only,
+                            written when two or more modalities were present)
 ```
 """
 
@@ -30,10 +33,24 @@ from inference.results import STAGES, TOKEN_SECONDS, TOKENS_PER_EPOCH, TOKENS_PE
 
 from ..fsutil import atomic_write, durable_mkdir
 
-__all__ = ["HAZARDS_FILE", "HYPNOGRAM_FILE", "METRICS_FILE", "NIGHT_FILE", "HazardRow", "hypnogram_rows",
-           "metrics_document", "read_hazards", "read_metrics", "windows_document", "write_study_outputs"]
+__all__ = [
+    "ATTRIBUTION_FILE",
+    "HAZARDS_FILE",
+    "HYPNOGRAM_FILE",
+    "METRICS_FILE",
+    "NIGHT_FILE",
+    "HazardRow",
+    "hypnogram_rows",
+    "metrics_document",
+    "read_attribution",
+    "read_hazards",
+    "read_metrics",
+    "windows_document",
+    "write_study_outputs",
+]
 
 HAZARDS_FILE = "hazards.csv"
+ATTRIBUTION_FILE = "attribution.csv"
 HYPNOGRAM_FILE = "hypnogram.csv"
 METRICS_FILE = "metrics.json"
 NIGHT_FILE = "night.npy"
@@ -120,6 +137,10 @@ def metrics_document(result: StudyResult, extra: dict[str, Any] | None = None) -
         "precision": result.precision,
         "timings_s": {k: round(v, 4) for k, v in result.timings_s.items()},
     }
+    if result.hazards is not None and result.hazards.attribution:
+        doc["attribution"] = {"file": ATTRIBUTION_FILE, "modalities": list(result.hazards.attribution),
+                              "method": "the diagnosis head with one modality masked at a time; the change "
+                                        "in log-hazard the modality makes"}
     if result.site_results:
         doc["site_heads"] = result.site_results
     if not result.validated:
@@ -150,6 +171,11 @@ def write_study_outputs(result: StudyResult, out_dir: Path, extra: dict[str, Any
         rows = [[o.index, o.phecode, o.name, f"{lh:.6f}", f"{hr:.6f}", o.head]
                 for o, lh, hr in zip(hz.outcomes, hz.log_hazard, hz.hazard_ratio)]
         put(HAZARDS_FILE, _csv_bytes(list(HAZARD_COLUMNS), rows))
+        if hz.attribution:
+            modalities = list(hz.attribution)
+            rows = [[o.index, o.phecode, o.name, *(f"{hz.attribution[m][i]:.6f}" for m in modalities)]
+                    for i, o in enumerate(hz.outcomes[: len(hz.attribution[modalities[0]])])]
+            put(ATTRIBUTION_FILE, _csv_bytes(["index", "phecode", "phenotype", *modalities], rows))
     put(METRICS_FILE, (json.dumps(metrics_document(result, extra), indent=2) + "\n").encode("utf-8"))
     return written
 
@@ -170,3 +196,14 @@ def read_metrics(out_dir: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_attribution(out_dir: Path) -> dict[str, dict[str, float]] | None:
+    """``{phecode: {modality: change in log-hazard}}`` from a study's attribution.csv; None when absent."""
+    path = Path(out_dir) / ATTRIBUTION_FILE
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        modalities = [c for c in reader.fieldnames or [] if c not in ("index", "phecode", "phenotype")]
+        return {r["phecode"]: {m: float(r[m]) for m in modalities} for r in reader}
