@@ -265,11 +265,18 @@ class FlagOutcome(_Section):
     code: str | None = None  # our local code in OBX-3/OBX-5; default PSG-<label, upper-cased>
     hazard_ratio: float | None = Field(None, gt=0)  # flag when the hazard ratio is at least this
     percentile: float | None = Field(95.0, gt=0, lt=100)  # or when it is in the site's top (100 - p) %
+    # A second look: a study at or above this site percentile but below ``percentile`` is marked
+    # borderline for this outcome: not flagged, listed for review. None: no second-look band.
+    second_look_percentile: float | None = Field(None, gt=0, lt=100)
 
     @model_validator(mode="after")
     def _one_threshold(self) -> FlagOutcome:
         if self.hazard_ratio is None and self.percentile is None:
             raise ValueError("set hazard_ratio or percentile (or both: either one flags)")
+        if self.second_look_percentile is not None and (
+                self.percentile is None or self.second_look_percentile >= self.percentile):
+            raise ValueError("second_look_percentile must be below percentile (the band just under the "
+                             "flag threshold, e.g. 90 for percentile 95)")
         return self
 
 

@@ -53,5 +53,9 @@ class Metrics:
             "psg_montage_reload_failing",
             "1 while the montage table file does not load (the last good table is still in use), else 0",
             registry=r)
+        self.flag_outcomes = Counter(
+            "psg_flag_outcomes_total",
+            "Watched outcomes decided by the flag step: flagged, or second_look (in the band below the threshold)",
+            ["decision"], registry=r)
         self.last_scan = Gauge(
             "psg_last_scan_timestamp_seconds", "When the drop folders were last scanned", registry=r)

@@ -79,3 +79,27 @@ def test_default_policy_and_watched_values():
 def test_outcome_needs_a_threshold():
     with pytest.raises(ValueError, match="set hazard_ratio or percentile"):
         FlagOutcome(label="death", percentile=None)
+
+
+def test_second_look_band_marks_borderline_studies_without_flagging_them():
+    cfg = FlagsConfig(outcomes=[FlagOutcome(label="death", percentile=95, second_look_percentile=90)],
+                      percentile_min_reference=10)
+    for percentile, flagged, borderline in ((96.0, True, False), (92.5, False, True), (90.0, False, True),
+                                            (89.9, False, False)):
+        d = evaluate(cfg, ROWS, SLEEP, lambda label, v, p=percentile: (p, 50))
+        assert bool(d.flags) is flagged and bool(d.borderline) is borderline, percentile
+        assert not d.flagged or flagged  # a borderline outcome alone sends nothing in flagged_only mode
+    d = evaluate(cfg, ROWS, SLEEP, lambda label, v: (92.5, 50))
+    [b] = d.borderline
+    assert (b.label, b.code, b.percentile, b.reference_size) == ("death", "PSG-DEATH", 92.5, 50)
+    assert b.reason == "percentile 92.5 in the second-look band 90 to 95 (site reference of 50 studies)"
+    assert d.as_dict()["borderline"][0]["code"] == "PSG-DEATH"
+    # below the minimum reference, no band either: percentiles are not computed at all
+    assert evaluate(cfg, ROWS, SLEEP, lambda label, v: (92.5, 5)).borderline == []
+
+
+@pytest.mark.parametrize("band", [{"second_look_percentile": 95}, {"second_look_percentile": 97},
+                                  {"second_look_percentile": 90, "percentile": None, "hazard_ratio": 2.0}])
+def test_a_second_look_band_must_lie_below_a_percentile_threshold(band):
+    with pytest.raises(ValueError, match="second_look_percentile must be below percentile"):
+        FlagOutcome(label="death", **band)

@@ -56,7 +56,7 @@ def test_file_study_goes_to_inferred_with_outputs_and_input_in_processed(env, ni
     events = [(e.event, e.to_state) for e in repo.events(study.id)]
     assert events[-4:] == [("study.decoded", "DECODED"), ("study.mapped", "MAPPED"), ("study.inferred", "INFERRED"),
                            ("study.flagged", "FLAGGED")]
-    assert set(done.flags) == {"flags", "findings", "notes"}
+    assert set(done.flags) == {"flags", "findings", "notes", "borderline"}
     assert done.montage_version and done.bundle_name == "sleepfm-demo-untrained" and len(done.bundle_hash) == 64
     assert set(done.timings) == {"decode_s", "map_s", "infer_s", "store_s"}
     assert not pipe.run_once("n:1:w0")  # nothing left
@@ -275,6 +275,50 @@ def test_flagged_study_is_queued_with_its_message_in_one_step(env, night_bytes):
     assert Path(done.input_path).parent == paths.processed / study.key
     # the reference now holds this study's watched hazards
     assert repo.percentile("death", done.bundle_hash, 1e9)[1] == 1
+
+
+def test_a_study_in_the_second_look_band_is_listed_for_review_not_flagged(env, night_bytes, tmp_path, db_url):
+    """A reference of 20 earlier studies (19 far below, 1 far above) puts this night at percentile 95.0:
+    under a threshold of 96 and inside the band from 90. Not flagged; borderline in its stored flags,
+    named in the message's NTE (send_mode always), counted, and listed by studies list --second-look."""
+    import hl7
+    from typer.testing import CliRunner
+
+    from gateway.cli.main import app
+    from gateway.config import FlagOutcome, FlagsConfig, Hl7Config
+
+    repo, pipe, paths = env
+    model_hash = pipe.bundle.identity.model_hash
+    for i in range(20):
+        earlier = repo.register_file(source="folder:/in", path=f"/elsewhere/{i}.edf", name=f"{i}.edf",
+                                     sha256=f"{i:064x}", filename_pattern=None, actor="t").study
+        repo.add_reference(earlier.id, model_hash, {"death": 1e6 if i == 0 else -1e6})
+        repo.transition(repo.claim("t", 60), State.FAILED, "t", "study.failed")  # done: no worker takes it
+    pipe.flags = FlagsConfig(outcomes=[FlagOutcome(label="death", percentile=96, second_look_percentile=90)],
+                             percentile_min_reference=20, send_mode="always")
+    pipe.hl7 = Hl7Config(enabled=True, port=2575)
+    study = spool_file(paths, "night.edf", night_bytes, repo)
+    pipe.run_once("w")
+    done = repo.get(study.id)
+    assert done.state == State.QUEUED and done.flags["flags"] == []
+    [borderline] = done.flags["borderline"]
+    assert (borderline["code"], borderline["percentile"], borderline["reference_size"]) == ("PSG-DEATH", 95.0, 20)
+    notes = [str(seg[3]) for seg in hl7.parse(repo.messages(study_id=study.id)[0].message).segments("NTE")]
+    assert any(n.startswith("Second look (not flagged): death: percentile 95.0 in the second-look band 90 to 96")
+               for n in notes), notes
+    assert pipe.metrics.registry.get_sample_value("psg_flag_outcomes_total", {"decision": "second_look"}) == 1
+    assert [e.detail.get("second_look") for e in repo.events(study.id) if e.event == "study.queued"] == [["PSG-DEATH"]]
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"paths:\n  var_dir: {tmp_path / 'var-cli'}\n")
+    runner = CliRunner()
+    env_vars = {"PSG__DATABASE__URL": db_url, "PSG_CONFIG": None}
+    listed = runner.invoke(app, ["studies", "list", "--second-look", "--json", "--config", str(cfg)], env=env_vars)
+    assert listed.exit_code == 0, listed.output
+    import json
+
+    rows = json.loads(listed.stdout)
+    assert [(r["key"], r["second_look"]) for r in rows] == [(study.key, ["PSG-DEATH"])]
 
 
 def test_nothing_flagged_ends_flagged_without_message(env, night_bytes):

@@ -58,17 +58,25 @@ def studies_list(
     config: StoreConfigOption = None,
     state: Annotated[str | None, typer.Option(help="Only this state (READY, FAILED, ...)")] = None,
     limit: Annotated[int, typer.Option(help="Newest N studies")] = 50,
+    second_look: Annotated[bool, typer.Option(
+        "--second-look", help="Only studies with an outcome in its second-look band (among the newest N)")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Newest studies first, with state and last error."""
-    rows = [_summary(s) for s in _repo(config).list(state=state, limit=limit)]
+    studies = _repo(config).list(state=state, limit=limit)
+    if second_look:
+        studies = [s for s in studies if (s.flags or {}).get("borderline")]
+    rows = [_summary(s) | ({"second_look": [b["code"] for b in s.flags["borderline"]]} if second_look else {})
+            for s in studies]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table("id", "key", "state", "v", "source", "received", "last error")
+    table = Table("id", "key", "state", "v", "source", "received", "last error",
+                  *(["second look"] if second_look else []))
     for r in rows:
         table.add_row(str(r["id"]), r["key"], r["state"], str(r["version"]), r["source"],
-                      (r["received_at"] or "")[:19], (r["last_error"] or "")[:60])
+                      (r["received_at"] or "")[:19], (r["last_error"] or "")[:60],
+                      *([", ".join(r["second_look"])] if second_look else []))
     out.print(table)
 
 
@@ -84,6 +92,7 @@ def studies_show(ref: Annotated[str, typer.Argument(help="Study id or key")], co
         "input": {"path": s.input_path, "name": s.input_name, "sha256": s.content_hash},
         "montage": {"name": s.montage_name, "version": s.montage_version, "mapping": s.mapping},
         "model": {"bundle": s.bundle_name, "version": s.bundle_version, "hash": s.bundle_hash},
+        "flags": s.flags,
         "timings": s.timings,
         "instances": len(repo.instances_of(s.id)),
         "outputs": [{"name": o.name, "size": o.size, "version": o.version} for o in repo.outputs(s.id)],

@@ -93,7 +93,9 @@ def study_message_parts(study: Study, decision: FlagDecision, sleep: dict[str, A
                      percentile=None if f.percentile is None else round(f.percentile, 1), reason=f.reason,
                      head=f"Site head {f.head} (CoxPH)" if f.head else None)
              for f in decision.flags]
-    notes = [f"Finding: {f.reason}" for f in decision.findings] + list(decision.notes)
+    notes = ([f"Finding: {f.reason}" for f in decision.findings]
+             + [f"Second look (not flagged): {b.phenotype}: {b.reason}" for b in decision.borderline]
+             + list(decision.notes))
     return oru_study, flags, _metrics(sleep) if include_metrics else [], notes
 
 

@@ -16,6 +16,7 @@ from ..config import FlagOutcome, FlagsConfig, SleepFinding
 from .outputs import HazardRow
 
 __all__ = [
+    "Borderline",
     "Finding",
     "Flag",
     "FlagDecision",
@@ -52,6 +53,21 @@ class Flag:
 
 
 @dataclass(frozen=True)
+class Borderline:
+    """A watched outcome in its second-look band: below the flag threshold, worth a review."""
+
+    label: str
+    code: str
+    phecode: str
+    phenotype: str
+    log_hazard: float
+    percentile: float
+    reference_size: int
+    reason: str
+    head: str = ""
+
+
+@dataclass(frozen=True)
 class Finding:
     metric: str
     value: float
@@ -64,6 +80,7 @@ class FlagDecision:
     flags: list[Flag] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    borderline: list[Borderline] = field(default_factory=list)  # second look: not flagged
 
     @property
     def flagged(self) -> bool:
@@ -71,7 +88,7 @@ class FlagDecision:
 
     def as_dict(self) -> dict[str, Any]:
         return {"flags": [asdict(f) for f in self.flags], "findings": [asdict(f) for f in self.findings],
-                "notes": list(self.notes)}
+                "notes": list(self.notes), "borderline": [asdict(b) for b in self.borderline]}
 
 
 def outcome_code(outcome: FlagOutcome) -> str:
@@ -124,6 +141,7 @@ def evaluate(cfg: FlagsConfig, hazards: list[HazardRow] | None, sleep: dict[str,
             decision.notes.append(f"outcome '{outcome.label}' is not in this model's diagnosis head or site heads")
             continue
         reasons = []
+        second_look: Borderline | None = None
         hr = row.hazard_ratio
         if outcome.hazard_ratio is not None and hr >= outcome.hazard_ratio:
             reasons.append(f"hazard ratio {hr:.2f} >= {outcome.hazard_ratio:g}")
@@ -142,9 +160,17 @@ def evaluate(cfg: FlagsConfig, hazards: list[HazardRow] | None, sleep: dict[str,
                 if percentile >= outcome.percentile:
                     reasons.append(f"percentile {percentile:.1f} >= {outcome.percentile:g} "
                                    f"(site reference of {ref[1]} studies)")
+                elif outcome.second_look_percentile is not None and percentile >= outcome.second_look_percentile:
+                    second_look = Borderline(
+                        outcome.label, outcome_code(outcome), row.phecode, row.phenotype, row.log_hazard,
+                        percentile, ref[1],
+                        f"percentile {percentile:.1f} in the second-look band {outcome.second_look_percentile:g}"
+                        f" to {outcome.percentile:g} (site reference of {ref[1]} studies)", row.head)
         if reasons:
             decision.flags.append(Flag(outcome.label, outcome_code(outcome), row.phecode, row.phenotype,
                                        row.log_hazard, hr, percentile, "; ".join(reasons), row.head))
+        elif second_look is not None:
+            decision.borderline.append(second_look)
     if hazards is None and cfg.outcomes:
         decision.notes.append("no diagnosis head in the model bundle: no risk flags")
     for rule in cfg.sleep_findings:

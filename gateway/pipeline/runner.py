@@ -149,8 +149,10 @@ class StudySteps:
         done = {"finished_at": _now(), "claimed_by": None, "lease_until": None, "last_error": None,
                 "error_kind": None, "flags": decision.as_dict()}
         detail = {"flags": [f.code for f in decision.flags], "findings": [f.metric for f in decision.findings],
-                  "notes": len(decision.notes)}
+                  "notes": len(decision.notes), "second_look": [b.code for b in decision.borderline]}
         self.metrics.stage_seconds.labels("flag").observe(time.perf_counter() - t0)
+        self.metrics.flag_outcomes.labels("flagged").inc(len(decision.flags))
+        self.metrics.flag_outcomes.labels("second_look").inc(len(decision.borderline))
         mode = self.flags.send_mode
         if not self.hl7.enabled or (mode == "flagged_only" and not decision.flagged):
             study = self._to(study, State.FLAGGED, worker, "study.flagged", detail, **done)
