@@ -80,6 +80,18 @@ def db_url(request, tmp_path: Path):
         admin.dispose()
 
 
+@pytest.fixture
+def repo(db_url: str):
+    """A repository on a migrated database of each backend (``db_url``); a module may define its own."""
+    from gateway.store.db import make_engine, upgrade
+    from gateway.store.repo import Repo
+
+    engine = make_engine(db_url)
+    upgrade(engine)
+    yield Repo(engine)
+    engine.dispose()
+
+
 # ---- test layers: unit, integration, e2e (tests/README.md) -------------------------------------------------
 # Every collected test carries exactly one layer mark. An explicit mark (a module's ``pytestmark`` or a
 # decorator) wins; otherwise the layer is the highest one among the things the test uses: its parameters,

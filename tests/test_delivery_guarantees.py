@@ -24,14 +24,6 @@ from gateway.store.repo import Repo, utcnow
 
 
 @pytest.fixture
-def repo(db_url):
-    engine = make_engine(db_url)
-    upgrade(engine)
-    yield Repo(engine)
-    engine.dispose()
-
-
-@pytest.fixture
 def peer():
     p = MllpPeer().start()
     yield p

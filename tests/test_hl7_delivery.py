@@ -12,7 +12,6 @@ from mllp_peer import MllpPeer, PeerAction
 from gateway.config import Hl7Config
 from gateway.hl7.delivery import Deliverer
 from gateway.metrics import Metrics
-from gateway.store.db import make_engine, upgrade
 from gateway.store.models import MessageState, State
 from gateway.store.repo import Repo
 
@@ -22,14 +21,6 @@ def _er7(control_id: str) -> str:
         f"MSH|^~\\&|PSG-GATEWAY|SLEEPLAB|EHR|HOSPITAL|20261124120000||ORU^R01^ORU_R01|{control_id}|P|2.5.1",
         "PID|1||MRN1^^^HOSP^MR||DOE^JANE", "OBR|1|A1|A1^PSG|90568-7^Polysomnography panel^LN",
         "OBX|1|NM|PSG-DEATH-HR^death hazard ratio^99PSG|1|2.1||||||F"])
-
-
-@pytest.fixture
-def repo(db_url):
-    engine = make_engine(db_url)
-    upgrade(engine)
-    yield Repo(engine)
-    engine.dispose()
 
 
 @pytest.fixture

@@ -17,18 +17,9 @@ from gateway.pipeline.states import (
     check_transition,
     targets,
 )
-from gateway.store.db import make_engine, upgrade
 from gateway.store.repo import Repo
 
 GATEWAY = Path(__file__).resolve().parents[1] / "gateway"
-
-
-@pytest.fixture
-def repo(db_url: str) -> Repo:
-    engine = make_engine(db_url)
-    upgrade(engine)
-    yield Repo(engine)
-    engine.dispose()
 
 
 def _ready(repo: Repo):

@@ -14,14 +14,6 @@ from gateway.store.models import Base, State
 from gateway.store.repo import Repo, StudyChanged
 
 
-@pytest.fixture
-def repo(db_url: str) -> Repo:
-    engine = make_engine(db_url)
-    upgrade(engine)
-    yield Repo(engine)
-    engine.dispose()
-
-
 def _file(repo: Repo, sha: str = "a" * 64, path: str = "/spool/incoming/c1/night.edf"):
     return repo.register_file(source="folder:/in", path=path, name="night.edf", sha256=sha,
                               filename_pattern=None, actor="folder:/in")
