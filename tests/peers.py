@@ -1,10 +1,13 @@
-"""Real protocol peers for tests: DCMTK tools (skip without them unless PSG_REQUIRE_DCMTK=1), free ports."""
+"""Real protocol peers for tests: DCMTK tools (skip without them unless PSG_REQUIRE_DCMTK=1), pynetdicom as a
+C-STORE sender, free ports."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import socket
+from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
@@ -26,3 +29,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def store_with_pynetdicom(port: int, files: Sequence[Path], called_ae: str = "PSGGATEWAY") -> list[int]:
+    """Send ``files`` in one association from pynetdicom (AE title PYNETDICOM); the C-STORE statuses."""
+    from pydicom import dcmread
+    from pynetdicom import AE
+
+    ae = AE(ae_title="PYNETDICOM")
+    datasets = [dcmread(f) for f in files]
+    for ds in datasets:
+        ae.add_requested_context(ds.SOPClassUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+    assert assoc.is_established
+    try:
+        return [assoc.send_c_store(ds).Status for ds in datasets]
+    finally:
+        assoc.release()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from daemon_proc import EXE, Daemon
-from peers import DCMTK_ENV, dcmtk
+from peers import DCMTK_ENV, dcmtk, store_with_pynetdicom
 
 from gateway.store.models import State
 from gateway.synthetic.dicom_study import write_psg_study
@@ -98,17 +98,7 @@ def test_drop_folder_and_dicom_studies_processed_once(daemon, tmp_path):
                      what="DICOM study FLAGGED")[0]
     assert len(d.repo.instances_of(dcm.id)) == 3
 
-    from pydicom import dcmread
-    from pynetdicom import AE
-
-    ae = AE(ae_title="PYNETDICOM")
-    datasets = [dcmread(f) for f in files]
-    for ds in datasets:
-        ae.add_requested_context(ds.SOPClassUID)
-    assoc = ae.associate("127.0.0.1", d.dicom_port, ae_title="PSGGATEWAY")
-    assert assoc.is_established
-    statuses = [assoc.send_c_store(ds).Status for ds in datasets]
-    assoc.release()
+    statuses = store_with_pynetdicom(d.dicom_port, files)
     assert statuses == [0, 0, 0]  # duplicates are answered success ...
     time.sleep(1.5)
     studies = d.repo.list()
@@ -118,7 +108,10 @@ def test_drop_folder_and_dicom_studies_processed_once(daemon, tmp_path):
 
     # A late instance (here a report object sent after the study was processed) reopens the study
     # as version 2, which is processed again: a correction downstream, never silently dropped.
-    late = _late_report(datasets[0])
+    from pydicom import dcmread
+    from pynetdicom import AE
+
+    late = _late_report(dcmread(files[0]))
     ae2 = AE(ae_title="PYNETDICOM")
     ae2.add_requested_context(late.SOPClassUID)
     assoc = ae2.associate("127.0.0.1", d.dicom_port, ae_title="PSGGATEWAY")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from peers import store_with_pynetdicom
 from pipeline_env import pipeline_env
 from typer.testing import CliRunner
 
@@ -348,17 +349,7 @@ def test_daemon_launched_with_umask_022_keeps_var_private(tmp_path, bundle_dir, 
         if group is None:
             want = 2
             files = write_psg_study(tmp_path / "dcm", hours=HOURS, seed=4)
-            from pydicom import dcmread
-            from pynetdicom import AE
-
-            ae = AE(ae_title="PYNETDICOM")
-            datasets = [dcmread(f) for f in files]
-            for ds in datasets:
-                ae.add_requested_context(ds.SOPClassUID)
-            assoc = ae.associate("127.0.0.1", d.dicom_port, ae_title="PSGGATEWAY")
-            assert assoc.is_established
-            assert [assoc.send_c_store(ds).Status for ds in datasets] == [0] * len(datasets)
-            assoc.release()
+            assert store_with_pynetdicom(d.dicom_port, files) == [0] * len(files)
 
         def settled():
             done = [s for s in d.repo.list() if s.state == State.FLAGGED and s.input_path
