@@ -259,20 +259,37 @@ DEFAULT_OUTCOMES = ("death", "Dementia", "Myocardial Infarction", "Heart Failure
 
 
 class FlagOutcome(_Section):
-    """One outcome to watch: a label of the diagnosis head (phecode or phenotype in label_mapping.csv)."""
+    """One outcome to watch: a label of the diagnosis head (phecode or phenotype in label_mapping.csv).
+
+    The diagnosis head is trained with a Cox partial likelihood, which does not change when a constant is
+    added to an outcome's output: its log-hazard has no baseline, so ``exp(log_hazard)`` is not a ratio to
+    anything. Flag by ``percentile`` within the site's own reference. ``log_hazard`` (an absolute
+    threshold) is accepted only for outcomes the model bundle declares calibrated (``bundle.json``
+    ``calibrated_outcomes``), and is specific to that model: checked when the service starts.
+    """
 
     label: str
     code: str | None = None  # our local code in OBX-3/OBX-5; default PSG-<label, upper-cased>
-    hazard_ratio: float | None = Field(None, gt=0)  # flag when the hazard ratio is at least this
-    percentile: float | None = Field(95.0, gt=0, lt=100)  # or when it is in the site's top (100 - p) %
+    percentile: float | None = Field(95.0, gt=0, lt=100)  # flag when in the site's top (100 - p) %
+    # Absolute threshold on the model's log-hazard: only for an outcome the bundle declares calibrated.
+    log_hazard: float | None = None
     # A second look: a study at or above this site percentile but below ``percentile`` is marked
     # borderline for this outcome: not flagged, listed for review. None: no second-look band.
     second_look_percentile: float | None = Field(None, gt=0, lt=100)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_hazard_ratio(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "hazard_ratio" in data:
+            raise ValueError("hazard_ratio is no longer accepted: the diagnosis head's exp(log_hazard) is not a "
+                             "ratio to any baseline (Cox partial likelihood); flag by percentile, or by "
+                             "log_hazard when the model bundle declares the outcome calibrated")
+        return data
+
     @model_validator(mode="after")
     def _one_threshold(self) -> FlagOutcome:
-        if self.hazard_ratio is None and self.percentile is None:
-            raise ValueError("set hazard_ratio or percentile (or both: either one flags)")
+        if self.log_hazard is None and self.percentile is None:
+            raise ValueError("set percentile or log_hazard (or both: either one flags)")
         if self.second_look_percentile is not None and (
                 self.percentile is None or self.second_look_percentile >= self.percentile):
             raise ValueError("second_look_percentile must be below percentile (the band just under the "
@@ -300,6 +317,10 @@ class FlagsConfig(_Section):
     outcomes: list[FlagOutcome] = Field(default_factory=lambda: [FlagOutcome(label=x) for x in DEFAULT_OUTCOMES])
     # Percentile thresholds stay inactive until the site's reference holds this many studies (same model).
     percentile_min_reference: int = Field(200, ge=1)
+    # Risk flags are withheld from a study missing any of these modalities (the heads were trained on
+    # studies that had them); its embeddings and hypnogram are kept, and a message says why.
+    require_modalities: list[Literal["BAS", "RESP", "EKG", "EMG"]] = Field(
+        default_factory=lambda: ["BAS", "RESP", "EKG", "EMG"])
     sleep_findings: list[SleepFinding] = Field(default_factory=list)
     # flagged_only: a message only when something is flagged; always: every study; shadow: messages are
     # built and stored, never sent (how a site validates before go-live).
@@ -334,6 +355,8 @@ class Hl7Config(_Section):
     phecode_system: str = "99PHECODE"
     result_status: Literal["P", "F"] = "F"
     abnormal_flag: str | None = None  # OBX-8; empty by default: an abnormal flag can raise in-basket alerts
+    # Opt-in: the per-study report (PDF) as an OBX of type ED (Base64), the way PSG reports reach the chart.
+    embed_report: bool = False
     # Retries of AR/CR, timeouts and refused connections: exponential backoff with jitter.
     retry_backoff_seconds: float = Field(10.0, gt=0)
     retry_backoff_max_seconds: float = Field(600.0, gt=0)

@@ -42,6 +42,7 @@ from .metrics import Metrics
 from .model import load_model
 from .montage.holder import MontageHolder
 from .montage.table import MontageError
+from .pipeline.flags import absolute_thresholds_refused
 from .pipeline.intake import StudyIntake
 from .pipeline.runner import Pipeline
 from .sdnotify import notify, watchdog_interval
@@ -173,6 +174,10 @@ class Daemon:
             raise StartupError(f"model bundle: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - a damaged file the loaders do not name (torch, JSON, CSV)
             raise StartupError(f"model bundle: {type(exc).__name__}: {str(exc)[:300]}") from None
+        refused = absolute_thresholds_refused(cfg.flags, [(o.phecode, o.name) for o in bundle.outcomes],
+                                              bundle.identity.calibrated_outcomes)
+        if refused:
+            raise StartupError("; ".join(refused))
         try:
             engine = Engine(bundle, EngineOptions(device=cfg.model.device, precision=cfg.model.precision,
                                                   threads=cfg.model.threads or None,

@@ -55,7 +55,11 @@ class Metrics:
             registry=r)
         self.flag_outcomes = Counter(
             "psg_flag_outcomes_total",
-            "Watched outcomes decided by the flag step: flagged, or second_look (in the band below the threshold)",
-            ["decision"], registry=r)
+            "Watched outcomes decided by the flag step: flagged, second_look (in the band below the threshold), "
+            "or withheld (the study's risk flags withheld)", ["decision"], registry=r)
+        self.risk_flags_withheld = Counter(
+            "psg_risk_flags_withheld_total",
+            "Studies whose risk flags were withheld, by reason: quality (signals not interpretable) or modality "
+            "(a modality the heads were trained with is missing)", ["reason"], registry=r)
         self.last_scan = Gauge(
             "psg_last_scan_timestamp_seconds", "When the drop folders were last scanned", registry=r)

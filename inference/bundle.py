@@ -142,6 +142,21 @@ class ModelBundle:
     modalities: tuple[str, ...] = ("BAS", "RESP", "EKG", "EMG")
     site_heads: list[SiteHead] = field(default_factory=list)  # the site's own heads (psg-gateway heads)
 
+    def is_calibrated(self, phecode: str) -> bool:
+        """Whether the bundle declares the outcome's log-hazard calibrated to a baseline.
+
+        Parameters
+        ----------
+        phecode : str
+            The outcome's phecode (as in ``hazards.csv``).
+
+        Returns
+        -------
+        bool
+            True only for the bundle's own outcomes listed in ``calibrated_outcomes``.
+        """
+        return phecode in self.identity.calibrated_outcomes
+
     def modules(self) -> list[nn.Module]:
         """The networks present: the encoder, then the staging and diagnosis heads when loaded.
 
@@ -315,6 +330,7 @@ def load_bundle(path: str | os.PathLike) -> ModelBundle:
             demographics = DemographicsEncoding(**demo_cfg)
     except TypeError as exc:
         raise BundleError(f"{root / 'bundle.json'}: demographics: {exc}") from exc
+    calibrated = _calibrated_outcomes(meta.get("calibrated_outcomes"), outcomes, root)
     identity = BundleIdentity(
         name=str(meta.get("name", root.name)),
         version=str(meta.get("version", "unknown")),
@@ -322,8 +338,23 @@ def load_bundle(path: str | os.PathLike) -> ModelBundle:
         validated=bool(meta.get("validated", False)),
         path=str(root),
         checkpoints=checkpoints,
+        calibrated_outcomes=calibrated,
     )
     return ModelBundle(identity, encoder, staging, diagnosis, outcomes, demographics)
+
+
+def _calibrated_outcomes(declared: object, outcomes: list[Outcome], root: Path) -> tuple[str, ...]:
+    """The phecodes ``bundle.json``'s ``calibrated_outcomes`` names (by phecode or phenotype)."""
+    if declared is None:
+        return ()
+    where = root / "bundle.json"
+    if not isinstance(declared, list) or not all(isinstance(x, str) for x in declared):
+        raise BundleError(f"{where}: calibrated_outcomes: expected a list of phecodes or phenotype names")
+    by_label = {o.phecode.lower(): o.phecode for o in outcomes} | {o.name.lower(): o.phecode for o in outcomes}
+    unknown = [x for x in declared if x.strip().lower() not in by_label]
+    if unknown:
+        raise BundleError(f"{where}: calibrated_outcomes: not outcomes of the diagnosis head: {', '.join(unknown)}")
+    return tuple(sorted({by_label[x.strip().lower()] for x in declared}))
 
 
 def _release_configs() -> dict[str, dict]:

@@ -50,6 +50,11 @@ class BundleIdentity:
         Component (``base``, ``staging``, ``diagnosis``) to the SHA-256 of its checkpoint file.
     site_heads : dict of str to str, optional
         The site's own heads in use: name to SHA-256.
+    calibrated_outcomes : tuple of str, optional
+        Phecodes of the diagnosis outcomes whose log-hazard the bundle declares calibrated to a
+        baseline (``bundle.json`` ``calibrated_outcomes``). A Cox head's log-hazard is otherwise
+        defined only up to a constant per outcome, so absolute thresholds and hazard ratios mean
+        something only for these.
     """
 
     name: str
@@ -58,6 +63,7 @@ class BundleIdentity:
     path: str
     checkpoints: dict[str, str] = field(default_factory=dict)  # component -> SHA-256
     site_heads: dict[str, str] = field(default_factory=dict)  # a site's own heads in use: name -> SHA-256
+    calibrated_outcomes: tuple[str, ...] = ()  # phecodes with a declared baseline (bundle.json)
 
     def as_dict(self) -> dict:
         """Return the identity as a plain, JSON-ready ``dict`` (``dataclasses.asdict``).
@@ -65,7 +71,8 @@ class BundleIdentity:
         Returns
         -------
         dict
-            ``name``, ``version``, ``validated``, ``path``, ``checkpoints``, ``site_heads``.
+            ``name``, ``version``, ``validated``, ``path``, ``checkpoints``, ``site_heads``,
+            ``calibrated_outcomes``.
         """
         return asdict(self)
 

@@ -40,6 +40,19 @@ def model(tmp_path_factory):
     return bundle, Engine(bundle, EngineOptions(device="cpu"))
 
 
+@pytest.fixture(scope="session")
+def calibrated_model(tmp_path_factory):
+    """Like ``model``, with death and Stroke declared calibrated in bundle.json: the tests that force a flag
+    with an absolute threshold (``pipeline_env.forced_flags``) run on it."""
+    from pipeline_env import calibrate
+
+    from inference.bundle import load_bundle, make_demo_bundle
+    from inference.engine import Engine, EngineOptions
+
+    bundle = load_bundle(calibrate(make_demo_bundle(tmp_path_factory.mktemp("bundle") / "calibrated")))
+    return bundle, Engine(bundle, EngineOptions(device="cpu"))
+
+
 # ---- databases: every persistence/integration test runs on SQLite and on PostgreSQL ----------------
 POSTGRES_ENV = "PSG_TEST_POSTGRES_URL"
 

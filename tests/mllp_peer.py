@@ -240,9 +240,11 @@ class MllpPeer:
                 self.connections += 1
             sock.settimeout(_POLL_S)
             buf = bytearray()
+            scanned = 0  # bytes of buf already searched for the end block: a message of a few MB (an embedded
+            # report) arrives in many reads, and searching it all again after each would be quadratic
             while not self._done(conn):
                 try:
-                    chunk = sock.recv(65536)
+                    chunk = sock.recv(1 << 20)
                 except TimeoutError:
                     continue
                 except (ssl.SSLWantReadError, BlockingIOError):
@@ -256,13 +258,16 @@ class MllpPeer:
                     start = buf.find(SB)
                     if start < 0:
                         buf.clear()
+                        scanned = 0
                         break
-                    end = buf.find(EB, start)
+                    end = buf.find(EB, max(start, scanned - 1))
                     if end < 0:
                         del buf[:start]
+                        scanned = len(buf)
                         break
                     body = bytes(buf[start + 1:end])
                     del buf[:end + len(EB)]
+                    scanned = 0
                     if not self._handle(conn, sock, body.decode("utf-8", errors="replace")):
                         return
         finally:

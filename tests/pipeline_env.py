@@ -4,6 +4,7 @@ the pipeline and export tests build their studies with."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from sqlalchemy import Engine as DbEngine
@@ -18,6 +19,23 @@ from gateway.store.models import Study
 from gateway.store.repo import Repo
 from inference.bundle import ModelBundle
 from inference.engine import Engine
+
+FORCED = ("death", "Stroke")  # the outcomes tests force flags on
+
+
+def calibrate(bundle_dir: Path, outcomes: tuple[str, ...] = FORCED) -> Path:
+    """Declare ``outcomes`` calibrated in a test bundle's ``bundle.json``, so that an absolute threshold
+    (``log_hazard: -1e9``, which every study passes: how tests force a flag) is accepted for them."""
+    meta_path = Path(bundle_dir) / "bundle.json"
+    meta = json.loads(meta_path.read_text())
+    meta["calibrated_outcomes"] = list(outcomes)
+    meta_path.write_text(json.dumps(meta, indent=2))
+    return Path(bundle_dir)
+
+
+def forced_flags(outcomes: tuple[str, ...] = FORCED, **extra: object) -> dict:
+    """A ``flags`` configuration section that flags ``outcomes`` on every study (needs :func:`calibrate`)."""
+    return {"outcomes": [{"label": o, "log_hazard": -1e9, "percentile": None} for o in outcomes], **extra}
 
 
 def pipeline_env(db_url: str, var: Path, bundle: ModelBundle, engine: Engine

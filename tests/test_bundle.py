@@ -78,6 +78,26 @@ def test_site_settings_in_bundle_json(demo_dir, tmp_path):
     assert bundle.demographics.encode(70, "f") == (1.0, 0.0)
 
 
+def test_calibrated_outcomes_are_declared_in_bundle_json_by_phecode_or_phenotype(demo_dir, tmp_path):
+    assert load_bundle(demo_dir).identity.calibrated_outcomes == ()  # demo weights declare none
+    site = tmp_path / "site"
+    shutil.copytree(demo_dir, site)
+    meta = json.loads((site / "bundle.json").read_text())
+    meta["calibrated_outcomes"] = ["Heart Failure", "death", "DEATH"]
+    (site / "bundle.json").write_text(json.dumps(meta))
+    bundle = load_bundle(site)
+    phecode = next(o.phecode for o in bundle.outcomes if o.name == "Heart Failure")
+    assert bundle.identity.calibrated_outcomes == tuple(sorted({"death", phecode}))
+    assert bundle.is_calibrated(phecode) and not bundle.is_calibrated("433")
+    assert bundle.identity.as_dict()["calibrated_outcomes"] == bundle.identity.calibrated_outcomes
+    for bad, message in ((["Not an outcome"], "not outcomes of the diagnosis head: Not an outcome"),
+                         ("death", "expected a list of phecodes or phenotype names")):
+        meta["calibrated_outcomes"] = bad
+        (site / "bundle.json").write_text(json.dumps(meta))
+        with pytest.raises(BundleError, match=message):
+            load_bundle(site)
+
+
 def test_demographics_default_encoding():
     enc = DemographicsEncoding()
     assert enc.encode(50, "M") == (0.0, 1.0)

@@ -62,6 +62,7 @@ import pytest
 from daemon_proc import DaemonProc
 from mllp_peer import MllpPeer, PeerAction
 from peers import DCMTK_ENV, dcmtk
+from pipeline_env import calibrate, forced_flags
 from sqlalchemy import text
 
 from gateway.synthetic.dicom_study import write_psg_study
@@ -77,16 +78,15 @@ SETTLE_TIMEOUT = 150.0
 
 # Every study gets a message: send_mode always, and thresholds every hazard passes.
 CHAOS_CONFIG = {
-    "flags": {"send_mode": "always",
-              "outcomes": [{"label": "death", "hazard_ratio": 1e-9, "percentile": None},
-                           {"label": "Stroke", "hazard_ratio": 1e-9, "percentile": None}]},
+    "flags": forced_flags(send_mode="always"),
     "pipeline": {"retry_backoff_seconds": 0.5, "retry_backoff_max_seconds": 2.0},
 }
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    return make_demo_bundle(tmp_path_factory.mktemp("bundle") / "demo")
+    """The demo bundle with death and Stroke declared calibrated: flags forced by an absolute threshold."""
+    return calibrate(make_demo_bundle(tmp_path_factory.mktemp("bundle") / "demo"))
 
 
 @dataclass

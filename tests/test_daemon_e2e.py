@@ -15,6 +15,7 @@ import pytest
 import yaml
 from daemon_proc import EXE, Daemon
 from peers import DCMTK_ENV, dcmtk, store_with_pynetdicom
+from pipeline_env import calibrate, forced_flags
 
 from gateway.store.models import State
 from gateway.synthetic.dicom_study import write_psg_study
@@ -26,7 +27,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    return make_demo_bundle(tmp_path_factory.mktemp("bundle") / "demo")
+    """The demo bundle with death and Stroke declared calibrated: flags forced by an absolute threshold."""
+    return calibrate(make_demo_bundle(tmp_path_factory.mktemp("bundle") / "demo"))
 
 
 @pytest.fixture
@@ -246,8 +248,7 @@ def test_startup_failures_exit_1_with_the_reason(tmp_path, bundle):
 def _hl7_daemon(daemon, peer, **extra):
     d = daemon(dicom__enabled=False)
     cfg = yaml.safe_load(d.config.read_text())
-    cfg["flags"] = {"outcomes": [{"label": "death", "hazard_ratio": 1e-9, "percentile": None},
-                                 {"label": "Stroke", "hazard_ratio": 1e-9, "percentile": None}]}
+    cfg["flags"] = forced_flags()
     cfg["hl7"] = {"enabled": True, "port": peer.port, "timeout_seconds": 2, "retry_backoff_seconds": 0.5,
                   "retry_backoff_max_seconds": 2, "drain_interval_seconds": 0.2,
                   "mrn_assigning_authority": "HOSP", **extra}

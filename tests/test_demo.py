@@ -1,7 +1,7 @@
 """The README's first command: ``make demo`` runs ``psg-gateway demo --config deploy/demo.yaml``. Here the
-same command on the same configuration, moved to a temporary folder and free ports: both studies (the
-dropped EDF and the DICOM study sent over C-STORE) end DELIVERED and the stand-in EHR holds their two
-ORU^R01 messages."""
+same command on the same configuration, moved to a temporary folder and free ports: the site reference
+is seeded from generated nights, both studies (the dropped EDF and the DICOM study sent over C-STORE)
+get percentiles within it, end DELIVERED, and the stand-in EHR holds their two ORU^R01 messages."""
 
 from __future__ import annotations
 
@@ -31,6 +31,11 @@ def test_the_demo_delivers_both_studies_to_the_stand_in_ehr(tmp_path):
                             check=False, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count(": DELIVERED") == 2, result.stdout[-3000:]
+    # The reference is seeded first, so percentile flags act (demo.yaml: 20 studies needed, top 5 %):
+    # every watched outcome of both studies has a percentile within those 20 generated nights.
+    assert "site reference: 20 studies per watched outcome; percentile flags active" in result.stdout
+    lines = [line.strip() for line in result.stdout.splitlines() if " of 20 (" in line]
+    assert len(lines) == 6 and all("th percentile of 20" in line for line in lines), result.stdout[-3000:]
     inbox = tmp_path / "var" / "ehr-inbox"
     assert len(list(inbox.glob("*.hl7"))) == 2
     assert all(m.read_text().startswith("MSH|") for m in inbox.glob("*.hl7"))

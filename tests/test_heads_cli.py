@@ -208,11 +208,12 @@ def test_head_fitted_on_another_model_is_refused(tmp_path):
 
 def test_deployed_cox_head_flags_and_names_itself_in_the_oru(cox_data, tmp_path, db_url):
     """A head fitted on the demo model's export, deployed by configuration: a batch study gets the
-    head's outcome in hazards.csv, the flag policy flags it by label, and the held ORU's OBX-17 names
-    the head and its checksum."""
+    head's outcome in hazards.csv, the flag policy flags it by label and percentile (the site reference
+    keeps a site head's outcome per head version), and the held ORU's OBX-17 names the head and its
+    checksum. An absolute threshold on a site head is refused: no bundle declares its baseline."""
     import hl7
 
-    from gateway.batch.runner import BatchOptions, BatchRunner
+    from gateway.batch.runner import BatchError, BatchOptions, BatchRunner
     from gateway.config import load_config
     from gateway.store.models import MessageState
     from gateway.synthetic.night import write_synthetic_night
@@ -228,13 +229,25 @@ def test_deployed_cox_head_flags_and_names_itself_in_the_oru(cox_data, tmp_path,
     cfg_path.write_text(yaml.safe_dump({
         "paths": {"var_dir": str(tmp_path / "var")}, "database": {"url": db_url},
         "model": {"site_heads": [str(head)]},
-        "flags": {"outcomes": [{"label": "HF-site", "code": "PSG-HFS", "hazard_ratio": 1e-6, "percentile": None}],
-                  "send_mode": "flagged_only"},
+        "flags": {"outcomes": [{"label": "HF-site", "code": "PSG-HFS", "percentile": 50}],
+                  "percentile_min_reference": 1, "send_mode": "flagged_only"},
         "hl7": {"enabled": True, "host": "127.0.0.1", "port": 9},
     }))
+    absolute = yaml.safe_load(cfg_path.read_text())
+    absolute["flags"]["outcomes"][0].update(log_hazard=-1e9, percentile=None)
+    (tmp_path / "absolute.yaml").write_text(yaml.safe_dump(absolute))
+    refused = BatchRunner(load_config(tmp_path / "absolute.yaml"), BatchOptions(archives=[archive], progress=False))
+    with pytest.raises(BatchError, match="'HF-site': log_hazard needs an outcome the model bundle declares"):
+        refused.preflight()
+    refused.close()
+
     batch = BatchRunner(load_config(cfg_path), BatchOptions(archives=[archive], progress=False))
     try:
         batch.preflight()
+        # One earlier study in the reference, far below anything the head gives: this one is above it.
+        earlier = batch.repo.register_file(source="folder:/in", path=str(tmp_path / "earlier.edf"), name="e.edf",
+                                           sha256="0" * 64, filename_pattern=None, actor="t").study
+        batch.repo.add_reference(earlier.id, batch.bundle.identity.model_hash, {f"HF-site@{checksum[:12]}": -1e9})
         outcome = batch.run()
         assert outcome.summary["processed_by_state"] == {"HELD": 1}
         study = batch.repo.list(limit=1)[0]
@@ -250,6 +263,8 @@ def test_deployed_cox_head_flags_and_names_itself_in_the_oru(cox_data, tmp_path,
         parsed = hl7.parse(msg.message.replace("\n", "\r"))
         obx17 = {str(seg[17]) for seg in parsed.segments("OBX") if len(seg) > 17 and str(seg[17])}
         assert any(f"hf-head@{checksum[:12]}" in v for v in obx17), obx17
+        assert not any(str(seg[3][0][0]).endswith("-HR") for seg in parsed.segments("OBX"))  # no baseline
+        assert study.flags["flags"][0]["percentile"] == 100.0
     finally:
         batch.close()
 

@@ -55,7 +55,8 @@ def test_outbox_commands_and_preview(tmp_path, db_url):
     out_dir.mkdir()
     (out_dir / "hazards.csv").write_text("index,phecode,phenotype,log_hazard,hazard_ratio\n"
                                          "1041,death,death,0.9,2.46\n")
-    (out_dir / "metrics.json").write_text(json.dumps({"sleep": {"tst_min": 400.0, "stage_min": {}}}))
+    (out_dir / "metrics.json").write_text(json.dumps({"sleep": {"tst_min": 400.0, "stage_min": {}},
+                                                      "model_bundle": {"calibrated_outcomes": ["death"]}}))
     s = repo.transition(s, State.INFERRED, "w", "study.inferred", output_path=str(out_dir), patient_id="MRN9",
                         bundle_name="sleepfm", bundle_version="1", bundle_validated=True)
     er7 = ("MSH|^~\\&|A|B|C|D|20260101||ORU^R01^ORU_R01|PSGCLI0001|P|2.5.1\rPID|1||MRN9")
@@ -83,12 +84,13 @@ def test_outbox_commands_and_preview(tmp_path, db_url):
 
     # preview: flags re-evaluated from the stored outputs with the config's policy (default: percentile,
     # inactive without a reference), nothing stored
-    cfg.write_text(cfg.read_text() + "flags:\n  outcomes:\n    - {label: death, hazard_ratio: 2.0, percentile: null}\n")
+    cfg.write_text(cfg.read_text() + "flags:\n  outcomes:\n    - {label: death, log_hazard: 0.5, percentile: null}\n")
     r = runner.invoke(app, ["hl7", "preview", s.key, "--config", str(cfg)], env=env)
     assert r.exit_code == 0, r.output
     parsed = hl7.parse(r.output.strip().replace("\n", "\r").split("MSH", 1)[1].join(["MSH", ""]))
     assert str(parsed.segment("MSH")[10]) == "PREVIEW" and str(parsed.segment("PID")[3][0][0]) == "MRN9"
     assert any(str(x[3]).startswith("PSG-DEATH") for x in parsed.segments("OBX"))
+    assert any(str(x[3]).startswith("PSG-DEATH-HR") for x in parsed.segments("OBX"))  # declared calibrated
     assert len(repo.messages(study_id=s.id)) == 1
     engine.dispose()
 

@@ -78,8 +78,8 @@ def logs():
 
 
 @pytest.fixture
-def env(db_url, tmp_path, model):
-    db, repo, pipe, paths = pipeline_env(db_url, tmp_path / "var", *model)
+def env(db_url, tmp_path, calibrated_model):
+    db, repo, pipe, paths = pipeline_env(db_url, tmp_path / "var", *calibrated_model)
     yield repo, pipe, paths
     db.dispose()
 
@@ -108,7 +108,7 @@ def _hl7(pipe, authority: str | None = "HOSP") -> None:
     ``authority=None``: PID-3.4 is the study's own issuer."""
     from gateway.config import FlagOutcome, FlagsConfig, Hl7Config
 
-    pipe.flags = FlagsConfig(outcomes=[FlagOutcome(label="death", hazard_ratio=1e-9, percentile=None)],
+    pipe.flags = FlagsConfig(outcomes=[FlagOutcome(label="death", log_hazard=-1e9, percentile=None)],
                              send_mode="always")
     pipe.hl7 = Hl7Config(enabled=True, port=2575, mrn_assigning_authority=authority)
 

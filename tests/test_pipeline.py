@@ -28,8 +28,8 @@ def night_bytes(tmp_path_factory) -> bytes:
 
 
 @pytest.fixture
-def env(db_url, tmp_path, model):
-    db, repo, pipe, paths = pipeline_env(db_url, tmp_path, *model)
+def env(db_url, tmp_path, calibrated_model):
+    db, repo, pipe, paths = pipeline_env(db_url, tmp_path, *calibrated_model)
     yield repo, pipe, paths
     db.dispose()
 
@@ -56,7 +56,12 @@ def test_file_study_goes_to_inferred_with_outputs_and_input_in_processed(env, ni
     events = [(e.event, e.to_state) for e in repo.events(study.id)]
     assert events[-4:] == [("study.decoded", "DECODED"), ("study.mapped", "MAPPED"), ("study.inferred", "INFERRED"),
                            ("study.flagged", "FLAGGED")]
-    assert set(done.flags) == {"flags", "findings", "notes", "borderline"}
+    assert set(done.flags) == {"flags", "findings", "notes", "borderline", "outcomes", "risk_flags"}
+    # the seven default outcomes, by percentile: no reference yet, so none is flagged and the notes say why
+    assert [(o["percentile"], o["reference_size"], o["status"]) for o in done.flags["outcomes"]] == \
+        [(None, 0, "not flagged")] * 7
+    assert done.flags["risk_flags"] == {"suppressed": False, "reasons": [], "kinds": []}
+    assert any(n.startswith("percentile thresholds inactive") for n in done.flags["notes"])
     assert done.montage_version and done.bundle_name == "sleepfm-demo-untrained" and len(done.bundle_hash) == 64
     assert set(done.timings) == {"decode_s", "map_s", "infer_s", "store_s"}
     assert not pipe.run_once("n:1:w0")  # nothing left
@@ -244,10 +249,11 @@ def test_error_reasons_never_quote_file_names():
 
 
 # ---- flag step and outbox (the HL7 part of the pipeline) -------------------------------------------------
-def _hl7_pipe(pipe, send_mode="flagged_only", hr=1e-9, outcomes=("death", "Stroke")):
+def _hl7_pipe(pipe, send_mode="flagged_only", threshold=-1e9, outcomes=("death", "Stroke")):
+    """Flags on the calibrated outcomes by an absolute log-hazard threshold (every study passes -1e9)."""
     from gateway.config import FlagOutcome, FlagsConfig, Hl7Config
 
-    pipe.flags = FlagsConfig(outcomes=[FlagOutcome(label=o, hazard_ratio=hr, percentile=None) for o in outcomes],
+    pipe.flags = FlagsConfig(outcomes=[FlagOutcome(label=o, log_hazard=threshold, percentile=None) for o in outcomes],
                              send_mode=send_mode)
     pipe.hl7 = Hl7Config(enabled=True, port=2575, mrn_assigning_authority="HOSP")
     return pipe
@@ -323,7 +329,7 @@ def test_a_study_in_the_second_look_band_is_listed_for_review_not_flagged(env, n
 
 def test_nothing_flagged_ends_flagged_without_message(env, night_bytes):
     repo, pipe, paths = env
-    _hl7_pipe(pipe, hr=1e9)
+    _hl7_pipe(pipe, threshold=1e9)
     study = spool_file(paths, "night.edf", night_bytes, repo)
     pipe.run_once("w")
     assert repo.get(study.id).state == State.FLAGGED and repo.messages(study_id=study.id) == []
@@ -420,6 +426,7 @@ def test_a_bundle_without_a_declared_encoding_says_unconfirmed_in_outputs_and_me
     shutil.copytree(make_demo_bundle(tmp_path / "demo"), bare)
     meta = json.loads((bare / "bundle.json").read_text())
     del meta["demographics"]
+    meta["calibrated_outcomes"] = ["death", "Stroke"]
     (bare / "bundle.json").write_text(json.dumps(meta))
     bundle = load_bundle(bare)
     db, repo, pipe, paths = pipeline_env(db_url, tmp_path / "var", bundle, Engine(bundle, EngineOptions()))

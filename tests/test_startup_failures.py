@@ -172,9 +172,16 @@ def lock_file_not_openable(tmp_path: Path, bundle: Path, cfg: dict) -> str:
     return f"cannot open {tmp_path / 'var' / 'psg-gateway.lock'}: Is a directory"
 
 
+def absolute_threshold_on_an_uncalibrated_outcome(tmp_path: Path, bundle: Path, cfg: dict) -> str:
+    # The demo bundle declares no calibrated outcome: a log-hazard threshold means nothing for it.
+    cfg["flags"] = {"outcomes": [{"label": "Heart Failure", "log_hazard": 2.0, "percentile": None}]}
+    return ("flags.outcomes 'Heart Failure': log_hazard needs an outcome the model bundle declares calibrated "
+            "(bundle.json calibrated_outcomes); this bundle does not")
+
+
 CASES: list[Callable[..., Any]] = [  # a schema error: test_run_and_config_check_say_the_same_...
     montage_missing, montage_unreadable, montage_yaml_syntax, bundle_missing, bundle_corrupt_checkpoint,
-    heads_missing, heads_broken, database_unknown_driver, database_malformed_url, database_unreachable,
+    heads_missing, heads_broken, absolute_threshold_on_an_uncalibrated_outcome, database_unknown_driver, database_malformed_url, database_unreachable,
     database_folder_not_creatable, dicom_port_taken, http_port_taken, folder_not_creatable, lock_file_not_openable,
 ]
 

@@ -46,6 +46,7 @@ from ..metrics import Metrics
 from ..model import load_model
 from ..montage.holder import MontageHolder
 from ..pipeline.errors import StepError
+from ..pipeline.flags import absolute_thresholds_refused
 from ..pipeline.runner import StudySteps, study_logging
 from ..sources.archive import ArchiveItem, Discovery, discover
 from ..store.batch_repo import BatchRepo
@@ -193,6 +194,10 @@ class BatchRunner:
             self.bundle: ModelBundle = load_model(self.cfg.model)
         except (BundleError, CheckpointError, HeadError, OSError) as exc:
             raise BatchError(f"model bundle: {exc}") from None
+        refused = absolute_thresholds_refused(self.cfg.flags, [(o.phecode, o.name) for o in self.bundle.outcomes],
+                                              self.bundle.identity.calibrated_outcomes)
+        if refused:
+            raise BatchError("; ".join(refused))
         try:
             self.montage = MontageHolder(self.cfg.montage.table)
         except Exception as exc:  # noqa: BLE001 - any table problem is reported before the run

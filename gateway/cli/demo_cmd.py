@@ -1,8 +1,11 @@
 """``psg-gateway demo``: the daemon end to end on the embedded defaults, in one command.
 
-Starts the daemon (SQLite, ./var, DICOM on 127.0.0.1), drops a generated example night into the drop
-folder, sends a generated DICOM waveform study to the DICOM port as any modality would, waits for both
-studies to reach their final state, prints where their outputs are, and stops.
+First fills the site reference behind percentile flags from a small generated archive (as a site does
+with ``psg-gateway reference seed`` before go-live), so the demo shows percentile flags at work rather
+than flagging everything. Then starts the daemon (SQLite, ./var, DICOM on 127.0.0.1), drops a generated
+example night into the drop folder, sends a generated DICOM waveform study to the DICOM port as any
+modality would, waits for both studies to reach their final state, prints their flags, percentiles and
+where their outputs are, and stops. Exit code 1 when a study did not finish in time.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from ..config import GatewayConfig
 from .service_cmd import ConfigOption, load_or_exit
 
 out = Console()
@@ -21,11 +25,14 @@ out = Console()
 
 def demo(
     config: ConfigOption = None,
-    hours: Annotated[float, typer.Option(help="Length of each generated night")] = 8.0,
+    hours: Annotated[float, typer.Option(help="Length of each generated night (the reference's too)")] = 1.0,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for both studies")] = 600.0,
+    reference_nights: Annotated[int | None, typer.Option(
+        min=0, help="Generated nights (as long as the demo's) that seed the site reference first; default: "
+                    "flags.percentile_min_reference when an outcome is flagged by percentile, else 0")] = None,
 ) -> None:
-    """Run the daemon, feed it one EDF (drop folder) and one DICOM study (C-STORE), show the results
-    (and, with hl7 enabled on 127.0.0.1, the ORU^R01 each sent to a stand-in EHR)."""
+    """Seed the site reference, run the daemon, feed it one EDF (drop folder) and one DICOM study (C-STORE),
+    show the results (and, with hl7 enabled on 127.0.0.1, the ORU^R01 each sent to a stand-in EHR)."""
     from pydicom import dcmread
     from pynetdicom import AE
 
@@ -38,6 +45,11 @@ def demo(
     if not cfg.drop_folders or not cfg.dicom.enabled:
         out.print("the demo needs a drop folder and the DICOM receiver in the configuration")
         raise typer.Exit(2)
+    if reference_nights is None:
+        by_percentile = any(o.percentile is not None for o in cfg.flags.outcomes)
+        reference_nights = cfg.flags.percentile_min_reference if by_percentile else 0
+    if reference_nights:
+        _seed_reference(cfg, reference_nights, hours)
     listener = None
     inbox = Path(cfg.paths.var_dir) / "ehr-inbox"
     if cfg.hl7.enabled and cfg.hl7.host in ("127.0.0.1", "localhost"):
@@ -78,6 +90,7 @@ def demo(
         out.print(f"sent {len(files)} DICOM waveform instances (C-STORE statuses {statuses})")
 
         final = {str(s) for s in FINAL_STATES}
+        finished = True
         deadline = time.monotonic() + timeout
         studies = []
         while time.monotonic() < deadline:
@@ -89,11 +102,15 @@ def demo(
             time.sleep(0.5)
         else:
             out.print(f"[red]not finished within {timeout:.0f} s[/]")
+            finished = False
         for s in sorted(studies, key=lambda s: s.id):
             out.print(f"[bold]{s.key}[/] from {s.source}: [bold]{s.state}[/]"
                       + (f" ({s.last_error})" if s.last_error else ""))
             flags = [f["label"] for f in (s.flags or {}).get("flags", [])]
             out.print(f"    flags:   {', '.join(flags) or 'none'}")
+            for o in (s.flags or {}).get("outcomes", []):
+                where = "-" if o["percentile"] is None else f"{o['percentile']:.0f}th percentile"
+                out.print(f"      {o['label']}: {where} of {o['reference_size']} ({o['status']})", markup=False)
             out.print(f"    outputs: {s.output_path or '-'}", soft_wrap=True)
             out.print(f"    input:   {s.input_path or '-'}", soft_wrap=True)
             for m in daemon.repo.messages(study_id=s.id, limit=1):
@@ -105,3 +122,30 @@ def demo(
         daemon.stop()
         if listener is not None:
             listener.stop()
+    if not finished:
+        raise typer.Exit(1)
+
+
+def _seed_reference(cfg: GatewayConfig, nights: int, hours: float) -> None:
+    """Generate ``nights`` nights into var/demo-reference and seed the reference from them (a rerun of the
+    demo finds them there, already processed, and skips them)."""
+    from ..batch.runner import BatchError
+    from ..batch.seed import seed_reference
+    from ..synthetic.night import write_synthetic_night
+
+    archive = Path(cfg.paths.var_dir) / "demo-reference"
+    archive.mkdir(parents=True, exist_ok=True)
+    for i in range(nights):
+        path = archive / f"reference_{i:03d}.edf"
+        if not path.exists():
+            write_synthetic_night(archive / f".{path.name}", hours=hours, seed=1000 + i).replace(path)
+    out.print(f"seeding the site reference from {nights} generated nights of {hours:g} h "
+              "(psg-gateway reference seed) ...")
+    try:
+        seeded = seed_reference(cfg, [archive], workers=0)
+    except BatchError as exc:
+        out.print(f"[red]could not seed the reference: {exc}[/]")
+        raise typer.Exit(1) from None
+    size = min(seeded.sizes.values(), default=0)
+    out.print(f"site reference: {size} studies per watched outcome; percentile flags "
+              + ("active" if seeded.active else f"inactive ({seeded.needed} needed)"))

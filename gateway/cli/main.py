@@ -21,6 +21,7 @@ from .demo_cmd import demo
 from .heads_cmd import heads_app
 from .montage_cmd import montage_app
 from .outbox_cmd import hl7_app, outbox_app
+from .reference_cmd import reference_app
 from .service_cmd import config_app, db_app, run
 from .studies_cmd import studies_app
 
@@ -41,6 +42,7 @@ app.add_typer(studies_app, name="studies")
 app.add_typer(outbox_app, name="outbox")
 app.add_typer(hl7_app, name="hl7")
 app.add_typer(heads_app, name="heads")
+app.add_typer(reference_app, name="reference")
 app.command("run")(run)
 app.command("demo")(demo)
 app.command("batch")(batch)

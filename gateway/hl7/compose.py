@@ -10,7 +10,7 @@ from typing import Any
 from ..config import Hl7Config
 from ..pipeline.flags import FlagDecision
 from ..store.models import Study
-from .oru import OruFlag, OruMetric, OruPatient, OruSettings, OruStudy, build_oru
+from .oru import OruAttachment, OruFlag, OruMetric, OruPatient, OruSettings, OruStudy, build_oru
 
 __all__ = ["build_study_message", "new_control_id", "oru_settings", "study_message_parts"]
 
@@ -74,10 +74,13 @@ def _metrics(sleep: dict[str, Any] | None) -> list[OruMetric]:
 
 
 def study_message_parts(study: Study, decision: FlagDecision, sleep: dict[str, Any] | None, *,
-                        validated: bool, include_metrics: bool = True, site_authority: str | None = None
+                        validated: bool, include_metrics: bool = True, site_authority: str | None = None,
+                        report_pdf: bytes | None = None
                         ) -> tuple[OruStudy, list[OruFlag], list[OruMetric], list[str]]:
     """The builder's inputs. ``site_authority`` (hl7.mrn_assigning_authority), when set, is the MRN's
-    assigning authority on every message: the EHR knows the site's authority, not each modality's issuer."""
+    assigning authority on every message: the EHR knows the site's authority, not each modality's issuer.
+    ``report_pdf``: the study report's bytes, carried as an ED OBX (the caller passes it only with
+    ``hl7.embed_report`` on and the report written)."""
     family, given = _split_name(study.patient_name)
     issuer = site_authority or study.patient_id_issuer
     patient = OruPatient(patient_id=study.patient_id, issuer=issuer, family_name=family,
@@ -86,10 +89,11 @@ def study_message_parts(study: Study, decision: FlagDecision, sleep: dict[str, A
                          study_uid=study.study_uid, observed_at=study.recording_start, patient=patient,
                          model_name=study.bundle_name or "unknown", model_version=study.bundle_version or "",
                          model_hash=study.bundle_hash, validated=validated,
-                         head="SleepFM diagnosis head (CoxPH)")
+                         head="SleepFM diagnosis head (CoxPH)",
+                         report=None if report_pdf is None else OruAttachment(data=report_pdf))
     # A site head's outcome is the site's own label, not a phecode: no 99PHECODE alternate code.
     flags = [OruFlag(code=f.code, text=f"{f.phenotype} risk (SleepFM)", phecode=None if f.head else f.phecode,
-                     hazard_ratio=round(f.hazard_ratio, 3),
+                     hazard_ratio=None if f.hazard_ratio is None else round(f.hazard_ratio, 3),
                      percentile=None if f.percentile is None else round(f.percentile, 1), reason=f.reason,
                      head=f"Site head {f.head} (CoxPH)" if f.head else None)
              for f in decision.flags]
@@ -101,10 +105,11 @@ def study_message_parts(study: Study, decision: FlagDecision, sleep: dict[str, A
 
 def build_study_message(study: Study, decision: FlagDecision, sleep: dict[str, Any] | None, cfg: Hl7Config, *,
                         control_id: str, now: datetime, correction: bool, validated: bool,
-                        include_metrics: bool = True) -> str:
-    """The validated ER7 text of the study's ORU^R01."""
+                        include_metrics: bool = True, report_pdf: bytes | None = None) -> str:
+    """The validated ER7 text of the study's ORU^R01; with ``report_pdf``, the report as an ED OBX last."""
     oru_study, flags, metrics, notes = study_message_parts(study, decision, sleep, validated=validated,
                                                            include_metrics=include_metrics,
-                                                           site_authority=cfg.mrn_assigning_authority)
+                                                           site_authority=cfg.mrn_assigning_authority,
+                                                           report_pdf=report_pdf)
     return build_oru(oru_study, flags, metrics, oru_settings(cfg), control_id=control_id, now=now,
                      correction=correction, notes=notes)

@@ -40,14 +40,19 @@ class FileMllpListener:
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
-                buf = b""
+                # No size limit, and linear in the message size: a message with an embedded report (an ED
+                # OBX) is a few MB. Only the new bytes (and one before them) are searched for the end block.
+                buf = bytearray()
                 while True:
-                    data = self.request.recv(65536)
+                    data = self.request.recv(1 << 20)
                     if not data:
                         return
+                    scan = max(len(buf) - 1, 0)
                     buf += data
-                    while b"\x1c\r" in buf:
-                        frame, buf = buf.split(b"\x1c\r", 1)
+                    while (end := buf.find(b"\x1c\r", scan)) >= 0:
+                        frame = bytes(buf[:end])
+                        del buf[:end + 2]
+                        scan = 0
                         message = frame[frame.find(b"\x0b") + 1:].decode("utf-8", "replace")
                         outer._store(message)
                         self.request.sendall(_ack_for(message))

@@ -15,7 +15,10 @@ Layout (segment order as the ORU_R01 structure has it)::
          CWE flag (code^text^99PSG^phecode^Phecode N^99PHECODE) followed by an NTE with the reason;
          8 abnormal flag (settings; empty by default)  17 ^method text  18 model name-version-hash16
     OBX  per sleep metric: NM with LOINC (else the local code), 6 unit^text^UCUM
-    (every OBX: 1 set id  2 NM/CWE  3 code^text^system  11 P/F, C on a correction; no OBX-14: OBR-7 applies)
+    OBX  the study report when given (OruStudy.report, opt-in: hl7.embed_report): ED,
+         3 PSG-REPORT^Sleep study report (AI-generated)^99PSG^28633-6^Polysomnography (sleep) study^LN,
+         5 ^AP^PDF^Base64^<the file in Base64, one line>
+    (every OBX: 1 set id  2 NM/CWE/ED  3 code^text^system  11 P/F, C on a correction; no OBX-14: OBR-7 applies)
 
 Free text goes in as typed ST/FT objects (hl7apy escapes ``| ^ ~ &``); the escape character itself is
 escaped here first (``\\`` -> ``\\E\\``) because hl7apy leaves text that already looks like an escape
@@ -24,6 +27,7 @@ sequence alone. Line breaks and other control characters become spaces.
 
 from __future__ import annotations
 
+import base64
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,7 +42,11 @@ __all__ = [
     "DISCLAIMER",
     "PANEL_CODE",
     "PANEL_TEXT",
+    "REPORT_CODE",
+    "REPORT_LOINC",
+    "REPORT_MAX_BYTES",
     "UNVALIDATED_WARNING",
+    "OruAttachment",
     "OruError",
     "OruFlag",
     "OruMetric",
@@ -84,6 +92,14 @@ _UNIT_TEXT = {"min": "minutes", "h": "hours", "s": "seconds", "%": "percent", "/
               "1": "unity", "{beats}/min": "beats per minute", "/min": "per minute"}
 _SEXES = {"M", "F", "O", "U", "A", "N"}  # HL7 table 0001
 
+# The study report (a PDF) as one OBX of type ED. OBX-3: our local code first (it is our AI report, not the
+# sleep physician's interpreted study), LOINC 28633-6 "Polysomnography (sleep) study" (a document code, the one
+# LOINC names for the overall PSG report) as the alternate identifier.
+REPORT_CODE, REPORT_TEXT = "PSG-REPORT", "Sleep study report (AI-generated)"
+REPORT_LOINC, REPORT_LOINC_TEXT = "28633-6", "Polysomnography (sleep) study"
+REPORT_MAX_BYTES = 8 * 1024 * 1024  # a report is 100-300 kB; a bigger file is a mistake, not a report
+_BASE64_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
+
 
 class OruError(ValueError):
     """The study cannot be expressed as a valid ORU^R01 (the message says which field and why, never the
@@ -127,9 +143,11 @@ class OruFlag:
     code: str  # local code, e.g. "PSG-HF"
     text: str  # e.g. "Heart failure risk (SleepFM)"
     phecode: str | None  # e.g. "428"
-    hazard_ratio: float
+    # exp(log-hazard) against the bundle's declared baseline; None (no -HR OBX) when the bundle does not
+    # declare the outcome calibrated: a Cox head's exp(log-hazard) is then not a ratio to anything.
+    hazard_ratio: float | None
     percentile: float | None  # None when percentile thresholds are not active
-    reason: str  # e.g. "hazard ratio 2.31 >= 2.0"
+    reason: str  # e.g. "percentile 97.1 >= 95 (site reference of 412 studies)"
     head: str | None = None  # OBX-17 for this flag when not the study's head (a site head: name@checksum)
 
 
@@ -140,6 +158,15 @@ class OruMetric:
     text: str  # e.g. "Total sleep time"
     value: float
     units: str  # UCUM: "min", "%"
+
+
+@dataclass(frozen=True)
+class OruAttachment:
+    """A document carried in the message itself: OBX-2 ``ED``, OBX-5 ``^AP^<subtype>^Base64^<data>``."""
+
+    data: bytes  # the file as it is (a PDF: starts with %PDF-)
+    subtype: str = "PDF"  # ED-3 (HL7 table 0291, MIME subtypes): PDF for the study report
+    type_of_data: str = "AP"  # ED-2 (HL7 table 0191): AP, application data
 
 
 @dataclass(frozen=True)
@@ -155,6 +182,7 @@ class OruStudy:
     model_hash: str | None
     validated: bool
     head: str  # method, e.g. "SleepFM diagnosis head (CoxPH)"
+    report: OruAttachment | None = None  # the study report (PDF), sent only when hl7.embed_report is on
 
 
 # --- values -----------------------------------------------------------------------------------------------
@@ -280,8 +308,9 @@ def _ei(field, number: str, namespace: str | None, what: str) -> None:
         field.ei_2 = _ident(namespace, f"{what}.2 namespace", _IS)
 
 
-def _ce(field, code: str | None, text: str | None, system: str | None, what: str) -> None:
-    """CE/CWE components 1-3 of a CE or CWE field."""
+def _ce(field, code: str | None, text: str | None, system: str | None, what: str,
+        alternate: tuple[str, str, str] | None = None) -> None:
+    """CE/CWE components 1-3 of a CE or CWE field, and 4-6 (the alternate identifier) when given."""
     prefix = field.datatype.lower()
     if code:
         setattr(field, f"{prefix}_1", _ident(code, f"{what}.1 identifier"))
@@ -289,6 +318,11 @@ def _ce(field, code: str | None, text: str | None, system: str | None, what: str
         setattr(field, f"{prefix}_2", _st(text))
     if system:
         setattr(field, f"{prefix}_3", _ident(system, f"{what}.3 coding system", _ID))
+    if alternate:
+        alt_code, alt_text, alt_system = alternate
+        setattr(field, f"{prefix}_4", _ident(alt_code, f"{what}.4 alternate identifier"))
+        setattr(field, f"{prefix}_5", _st(alt_text))
+        setattr(field, f"{prefix}_6", _ident(alt_system, f"{what}.6 alternate coding system", _ID))
 
 
 def _nte(parent, set_id: int, text: str) -> None:
@@ -305,15 +339,17 @@ class _Obx:
         self.set_id = 0
         self.equipment = _equipment(study)
 
-    def add(self, value_type: str, ident: tuple[str, str, str], value: str | tuple[str | None, ...], *,
+    def add(self, value_type: str, ident: tuple[str, ...], value: str | tuple[str | object | None, ...], *,
             sub_id: str | None = None, units: str | None = None, flag: bool = False, head: str | None = None):
+        """One OBX in its own observation group. ``ident``: code, text, system (and an alternate code, text,
+        system); ``value``: an NM string, or the components of a coded or ED value (text, or a typed value)."""
         self.set_id += 1
         group = self.order.add_group("ORU_R01_OBSERVATION")
         obx = group.add_segment("OBX")
         what = f"OBX {self.set_id}"
         obx.obx_1 = str(self.set_id)
         obx.obx_2 = value_type  # plain strings only for our own constants: cheaper than a typed value
-        _ce(obx.obx_3, *ident, what=f"{what} OBX-3")
+        _ce(obx.obx_3, *ident[:3], what=f"{what} OBX-3", alternate=ident[3:6] or None)
         if sub_id:
             obx.obx_4 = sub_id  # digits
         if isinstance(value, str):
@@ -326,7 +362,7 @@ class _Obx:
                 parts.pop()
             obx.obx_5 = "^".join("x" for _ in parts)
             for component, part in zip(obx.obx_5.children, parts, strict=True):
-                component.children[0].value = _ST(part or "")
+                component.children[0].value = _ST(part or "") if part is None or isinstance(part, str) else part
         if units:
             _ce(obx.obx_6, units, _UNIT_TEXT.get(units, units), "UCUM", f"{what} OBX-6")
         if flag and self.s.abnormal_flag:
@@ -339,6 +375,29 @@ class _Obx:
             if self.equipment:
                 obx.obx_18.ei_1 = _ST(self.equipment)
         return group
+
+
+def _ed_value(report: OruAttachment) -> tuple[str, tuple[object, ...]]:
+    """The Base64 text of the report and the components of its ED value (source application left empty).
+
+    Base64 (RFC 4648, no line breaks) uses only ``A-Z a-z 0-9 + / =``: nothing to escape, no segment break.
+    The data goes in as an hl7apy TX built without hl7apy's own 65,536-character cap on TX values: its v2.5.1
+    reference gives ED.5 no maximum length, and REPORT_MAX_BYTES is the limit here."""
+    data = bytes(report.data)
+    if not data:
+        raise OruError("OBX-5 report: the report file is empty")
+    if len(data) > REPORT_MAX_BYTES:
+        raise OruError(f"OBX-5 report: {len(data)} bytes, more than the {REPORT_MAX_BYTES} bytes a report may have")
+    subtype, kind = _clean(report.subtype), _clean(report.type_of_data)
+    if not subtype or not kind:
+        raise OruError("OBX-5 report: type of data and subtype are required")
+    if subtype.upper() == "PDF" and not data.startswith(b"%PDF-"):
+        raise OruError("OBX-5 report: the data is not a PDF file (no %PDF- header)")
+    encoded = base64.b64encode(data).decode("ascii")
+    if not set(encoded) <= _BASE64_ALPHABET:  # cannot happen: Base64 is its alphabet; the ER7 depends on it
+        raise OruError("OBX-5 report: the Base64 text holds a character outside its alphabet")
+    return encoded, (None, _ident(kind, "OBX-5.2 type of data", _ID), _ident(subtype, "OBX-5.3 data subtype", _ID),
+                     _ID("Base64"), _DT["TX"](encoded, validation_level=VALIDATION_LEVEL.TOLERANT))
 
 
 def _equipment(study: OruStudy) -> str:
@@ -404,8 +463,9 @@ def build_oru(study: OruStudy, flags: Sequence[OruFlag], metrics: Sequence[OruMe
             code, text, sub = _clean(flag.code), _clean(flag.text), str(n)
             if not code:
                 raise OruError(f"flag {n}: no code")
-            obx.add("NM", (f"{code}-HR", f"{text} hazard ratio", system),
-                    _nm(flag.hazard_ratio, f"flag {code} hazard ratio"), sub_id=sub, flag=True, head=flag.head)
+            if flag.hazard_ratio is not None:
+                obx.add("NM", (f"{code}-HR", f"{text} hazard ratio", system),
+                        _nm(flag.hazard_ratio, f"flag {code} hazard ratio"), sub_id=sub, flag=True, head=flag.head)
             if flag.percentile is not None:
                 obx.add("NM", (f"{code}-PCT", f"{text} percentile", system),
                         _nm(flag.percentile, f"flag {code} percentile"), sub_id=sub, flag=True, head=flag.head)
@@ -423,8 +483,16 @@ def build_oru(study: OruStudy, flags: Sequence[OruFlag], metrics: Sequence[OruMe
             obx.add("NM", ident, _nm(metric.value, f"metric {metric.local_code}"),
                     units=_clean(metric.units) or None)
 
+        encoded = None
+        if study.report is not None:
+            encoded, value = _ed_value(study.report)
+            obx.add("ED", (REPORT_CODE, REPORT_TEXT, system, REPORT_LOINC, REPORT_LOINC_TEXT, LOINC), value)
+
         msg.validate()
-        return msg.to_er7()
+        er7 = msg.to_er7()
+        if encoded is not None and f"^Base64^{encoded}|" not in er7:
+            raise OruError("OBX-5 of the report did not come out as the Base64 text it was given")
+        return er7
     except OruError:
         raise
     except HL7apyException as exc:

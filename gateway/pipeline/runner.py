@@ -37,7 +37,7 @@ from ..montage.holder import MontageHolder
 from ..store.models import MessageState, State, Study
 from ..store.repo import Repo, StudyChanged
 from .errors import StepError, classify
-from .flags import FlagDecision, demographics_note, evaluate, watched_hazards
+from .flags import FlagDecision, demographics_note, evaluate, watched_hazards, withheld_reasons
 from .inputs import InputFiles
 from .outputs import HazardRow, read_hazards, read_metrics
 from .prepare import ReadyStudy
@@ -144,15 +144,21 @@ class StudySteps:
         """
         t0 = time.perf_counter()
         decision, hazards, sleep = study_decision(self.repo, self.flags, study)
-        if hazards:
+        # A study whose risk flags are withheld (signals not interpretable, a modality missing) stays out
+        # of the site reference too: its hazards would skew every later study's percentile.
+        if hazards and not decision.withheld:
             self.repo.add_reference(study.id, study.bundle_hash or "", watched_hazards(self.flags, hazards))
         done = {"finished_at": _now(), "claimed_by": None, "lease_until": None, "last_error": None,
                 "error_kind": None, "flags": decision.as_dict()}
         detail = {"flags": [f.code for f in decision.flags], "findings": [f.metric for f in decision.findings],
-                  "notes": len(decision.notes), "second_look": [b.code for b in decision.borderline]}
+                  "notes": len(decision.notes), "second_look": [b.code for b in decision.borderline],
+                  "risk_flags_withheld": len(decision.withheld)}
         self.metrics.stage_seconds.labels("flag").observe(time.perf_counter() - t0)
         self.metrics.flag_outcomes.labels("flagged").inc(len(decision.flags))
         self.metrics.flag_outcomes.labels("second_look").inc(len(decision.borderline))
+        self.metrics.flag_outcomes.labels("withheld").inc(sum(o.status == "withheld" for o in decision.outcomes))
+        for kind in decision.withheld:
+            self.metrics.risk_flags_withheld.labels(kind).inc()
         mode = self.flags.send_mode
         if not self.hl7.enabled or (mode == "flagged_only" and not decision.flagged):
             study = self._to(study, State.FLAGGED, worker, "study.flagged", detail, **done)
@@ -282,13 +288,16 @@ def recording_identifiers(ready: ReadyStudy) -> list[object]:
 def study_decision(repo: Repo, flags: FlagsConfig, study: Study
                    ) -> tuple[FlagDecision, list[HazardRow] | None, dict | None]:
     """The flag decision for a study from its stored outputs (hazards.csv, metrics.json) and the
-    site's reference distribution for the same model (the study itself left out)."""
+    site's reference distribution for the same model (the study itself left out). What the bundle
+    declared calibrated, the signal quality and the modalities present are read from metrics.json."""
     out_dir = Path(study.output_path or "")
     hazards, metrics = read_hazards(out_dir), read_metrics(out_dir)
     sleep = None if metrics is None else metrics.get("sleep")
     model = study.bundle_hash or ""
+    calibrated = ((metrics or {}).get("model_bundle") or {}).get("calibrated_outcomes") or ()
     decision = evaluate(flags, hazards, sleep,
-                        lambda label, value: repo.percentile(label, model, value, exclude_study=study.id))
+                        lambda label, value: repo.percentile(label, model, value, exclude_study=study.id),
+                        calibrated=frozenset(calibrated), withheld=withheld_reasons(flags, metrics))
     if hazards and metrics is not None:
         decision.notes.append(demographics_note(metrics.get("demographics_encoding")))
     return decision, hazards, sleep

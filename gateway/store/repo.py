@@ -721,6 +721,18 @@ class Repo:
                              .where(*base, ReferenceHazard.log_hazard < log_hazard)) or 0
             return 100.0 * below / n, n
 
+    def reference_sizes(self, model_hash: str | None = None) -> dict[str, int]:
+        """Watched outcome label -> studies in the reference (of ``model_hash``; of every model when None,
+        keyed ``label@model-hash``)."""
+        with self.sessions() as s:
+            if model_hash is not None:
+                rows = s.execute(select(ReferenceHazard.label, func.count()).where(
+                    ReferenceHazard.model_hash == model_hash).group_by(ReferenceHazard.label)).all()
+                return {label: n for label, n in rows}
+            rows = s.execute(select(ReferenceHazard.label, ReferenceHazard.model_hash, func.count())
+                             .group_by(ReferenceHazard.label, ReferenceHazard.model_hash)).all()
+            return {f"{label}@{model}": n for label, model, n in rows}
+
     def known_input(self, path: str) -> bool:
         with self.sessions() as s:
             return s.scalar(select(Study.id).where(Study.input_path == path).limit(1)) is not None
