@@ -109,8 +109,9 @@ def demo(
             flags = [f["label"] for f in (s.flags or {}).get("flags", [])]
             out.print(f"    flags:   {', '.join(flags) or 'none'}")
             for o in (s.flags or {}).get("outcomes", []):
-                where = "-" if o["percentile"] is None else f"{o['percentile']:.0f}th percentile"
-                out.print(f"      {o['label']}: {where} of {o['reference_size']} ({o['status']})", markup=False)
+                where = "no percentile" if o["percentile"] is None else f"percentile {o['percentile']:.0f}"
+                out.print(f"      {o['label']}: {where}, reference of {o['reference_size']} ({o['status']})",
+                          markup=False)
             out.print(f"    outputs: {s.output_path or '-'}", soft_wrap=True)
             out.print(f"    input:   {s.input_path or '-'}", soft_wrap=True)
             for m in daemon.repo.messages(study_id=s.id, limit=1):
