@@ -21,10 +21,13 @@ import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from inference.quality import QualityThresholds
 
 __all__ = [
     "ENV_PREFIX",
@@ -43,6 +46,7 @@ __all__ = [
     "MontageConfig",
     "PathsConfig",
     "PipelineConfig",
+    "QualityConfig",
     "RetentionConfig",
     "ServiceConfig",
     "SleepFinding",
@@ -207,6 +211,8 @@ class PipelineConfig(_Section):
     retry_backoff_seconds: float = Field(30.0, gt=0)
     retry_backoff_max_seconds: float = Field(3600.0, gt=0)
     lease_seconds: float = Field(900.0, gt=0)  # a claimed study another worker may take after this
+    # report.html and report.pdf in every study's outputs (about a second per study on one core).
+    write_report: bool = True
 
 
 class BatchConfig(_Section):
@@ -221,6 +227,65 @@ class BatchConfig(_Section):
     progress_interval_seconds: float = Field(30.0, gt=0)  # log line cadence when not on a terminal
     spill_dir: Path | None = None  # prepared signals on their way to the engine; default /dev/shm or var/batch
     summary_dir: Path | None = None  # run summaries; default <var_dir>/batch
+
+
+AmplitudeBounds = tuple[Annotated[float, Field(ge=0)] | None, Annotated[float, Field(gt=0)] | None]
+
+
+class QualityAmplitudeConfig(_Section):
+    """Plausible robust amplitude (µV) per modality, ``[low, high]``; ``null`` on a side: no bound there.
+    Judged only on voltage channels; defaults and their sources in inference/quality.py."""
+
+    bas: AmplitudeBounds = (0.1, 1000.0)  # YASA's EEG/EOG/EMG amplitude check (trimmed SD 0.1-1000 µV)
+    resp: AmplitudeBounds = (0.01, 1.0e6)  # units vary: gross unit errors only
+    ekg: AmplitudeBounds = (5.0, 5000.0)  # the ±5 mV input range of ECG amplifiers
+    emg: AmplitudeBounds = (0.1, 1000.0)  # YASA's amplitude check
+
+    @field_validator("bas", "resp", "ekg", "emg")
+    @classmethod
+    def _ordered(cls, v: AmplitudeBounds) -> AmplitudeBounds:
+        if v[0] is not None and v[1] is not None and v[0] >= v[1]:
+            raise ValueError("[low, high] with low below high")
+        return v
+
+
+class QualityConfig(_Section):
+    """The signal-quality gate before the flag step (inference/quality.py; docs/configuration.md)."""
+
+    epoch_seconds: float = Field(30.0, ge=1, le=300)  # the AASM scoring epoch
+    flat_epsilon: float = Field(1e-6, ge=0)  # an epoch with a peak-to-peak range up to this is flat (Luna)
+    flat_max_fraction: float = Field(0.25, gt=0, le=1)  # share of flat epochs that makes the channel flat
+    clip_tolerance: float = Field(1e-4, ge=0, lt=0.5)  # "at a limit": within this share of the span (Luna)
+    clip_epoch_fraction: float = Field(0.05, ge=0, lt=1)  # an epoch above this share at a limit is clipped (Luna)
+    clipped_max_fraction: float = Field(0.25, gt=0, le=1)  # share of clipped epochs that makes it clipped
+    disconnected_min_seconds: float = Field(3600.0, gt=0)  # no signal (flat or gap) this long in a row
+    gap_max_fraction: float = Field(0.25, gt=0, le=1)  # share of unmeasured samples that makes it gapped
+    line_noise_band_hz: float = Field(1.0, gt=0, le=5)  # half-width of the 50/60 Hz bands
+    line_noise_broadband_hz: tuple[Annotated[float, Field(ge=0)], Annotated[float, Field(gt=0)]] = (10.0, 100.0)
+    line_noise_max_ratio: float = Field(0.3, gt=0, le=1)  # Luna COMBINE-EMG line-th
+    amplitude_min_rate_hz: float = Field(50.0, ge=0)  # slower "voltage" channels are envelopes or trends
+    amplitude_uv: QualityAmplitudeConfig = Field(default_factory=QualityAmplitudeConfig)
+    min_typical_epoch_sd: float = Field(0.05, ge=0, lt=1)  # on the z-scored 128 Hz row: artifacts set the scale
+    typical_sd_modalities: list[Literal["BAS", "RESP", "EKG", "EMG"]] = Field(default_factory=lambda: ["BAS", "EKG"])
+    sample_epochs: int = Field(16, ge=1, le=1000)  # epochs sampled for the spectrum, amplitude, 128 Hz row
+    max_unusable_fraction: float = Field(0.5, ge=0, le=1)  # more unusable mapped channels: not interpretable
+
+    @field_validator("line_noise_broadband_hz")
+    @classmethod
+    def _band(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[0] >= v[1]:
+            raise ValueError("[low, high] in Hz with low below high")
+        return v
+
+    def thresholds(self) -> QualityThresholds:
+        """The gate's thresholds for :mod:`inference.quality` (imported here: loading a configuration
+        stays free of numpy)."""
+        from inference.quality import QualityThresholds
+
+        values = self.model_dump(exclude={"amplitude_uv"})
+        values["typical_sd_modalities"] = tuple(self.typical_sd_modalities)
+        amplitude = {m.upper(): bounds for m, bounds in self.amplitude_uv.model_dump().items()}
+        return QualityThresholds(**values, amplitude_uv=amplitude)
 
 
 class HttpConfig(_Section):
@@ -396,6 +461,7 @@ class GatewayConfig(_Section):
     dicom: DicomConfig = Field(default_factory=DicomConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
@@ -403,6 +469,13 @@ class GatewayConfig(_Section):
     hl7: Hl7Config = Field(default_factory=Hl7Config)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     base_dir: Path = Field(default_factory=Path.cwd, exclude=True)  # the config file's folder
+
+    @model_validator(mode="after")
+    def _embedded_report_is_written(self) -> GatewayConfig:
+        if self.hl7.embed_report and not self.pipeline.write_report:
+            raise ValueError("hl7.embed_report needs pipeline.write_report: the report it embeds is the one "
+                             "written into the study's outputs")
+        return self
 
     @property
     def database_url(self) -> str:

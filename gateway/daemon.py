@@ -194,7 +194,7 @@ class Daemon:
         # 1 while the table file on disk does not load (the last good table is still served).
         self.metrics.montage_reload_failing.set_function(lambda: float(self.montage.failure is not None))
         self.pipeline = Pipeline(self.repo, bundle, self.montage, paths, cfg.pipeline, self.metrics,
-                                 flags=cfg.flags, hl7=cfg.hl7, engine=engine)
+                                 flags=cfg.flags, hl7=cfg.hl7, engine=engine, quality=cfg.quality.thresholds())
         self.deliverer = (Deliverer(self.repo, cfg.hl7, self.metrics, holder=self.worker_id,
                                     on_finished=self.pipeline.inputs.place) if cfg.hl7.enabled else None)
         log.info("daemon.starting", site=cfg.site, node=cfg.service.node_name, database=self.db.dialect.name,

@@ -57,6 +57,10 @@ class Metrics:
             "psg_flag_outcomes_total",
             "Watched outcomes decided by the flag step: flagged, second_look (in the band below the threshold), "
             "or withheld (the study's risk flags withheld)", ["decision"], registry=r)
+        self.report_failures = Counter(
+            "psg_report_failures_total",
+            "Study reports (report.html/report.pdf) that could not be written; the study's results went on",
+            registry=r)
         self.risk_flags_withheld = Counter(
             "psg_risk_flags_withheld_total",
             "Studies whose risk flags were withheld, by reason: quality (signals not interpretable) or modality "

@@ -13,6 +13,7 @@ be logged or shown in a traceback without leaking them.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -44,6 +45,9 @@ class Channel:
     recorded (``"uV"``, ``"mV"``, ``"%"``, ``""`` ...). ``prefilter``/``transducer`` are informational.
     A channel with gaps (EDF+D, DICOM padding, instances that do not meet) has a validity source:
     its samples in a gap are filled (with 0) and :meth:`read_valid` says which they are.
+    ``physical_range`` is (low, high), the physical values of the digital limits where the format
+    records them (EDF/BDF header physical minimum/maximum): a signal pinned there is saturated. None
+    when unknown (DICOM waveforms, in-memory channels) or when the header gives no scaling.
     """
 
     label: str
@@ -54,6 +58,7 @@ class Channel:
     prefilter: str = ""
     transducer: str = ""
     _valid: ValiditySource | None = field(default=None, repr=False)
+    physical_range: tuple[float, float] | None = None
 
     @property
     def has_gaps(self) -> bool:
@@ -91,6 +96,7 @@ class Channel:
         prefilter: str = "",
         transducer: str = "",
         valid: np.ndarray | None = None,
+        physical_range: tuple[float, float] | None = None,
     ) -> Channel:
         """A channel backed by an in-memory array (tests, synthetic nights, decoded DICOM waveforms).
 
@@ -119,7 +125,16 @@ class Channel:
             prefilter=prefilter,
             transducer=transducer,
             _valid=valid_source,
+            physical_range=checked_range(physical_range),
         )
+
+
+def checked_range(bounds: tuple[float, float] | None) -> tuple[float, float] | None:
+    """``bounds`` as (low, high) floats; None for None, or for a range without width or not finite."""
+    if bounds is None:
+        return None
+    low, high = sorted((float(bounds[0]), float(bounds[1])))
+    return (low, high) if math.isfinite(low) and math.isfinite(high) and high > low else None
 
 
 @dataclass

@@ -518,3 +518,71 @@ def test_outputs_are_on_disk_before_inferred_is_committed(env, night_bytes, monk
         # the temporary file was fsynced just before the rename, the folder just after it
         assert log[renamed - 1][0] == "fsync" and Path(log[renamed - 1][1]).parent == out
         assert log[renamed + 1] == ("fsync", str(out))
+
+
+# ---- the study report: written with every study, embedded in the ORU on request ---------------------------
+def test_every_study_gets_its_report_and_embed_report_attaches_the_same_pdf(env, night_bytes):
+    """report.html and report.pdf are written into the outputs with the decision the message carries and
+    recorded with the outputs; with hl7.embed_report the ORU's ED OBX decodes to report.pdf byte for byte."""
+    import base64
+
+    import hl7
+
+    repo, pipe, paths = env
+    _hl7_pipe(pipe)
+    pipe.hl7 = pipe.hl7.model_copy(update={"embed_report": True})
+    study = spool_file(paths, "night.edf", night_bytes, repo)
+    pipe.run_once("w")
+    done = repo.get(study.id)
+    out = Path(done.output_path)
+    html, pdf = (out / "report.html").read_text(), (out / "report.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF-") and "PSG-DEATH" in html and "FLAGGED" in html.upper()
+    assert {"report.html", "report.pdf"} <= {o.name for o in repo.outputs(study.id)}
+    [msg] = repo.messages(study_id=study.id)
+    [ed] = [seg for seg in hl7.parse(msg.message).segments("OBX") if str(seg[2]) == "ED"]
+    assert str(ed[3][0][0]) == "PSG-REPORT" and str(ed[5][0][2]) == "PDF" and str(ed[5][0][3]) == "Base64"
+    assert base64.b64decode(str(ed[5][0][4])) == pdf
+
+
+def test_reports_can_be_turned_off(env, night_bytes):
+    repo, pipe, paths = env
+    pipe.cfg = pipe.cfg.model_copy(update={"write_report": False})
+    study = spool_file(paths, "night.edf", night_bytes, repo)
+    pipe.run_once("w")
+    done = repo.get(study.id)
+    assert done.state == State.FLAGGED and not (Path(done.output_path) / "report.pdf").exists()
+
+
+def test_embed_report_needs_reports_written():
+    from gateway.config import GatewayConfig
+
+    with pytest.raises(ValueError, match="hl7.embed_report needs pipeline.write_report"):
+        GatewayConfig.model_validate({"hl7": {"embed_report": True}, "pipeline": {"write_report": False}})
+
+
+# ---- risk flags withheld: a study the heads cannot speak for ------------------------------------------------
+def test_a_study_missing_a_modality_keeps_its_results_but_gets_no_risk_flag(env, tmp_path):
+    """Flags forced on death and Stroke (every study passes the threshold), send_mode always: a night
+    without EMG channels is still staged and embedded, but no risk flag is raised; the message says why
+    (NTE), the outcomes are listed as withheld, the counter counts it and the reference does not keep it."""
+    import hl7
+
+    from gateway.synthetic.night import DEFAULT_BENCH_CHANNELS
+
+    repo, pipe, paths = env
+    _hl7_pipe(pipe, send_mode="always")
+    no_emg = [c for c in DEFAULT_BENCH_CHANNELS if not c.kind.startswith("emg")]
+    data = write_synthetic_night(tmp_path / "no_emg.edf", hours=HOURS, seed=5, channels=no_emg).read_bytes()
+    study = spool_file(paths, "night.edf", data, repo)
+    pipe.run_once("w")
+    done = repo.get(study.id)
+    assert done.state == State.QUEUED and done.flags["flags"] == []
+    assert done.flags["risk_flags"]["kinds"] == ["modality"]
+    assert [o["status"] for o in done.flags["outcomes"]] == ["withheld", "withheld"]
+    assert (Path(done.output_path) / "hypnogram.csv").is_file()  # the night's own results stand
+    [msg] = repo.messages(study_id=study.id)
+    notes = [str(seg[3]) for seg in hl7.parse(msg.message).segments("NTE")]
+    assert any(n.startswith("no risk flags for this study: modality missing (EMG)") for n in notes), notes
+    assert not any(str(seg[3][0][0]).startswith("PSG-DEATH") for seg in hl7.parse(msg.message).segments("OBX"))
+    assert pipe.metrics.risk_flags_withheld.labels("modality")._value.get() == 1
+    assert repo.percentile("death", done.bundle_hash, 1e9) is None  # kept out of the site reference

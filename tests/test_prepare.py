@@ -35,7 +35,7 @@ def test_channels_grouped_in_modality_order_and_standardised():
         np.testing.assert_allclose(block.mean(axis=1), 0, atol=1e-3)
         np.testing.assert_allclose(block.std(axis=1), 1, atol=1e-3)
     assert prepared.gap_fraction == {} and prepared.dropped == {}
-    assert set(prepared.timings_s) == {"read", "preprocess"}
+    assert set(prepared.timings_s) == {"read", "preprocess", "quality"}
 
 
 def test_gap_is_kept_on_the_timeline_as_zeros_and_reported():

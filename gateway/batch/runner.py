@@ -146,6 +146,7 @@ class BatchRunner:
     def __init__(self, cfg: GatewayConfig, opts: BatchOptions):
         self.cfg = cfg
         self.opts = opts
+        self.quality = cfg.quality.thresholds()  # the signal-quality gate, sent with every prepare job
         self.host = cfg.service.node_name
         self.worker = f"batch:{self.host}:{os.getpid()}"
         self.tally = Tally()
@@ -451,7 +452,8 @@ class BatchRunner:
             self._failed(entry, exc)
             return
         entry.queued_at = time.perf_counter()
-        job = PrepareJob(study.id, study.key, tuple(str(p) for p in paths), study.filename_pattern, study.source)
+        job = PrepareJob(study.id, study.key, tuple(str(p) for p in paths), study.filename_pattern, study.source,
+                         quality=self.quality)
         self.preparing[self.backend.prepare(job)] = entry
 
     def _completed(self, fut: Future) -> None:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from inference.quality import QualityThresholds
+
 from ..montage.table import MontageTable
 from ..pipeline.steps import ReadyStudy, decode_and_prepare
 
@@ -97,6 +99,7 @@ class PrepareJob:
     paths: tuple[str, ...]
     filename_pattern: str | None
     source: str
+    quality: QualityThresholds | None = None  # the signal-quality gate's thresholds (None: the defaults)
 
 
 @dataclass(frozen=True)
@@ -143,7 +146,8 @@ def _prepare(job: PrepareJob, table: MontageTable | None, spill_dir: str | None)
     if table is None:
         raise RuntimeError("worker not initialised with a montage table")
     t0 = time.perf_counter()
-    ready = decode_and_prepare([Path(p) for p in job.paths], job.filename_pattern, table, job.key, job.source)
+    ready = decode_and_prepare([Path(p) for p in job.paths], job.filename_pattern, table, job.key, job.source,
+                               quality=job.quality)
     where = Path(spill_dir) if spill_dir else _spill_dir
     spill = _spill(ready, where, job.key) if where is not None else None
     return Prepared(job, ready, spill, {"worker_s": round(time.perf_counter() - t0, 3)})

@@ -22,7 +22,7 @@ from .heads_cmd import heads_app
 from .montage_cmd import montage_app
 from .outbox_cmd import hl7_app, outbox_app
 from .reference_cmd import reference_app
-from .service_cmd import config_app, db_app, run
+from .service_cmd import config_app, db_app, load_or_exit, run
 from .studies_cmd import studies_app
 
 app = typer.Typer(
@@ -102,6 +102,9 @@ def infer(
         help="EDF+ file with the scored hypnogram (default: stage annotations in FILE itself)")] = None,
     filename_pattern: Annotated[str | None, typer.Option(
         help="Regex with named groups (patient_id, accession, ...) that reads identifiers from the file name")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", envvar="PSG_CONFIG",
+        help="Configuration file whose quality section sets the signal-quality gate (default: built-in)")] = None,
 ) -> None:
     """Run the model on one recording and write embeddings, hypnogram, metrics and hazards.
 
@@ -123,6 +126,7 @@ def infer(
     from ..readers import read_recording
     from ..readers.errors import ReaderError
 
+    quality = load_or_exit(config).quality.thresholds() if config is not None else None
     configure_logging()
     log = get_logger("psg.infer")
     started = time.perf_counter()
@@ -146,7 +150,7 @@ def infer(
                  duration_s=round(recording.duration_s, 1), warnings=recording.warnings)
         with _progress() as progress:
             task = progress.add_task("preprocess channels", total=None)
-            ready = prepare_study(recording, table, key=key, source=source,
+            ready = prepare_study(recording, table, key=key, source=source, quality=quality,
                                   progress=lambda d, t: progress.update(task, completed=d, total=t))
             log.info("study.mapped", study_key=key, montage=table.version,
                      modalities={m: len(v) for m, v in ready.channels.items()},
@@ -178,6 +182,12 @@ def _summary(result, ready, out_dir: Path) -> None:
         table.add_row("unmapped", ", ".join(ready.match.unmapped))
     if result.missing_modalities:
         table.add_row("missing", ", ".join(result.missing_modalities) + " (masked in the heads)")
+    if ready.quality is not None:
+        verdict = ready.quality
+        if verdict.interpretable:
+            table.add_row("signals", escape("interpretable" + "".join(f"; unusable {w}" for w in verdict.warnings)))
+        else:
+            table.add_row("signals", "[bold]NOT interpretable[/]: " + escape("; ".join(verdict.reasons)))
     if result.staging is not None:
         m = result.staging.metrics
         table.add_row("sleep", f"TST {m.tst_min:.0f} min, efficiency {m.sleep_efficiency_pct:.0f}%")

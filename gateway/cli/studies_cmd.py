@@ -1,4 +1,4 @@
-"""``psg-gateway studies list|show|retry|reprocess|replace``: what the daemon did with each study."""
+"""``psg-gateway studies list|show|report|retry|reprocess|replace``: what the daemon did with each study."""
 
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..config import GatewayConfig
-from ..fsutil import fsync_dir
+from ..fsutil import atomic_write, fsync_dir
 from ..store.models import State, Study
 from ..store.repo import Repo
 from .store_access import StoreConfigOption, open_store
 
 studies_app = typer.Typer(
-    help="List studies, show one with its history, retry, reprocess or replace its input.", no_args_is_help=True)
+    help="List studies, show one with its history or write its report, retry, reprocess or replace its input.", no_args_is_help=True)
 out = Console()
 err = Console(stderr=True)
 
@@ -103,6 +103,39 @@ def studies_show(ref: Annotated[str, typer.Argument(help="Study id or key")], co
         print(json.dumps(doc, indent=2, default=str))
         return
     out.print_json(data=doc, default=str)
+
+
+REPORT_FORMATS = {".pdf": "pdf", ".html": "html", ".htm": "html"}
+
+
+@studies_app.command("report")
+def studies_report(
+    ref: Annotated[str, typer.Argument(help="Study id or key")],
+    out_file: Annotated[Path, typer.Option("--out", "-o", help="FILE.pdf or FILE.html: the suffix picks the format",
+                                           dir_okay=False)],
+    config: StoreConfigOption = None,
+) -> None:
+    """Write a study's report (hypnogram, sleep metrics, watched outcomes, flags, quality, attribution,
+    model and montage) from its outputs, as PDF or HTML. Name the file after the study key, not the
+    patient: the file is written private (0600)."""
+    fmt = REPORT_FORMATS.get(out_file.suffix.lower())
+    if fmt is None:
+        _fail(f"--out must end in .pdf or .html (got {out_file.suffix or 'no suffix'!r})")
+    if not out_file.parent.is_dir():
+        _fail("the folder of --out does not exist")
+    from ..report import ReportError, build_report, render_html, render_pdf  # matplotlib: only when asked
+
+    s = _find(_repo(config), ref)
+    try:
+        report = build_report(s)
+    except ReportError as exc:
+        _fail(str(exc))
+    data = render_pdf(report) if fmt == "pdf" else render_html(report).encode("utf-8")
+    try:
+        atomic_write(out_file, data)
+    except OSError as exc:
+        _fail(f"cannot write --out: {exc.strerror}")
+    out.print(f"study {s.key}: {fmt.upper()} report written ({len(data)} bytes)", highlight=False)
 
 
 def _reopen(ref: str, config: Path | None, action: str) -> None:

@@ -40,10 +40,12 @@ __all__ = [
     "METRICS_FILE",
     "NIGHT_FILE",
     "HazardRow",
+    "HypnogramEpoch",
     "hypnogram_rows",
     "metrics_document",
     "read_attribution",
     "read_hazards",
+    "read_hypnogram",
     "read_metrics",
     "windows_document",
     "write_study_outputs",
@@ -71,6 +73,16 @@ class HazardRow:
     @property
     def hazard_ratio(self) -> float:
         return math.exp(self.log_hazard)
+
+
+@dataclass(frozen=True)
+class HypnogramEpoch:
+    """One row of ``hypnogram.csv`` as read back (the stage probabilities left in the file)."""
+
+    epoch: int
+    onset_s: float
+    stage: str
+    tail: bool  # staged as part of the tail past the last whole 5-minute window
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -207,3 +219,13 @@ def read_attribution(out_dir: Path) -> dict[str, dict[str, float]] | None:
         reader = csv.DictReader(f)
         modalities = [c for c in reader.fieldnames or [] if c not in ("index", "phecode", "phenotype")]
         return {r["phecode"]: {m: float(r[m]) for m in modalities} for r in reader}
+
+
+def read_hypnogram(out_dir: Path) -> list[HypnogramEpoch] | None:
+    """The model's hypnogram from a study's hypnogram.csv, one row per 30-s epoch; None when absent."""
+    path = Path(out_dir) / HYPNOGRAM_FILE
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8") as f:
+        return [HypnogramEpoch(int(r["epoch"]), float(r["onset_s"]), r["stage"], r.get("tail") == "1")
+                for r in csv.DictReader(f)]

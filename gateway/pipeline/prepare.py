@@ -1,11 +1,14 @@
 """From a decoded :class:`Recording` to the engine's input: map channels, preprocess, assemble.
 
 Channels are read and preprocessed one at a time straight into the 128 Hz arrays, so a night
-never sits in memory at its native rates all at once.
+never sits in memory at its native rates all at once. While a channel's raw samples and its 128 Hz
+row are in memory, the signal-quality gate (:mod:`inference.quality`) measures it; the study's verdict
+goes with the ready study into ``metrics.json`` (``quality``), where the flag step reads it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +18,14 @@ import numpy as np
 from inference.engine import check_duration
 from inference.gaps import preprocess_with_gaps
 from inference.preprocess import n_target_samples
+from inference.quality import (
+    ChannelQuality,
+    QualityThresholds,
+    StudyQuality,
+    assess_channel,
+    assess_row,
+    assess_study,
+)
 from inference.results import StudyInput
 
 from ..montage.table import MontageMatch, MontageTable
@@ -30,9 +41,10 @@ class ReadyStudy:
     """A study decoded, mapped and preprocessed: the one value the engine takes and the outputs describe.
 
     ``engine_input`` is what the encoder runs on; the rest says how it was made (the montage match,
-    the rows used per modality, gaps and dropped channels) for ``metrics.json``, the study's events and
-    the batch tally. ``recording`` keeps the metadata only (its sample sources detached), so the value
-    crosses process boundaries (an archive batch prepares in worker processes).
+    the rows used per modality, gaps and dropped channels, the signal quality of every mapped channel)
+    for ``metrics.json``, the study's events and the batch tally. ``recording`` keeps the metadata only
+    (its sample sources detached), so the value crosses process boundaries (an archive batch prepares in
+    worker processes). :func:`prepare_study` always sets ``quality``.
     """
 
     engine_input: StudyInput
@@ -41,10 +53,11 @@ class ReadyStudy:
     source: str | None
     match: MontageMatch
     channels: dict[str, list[str]]  # modality -> labels used, in row order
-    timings_s: dict[str, float] = field(default_factory=dict)  # read, preprocess (joined to the result's)
+    timings_s: dict[str, float] = field(default_factory=dict)  # read, preprocess, quality (joined to the result's)
     gap_fraction: dict[str, float] = field(default_factory=dict)  # label -> share of the night in gaps
     dropped: dict[str, str] = field(default_factory=dict)  # label -> why it was not used
     stage_s: dict[str, float] = field(default_factory=dict)  # decode_s, map_s: the pipeline's stage timings
+    quality: StudyQuality | None = None  # the signal-quality gate's verdict (inference.quality)
 
 
 def prepare_study(
@@ -53,12 +66,15 @@ def prepare_study(
     key: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     source: str | None = None,
+    quality: QualityThresholds | None = None,
 ) -> ReadyStudy:
     """Map ``recording``'s channels with ``table`` and preprocess them for the engine.
 
     ``source`` (``dicom:<AE title>``, ``folder:<path>``) selects the table's scoped rules.
     ``progress(done, total)`` is called after each channel. A recording shorter than one 30-s epoch is
-    refused with :class:`~inference.engine.InputError` before any channel is read.
+    refused with :class:`~inference.engine.InputError` before any channel is read. ``quality``: the
+    signal-quality gate's thresholds (None: the defaults); every mapped channel is measured, a dropped
+    one included.
     """
     # Before mapping and preprocessing: a 0-s recording would otherwise fail in n_target_samples with an
     # internal ValueError, and a few seconds would be preprocessed only for the engine to refuse them.
@@ -75,7 +91,9 @@ def prepare_study(
     # not, as MNE reads them all); preprocessing reproduces that, see inference.upsample.
     top_rate = recording.highest_rate
     total = sum(len(ix) for ix in match.groups.values())
-    done, t_read, t_pre = 0, 0.0, 0.0
+    thresholds = quality or QualityThresholds()
+    done, t_read, t_pre, t_quality = 0, 0.0, 0.0, 0.0
+    measured: list[ChannelQuality] = []
     signals: dict[str, np.ndarray] = {}
     used: dict[str, list[str]] = {}
     gaps: dict[str, float] = {}
@@ -89,6 +107,10 @@ def prepare_study(
             samples = channel.read()
             valid = channel.read_valid()
             t1 = time.perf_counter()
+            # Before preprocessing, which overwrites the samples in place.
+            checked = assess_channel(channel.label, modality, samples, channel.sampling_rate, unit=channel.unit,
+                                     valid=valid, physical_range=channel.physical_range, thresholds=thresholds)
+            t2 = time.perf_counter()
             try:
                 block[len(rows)], gap = preprocess_with_gaps(
                     samples, valid, channel.sampling_rate, n_out, recording_rate=top_rate,
@@ -96,11 +118,17 @@ def prepare_study(
             except ValueError as exc:
                 # One dead channel (all gap) must not sink the study; it is reported instead.
                 dropped[channel.label] = str(exc)
+                checked = dropped_channel(checked, str(exc))
+                t3 = time.perf_counter()
             else:
                 rows.append(channel.label)
                 if gap:
                     gaps[channel.label] = round(gap, 6)
-            t_pre += time.perf_counter() - t1
+                t3 = time.perf_counter()
+                checked = assess_row(checked, block[len(rows) - 1])
+            measured.append(checked)
+            t_quality += (t2 - t1) + (time.perf_counter() - t3)
+            t_pre += t3 - t2
             t_read += t1 - t0
             del samples, valid
             done += 1
@@ -120,5 +148,16 @@ def prepare_study(
         sex=demographics.sex,
         key=key,
     )
+    t0 = time.perf_counter()
+    verdict = assess_study(measured, thresholds)
+    t_quality += time.perf_counter() - t0
     return ReadyStudy(engine_input, recording.detached(), table, source, match, used,
-                      {"read": t_read, "preprocess": t_pre}, gaps, dropped)
+                      {"read": t_read, "preprocess": t_pre, "quality": t_quality}, gaps, dropped,
+                      quality=verdict)
+
+
+def dropped_channel(checked: ChannelQuality, why: str) -> ChannelQuality:
+    """A mapped channel that preprocessing refused (no measured sample...): unusable, whatever the
+    measures say, with the reason in its notes."""
+    problems = checked.problems if "dropped" in checked.problems else [*checked.problems, "dropped"]
+    return dataclasses.replace(checked, problems=problems, notes=[*checked.notes, f"dropped: {why}"])

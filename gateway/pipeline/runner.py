@@ -25,12 +25,14 @@ from pathlib import Path, PurePath
 
 from inference.bundle import ModelBundle
 from inference.engine import Engine
+from inference.quality import QualityThresholds
 from inference.results import StudyResult
 
 from ..backoff import backoff_delay
 from ..config import FlagsConfig, Hl7Config, PathsConfig, PipelineConfig
 from ..crashpoints import crashpoint
 from ..hl7.compose import build_study_message, new_control_id
+from ..hl7.oru import REPORT_MAX_BYTES
 from ..logging import add_study_identifiers, bind_study, bound_study_key, get_logger
 from ..metrics import Metrics
 from ..montage.holder import MontageHolder
@@ -153,6 +155,7 @@ class StudySteps:
         detail = {"flags": [f.code for f in decision.flags], "findings": [f.metric for f in decision.findings],
                   "notes": len(decision.notes), "second_look": [b.code for b in decision.borderline],
                   "risk_flags_withheld": len(decision.withheld)}
+        report_pdf = self._report(study, decision)
         self.metrics.stage_seconds.labels("flag").observe(time.perf_counter() - t0)
         self.metrics.flag_outcomes.labels("flagged").inc(len(decision.flags))
         self.metrics.flag_outcomes.labels("second_look").inc(len(decision.borderline))
@@ -166,9 +169,17 @@ class StudySteps:
             return study
         correction = self.repo.was_delivered(study.id)
         control_id = new_control_id()
+        attached = report_pdf if self.hl7.embed_report and report_pdf else None
+        if attached is not None and len(attached) > REPORT_MAX_BYTES:
+            decision.notes.append(f"the study report ({len(attached)} bytes) is larger than a message may carry: "
+                                  "not attached, see the study's outputs")
+            attached = None
+        elif self.hl7.embed_report and attached is None:
+            decision.notes.append("the study report could not be generated: not attached")
         er7 = build_study_message(study, decision, sleep, self.hl7, control_id=control_id, now=_now(),
                                   correction=correction, validated=bool(study.bundle_validated),
-                                  include_metrics=self.flags.include_sleep_metrics)
+                                  include_metrics=self.flags.include_sleep_metrics,
+                                  report_pdf=attached)
         to_state, msg_state = ((State.SHADOW, MessageState.SHADOW) if mode == "shadow" else
                                (State.HELD, MessageState.HELD) if self.hold_messages else
                                (State.QUEUED, MessageState.PENDING))
@@ -181,6 +192,23 @@ class StudySteps:
         crashpoint("queued")
         self.inputs.finalize(study, to_state)
         return study
+
+    def _report(self, study: Study, decision: FlagDecision) -> bytes | None:
+        """Write report.html and report.pdf with this decision into the study's outputs; the PDF's bytes.
+        A report that cannot be drawn must not hold the results back: logged and counted, None."""
+        if not self.cfg.write_report:
+            return None
+        from ..report import REPORT_PDF, write_study_report  # matplotlib and jinja2: only when reports are on
+
+        out_dir = Path(study.output_path or "")
+        try:
+            written = write_study_report(study, out_dir, flags=decision.as_dict())
+            self.repo.add_outputs(study, [(p.name, p.stat().st_size) for p in written], replace=False)
+            return (out_dir / REPORT_PDF).read_bytes()
+        except Exception as exc:  # noqa: BLE001 - any failure to draw is the report's, not the study's
+            log.warning("study.report_failed", error=type(exc).__name__)
+            self.metrics.report_failures.inc()
+            return None
 
     def input_paths(self, study: Study) -> list[Path]:
         """The files to decode: the study's file, or its recorded DICOM instances."""
@@ -233,6 +261,8 @@ class Pipeline(StudySteps):
     """The daemon's pipeline: :class:`StudySteps` with the engine its workers run."""
 
     engine: Engine = field(kw_only=True)
+    # The signal-quality gate's thresholds (the configuration's quality section; None: the defaults).
+    quality: QualityThresholds | None = field(default=None, kw_only=True)
 
     # ---- worker loop --------------------------------------------------------------------------
     def run_once(self, worker: str) -> bool:
@@ -260,7 +290,8 @@ class Pipeline(StudySteps):
         if study.state == State.INFERRED:  # resumed after a crash: outputs are stored, only flagging is left
             return self.flag(study, worker)
         ready = decode_and_prepare(self.input_paths(study), study.filename_pattern, self.montage.table, study.key,
-                                   study.source, name=study.input_name)  # the pattern reads the arrival name
+                                   study.source, name=study.input_name,  # the pattern reads the arrival name
+                                   quality=self.quality)
         study = self.record_ready(study, ready, worker)
         t0 = time.perf_counter()
         result = infer_ready(self.engine, ready)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from inference.engine import Engine
+from inference.quality import QualityThresholds
 from inference.results import StudyResult
 
 from ..identifier_limits import apply_identifier_limits
@@ -67,15 +68,20 @@ def shift_annotations(other: Recording, recording: Recording) -> list[Annotation
 
 
 def staging_agreement(result: StudyResult, annotations: Sequence[Annotation]) -> dict[str, Any] | None:
-    """Agreement of the model's hypnogram with a scored one, when the recording carries stage annotations."""
+    """Agreement of the model's hypnogram with a scored one, when the recording carries stage annotations;
+    ``scored`` holds the scored stage of every epoch (None: unscored), what the study report overlays."""
     if result.staging is None:
         return None
     reference = reference_hypnogram(list(annotations), n_epochs=len(result.staging.hypnogram))
-    return None if reference is None else agreement(result.staging.hypnogram, reference).to_dict()
+    if reference is None:
+        return None
+    return {**agreement(result.staging.hypnogram, reference).to_dict(), "scored": reference}
 
 
 def outputs_extra(ready: ReadyStudy, scoring: dict[str, Any] | None) -> dict[str, Any]:
-    """What metrics.json records beside the model's results: montage, gaps, recording, agreement."""
+    """What metrics.json records beside the model's results: montage, gaps, recording, agreement, and the
+    signal-quality gate's verdict (``quality``: ``interpretable``, ``reasons``, per-channel measures),
+    which the flag step reads."""
     table, recording = ready.table, ready.recording
     return {
         "montage": {"name": table.name, "version": table.version, "source": ready.source,
@@ -86,6 +92,7 @@ def outputs_extra(ready: ReadyStudy, scoring: dict[str, Any] | None) -> dict[str
         "recording": {"duration_s": recording.duration_s, "channels": len(recording.channels),
                       "format": recording.format, "warnings": recording.warnings},
         "staging_agreement": scoring,
+        "quality": ready.quality.as_dict() if ready.quality is not None else None,
     }
 
 
@@ -98,12 +105,14 @@ def store_outputs(result: StudyResult, out_dir: Path, ready: ReadyStudy,
 
 
 def decode_and_prepare(paths: Sequence[Path], filename_pattern: str | None, table: MontageTable, key: str,
-                       source: str | None, name: str | None = None) -> ReadyStudy:
+                       source: str | None, name: str | None = None,
+                       quality: QualityThresholds | None = None) -> ReadyStudy:
     """Decode the inputs and map and preprocess their channels: the CPU part of a study, which the
-    daemon runs in its worker and an archive batch in worker processes."""
+    daemon runs in its worker and an archive batch in worker processes. ``quality``: the signal-quality
+    gate's thresholds (the configuration's ``quality`` section; None: the defaults)."""
     t0 = time.perf_counter()
     recording = decode_inputs(paths, filename_pattern, name)
     t1 = time.perf_counter()
-    ready = prepare_study(recording, table, key=key, source=source)
+    ready = prepare_study(recording, table, key=key, source=source, quality=quality)
     ready.stage_s = {"decode_s": round(t1 - t0, 3), "map_s": round(time.perf_counter() - t1, 3)}
     return ready

@@ -54,7 +54,7 @@ from typing import Literal
 import numpy as np
 import pyedflib
 
-from ..recording import Annotation, Channel, Recording
+from ..recording import Annotation, Channel, Recording, checked_range
 from .edf_discontinuous import RecordSource, build_raw_recording
 from .edf_header import (
     EdfHeader,
@@ -210,6 +210,7 @@ def _build(path: Path, raw: EdfHeader, stamp: FileStamp, reader: pyedflib.EdfRea
             _source=source,
             prefilter=reader.getPrefilter(i).strip(),
             transducer=reader.getTransducer(i).strip(),
+            physical_range=checked_range((pmin, pmax)),  # the digital limits, in physical units
         ))
 
     identifiers, demographics = patient_fields(raw.patient)

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..recording import Annotation, Channel, Recording
+from ..recording import Annotation, Channel, Recording, checked_range
 from .edf_header import (
     Constant,
     EdfHeader,
@@ -354,6 +354,8 @@ def build_raw_recording(header: EdfHeader, stamp: FileStamp, notes: list[str]) -
             prefilter=s.prefilter,
             transducer=s.transducer,
             _valid=_Validity(placement, spr) if gapped and placement is not None else None,
+            # the digital limits in physical units; none for a signal read as a constant
+            physical_range=None if s.degenerate else checked_range((s.physical_min, s.physical_max)),
         ))
 
     annotations = [Annotation(onset - t0, d, text) for onset, d, text in tals.annotations]

@@ -289,11 +289,15 @@ class Repo:
             s.execute(update(Study).where(Study.id == study.id).values(updated_at=utcnow(), **fields), execution_options=_NO_SYNC)
         return self._reload(study)
 
-    def add_outputs(self, study: Study, files: Sequence[tuple[str, int]]) -> None:
-        """Record the files of this version's outputs (replacing a record a crashed run left)."""
+    def add_outputs(self, study: Study, files: Sequence[tuple[str, int]], replace: bool = True) -> None:
+        """Record the files of this version's outputs (replacing a record a crashed run left); with
+        ``replace=False`` add ``files`` to the record (replacing only their own earlier rows)."""
         now = utcnow()
         with self.sessions.begin() as s:
-            s.execute(Output.__table__.delete().where(Output.study_id == study.id, Output.version == study.version))
+            same = [Output.study_id == study.id, Output.version == study.version]
+            if not replace:
+                same.append(Output.name.in_([n for n, _ in files]))
+            s.execute(Output.__table__.delete().where(*same))
             s.add_all(Output(study_id=study.id, version=study.version, name=n, size=size, created_at=now)
                       for n, size in files)
 
