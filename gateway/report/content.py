@@ -172,7 +172,8 @@ class StudyReport:
 
 
 # ---- values ------------------------------------------------------------------------------------------------
-def _num(v: Any) -> float | None:
+def finite(v: Any) -> float | None:
+    """A finite float, or None for None, NaN, infinity, a bool or anything that is not a number."""
     if v is None or isinstance(v, bool):
         return None
     try:
@@ -183,7 +184,7 @@ def _num(v: Any) -> float | None:
 
 
 def _int(v: Any) -> int | None:
-    f = _num(v)
+    f = finite(v)
     return None if f is None else round(f)
 
 
@@ -212,7 +213,7 @@ def _outcome(d: dict, status: str | None = None) -> Outcome:
     return Outcome(label=str(d.get("label") or d.get("phenotype") or d.get("phecode") or "?"),
                    code=str(d.get("code") or ""), phecode=str(d.get("phecode") or ""),
                    phenotype=str(d.get("phenotype") or d.get("label") or ""),
-                   log_hazard=_num(d.get("log_hazard")), percentile=_num(d.get("percentile")),
+                   log_hazard=finite(d.get("log_hazard")), percentile=finite(d.get("percentile")),
                    reference_size=_int(d.get("reference_size")), status=str(status or d.get("status") or "?"),
                    head=str(d.get("head") or ""), reason=_str(d.get("reason")))
 
@@ -318,7 +319,7 @@ def build_report(study: Study, out_dir: Path | str | None = None, flags: dict[st
         patient=Patient(name=study.patient_name, patient_id=study.patient_id, issuer=study.patient_id_issuer,
                         birth_date=study.birth_date, sex=study.sex, accession=study.accession),
         recording_start=study.recording_start,
-        duration_s=_num(recording.get("duration_s")) or _num(metrics.get("duration_encoded_s")),
+        duration_s=finite(recording.get("duration_s")) or finite(metrics.get("duration_encoded_s")),
         recording_format=_str(recording.get("format")),
         hypnogram=hypnogram, tail_epochs=tail_epochs, scored=scored, agreement=agreement,
         sleep=metrics.get("sleep") if isinstance(metrics.get("sleep"), dict) else None,

@@ -6,11 +6,10 @@ strings; a missing value reads ``—`` (or says why it is missing).
 
 from __future__ import annotations
 
-import math
 from datetime import UTC, date, datetime
 from typing import Any
 
-from .content import STAGES, ChannelQuality, Outcome, StudyReport
+from .content import STAGES, ChannelQuality, Outcome, StudyReport, finite
 
 __all__ = [
     "BANNER",
@@ -55,30 +54,20 @@ _STATUS = {
 }
 
 
-def _finite(v: Any) -> float | None:
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
 def number(v: Any, digits: int = 1, unit: str = "", missing: str = DASH) -> str:
-    f = _finite(v)
+    f = finite(v)
     if f is None:
         return missing
     return f"{f:.{digits}f}{(' ' + unit) if unit else ''}"
 
 
 def signed(v: Any, digits: int = 3) -> str:
-    f = _finite(v)
+    f = finite(v)
     return DASH if f is None else f"{f:+.{digits}f}".replace("-", "\u2212")
 
 
 def percentile(v: Any) -> str:
-    f = _finite(v)
+    f = finite(v)
     return DASH if f is None else f"{f:.1f}"
 
 
@@ -130,8 +119,8 @@ def agreement_line(r: StudyReport) -> str | None:
     epochs = a.get("epochs") or 0
     if not epochs:
         return "Scored hypnogram present, but no epoch is scored in both: no agreement computed."
-    acc = _finite(a.get("accuracy"))
-    kappa = _finite(a.get("kappa"))
+    acc = finite(a.get("accuracy"))
+    kappa = finite(a.get("kappa"))
     return (f"Agreement with the scored hypnogram over {epochs} epochs: accuracy "
             f"{number(None if acc is None else 100 * acc, 1, '%')}, Cohen\u2019s \u03ba "
             f"{number(kappa, 2, missing='undefined').replace('-', chr(0x2212))}.")
@@ -224,7 +213,7 @@ def quality_problems(r: StudyReport) -> list[ChannelQuality]:
 
 def model_rows(r: StudyReport) -> list[tuple[str, str]]:
     demo = r.demographics_used or {}
-    age = _finite(demo.get("age_years"))
+    age = finite(demo.get("age_years"))
     used = ", ".join(x for x in (f"age {age:.0f} y" if age is not None else "",
                                  f"sex {demo['sex']}" if demo.get("sex") else "") if x) or "none recorded"
     encoding = r.demographics_encoding or "unconfirmed"
