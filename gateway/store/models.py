@@ -29,7 +29,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from ..pipeline.states import FINAL_STATES, PIPELINE_DONE, WORKING_STATES, State
 
-__all__ = ["FINAL_STATES", "PIPELINE_DONE", "WORKING_STATES", "ArchiveFile", "AttemptOutcome", "Base", "BatchRun", "DeliveryAttempt", "DeliveryLease", "Event", "Instance", "Message", "MessageState", "Output", "ReferenceHazard", "State", "Study"]
+__all__ = ["FINAL_STATES", "PIPELINE_DONE", "WORKING_STATES", "AccessAudit", "ArchiveFile", "AttemptOutcome", "Base", "BatchRun", "DeliveryAttempt", "DeliveryLease", "Event", "Instance", "Message", "MessageState", "Output", "ReferenceHazard", "State", "Study", "StudyReview", "User"]
 
 
 _TS = DateTime(timezone=True)
@@ -71,6 +71,7 @@ class Study(Base):
     bundle_hash: Mapped[str | None] = mapped_column(String(64))
     bundle_validated: Mapped[bool | None] = mapped_column(Boolean)  # False: demo weights, test messages only
     output_path: Mapped[str | None] = mapped_column(Text)
+    scorer: Mapped[str | None] = mapped_column(String(128))  # the scoring technician, as recorded
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime | None] = mapped_column(_TS)
     claimed_by: Mapped[str | None] = mapped_column(String(128))
@@ -259,3 +260,49 @@ class ArchiveFile(Base):
     seen_at: Mapped[datetime] = mapped_column(_TS)
 
     __table_args__ = (Index("uq_archive_files_path", "path", unique=True),)
+
+
+class User(Base):
+    """A console/CLI user: a role and an Argon2id password hash (``gateway.access``)."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))  # viewer | operator | admin
+    password_hash: Mapped[str] = mapped_column(String(256))
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    failed_logins: Mapped[int] = mapped_column(Integer, default=0)  # consecutive, reset by a success
+    locked_until: Mapped[datetime | None] = mapped_column(_TS)
+    last_login_at: Mapped[datetime | None] = mapped_column(_TS)
+    created_at: Mapped[datetime] = mapped_column(_TS)
+    updated_at: Mapped[datetime] = mapped_column(_TS)
+
+
+class AccessAudit(Base):
+    """Append-only access audit: who viewed which study's page or did what, and when. Study keys, ids,
+    labels and paths only, never PHI. The database refuses UPDATE and DELETE (triggers, migration 0005)."""
+
+    __tablename__ = "access_audit"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(_TS, index=True)
+    user_name: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))  # login, view, study.retry, user.add, ...
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"))
+    study_key: Mapped[str | None] = mapped_column(String(32))
+    target: Mapped[str | None] = mapped_column(String(256))  # page path, message id, label
+    detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    remote_addr: Mapped[str | None] = mapped_column(String(64))
+
+
+class StudyReview(Base):
+    """A reviewed mark on a study: who, when, and a note."""
+
+    __tablename__ = "study_reviews"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    reviewer: Mapped[str] = mapped_column(String(64))
+    reviewed_at: Mapped[datetime] = mapped_column(_TS)
+    note: Mapped[str] = mapped_column(Text)
