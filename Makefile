@@ -49,6 +49,12 @@ peers:
 	  $$SUDO apt-get install -y -q poppler-utils >/dev/null 2>&1 || \
 	  { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q poppler-utils >/dev/null; } || \
 	  echo "could not install poppler-utils: the study report's PDF tests will be skipped"; }
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else \
+	    echo "chromium not installed and no root: the web console's browser tests will be skipped"; exit 0; fi; \
+	  $$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q chromium >/dev/null; } || \
+	  echo "could not install chromium: the web console's browser tests will be skipped"; }
 
 # Every test, every layer (what CI runs through .ci/run).
 test: $(STAMP) $(TEST_EXTRAS) peers

@@ -294,6 +294,39 @@ class HttpConfig(_Section):
     port: int = Field(9108, ge=0, le=65535)  # 0: any free port (tests)
 
 
+class ConsoleConfig(_Section):
+    """The web console under ``/ui/`` of the ops endpoint (docs/admin-guide.md, "Web console")."""
+
+    enabled: bool | None = None  # None: on whenever http is
+    session_hours: float = Field(12.0, gt=0, le=24 * 30)  # a session ends this long after its login
+    idle_minutes: float = Field(30.0, gt=0)  # ... or after this long without a request
+    secret_key_file: Path | None = None  # None: <var_dir>/console-secret.key, generated 0600 on first start
+    sso_header: str | None = None  # e.g. X-Remote-User, accepted only from trusted_proxies
+    trusted_proxies: list[str] = Field(default_factory=list)  # addresses or networks (10.0.0.0/24)
+    login_attempts_per_minute: int = Field(10, ge=1)  # per remote address, on top of the account lockout
+    drift_kappa_drop: float = Field(0.1, gt=0, le=2)  # alert when a scorer's rolling kappa falls this far
+    drift_window_studies: int = Field(20, ge=2)  # the rolling window of a scorer's agreement
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for item in v:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network") from None
+        return v
+
+    @field_validator("sso_header")
+    @classmethod
+    def _header(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9-]+", v):
+            raise ValueError("a header name is letters, digits and '-'")
+        return v
+
+
 class ServiceConfig(_Section):
     node_name: str = Field(default_factory=socket.gethostname)
     shutdown_timeout_seconds: float = Field(60.0, gt=0)
@@ -463,6 +496,7 @@ class GatewayConfig(_Section):
     batch: BatchConfig = Field(default_factory=BatchConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    console: ConsoleConfig = Field(default_factory=ConsoleConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
     flags: FlagsConfig = Field(default_factory=FlagsConfig)
@@ -593,6 +627,8 @@ def resolve_paths(cfg: GatewayConfig, base: Path) -> GatewayConfig:
     cfg.model.site_heads = [_under(base, p) for p in cfg.model.site_heads]
     if cfg.model.staging_head is not None:
         cfg.model.staging_head = _under(base, cfg.model.staging_head)
+    if cfg.console.secret_key_file is not None:
+        cfg.console.secret_key_file = _under(base, cfg.console.secret_key_file)
     for key in ("spill_dir", "summary_dir"):
         if getattr(cfg.batch, key) is not None:
             setattr(cfg.batch, key, _under(base, getattr(cfg.batch, key)))

@@ -231,7 +231,8 @@ class Daemon:
             self.sources.append(receiver)
         if cfg.http.enabled:
             try:
-                self.ops = OpsServer(cfg.http.host, cfg.http.port, self.metrics.registry, self.health)
+                self.ops = OpsServer(cfg.http.host, cfg.http.port, self.metrics.registry, self.health,
+                                     console=self._console())
             except OSError as exc:
                 raise StartupError(f"cannot listen for HTTP on {cfg.http.host}:{cfg.http.port}: "
                                    f"{exc.strerror}") from None
@@ -241,6 +242,18 @@ class Daemon:
         self.ready = True
         notify("READY=1", f"STATUS=listening; workers={cfg.pipeline.workers}")
         log.info("daemon.ready")
+
+    def _console(self) -> Any:
+        """The web console under /ui/ (console.enabled, default: with http), or None."""
+        if self.cfg.console.enabled is False or self.repo is None:
+            return None
+        from .console import ConsoleContext, create_console  # Flask: imported only when served
+
+        try:
+            return create_console(ConsoleContext(self.cfg, self.repo, montage=getattr(self, "montage", None),
+                                                 health=self.health, metrics=self.metrics))
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"console: {exc}") from None
 
     def _start_scheduler(self) -> None:
         cfg = self.cfg

@@ -1,4 +1,5 @@
-"""The local operations endpoint: ``/healthz`` (JSON) and ``/metrics`` (Prometheus text format)."""
+"""The local operations endpoint: ``/healthz`` (JSON), ``/metrics`` (Prometheus text format) and, when
+given one, the web console under ``/ui/`` (a WSGI application, :mod:`gateway.console`)."""
 
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ class OpsServer:
     """``health()`` returns (healthy, document); unhealthy answers 503 so a load balancer or probe sees it."""
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry,
-                 health: Callable[[], tuple[bool, dict[str, Any]]]):
+                 health: Callable[[], tuple[bool, dict[str, Any]]], console: Callable | None = None):
         self.registry = registry
         self.health = health
+        self.console = console  # a WSGI app mounted at /ui (SCRIPT_NAME /ui)
         self._server = make_server(host, port, self._app, server_class=_Server, handler_class=_QuietHandler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="ops-http", daemon=True)
 
@@ -46,6 +48,12 @@ class OpsServer:
 
     def _app(self, environ: dict[str, Any], start_response: Callable) -> list[bytes]:
         path = environ.get("PATH_INFO", "")
+        if self.console is not None and (path == "/ui" or path.startswith("/ui/")):
+            if path == "/ui":
+                start_response("308 Permanent Redirect", [("Location", "/ui/"), ("Content-Type", "text/plain")])
+                return [b"/ui/\n"]
+            environ = {**environ, "SCRIPT_NAME": environ.get("SCRIPT_NAME", "") + "/ui", "PATH_INFO": path[3:]}
+            return self.console(environ, start_response)
         if path == "/metrics":
             body = generate_latest(self.registry)
             start_response("200 OK", [("Content-Type", CONTENT_TYPE_LATEST)])

@@ -15,11 +15,13 @@ Per field (characters, after control characters are removed)::
     accession number      64   longer: refused   (ORC-2/3 and OBR-2/3 EI.1)
     study instance UID    64   longer: refused   (DICOM UI; the database column holds 64)
     patient name         199   longer: cut, with a warning (the ORU's PID-5 name components hold 199)
+    scorer                64   longer: cut, with a warning (a staff name: EDF+ technician, DICOM Operators'
+                                                 Name, a sidecar's ``scorer``); ``X`` is unknown (EDF+'s mark)
 
 An identifier is refused rather than cut because a cut MRN or accession names another patient or order:
 the study fails with ``patient id longer than 80 characters`` (a :class:`IdentifierError`, which the
 daemon treats like an unreadable input: FAILED, quarantined with REASON.txt). All limits are within the
-database columns (``gateway/store/models.py``: patient id, issuer and accession 128, name 256, UID 64).
+database columns (``gateway/store/models.py``: patient id, issuer, accession and scorer 128, name 256, UID 64).
 
 Control characters (C0 including CR/LF/TAB, DEL, C1) and unpaired surrogates are removed, with a warning:
 they end HL7 segments, PostgreSQL refuses NUL, and UTF-8 cannot encode a lone surrogate. In a name a run
@@ -74,6 +76,7 @@ FIELD_LIMITS: tuple[FieldLimit, ...] = (
     FieldLimit("admin_code", "accession number", 64, identity=True),
     FieldLimit("study_uid", "study instance UID", 64, identity=True),
     FieldLimit("patient_name", "patient name", 199, identity=False),
+    FieldLimit("scorer", "scorer", 64, identity=False),
 )
 
 
@@ -163,6 +166,8 @@ def apply_identifier_limits(recording: Recording, path: str | Path | None = None
                 continue
             text = text[: limit.max_chars].rstrip()
             warnings.append(f"{limit.label} longer than {limit.max_chars} characters: truncated")
+        if limit.attribute == "scorer" and text.upper() == "X":
+            text = ""  # EDF+'s "unknown", from whichever source
         setattr(identifiers, limit.attribute, text or None)
     if refused:
         where = path if path is not None else (identifiers.source_path or Path("."))

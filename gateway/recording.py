@@ -183,12 +183,15 @@ class Identifiers:
     source_path: Path | None = None
     study_uid: str | None = None  # DICOM Study Instance UID
     patient_id_issuer: str | None = None  # DICOM Issuer of Patient ID (assigning authority)
+    # Who scored the recording's hypnogram: the EDF+ header's technician, DICOM Operators' Name or a sidecar's
+    # ``scorer``. A staff name, not the patient's, but kept out of logs and ``repr`` like the others.
+    scorer: str | None = None
 
     def __repr__(self) -> str:
         shown = ", ".join(
             f"{name}={_REDACTED if getattr(self, name) else None}"
             for name in ("patient_id", "patient_name", "admin_code", "source_path", "study_uid",
-                         "patient_id_issuer")
+                         "patient_id_issuer", "scorer")
         )
         return f"Identifiers({shown})"
 

@@ -249,7 +249,7 @@ def test_a_registration_racing_the_replace_leaves_file_and_record_unchanged(env,
             racer[0] = repo.register_file(source="t", path="/in/b.edf", name="b.edf", sha256=sha,
                                           filename_pattern=None, actor="t").study.key
 
-    monkeypatch.setattr("gateway.cli.studies_cmd._original_with", lambda *_: None)  # the CLI's check ran earlier
+    monkeypatch.setattr("gateway.operator_actions._original_with", lambda *_: None)  # the CLI's check ran earlier
     event.listen(Session, "before_flush", register_first)
     try:
         r = runner.invoke(app, ["studies", "replace", failed.key, str(fixed), *cfg], env=cli_env)

@@ -70,7 +70,7 @@ def test_limits_are_within_the_database_columns():
     from gateway.store.models import Study
 
     column = {"patient_id": "patient_id", "patient_id_issuer": "patient_id_issuer", "admin_code": "accession",
-              "study_uid": "study_uid", "patient_name": "patient_name"}
+              "study_uid": "study_uid", "patient_name": "patient_name", "scorer": "scorer"}
     for limit in FIELD_LIMITS:
         assert limit.max_chars <= Study.__table__.c[column[limit.attribute]].type.length, limit.attribute
 

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..operator_actions import ActionError, preview_message, release_messages, requeue_message
 from ..store.models import Message
 from .service_cmd import ConfigOption, load_or_exit
 from .store_access import StoreConfigOption, open_store
@@ -77,11 +78,8 @@ def outbox_show(message_id: int, config: StoreConfigOption = None, as_json: Json
 
 def _requeue(message_id: int, config: Path | None, resend: bool) -> None:
     try:
-        m = _repo(config).message_requeue(message_id, actor="cli", resend=resend)
-    except KeyError:
-        err.print(f"no message {message_id}")
-        raise typer.Exit(1) from None
-    except ValueError as exc:
+        m = requeue_message(_repo(config), message_id, actor="cli", resend=resend)
+    except ActionError as exc:
         err.print(str(exc))
         raise typer.Exit(1) from None
     out.print(f"message {m.id} ({m.control_id}): {m.state}; the daemon's delivery job sends it")
@@ -112,8 +110,7 @@ def outbox_release(
     if not message_ids and not all_held:
         err.print("[bold red]error:[/] name the messages to release, or --all")
         raise typer.Exit(2)
-    released = _repo(config).message_release(None if all_held else message_ids, actor="cli")
-    missing = sorted(set(message_ids or ()) - set(released))
+    released, missing = release_messages(_repo(config), None if all_held else message_ids, actor="cli")
     out.print(f"released {len(released)} message(s)")
     if missing:
         err.print(f"not HELD (or unknown): {', '.join(map(str, missing))}")
@@ -152,20 +149,15 @@ def hl7_test_destination(config: ConfigOption = None) -> None:
 def hl7_preview(ref: Annotated[str, typer.Argument(help="Study id or key")],
                 config: StoreConfigOption = None) -> None:
     """The ER7 text the study would send now (flags re-evaluated; nothing stored or sent)."""
-    from ..hl7.compose import build_study_message
-    from ..pipeline.runner import study_decision
-
     cfg, repo = open_store(config)
     study = _find(repo, ref)
-    if not study.output_path:
-        err.print(f"study {study.key} has no outputs yet ({study.state})")
-        raise typer.Exit(1)
-    decision, _, sleep = study_decision(repo, cfg.flags, study)
-    er7 = build_study_message(study, decision, sleep, cfg.hl7, control_id="PREVIEW", now=datetime.now(UTC),
-                              correction=repo.was_delivered(study.id), validated=bool(study.bundle_validated),
-                              include_metrics=cfg.flags.include_sleep_metrics)
-    if not decision.flagged and cfg.flags.send_mode == "flagged_only":
-        err.print("nothing flagged: with send_mode flagged_only this study sends no message")
+    try:
+        er7, note = preview_message(cfg, repo, study)
+    except ActionError as exc:
+        err.print(str(exc))
+        raise typer.Exit(1) from None
+    if note:
+        err.print(note)
     print(er7.replace("\r", "\n"))
 
 

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import stat
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -15,12 +10,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
 
-from ..config import GatewayConfig
-from ..fsutil import atomic_write, fsync_dir
-from ..store.models import State, Study
+from ..fsutil import atomic_write
+from ..operator_actions import ActionError, reopen_study, replace_input
+from ..store.models import Study
 from ..store.repo import Repo
 from .store_access import StoreConfigOption, open_store
 
@@ -82,13 +75,26 @@ def studies_list(
 
 @studies_app.command("show")
 def studies_show(ref: Annotated[str, typer.Argument(help="Study id or key")], config: StoreConfigOption = None,
-                 as_json: JsonOption = False) -> None:
-    """One study: identifiers, model, montage, outputs and its full event history."""
+                 as_json: JsonOption = False,
+                 human: Annotated[bool, typer.Option(
+                     "--human", help="The human view even when stdout is not a terminal (a pager, a file)")] = False,
+                 ) -> None:
+    """One study. On a terminal: header, flags, watched outcomes, sleep metrics, signal quality, the state
+    timeline, messages and report files. With --json, or when stdout is not a terminal (a script, a pipe):
+    the full JSON document (identifiers, model, montage, flags, outputs, every event), as before."""
+    if as_json and human:
+        err.print("[bold red]error:[/] --json and --human exclude each other")
+        raise typer.Exit(2)
     repo = _repo(config)
     s = _find(repo, ref)
+    if human or (not as_json and out.is_terminal):
+        from .study_view import study_view
+
+        out.print(study_view(repo, s), highlight=False)
+        return
     doc = _summary(s) | {
         "identifiers": {"patient_id": s.patient_id, "issuer": s.patient_id_issuer, "accession": s.accession,
-                        "study_uid": s.study_uid},
+                        "study_uid": s.study_uid, "scorer": s.scorer},
         "input": {"path": s.input_path, "name": s.input_name, "sha256": s.content_hash},
         "montage": {"name": s.montage_name, "version": s.montage_version, "mapping": s.mapping},
         "model": {"bundle": s.bundle_name, "version": s.bundle_version, "hash": s.bundle_hash},
@@ -142,8 +148,8 @@ def _reopen(ref: str, config: Path | None, action: str) -> None:
     repo = _repo(config)
     s = _find(repo, ref)
     try:
-        s = getattr(repo, action)(s.id, actor="cli")
-    except ValueError as exc:
+        s = reopen_study(repo, s, action, actor="cli")
+    except ActionError as exc:
         err.print(str(exc))
         raise typer.Exit(1) from None
     out.print(f"study {s.key}: {s.state}, version {s.version} (a running daemon picks it up)")
@@ -163,72 +169,9 @@ def studies_reprocess(ref: Annotated[str, typer.Argument(help="Study id or key")
     _reopen(ref, config, "reprocess")
 
 
-# ---- replace: a corrected input for a FAILED file study ------------------------------------------
-_BLOCK = 1 << 22
-
-
 def _fail(message: str) -> NoReturn:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # one line, any width
     raise typer.Exit(1)
-
-
-def _quarantined_input(cfg: GatewayConfig, s: Study) -> Path:
-    """The study's input file in ``<quarantine>/<key>/`` (under the name it has there, not ``input_name``,
-    which may be PHI); exits with a one-line reason when the study or its files do not allow a replace."""
-    if s.source_kind != "file":
-        _fail(f"study {s.key} is a DICOM study; only a file study's input can be replaced")
-    if s.state != State.FAILED:
-        _fail(f"study {s.key} is {s.state}; only FAILED studies can have their input replaced")
-    folder = Path(cfg.paths.quarantine or cfg.paths.var_dir / "quarantine") / s.key
-    if not folder.is_dir():
-        _fail(f"the quarantine folder of study {s.key} is gone (removed by retention?); nothing to replace")
-    target = Path(s.input_path) if s.input_path else None
-    if target is None or target.parent.resolve() != folder.resolve():
-        # an archive batch's study keeps its file in the archive; a crash may have left it in the spool
-        _fail(f"the input of study {s.key} is not in its quarantine folder; nothing to replace")
-    if not target.is_file():
-        _fail(f"the quarantined input of study {s.key} is gone (removed by retention?); nothing to replace")
-    return folder / target.name
-
-
-def _stage_copy(source: Path, target: Path) -> tuple[Path, str, int]:
-    """Copy ``source`` to a temporary file beside ``target``, hashing the bytes as they are copied (so the
-    recorded SHA-256 is that of the bytes written, even if ``source`` changes meanwhile); fsynced.
-    Returns (temporary file, SHA-256, size)."""
-    digest, size = hashlib.sha256(), 0
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".new", dir=target.parent)
-    try:
-        os.fchmod(fd, stat.S_IMODE(target.stat().st_mode))  # the quarantined file's permissions, not 0600
-        with os.fdopen(fd, "wb") as dst, open(source, "rb") as src:
-            while block := src.read(_BLOCK):
-                digest.update(block)
-                dst.write(block)
-                size += len(block)
-            dst.flush()
-            os.fsync(dst.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp), digest.hexdigest(), size
-
-
-def _keep_old(target: Path, old: Path) -> None:
-    """A second name for the old file until the database has the new hash: a failed transaction puts it
-    back, so a refused replace leaves file and record as they were."""
-    old.unlink(missing_ok=True)
-    try:
-        os.link(target, old)
-    except OSError:  # a file system without hard links: a durable copy
-        shutil.copy2(target, old)
-        with open(old, "rb") as fh:
-            os.fsync(fh.fileno())
-
-
-def _original_with(repo: Repo, sha256: str, other_than: int) -> str | None:
-    """The key of another original study (not a duplicate) with this content, if any."""
-    with repo.sessions() as session:
-        return session.scalar(select(Study.key).where(Study.content_hash == sha256,
-                                                      Study.duplicate_of.is_(None), Study.id != other_than))
 
 
 @studies_app.command("replace")
@@ -242,38 +185,9 @@ def studies_replace(ref: Annotated[str, typer.Argument(help="Study id or key")],
     """
     cfg, repo = open_store(config)
     s = _find(repo, ref)
-    target = _quarantined_input(cfg, s)
-    if not file.is_file() or not os.access(file, os.R_OK):
-        _fail("FILE is not a readable file")  # its name is not repeated: it may carry a patient's name
-    folder = target.parent
     try:
-        tmp, sha256, size = _stage_copy(file, target)
-    except OSError as exc:
-        _fail(f"cannot copy FILE into the quarantine folder of study {s.key}: {exc.strerror}")
-    other = _original_with(repo, sha256, s.id)
-    if other is not None:  # refused before the quarantined file is touched
-        tmp.unlink(missing_ok=True)
-        _fail(f"the same content is already study {other}")
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    swapped = False
-    try:
-        _keep_old(target, old)
-        os.replace(tmp, target)
-        swapped = True
-        fsync_dir(folder)
-    except OSError as exc:
-        if swapped:
-            os.replace(old, target)
-        tmp.unlink(missing_ok=True)
-        old.unlink(missing_ok=True)
-        _fail(f"cannot replace the input of study {s.key}: {exc.strerror}")
-    try:
-        s = repo.replace_input(s.id, path=str(target), sha256=sha256, size=size, actor="cli")
-    except (ValueError, KeyError, SQLAlchemyError) as exc:
-        os.replace(old, target)  # the record kept the old hash: so does the folder
-        fsync_dir(folder)
-        _fail(str(exc) if isinstance(exc, ValueError) else f"study {s.key} not changed: {type(exc).__name__}")
-    old.unlink(missing_ok=True)
-    fsync_dir(folder, best_effort=True)
+        s, sha256, size = replace_input(cfg, repo, s, file, actor="cli")
+    except ActionError as exc:
+        _fail(str(exc))
     out.print(f"study {s.key}: input replaced (sha256 {sha256[:12]}, {size} bytes); {s.state}, "
               f"version {s.version} (a running daemon picks it up)", highlight=False)

@@ -33,11 +33,12 @@ def os_user() -> str:
 
 
 def append_audit_entry(table_path: Path, action: str, rules: list[dict[str, Any]], before: str | None,
-                       after: str) -> None:
-    """Append one JSON line to the table's audit log: UTC time, OS user, action, rule(s), table versions
-    (``before`` None: the table was created)."""
+                       after: str, user: str | None = None) -> None:
+    """Append one JSON line to the table's audit log: UTC time, OS user (or ``user``: the web console's
+    user), action, rule(s), table versions (``before`` None: the table was created)."""
     entry = {
-        "time": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "user": os_user(), "action": action,
+        "time": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), "user": user or os_user(),
+        "action": action,
         "table": table_path.name, "rules": rules, "version_before": before, "version_after": after,
     }
     with open(audit_log_path(table_path), "a", encoding="utf-8") as fh:

@@ -117,8 +117,9 @@ def table_lock(folder: Path) -> Iterator[None]:
 
 
 def add_rule(path: Path, kind: str, label: str, modality: str, *, priority: int | None = None,
-             scope: str | None = None, note: str | None = None) -> TableEdit:
+             scope: str | None = None, note: str | None = None, user: str | None = None) -> TableEdit:
     """Add one rule to the table file ``path`` (created, extending the built-in table, when missing).
+    ``user``: who, for the audit log (default: the OS user; the web console names its own user).
 
     Nothing is written when the rule is already in effect as given (``written`` False, ``message`` says
     so). See the module docstring for the errors.
@@ -147,7 +148,7 @@ def add_rule(path: Path, kind: str, label: str, modality: str, *, priority: int 
         _write_table(path, new_text)
         added = new.own_rules[-1]
         before = None if created else current.version
-        append_audit_entry(path, "add", [added.as_dict()], before, new.version)
+        append_audit_entry(path, "add", [added.as_dict()], before, new.version, user=user)
     return TableEdit("add", path, new, (added,), version_before=before, created=created)
 
 

@@ -14,7 +14,9 @@ Sidecar JSON
         {"patient_id": "MRN123", "patient_name": "Doe^Jane", "accession": "ACC42",
          "sex": "F", "birth_date": "1961-03-02", "age_years": 63}
 
-    ``admin_code`` is accepted for ``accession``, ``study_uid`` and ``patient_id_issuer`` too. ``sex`` is
+    ``admin_code`` is accepted for ``accession``, ``study_uid`` and ``patient_id_issuer`` too, and ``scorer``:
+    who scored the recording's hypnogram (a technician's name or code, over the EDF+ header's technician
+    subfield or DICOM Operators' Name; ``X`` is unknown; cut to 64 characters). ``sex`` is
     M/F (male/female, any case), or U/O/X/unknown to state that it is not known (this overrides the
     header). ``birth_date`` is ISO ``YYYY-MM-DD``; ``age_years`` a number. A missing key or ``null``
     supplies nothing: the field falls through to the next source. A sidecar that is not valid JSON, not an object, or holds a value of
@@ -27,7 +29,7 @@ Sidecar JSON
 
 File-name pattern
     A regular expression from the site's configuration, searched in the file's name (``night.edf``),
-    with named groups ``patient_id``, ``patient_name``, ``accession`` (or ``admin_code``), ``sex``,
+    with named groups ``patient_id``, ``patient_name``, ``accession`` (or ``admin_code``), ``scorer``, ``sex``,
     ``birth_date`` (``YYYY-MM-DD`` or ``YYYYMMDD``), ``age_years``. For example
     ``^(?P<patient_id>\\d{7})_(?P<accession>A\\d+)\\.edf$``. A name that does not match supplies nothing.
 
@@ -66,6 +68,7 @@ _ID_KEYS = {  # source key -> Identifiers attribute
     "admin_code": "admin_code",
     "study_uid": "study_uid",
     "patient_id_issuer": "patient_id_issuer",
+    "scorer": "scorer",
 }
 _SEX = {"m": "M", "male": "M", "f": "F", "female": "F", "u": None, "o": None, "x": None, "unknown": None,
         "other": None, "": None}

@@ -103,7 +103,7 @@ class StudySteps:
                              study_uid=recording.identifiers.study_uid or study.study_uid,
                              patient_name=recording.identifiers.patient_name,
                              birth_date=recording.demographics.birth_date, sex=recording.demographics.sex,
-                             recording_start=recording.start)
+                             recording_start=recording.start, scorer=recording.identifiers.scorer)
             crashpoint("decoded")
         if study.state == State.DECODED:
             study = self._to(study, State.MAPPED, worker, "study.mapped",

@@ -261,6 +261,7 @@ class _Instance:
     birth_date: date | None
     age_years: float | None
     sex_unrecognised: bool = False  # Patient's Sex held a code other than M, F, O (or nothing)
+    operator: str | None = None  # Operators' Name (0008,1070), the first one: who scored the study
 
 
 @dataclass
@@ -449,6 +450,7 @@ def _decode_instance(path: Path, ds, *, ignore_unsupported: bool) -> _Instance |
         sex_unrecognised=_sex_unrecognised(_text(ds, "PatientSex")),
         birth_date=_date(_text(ds, "PatientBirthDate")),
         age_years=parse_patient_age(_text(ds, "PatientAge")),
+        operator=_first_name(ds, "OperatorsName"),
     )
 
 
@@ -806,6 +808,7 @@ def _who(instances: list[_Instance], paths: list[Path]) -> tuple[Identifiers, De
         "source_path": source,
         "study_uid": first.study_uid,
         "patient_id_issuer": pick("issuer"),
+        "scorer": pick("operator"),
     }
     sex = pick("sex")
     # An unrecognised code matters only when no instance gives M or F; identifier_limits reports it.
@@ -838,6 +841,22 @@ def _text(ds, keyword: str) -> str | None:
     if not isinstance(value, str) and hasattr(value, "__iter__") and not hasattr(value, "family_name"):
         value = "\\".join(str(v) for v in value)
     text = str(value).strip().strip("\x00").strip()
+    return text or None
+
+
+def _first_name(ds, keyword: str) -> str | None:
+    """The first value of a person-name element (PN, may be multi-valued), as recorded (``Family^Given``,
+    trailing empty components dropped); None when absent or empty."""
+    value = _value(ds, keyword)
+    if value is None:
+        return None
+    if not isinstance(value, str | bytes) and not hasattr(value, "family_name") and hasattr(value, "__iter__"):
+        value = next((v for v in value if str(v).strip()), None)
+        if value is None:
+            return None
+    if isinstance(value, bytes):
+        value = value.decode("latin-1", errors="replace")
+    text = str(value).strip().strip("\x00").strip().rstrip("^").strip()
     return text or None
 
 

@@ -65,6 +65,7 @@ from .edf_header import (
     patient_fields,
     read_header,
     require_data_records,
+    technician,
 )
 from .errors import ReaderError, os_error
 
@@ -215,6 +216,7 @@ def _build(path: Path, raw: EdfHeader, stamp: FileStamp, reader: pyedflib.EdfRea
 
     identifiers, demographics = patient_fields(raw.patient)
     identifiers.admin_code = admin_code(raw.recording)
+    identifiers.scorer = technician(raw.recording)
     identifiers.source_path = path
 
     annotations: list[Annotation] = []

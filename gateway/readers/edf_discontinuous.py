@@ -58,6 +58,7 @@ from .edf_header import (
     read_header,
     require_data_records,
     start_plus,
+    technician,
 )
 from .errors import ReaderError, os_error
 
@@ -361,6 +362,7 @@ def build_raw_recording(header: EdfHeader, stamp: FileStamp, notes: list[str]) -
     annotations = [Annotation(onset - t0, d, text) for onset, d, text in tals.annotations]
     identifiers, demographics = patient_fields(header.patient)
     identifiers.admin_code = admin_code(header.recording)
+    identifiers.scorer = technician(header.recording)
     identifiers.source_path = path
     return Recording(
         channels=channels,

@@ -54,6 +54,7 @@ __all__ = [
     "patient_fields",
     "read_header",
     "require_data_records",
+    "technician",
 ]
 
 EDF_VERSION = b"0       "
@@ -528,6 +529,18 @@ def admin_code(recording: str) -> str | None:
     parts = recording.split()
     if len(parts) >= 3 and parts[0] == "Startdate" and parts[2].upper() != "X":
         return parts[2]
+    return None
+
+
+def technician(recording: str) -> str | None:
+    """The technician subfield of an EDF+ 'local recording identification' (``Startdate dd-MMM-yyyy admincode
+    technician equipment``): who recorded or scored the night. None when the field is not in that layout
+    or the subfield is ``X`` (unknown). The EDF+ convention writes a name's spaces as ``_``: they are
+    given back as spaces (``J_Smith`` -> ``J Smith``), so the same person matches a sidecar's ``scorer``."""
+    parts = recording.split()
+    if len(parts) >= 4 and parts[0] == "Startdate" and parts[3].upper() != "X":
+        name = " ".join(parts[3].replace("_", " ").split())
+        return name or None
     return None
 
 

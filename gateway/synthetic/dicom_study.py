@@ -106,6 +106,7 @@ class SyntheticPatient:
     birth_date: date | None = date(1970, 5, 17)
     age: str | None = "054Y"
     accession: str = "SYNACC-0000"
+    operator: str | None = None  # Operators' Name (0008,1070): who scored the study (a fake staff name)
 
 
 @dataclass(frozen=True)
@@ -295,6 +296,8 @@ def make_waveform_dataset(
     ds.Modality = known.modality if known else "OT"
     ds.SeriesInstanceUID = UID(series_uid or generate_uid())
     ds.SeriesNumber = series_number
+    if patient.operator:
+        ds.OperatorsName = patient.operator
     # Synchronization
     ds.FrameOfReferenceUID = UID(generate_uid(entropy_srcs=[str(study_uid), "frame-of-reference"]))
     ds.SynchronizationTrigger = "NO TRIGGER"
@@ -375,12 +378,13 @@ class _Signals:
 
 
 def write_psg_study(folder: str | Path, hours: float = 8.0, seed: int = 0,
-                    start: datetime | None = None) -> list[Path]:
+                    start: datetime | None = None, operator: str | None = None) -> list[Path]:
     """Write a synthetic PSG study (three instances, one study, fake patient) into ``folder``; return the files.
 
     ``eeg.dcm`` (Sleep EEG: F3-M2 F4-M1 C3-M2 C4-M1 O1-M2 O2-M1 at 256 Hz; E1-M2 E2-M1 at 256 Hz; Chin1-Chin2
     LLeg RLeg at 512 Hz), ``resp.dcm`` (Multi-channel Respiratory: Airflow Thor Abdo at 32 Hz, SpO2 at
     1 Hz in %) and ``ecg.dcm`` (General ECG: ECG II at 512 Hz in mV). Identical for the same ``seed``.
+    ``operator``: an Operators' Name for every instance (the study's scorer; default: none written).
     """
     folder = Path(folder)
     seconds = round(hours * 3600)
@@ -392,7 +396,8 @@ def write_psg_study(folder: str | Path, hours: float = 8.0, seed: int = 0,
     birth = date(1950, 1, 1) + timedelta(days=int(rng.integers(0, 40 * 365)))
     age_years = int((start.date() - birth).days // 365.2425)
     patient = SyntheticPatient(patient_id=f"SYN-{seed:04d}", sex="F" if rng.integers(2) else "M",
-                               birth_date=birth, age=f"{age_years:03d}Y", accession=f"SYNACC-{seed:04d}")
+                               birth_date=birth, age=f"{age_years:03d}Y", accession=f"SYNACC-{seed:04d}",
+                               operator=operator)
 
     def uid(*parts: object) -> str:
         return generate_uid(entropy_srcs=["psg-gateway-synthetic", str(seed), *map(str, parts)])
