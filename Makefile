@@ -34,27 +34,23 @@ demo: $(STAMP)
 run: $(STAMP)
 	$(BIN)/psg-gateway run --config deploy/demo.yaml
 
-# DCMTK (storescu, echoscu, storescp) is the DICOM peer of the integration tests: installed from
-# Debian's packages when missing and we may (root or sudo); otherwise those tests report as skipped.
+# The tests' real peers, from Debian's packages: DCMTK (storescu, echoscu, storescp: the DICOM peer),
+# poppler-utils (pdftoppm, pdftotext: the study report's PDF read back), chromium (the web console's browser).
+# $(call apt_tool,COMMAND,PACKAGE,WHAT): install Debian's PACKAGE when COMMAND is missing and we may (root or
+# sudo); otherwise WHAT is reported as skipped (and .ci/run, which requires it, fails).
+define apt_tool
+	@command -v $(1) >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else \
+	    echo "$(2) not installed and no root: $(3) will be skipped"; exit 0; fi; \
+	  $$SUDO apt-get install -y -q $(2) >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q $(2) >/dev/null; } || \
+	  echo "could not install $(2): $(3) will be skipped"; }
+endef
+
 peers:
-	@command -v storescu >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else \
-	    echo "DCMTK not installed and no root: DICOM peer tests will be skipped"; exit 0; fi; \
-	  $$SUDO apt-get install -y -q dcmtk >/dev/null 2>&1 || \
-	  { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q dcmtk >/dev/null; } || \
-	  echo "could not install DCMTK: DICOM peer tests will be skipped"; }
-	@command -v pdftoppm >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else \
-	    echo "poppler-utils not installed and no root: the study report's PDF tests will be skipped"; exit 0; fi; \
-	  $$SUDO apt-get install -y -q poppler-utils >/dev/null 2>&1 || \
-	  { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q poppler-utils >/dev/null; } || \
-	  echo "could not install poppler-utils: the study report's PDF tests will be skipped"; }
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else \
-	    echo "chromium not installed and no root: the web console's browser tests will be skipped"; exit 0; fi; \
-	  $$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || \
-	  { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q chromium >/dev/null; } || \
-	  echo "could not install chromium: the web console's browser tests will be skipped"; }
+	$(call apt_tool,storescu,dcmtk,the DICOM peer tests)
+	$(call apt_tool,pdftoppm,poppler-utils,the study report's PDF tests)
+	$(call apt_tool,chromium,chromium,the web console's browser tests)
 
 # Every test, every layer (what CI runs through .ci/run).
 test: $(STAMP) $(TEST_EXTRAS) peers
