@@ -304,7 +304,7 @@ class ConsoleConfig(_Section):
     sso_header: str | None = None  # e.g. X-Remote-User, accepted only from trusted_proxies
     trusted_proxies: list[str] = Field(default_factory=list)  # addresses or networks (10.0.0.0/24)
     login_attempts_per_minute: int = Field(10, ge=1)  # per remote address, on top of the account lockout
-    drift_kappa_drop: float = Field(0.1, gt=0, le=2)  # alert when a scorer's rolling kappa falls this far
+    drift_kappa_drop: float = Field(0.1, gt=0, le=2)  # alert when a scorer's rolling kappa falls more than this far
     drift_window_studies: int = Field(20, ge=2)  # the rolling window of a scorer's agreement
 
     @field_validator("trusted_proxies")

@@ -232,19 +232,72 @@ def test_mapping_an_unmapped_label_goes_through_the_audited_edit(repo, tmp_path,
     assert ("ada", "montage.map", None, "XFOO") in _actions(repo)
 
 
-def test_agreement_per_scorer_with_a_drift_alert(console, repo, tmp_path):
-    app, _ = console
-    for i in range(4):
-        hand_study(repo, tmp_path, agreement={"epochs": 100, "kappa": 0.8, "f1": {"N2": 0.85}}, scorer="Anna")
-        hand_study(repo, tmp_path, agreement={"epochs": 100, "kappa": 0.45 - i * 0.01, "f1": {"N2": 0.5}},
-                   scorer="Bert")
-    client = ui_client(app)
-    login(client, "vera")
-    page = client.get("/ui/agreement", headers=HTML).text
-    anna = page.split("Anna", 1)[1].split("</section>", 1)[0]
-    bert = page.split("Bert", 1)[1].split("</section>", 1)[0]
-    assert "drift" in bert and "drift" not in anna
-    assert "0.80" in anna
+# The hand-checked table of tests/test_agreement_trend.py, in time order (studies are received one after the
+# other): Anna keeps agreeing; Bert drifts (0.8, 0.6, 0.5, 0.4); Cleo is steady below Anna; Emil is low but has
+# 2 studies only; one study has no known scorer. Lab mean: 8.8 / 14 = 0.629. With a window of 3 Bert's rolling
+# kappa is 0.50, 0.13 below the lab's: more than a drop of 0.1.
+AGREEMENT_TABLE = [("Anna", 0.8), ("Bert", 0.8), ("Cleo", 0.7), ("Anna", 0.8), (None, 0.6), ("Bert", 0.6),
+                   ("Cleo", 0.7), ("Anna", 0.8), ("bert ", 0.5), ("Cleo", 0.7), ("Anna", 0.8), ("Bert", 0.4),
+                   ("Emil", 0.3), ("Emil", 0.3)]
+
+
+def _scorer_card(page: str, title: str) -> str:
+    [card] = [c for c in page.split('<section class="card scorer')[1:] if c.split("</h2>", 1)[0].count(title)]
+    return card.split("</section>", 1)[0]
+
+
+def test_agreement_per_scorer_with_a_drift_alert(repo, tmp_path, db_url):
+    from gateway.pipeline.agreement_trend import agreement_by_scorer, agreement_rows
+
+    def page_with(**console_cfg_keys) -> str:
+        cfg = console_cfg(tmp_path, db_url, console=console_cfg_keys)
+        client = ui_client(create_console(ConsoleContext(cfg, repo)))
+        login(client, "vera")
+        r = client.get("/ui/agreement", headers=HTML)
+        assert r.status_code == 200
+        return html.unescape(r.text)
+
+    UserStore(repo).add("vera", "viewer", PASSWORD)
+    hand_study(repo, tmp_path, scorer="Anna")  # outputs without a scored hypnogram: not on the page
+    empty = page_with(drift_window_studies=3, drift_kappa_drop=0.1)
+    assert "No scored study yet" in empty and 'class="card scorer' not in empty
+
+    cm = {"W": {"W": 40, "N2": 10}, "N2": {"W": 5, "N2": 45}}  # 100 epochs; W against the rest: kappa 0.7
+    for scorer, kappa in AGREEMENT_TABLE:
+        hand_study(repo, tmp_path, scorer=scorer, agreement={
+            "epochs": 100, "accuracy": 0.85, "kappa": kappa, "f1": {"W": 0.84, "N2": 0.86}, "confusion": cm})
+    page = page_with(drift_window_studies=3, drift_kappa_drop=0.1)
+
+    # the numbers are agreement_trend's, with the console's window and drop
+    trend = agreement_by_scorer(agreement_rows(repo), window=3, drop=0.1)
+    [alert] = trend.alerts
+    assert alert.scorer == "Bert"
+    assert alert.message == ("scorer Bert: rolling kappa 0.50 over the last 3 studies is 0.13 below the lab's "
+                             "0.63 (alert above 0.10)")  # by hand: (0.6 + 0.5 + 0.4) / 3; 8.8 / 14; 0.1286
+    assert "14 studies with outputs carry a scored hypnogram" in page and "κ = 0.63" in page
+    bert = _scorer_card(page, "Bert")
+    assert bert.startswith(' drift"') and '<span class="pill bad">drift</span>' in bert and alert.message in bert
+    assert "4 studies" in bert and "Rolling κ (last 3)" in bert and ">0.50<" in bert
+    assert page.index("Bert") < page.index("Anna")  # the alerted scorer comes first
+    # no alert for the others: Anna and Cleo agree with the lab; Emil is low (0.30) but has no full window;
+    # studies without a scorer are never alerted
+    for title, mean in (("Anna", "0.80"), ("Cleo", "0.70"), ("Emil", "0.30"), ("(scorer not recorded)", "0.60")):
+        card = _scorer_card(page, title)
+        assert not card.startswith(' drift"') and "pill bad" not in card and "drift-alert" not in card, title
+        assert f"<tr><th>Mean κ</th><td>{mean}</td></tr>" in card, title
+    assert page.count('class="flash error drift-alert"') == 1
+    # per stage: the mean F1 and the stage's kappa over the pooled confusion matrices
+    anna = _scorer_card(page, "Anna")
+    assert "Wake</th><td>F1 0.84 · κ 0.70" in anna and "N2</th><td>F1 0.86 · κ 0.70" in anna
+    assert "N1</th><td>F1 — · κ —" in anna
+    # the plot: one dot per study with a kappa and the rolling kappa as a line
+    assert anna.count('<circle ') == 4 and bert.count('<circle ') == 4 and "<polyline" in bert
+
+    # the console's configuration decides: a window of 4 (Bert's rolling kappa 0.575) or a larger drop: no alert
+    for keys in ({"drift_window_studies": 4, "drift_kappa_drop": 0.1},
+                 {"drift_window_studies": 3, "drift_kappa_drop": 0.13}):
+        quiet = page_with(**keys)
+        assert "drift-alert" not in quiet and 'class="card scorer drift"' not in quiet, keys
 
 
 def test_login_is_throttled_per_remote_address(repo, tmp_path, db_url):

@@ -1,87 +1,56 @@
-"""``/ui/agreement``: model-versus-scorer agreement per scorer over time, with a drift alert.
+"""``/ui/agreement``: model-versus-scorer agreement per scorer over time, with drift alerts.
 
-Computed here from each study's ``metrics.json`` (``staging_agreement``: Cohen's kappa and per-stage F1 of
-the model's hypnogram against the scored one) and the study's ``scorer`` (the technician, when recorded);
-a scorer's rolling kappa over ``console.drift_window_studies`` studies that falls ``console.drift_kappa_drop``
-or more below the lab's is flagged as drift.
+Every number on the page comes from :mod:`gateway.pipeline.agreement_trend` (:func:`agreement_rows` over the
+store, then :func:`agreement_by_scorer` with ``console.drift_window_studies`` and
+``console.drift_kappa_drop``); this module only lays the result out, the kappa-over-time plot included.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import datetime
-from statistics import fmean
+from dataclasses import dataclass
 
 from flask import Blueprint, render_template
-from sqlalchemy import select
 
-from ..store.models import Study
-from . import queries
+from ..pipeline.agreement_trend import ScorerAgreement, TrendPoint, agreement_by_scorer, agreement_rows
+from ..pipeline.scoring import STAGES
 from .app import context
 
 bp = Blueprint("agreement", __name__)
 
-STAGES = ("Wake", "N1", "N2", "N3", "REM")
 UNKNOWN = "(scorer not recorded)"
+STAGE_NAMES = {"W": "Wake"}  # the other stages' codes are their names
+
+# the plot's frame (SVG user units): kappa 0 at the bottom, 1 at the top; a negative kappa sits on 0
+_LEFT, _RIGHT, _TOP, _BOTTOM = 30.0, 395.0, 10.0, 110.0
 
 
-@dataclass
-class Point:
-    key: str
-    at: datetime | None
-    kappa: float
-    f1: dict[str, float | None]
+def _y(kappa: float) -> float:
+    return round(_BOTTOM - (_BOTTOM - _TOP) * min(max(kappa, 0.0), 1.0), 1)
 
 
-@dataclass
-class ScorerTrend:
-    scorer: str
-    points: list[Point] = field(default_factory=list)  # oldest first
-    rolling: float | None = None  # mean kappa of the last window
-    mean: float | None = None
-    stage_f1: dict[str, float | None] = field(default_factory=dict)
-    drift: bool = False
+@dataclass(frozen=True)
+class Plot:
+    """Where a scorer's series is drawn: one dot per study (its kappa), the rolling kappa as a line."""
+
+    dots: list[tuple[float, float, TrendPoint]]  # (x, y, the point)
+    rolling: str  # the polyline's points
+    lab_y: float | None
 
 
-def scorer_trends(studies: list[tuple[Study, dict]], window: int, drop: float
-                  ) -> tuple[list[ScorerTrend], float | None]:
-    """(one trend per scorer, the lab's mean kappa over the same rolling window per scorer's studies)."""
-    by: dict[str, ScorerTrend] = {}
-    for study, agreement in studies:
-        kappa = agreement.get("kappa")
-        if kappa is None:
-            continue
-        name = (getattr(study, "scorer", None) or "").strip() or UNKNOWN
-        by.setdefault(name, ScorerTrend(name)).points.append(
-            Point(study.key, queries.aware(study.recording_start or study.received_at), float(kappa),
-                  agreement.get("f1") or {}))
-    all_points = [p for t in by.values() for p in t.points]
-    all_points.sort(key=lambda p: (p.at is None, p.at))
-    lab = fmean(p.kappa for p in all_points[-window * max(1, len(by)):]) if all_points else None
-    for trend in by.values():
-        trend.points.sort(key=lambda p: (p.at is None, p.at))
-        trend.mean = fmean(p.kappa for p in trend.points)
-        trend.rolling = fmean(p.kappa for p in trend.points[-window:])
-        for stage in STAGES:
-            values = [p.f1.get(stage) for p in trend.points if p.f1.get(stage) is not None]
-            trend.stage_f1[stage] = fmean(values) if values else None
-        trend.drift = lab is not None and trend.rolling is not None and trend.rolling <= lab - drop
-    return sorted(by.values(), key=lambda t: (not t.drift, t.scorer)), lab
+def plot(scorer: ScorerAgreement, lab_kappa: float | None) -> Plot:
+    n = len(scorer.series)
+    xs = [round(_LEFT + (_RIGHT - _LEFT) * i / (n - 1), 1) if n > 1 else (_LEFT + _RIGHT) / 2 for i in range(n)]
+    dots = [(x, _y(p.kappa), p) for x, p in zip(xs, scorer.series, strict=True)]
+    rolling = " ".join(f"{x},{_y(p.rolling_kappa)}" for x, p in zip(xs, scorer.series, strict=True))
+    return Plot(dots, rolling, None if lab_kappa is None else _y(lab_kappa))
 
 
 @bp.route("/agreement")
 def index():  # type: ignore[no-untyped-def]
     ctx = context()
-    with ctx.repo.sessions() as s:
-        rows = list(s.scalars(select(Study).where(Study.output_path.is_not(None), Study.duplicate_of.is_(None))
-                              .order_by(Study.received_at.desc()).limit(queries.RECENT)))
-    scored = []
-    for study in rows:
-        metrics = queries.read_metrics(study) or {}
-        agreement = metrics.get("staging_agreement")
-        if isinstance(agreement, dict) and agreement.get("epochs"):
-            scored.append((study, agreement))
     c = ctx.cfg.console
-    trends, lab = scorer_trends(scored, c.drift_window_studies, c.drift_kappa_drop)
-    return render_template("agreement.html", trends=trends, lab=lab, stages=STAGES, window=c.drift_window_studies,
-                           drop=c.drift_kappa_drop, scored=len(scored), looked=len(rows))
+    trend = agreement_by_scorer(agreement_rows(ctx.repo), window=c.drift_window_studies, drop=c.drift_kappa_drop)
+    scorers = sorted(trend.scorers, key=lambda s: s.alert is None)  # alerted scorers first, else trend's order
+    return render_template("agreement.html", trend=trend,
+                           entries=[(s, plot(s, trend.lab.mean_kappa)) for s in scorers],
+                           stages=[(s, STAGE_NAMES.get(s, s)) for s in STAGES], unknown=UNKNOWN)
