@@ -17,6 +17,8 @@ heads_app = typer.Typer(help="Fit, evaluate and inspect a site's own heads (Cox 
                         no_args_is_help=True)
 fit_app = typer.Typer(help="Fit a head on an export (psg-gateway batch --export DIR).", no_args_is_help=True)
 heads_app.add_typer(fit_app, name="fit")
+labels_app = typer.Typer(help="Build label files for heads fit from a site's records.", no_args_is_help=True)
+heads_app.add_typer(labels_app, name="labels")
 out = Console()
 err = Console(stderr=True)
 
@@ -274,3 +276,57 @@ def show_cmd(head: Annotated[Path, typer.Argument(help="Head folder")]) -> None:
         summary["outcomes"] = [{"label": o["label"], "l2": o["l2"], "train": o["train"], "test": o["test"]}
                                for o in doc["outcomes"]]
     print(json.dumps(summary, indent=2))
+
+
+@labels_app.command("build")
+def labels_build_cmd(diagnoses: Annotated[Path, typer.Option(
+                         help="CSV: patient_id, code, code_system (ICD9CM|ICD10CM), date (YYYY-MM-DD)")],
+                     export: ExportOpt,
+                     map_file: Annotated[list[Path], typer.Option(
+                         "--map", help="Phecode Map 1.2 file (ICD-9-CM map, ICD-10-CM map, definitions; "
+                                       "repeatable)")],
+                     out_file: Annotated[Path, typer.Option(
+                         "--out", help="Labels CSV to write (for heads fit cox --labels); the count report "
+                                       "goes beside it as <name>.report.json")],
+                     follow_up: Annotated[Path | None, typer.Option(
+                         help="CSV: patient_id, last_followup_date (default: the latest diagnosis date)")] = None,
+                     horizon: Annotated[int | None, typer.Option(min=1, help="Censor at most this many days "
+                                                                            "after the study")] = None,
+                     outcome: Annotated[list[str] | None, typer.Option(
+                         help="Only this phecode (repeatable; default: every phecode a diagnosis maps to)")] = None
+                     ) -> None:
+    """Time-to-event labels per study and phecode from ICD diagnosis codes (rules: docs/researcher-guide.md)."""
+    from ..heads import labels as lb
+    from ..heads.data import LabelsError
+
+    try:
+        pmap = lb.read_phecode_map(map_file)
+        dx = lb.read_diagnoses(diagnoses, pmap)
+        fu = lb.read_follow_up(follow_up) if follow_up else None
+        studies = lb.read_export_studies(export)
+        rows, report = lb.build_labels(studies, dx, pmap, follow_up=fu, horizon_days=horizon, outcomes=outcome)
+        report_path = lb.write_labels(rows, report, out_file)
+    except LabelsError as exc:
+        for problem in exc.problems:  # one line each, naming the file (and the line in it)
+            err.print(f"[bold red]error:[/] {escape(exc.source)}: {escape(problem)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        err.print(f"[bold red]error:[/] cannot write {escape(str(exc.filename or out_file))}: {exc.strerror}",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    for c in report["outcomes"]:
+        name = f" {c['phenotype']}" if c["phenotype"] else ""
+        out.print(f"  {c['phecode']}{name}: {c['cases']} cases, {c['controls']} controls (censored: "
+                  f"{c['censored_at_followup']} at last follow-up, {c['censored_at_horizon']} at the horizon; "
+                  f"{c['diagnosed_after_censoring']} diagnosed after censoring), excluded: "
+                  f"{c['excluded_prevalent']} prevalent, {c['excluded_range']} by exclusion range, "
+                  f"{c['excluded_no_followup']} without follow-up", highlight=False, markup=False, soft_wrap=True)
+    d = report["diagnoses"]
+    if report["studies_without_patient_or_date"]:
+        err.print(f"[bold yellow]warning:[/] {report['studies_without_patient_or_date']} studies have no patient id "
+                  "or recording date: not labelled", highlight=False)
+    if d["unmapped_rows"]:
+        err.print(f"[bold yellow]warning:[/] {d['unmapped_rows']} of {d['rows']} diagnosis rows "
+                  f"({d['unmapped_codes']} codes) are in no map", highlight=False)
+    out.print(f"labels: {out_file} ({len(rows)} rows); report: {report_path}", highlight=False, markup=False,
+              soft_wrap=True)

@@ -22,6 +22,7 @@ from .heads_cmd import heads_app
 from .montage_cmd import montage_app
 from .outbox_cmd import hl7_app, outbox_app
 from .reference_cmd import reference_app
+from .scoring_cmd import scoring_app
 from .service_cmd import config_app, db_app, load_or_exit, run
 from .studies_cmd import studies_app
 from .users_cmd import audit_app, users_app
@@ -44,6 +45,7 @@ app.add_typer(outbox_app, name="outbox")
 app.add_typer(hl7_app, name="hl7")
 app.add_typer(heads_app, name="heads")
 app.add_typer(reference_app, name="reference")
+app.add_typer(scoring_app, name="scoring")
 app.add_typer(users_app, name="users")
 app.add_typer(audit_app, name="audit")
 app.command("run")(run)
