@@ -43,6 +43,7 @@ class Channel:
 
     ``label`` is as recorded, with trailing spaces stripped. ``unit`` is the physical dimension as
     recorded (``"uV"``, ``"mV"``, ``"%"``, ``""`` ...). ``prefilter``/``transducer`` are informational.
+    ``source_code`` is the channel's coded source (scheme, value) where the format has one (DICOM).
     A channel with gaps (EDF+D, DICOM padding, instances that do not meet) has a validity source:
     its samples in a gap are filled (with 0) and :meth:`read_valid` says which they are.
     ``physical_range`` is (low, high), the physical values of the digital limits where the format
@@ -59,6 +60,10 @@ class Channel:
     transducer: str = ""
     _valid: ValiditySource | None = field(default=None, repr=False)
     physical_range: tuple[float, float] | None = None
+    # The coded source of the channel where the format records one (DICOM Channel Source Sequence):
+    # (coding scheme designator, code value), e.g. ("SCPECG", "5.6.3-9-1"); None otherwise. Montage
+    # ``code`` rules are tried on it before the label.
+    source_code: tuple[str, str] | None = None
 
     @property
     def has_gaps(self) -> bool:
@@ -229,6 +234,11 @@ class Recording:
         return [channel.label for channel in self.channels]
 
     @property
+    def channel_codes(self) -> list[tuple[str, str] | None]:
+        """Each channel's coded source (scheme, value) or None, in recording order (for montage code rules)."""
+        return [channel.source_code for channel in self.channels]
+
+    @property
     def highest_rate(self) -> float | None:
         """The recording's highest sampling rate: the top rate over all its signal channels, mapped or
         not (annotation signals are not channels).
@@ -251,6 +261,20 @@ class Recording:
         and annotations only, cheap to pickle into another process. Reading a channel then raises."""
         channels = [dataclasses.replace(c, _source=_detached_source, _valid=None) for c in self.channels]
         return dataclasses.replace(self, channels=channels)
+
+    def to_mne(self, **options):
+        """This recording as an MNE ``RawArray``: see :func:`gateway.interop.mne.to_mne` (needs the
+        ``mne`` extra)."""
+        from .interop.mne import to_mne
+
+        return to_mne(self, **options)
+
+    @classmethod
+    def from_mne(cls, raw) -> Recording:
+        """An MNE ``Raw`` as a recording: see :func:`gateway.interop.mne.from_mne` (needs the ``mne`` extra)."""
+        from .interop.mne import from_mne
+
+        return from_mne(raw)
 
     def __repr__(self) -> str:
         # Deliberately no identifiers, no dates, no path, no annotation texts (free text may hold PHI).

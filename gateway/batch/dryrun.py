@@ -70,7 +70,7 @@ def _row(item: ArchiveItem, brepo: BatchRepo, table: MontageTable, restart: bool
     except OSError as exc:
         row.problem = f"storage: {exc.strerror}"
         return row
-    match = table.map_labels(recording.channel_labels, source=item.source)
+    match = table.map_labels(recording.channel_labels, source=item.source, codes=recording.channel_codes)
     row.duration_h = round(recording.duration_s / 3600, 2)
     row.modalities = {m: len(match.groups.get(m, [])) for m in _MODALITIES if match.groups.get(m)}
     row.unmapped = list(match.unmapped)

@@ -237,7 +237,7 @@ def show(
 
 def _study_doc(table: MontageTable, recording: Any, source: str | None) -> dict[str, Any]:
     labels = [ch.label for ch in recording.channels]
-    match = table.map_labels(labels, source)
+    match = table.map_labels(labels, source, [getattr(ch, "source_code", None) for ch in recording.channels])
     channels = []
     for ch, cm in zip(recording.channels, match.channels, strict=True):
         entry = {"index": cm.index, "label": ch.label, "rate_hz": float(ch.sampling_rate),
@@ -371,7 +371,8 @@ def unmapped(
             errors.append({"input": study.name, "error": study.error})
             continue
         n_studies += 1
-        match = table.map_labels([ch.label for ch in study.recording.channels], src)
+        match = table.map_labels([ch.label for ch in study.recording.channels], src,
+                                 [getattr(ch, "source_code", None) for ch in study.recording.channels])
         channels.update(match.unmapped)
         studies_with.update(set(match.unmapped))
     rows = [{"label": label, "channels": n, "studies": studies_with[label],
@@ -640,7 +641,7 @@ def add(
 
 def _effect(table: MontageTable, rule: MontageRule) -> dict[str, Any] | None:
     """What a label written as the rule's text now resolves to (not for regex rules)."""
-    if rule.kind == "regex":
+    if rule.kind in ("regex", "code"):
         return None
     source = rule.scope
     res = table.resolve(rule.pattern, source)
@@ -680,7 +681,7 @@ def remove(
                                                                all_matching=all_matching))
     effects = []
     for rule in done.rules:
-        if rule.kind != "regex":
+        if rule.kind not in ("regex", "code"):
             res = done.table.resolve(rule.pattern, rule.scope)
             effects.append({"label": rule.pattern, "status": res.status, "modality": res.modality,
                             "rule": res.rule.describe() if res.rule else None})

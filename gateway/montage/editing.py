@@ -38,6 +38,7 @@ from .table import (
     MontageRule,
     MontageTable,
     RuleSpan,
+    code_key,
     compose,
     normalise_label,
 )
@@ -169,6 +170,8 @@ def remove_rules(path: Path, label: str, *, kind: str | None = None,
             return rule.key == label.strip()
         if rule.kind == "normalised":
             return rule.key == normalise_label(label)
+        if rule.kind == "code":
+            return rule.key == code_key(label)
         return rule.pattern == label
 
     with table_lock(path.parent):

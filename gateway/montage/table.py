@@ -13,6 +13,9 @@ A rule is one of three kinds, each with a default priority:
   (``"EEG C3-A2"`` -> ``"C3-A2"``), one step weaker than a match of the whole label;
 * ``regex`` (100): the regular expression matches the whole label (case-insensitive, whitespace runs
   collapsed to one space).
+* ``code`` (400): the channel's coded source (DICOM Channel Source Sequence: coding scheme designator and
+  code value, ``"SCPECG:5.6.3-9-1"``, ``"MDC:2:62"``) equals the rule's; code rules are tried before the
+  label, and the label is looked up only when no code rule matches the channel's code.
 
 Each rule maps to a modality or to ``exclude`` (known, not a model input: reported as excluded, not as
 unmapped). A rule may be scoped to one source (``dicom:<calling AE title>``, ``folder:<path>``,
@@ -59,6 +62,7 @@ __all__ = [
     "MontageTable",
     "Problem",
     "Resolution",
+    "canonical_code",
     "default_table",
     "load_table",
     "normalise_label",
@@ -69,19 +73,21 @@ __all__ = [
 MODALITIES: tuple[str, ...] = ("BAS", "RESP", "EKG", "EMG")
 EXCLUDE = "exclude"
 IGNORE = EXCLUDE  # the name the first table format used; kept for callers
-KINDS: tuple[str, ...] = ("exact", "normalised", "regex")
-DEFAULT_PRIORITY: dict[str, int] = {"exact": 300, "normalised": 200, "regex": 100}
+KINDS: tuple[str, ...] = ("exact", "normalised", "regex", "code")
+LABEL_KINDS: tuple[str, ...] = ("exact", "normalised")  # kinds that name a label
+DEFAULT_PRIORITY: dict[str, int] = {"exact": 300, "normalised": 200, "regex": 100, "code": 400}
 TABLE_FORMAT = 2
 LEGACY_FORMAT = 1
-VENDOR_PREFIXES: tuple[str, ...] = ("eeg", "eog", "emg", "ecg", "ekg", "resp")
+VENDOR_PREFIXES: tuple[str, ...] = ("eeg", "eog", "emg", "ecg", "ekg", "resp", "pol")
 SOURCE_KINDS: tuple[str, ...] = ("dicom", "folder", "archive")
 BUILTIN_NAME = "default"
 DEFAULT_RESOURCE = "data/default_montage.yaml"
 
-_KIND_ALIASES = {"exact": "exact", "normalised": "normalised", "normalized": "normalised", "regex": "regex"}
+_KIND_ALIASES = {"exact": "exact", "normalised": "normalised", "normalized": "normalised", "regex": "regex",
+                 "code": "code"}
 _TOP_KEYS = ("name", "format", "description", "extends", "rules")
 _LEGACY_TOP_KEYS = ("name", "format", "description", "modalities", "ignore", "rules")
-_RULE_KEYS = ("exact", "normalised", "normalized", "regex", "modality", "priority", "scope", "note")
+_RULE_KEYS = ("exact", "normalised", "normalized", "regex", "code", "modality", "priority", "scope", "note")
 _MAX_EXTENDS = 8
 
 
@@ -124,6 +130,28 @@ def vendor_prefix(label: str) -> tuple[str, str] | None:
             if normalise_label(rest):
                 return prefix, rest
     return None
+
+
+def canonical_code(text: str) -> str:
+    """The form ``code`` rules compare coded channel sources in: ``SCHEME:VALUE`` with the coding scheme
+    designator upper-cased and both parts trimmed (``"scpecg: 5.6.3-9-1"`` -> ``"SCPECG:5.6.3-9-1"``).
+    Only the first colon separates them (MDC values hold colons: ``"MDC:2:62"``). ValueError when malformed."""
+    scheme, sep, value = str(text).partition(":")
+    scheme, value = scheme.strip().upper(), value.strip()
+    if not sep or not scheme or not value:
+        raise ValueError(f"code {text!r} is not of the form SCHEME:VALUE (e.g. SCPECG:5.6.3-9-1, MDC:2:62)")
+    return f"{scheme}:{value}"
+
+
+def code_key(code: tuple[str, str] | str | None) -> str | None:
+    """:func:`canonical_code` of a channel's coded source ``(scheme, value)`` (or ``"SCHEME:VALUE"``); None
+    when there is none or it is malformed."""
+    if code is None:
+        return None
+    try:
+        return canonical_code(code if isinstance(code, str) else f"{code[0]}:{code[1]}")
+    except (ValueError, IndexError, TypeError):
+        return None
 
 
 def _collapse(label: str) -> str:
@@ -234,6 +262,8 @@ class MontageRule:
             key = self.pattern.strip()
         elif kind == "normalised":
             key = normalise_label(self.pattern)
+        elif kind == "code":
+            key = canonical_code(self.pattern)
         else:
             key = self.pattern
             try:
@@ -268,6 +298,8 @@ class MontageRule:
         None when it does not match."""
         if self.kind == "exact":
             return 0 if label.strip() == self.key else None
+        if self.kind == "code":
+            return None  # matches a channel's coded source, never its label (see MontageTable.resolve)
         if self.kind == "regex":
             assert self.regex is not None
             return 0 if self.regex.fullmatch(_collapse(label)) else None
@@ -334,6 +366,8 @@ class Resolution:
             return None
         if rule.kind == "exact":
             return "the label equals the rule's text exactly"
+        if rule.kind == "code":
+            return f"the channel's coded source {rule.key} equals the rule's code (tried before the label)"
         if rule.kind == "regex":
             return "the regular expression matches the whole label"
         if self.quality == 1:
@@ -476,8 +510,11 @@ class MontageTable:
         self._exact: dict[str, list[MontageRule]] = {}
         self._normalised: dict[str, list[MontageRule]] = {}
         self._regexes: list[MontageRule] = []
+        self._codes: dict[str, list[MontageRule]] = {}
         for rule in self.rules:
-            if rule.kind == "exact":
+            if rule.kind == "code":
+                self._codes.setdefault(rule.key, []).append(rule)
+            elif rule.kind == "exact":
                 self._exact.setdefault(rule.key, []).append(rule)
             elif rule.kind == "normalised":
                 self._normalised.setdefault(rule.key, []).append(rule)
@@ -579,8 +616,8 @@ class MontageTable:
 
     # ---- matching ----------------------------------------------------------------------------------------
 
-    def _candidates(self, label: str, source: str | None, any_source: bool = False
-                    ) -> list[tuple[MontageRule, int]]:
+    def _candidates(self, label: str, source: str | None, any_source: bool = False,
+                    code: tuple[str, str] | str | None = None) -> list[tuple[MontageRule, int]]:
         found: dict[int, tuple[MontageRule, int]] = {}
 
         def add(rule: MontageRule, quality: int) -> None:
@@ -589,6 +626,13 @@ class MontageTable:
             old = found.get(id(rule))
             if old is None or quality < old[1]:
                 found[id(rule)] = (rule, quality)
+
+        key = code_key(code)
+        if key is not None:
+            for rule in self._codes.get(key, ()):
+                add(rule, 0)
+            if found:  # a code rule decides before any label rule is tried
+                return sorted(found.values(), key=lambda rq: (_rank(*rq), self._position[id(rq[0])]))
 
         for rule in self._exact.get(label.strip(), ()):
             add(rule, 0)
@@ -606,16 +650,20 @@ class MontageTable:
                 add(rule, 0)
         return sorted(found.values(), key=lambda rq: (_rank(*rq), self._position[id(rq[0])]))
 
-    def matches(self, label: str, source: str | None = None, *, any_source: bool = False
-                ) -> list[tuple[MontageRule, int]]:
+    def matches(self, label: str, source: str | None = None, *, any_source: bool = False,
+                code: tuple[str, str] | str | None = None) -> list[tuple[MontageRule, int]]:
         """Every rule that matches ``label`` for ``source`` (or for any source), best first, each with its
-        match quality (0: the whole label, 1: the label without its vendor prefix)."""
-        return self._candidates(label, parse_source(source) if source is not None else None, any_source)
+        match quality (0: the whole label, 1: the label without its vendor prefix). With ``code`` (a
+        channel's coded source), the code rules that match it, when there are any, instead."""
+        return self._candidates(label, parse_source(source) if source is not None else None, any_source, code)
 
-    def resolve(self, label: str, source: str | None = None) -> Resolution:
-        """Which rule decides ``label`` for a study from ``source`` (see :func:`parse_source`), and why."""
+    def resolve(self, label: str, source: str | None = None,
+                code: tuple[str, str] | str | None = None) -> Resolution:
+        """Which rule decides ``label`` for a study from ``source`` (see :func:`parse_source`), and why.
+        ``code``: the channel's coded source ``(scheme, value)`` (DICOM Channel Source); the table's
+        ``code`` rules are tried on it first, and only when none matches is the label looked up."""
         source = parse_source(source) if source is not None else None
-        candidates = self._candidates(label, source)
+        candidates = self._candidates(label, source, code=code)
         rule = quality = None
         conflict: list[MontageRule] = []
         if candidates:
@@ -635,9 +683,12 @@ class MontageTable:
             return None, None
         return res.rule.modality, ("prefix" if res.quality == 1 else res.rule.kind)
 
-    def map_labels(self, labels: Sequence[str], source: str | None = None) -> MontageMatch:
+    def map_labels(self, labels: Sequence[str], source: str | None = None,
+                   codes: Sequence[tuple[str, str] | None] | None = None) -> MontageMatch:
         """Map a recording's channel labels (in recording order; duplicates each keep their index) for a
-        study that came from ``source`` (``dicom:<AE title>``, ``folder:<path>``; None: unscoped rules only)."""
+        study that came from ``source`` (``dicom:<AE title>``, ``folder:<path>``; None: unscoped rules only).
+        ``codes``: each channel's coded source or None, in the same order (``Recording.channel_codes``);
+        a channel's code rules decide before its label."""
         source = parse_source(source) if source is not None else None
         groups: dict[str, list[int]] = {m: [] for m in MODALITIES}
         ignored: list[str] = []
@@ -646,11 +697,12 @@ class MontageTable:
         matched_by: dict[str, str] = {}
         conflicts: dict[str, list[str]] = {}
         channels: list[ChannelMapping] = []
-        cache: dict[str, Resolution] = {}
+        cache: dict[tuple[str, tuple[str, str] | None], Resolution] = {}
         for index, label in enumerate(labels):
-            res = cache.get(label)
+            code = codes[index] if codes is not None and index < len(codes) else None
+            res = cache.get((label, code))
             if res is None:
-                res = cache[label] = self.resolve(label, source)
+                res = cache[(label, code)] = self.resolve(label, source, code)
             channels.append(ChannelMapping(index, label, res.modality, res.status, res.rule))
             if res.conflict:
                 conflicts[label] = [r.describe() for r in res.conflict]
@@ -676,7 +728,7 @@ class MontageTable:
     def labels_for(self, modality: str) -> list[str]:
         """The labels (as written) of the table's exact and normalised rules for a modality or ``exclude``."""
         modality = _canonical_modality(modality) or modality
-        return [r.pattern for r in self.rules if r.kind != "regex" and r.modality == modality]
+        return [r.pattern for r in self.rules if r.kind in LABEL_KINDS and r.modality == modality]
 
     def suggest(self, label: str, n: int = 3, source: str | None = None) -> list[MontageRule]:
         """The table's exact/normalised rules whose labels are closest to ``label`` (difflib on the normalised
@@ -684,7 +736,7 @@ class MontageTable:
         source = parse_source(source) if source is not None else None
         by_key: dict[str, MontageRule] = {}
         for rule in self.rules:
-            if rule.kind != "regex" and rule.applies_to(source):
+            if rule.kind in LABEL_KINDS and rule.applies_to(source):
                 by_key.setdefault(normalise_label(rule.pattern), rule)
         wanted = [normalise_label(label)]
         prefixed = vendor_prefix(label)
@@ -708,10 +760,11 @@ class MontageTable:
         seen_pairs: set[tuple[int, int]] = set()
         probes: dict[str, None] = {}
         for rule in self.rules:
-            if rule.kind != "regex":
+            if rule.kind in LABEL_KINDS:
                 probes.setdefault(rule.pattern.strip(), None)
-        for label in probes:
-            candidates = self._candidates(label, None, any_source=True)
+        coded = [("", key) for key in self._codes]
+        for label, code in [(label, None) for label in probes] + coded:
+            candidates = self._candidates(label, None, any_source=True, code=code)
             for i, (a, qa) in enumerate(candidates):
                 for b, qb in candidates[i + 1:]:
                     if _rank(a, qa) != _rank(b, qb) or a.modality == b.modality:
@@ -725,9 +778,10 @@ class MontageTable:
                     first, second = sorted((a, b), key=lambda r: self._position[id(r)])
                     out.append(Problem(
                         "error",
-                        f"label {label!r} matches {first.describe()} and {second.describe()}: same priority, "
+                        f"{f'code {code}' if code else f'label {label!r}'} matches {first.describe()} and "
+                        f"{second.describe()}: same priority, "
                         "different modalities; give one a higher priority, a scope, or remove one",
-                        [first, second], label))
+                        [first, second], code or label))
         identities: dict[tuple[str, str, str | None], MontageRule] = {}
         for rule in self.rules:
             other = identities.get(rule.identity)
@@ -840,11 +894,11 @@ class _TableParser:
         fields = self.mapping(item, "a rule")
         for key, (key_node, _) in fields.items():
             if key not in _RULE_KEYS:
-                raise self.error(f"unknown key {key!r} in a rule (expected one of exact, normalised, regex; "
+                raise self.error(f"unknown key {key!r} in a rule (expected one of exact, normalised, regex, code; "
                                  "modality; optional priority, scope, note)", key_node, key=key)
         kinds = [k for k in fields if k in _KIND_ALIASES]
         if len(kinds) != 1:
-            raise self.error("a rule needs exactly one of 'exact', 'normalised' or 'regex'"
+            raise self.error("a rule needs exactly one of 'exact', 'normalised', 'regex' or 'code'"
                              + (f" (has {', '.join(kinds)})" if kinds else ""), item, key="kind")
         kind = _KIND_ALIASES[kinds[0]]
         pattern_node = fields[kinds[0]][1]

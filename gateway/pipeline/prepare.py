@@ -80,7 +80,7 @@ def prepare_study(
     # internal ValueError, and a few seconds would be preprocessed only for the engine to refuse them.
     check_duration(recording.duration_s)
     labels = recording.channel_labels
-    match = table.map_labels(labels, source=source)
+    match = table.map_labels(labels, source=source, codes=recording.channel_codes)
     if not any(match.groups.values()):
         raise MappingError(
             f"no channel maps to a modality (labels: {', '.join(labels) or 'none'}); "

@@ -2,7 +2,9 @@
 
 :func:`read_recording` picks the reader from the file's content (not only its name): EDF/EDF+
 (``0       `` header), BDF/BDF+ (``\\xffBIOSEMI``), DICOM (``DICM`` at byte 128), or a folder of
-DICOM waveform files belonging to one study.
+DICOM waveform files belonging to one study. Formats MNE reads and we do not (BrainVision ``.vhdr``,
+Nihon Kohden ``.eeg``, GDF, EGI, EEGLAB, FIF ...) go to MNE when the ``mne`` extra is installed
+(:mod:`.mne_reader`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ def sniff_format(path: Path) -> str | None:
 def read_recording(path: str | Path) -> Recording:
     """Decode an EDF/BDF file, a DICOM waveform file, or a folder of one study's DICOM files."""
     path = Path(path)
+    if path.is_dir() and path.name.lower().endswith(".mff"):  # an EGI recording is a folder
+        from .mne_reader import read_with_mne
+
+        return read_with_mne(path)
     if path.is_dir():
         from .dicom_waveform import read_dicom_study
 
@@ -52,4 +58,8 @@ def read_recording(path: str | Path) -> Recording:
         from .edf import read_edf
 
         return read_edf(path)
+    from .mne_reader import mne_suffix, read_with_mne
+
+    if mne_suffix(path) is not None:  # BrainVision, Nihon Kohden, GDF, EGI ...: MNE reads them (optional)
+        return read_with_mne(path)
     raise ReaderError(path, "not an EDF, BDF or DICOM file (unrecognised header)", kind="unsupported")

@@ -215,6 +215,7 @@ class _Segment:
     valid: np.ndarray | None  # bool, None: all measured
     path: Path
     order: tuple[int, int, int]  # (instance, group, channel) for a stable channel order
+    code: tuple[str, str] | None = None  # the coded Channel Source (scheme, value)
 
     @property
     def n(self) -> int:
@@ -229,6 +230,7 @@ class _Group:
     label: str
     originality: str
     channels: list[tuple[str, str, np.ndarray, np.ndarray | None]]  # label, unit, data, valid
+    codes: dict[int, tuple[str, str]] = field(default_factory=dict)  # channel index -> coded Channel Source
 
 
 @dataclass
@@ -315,7 +317,7 @@ def read_dicom_study(paths: Iterable[str | Path], *, ignore_unsupported: bool = 
             start_s = inst_start + group.offset_ms / 1000.0
             for c, (label, unit, data, valid) in enumerate(group.channels):
                 segments.append(_Segment(label, group.rate, unit, start_s, data, valid, instance.path,
-                                         (i, group.index, c)))
+                                         (i, group.index, c), group.codes.get(c)))
         instance.groups = []  # the segments own the arrays now
     if not segments:
         raise ReaderError(instances[0].path, "no waveform channel in the study", kind="corrupt")
@@ -515,8 +517,12 @@ def _decode_group(path: Path, item, g: int, little_endian: bool) -> _Group:
     padding = _padding(path, where, item, dtype)
     group_label = _text(item, "MultiplexGroupLabel") or ""
     channels = []
+    codes: dict[int, tuple[str, str]] = {}
     for c, definition in enumerate(definitions):
         label = _channel_label(definition) or f"{group_label or f'Group {g + 1}'} channel {c + 1}"
+        code = _source_code(definition)
+        if code is not None:
+            codes[c] = code
         cwhere = f"{where}, channel {c + 1} ({label!r})"
         column = raw[:, c]
         sensitivity = _opt_float(path, cwhere, definition, "ChannelSensitivity")
@@ -546,7 +552,7 @@ def _decode_group(path: Path, item, g: int, little_endian: bool) -> _Group:
         channels.append((label, unit, values, valid))
     offset_ms = _opt_float(path, where, item, "MultiplexGroupTimeOffset") or 0.0
     originality = (_text(item, "WaveformOriginality") or "ORIGINAL").upper()
-    return _Group(g, rate, offset_ms, group_label, originality, channels)
+    return _Group(g, rate, offset_ms, group_label, originality, channels, codes)
 
 
 def _drop_templates(groups: list[_Group]) -> list[_Group]:
@@ -578,6 +584,18 @@ def _channel_label(definition) -> str | None:
     if sources:
         return _text(sources[0], "CodeMeaning")
     return None
+
+
+def _source_code(definition) -> tuple[str, str] | None:
+    """The channel's coded Channel Source as (coding scheme designator, code value), or None."""
+    sources = _value(definition, "ChannelSourceSequence")
+    if not sources:
+        return None
+    scheme = _text(sources[0], "CodingSchemeDesignator")
+    value = _text(sources[0], "CodeValue") or _text(sources[0], "LongCodeValue")
+    if not scheme or not value:
+        return None
+    return scheme.strip(), value.strip()
 
 
 def _unit(definition) -> str | None:
@@ -716,8 +734,11 @@ def _build_channel(track: _Track, duration_s: float) -> Channel:
     for seg, first in track.segments:
         data[first : first + seg.n] = seg.data
         valid[first : first + seg.n] = True if seg.valid is None else seg.valid
+    code = next((seg.code for seg, _ in track.segments if seg.code is not None), None)
     track.segments.clear()  # release the decoded pieces before the channel takes its copy
-    return Channel.from_array(track.label, track.rate, data, track.unit, valid=valid)
+    channel = Channel.from_array(track.label, track.rate, data, track.unit, valid=valid)
+    channel.source_code = code
+    return channel
 
 
 # ---- annotations ---------------------------------------------------------------------------------------------

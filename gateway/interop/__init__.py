@@ -1,0 +1,1 @@
+"""Bridges between :class:`~gateway.recording.Recording` and other toolkits' types (optional extras)."""
