@@ -50,6 +50,7 @@ endef
 peers:
 	$(call apt_tool,storescu,dcmtk,the DICOM peer tests)
 	$(call apt_tool,pdftoppm,poppler-utils,the study report's PDF tests)
+	$(call apt_tool,dciodvfy,dicom3tools,the DICOM conformance tests)
 	$(call apt_tool,chromium,chromium,the web console's browser tests)
 
 # Every test, every layer (what CI runs through .ci/run).

@@ -99,9 +99,13 @@ def test_listener_stores_messages_and_acks(tmp_path):
     listener = FileMllpListener("127.0.0.1", 0, tmp_path / "inbox").start()
     try:
         with MllpClient(MllpDestination("127.0.0.1", listener.port, timeout_seconds=2)) as client:
-            ack = client.send("MSH|^~\\&|A|B|C|D|20260101||ORU^R01^ORU_R01|CTRL/1|P|2.5.1\rPID|1||X")
+            sent = "MSH|^~\\&|A|B|C|D|20260101||ORU^R01^ORU_R01|CTRL/1|P|2.5.1\rPID|1||X\u00e9"
+            ack = client.send(sent)
         assert ack.accepted and ack.control_id == "CTRL/1"
-        stored = (tmp_path / "inbox" / "CTRL_1.hl7").read_text()
-        assert stored.splitlines()[1] == "PID|1||X"
+        stored = (tmp_path / "inbox" / "CTRL_1.hl7").read_bytes()
+        # ER7 as received, byte for byte (the MLLP framing stripped): CR between segments, no LF
+        assert stored == sent.encode("utf-8") and b"\n" not in stored
+        parsed = hl7.parse(stored.decode("utf-8"))
+        assert str(parsed.segment("PID")[3]) == "X\u00e9" and str(parsed.segment("MSH")[10]) == "CTRL/1"
     finally:
         listener.stop()

@@ -12,6 +12,7 @@ from hl7apy.parser import parse_message
 
 from gateway.hl7.oru import (
     DISCLAIMER,
+    EQUIPMENT_MAX,
     UNVALIDATED_WARNING,
     OruError,
     OruFlag,
@@ -135,8 +136,8 @@ def test_message_fields_read_back_by_python_hl7():
     ]
     assert all(o["abnormal"] == "" and o["status"] == "F" for o in obx)
     flag_obx, metric_obx = obx[:5], obx[5:]
-    assert all(o["method"] == "^SleepFM diagnosis head (CoxPH)" for o in flag_obx)
-    assert all(o["equipment"] == "sleepfm-1.0.0-0123456789abcdef" for o in flag_obx)
+    assert all(o["method"] == "^SleepFM diagnosis head (CoxPH)~^sleepfm 1.0.0 0123456789abcdef" for o in flag_obx)
+    assert all(o["equipment"] == "0123456789abcdef" for o in flag_obx)  # v2.5.1: OBX-18 at most 22
     assert all(o["method"] == "" and o["equipment"] == "" for o in metric_obx)
     # the reason follows each coded flag
     segs = [str(s[0]) for s in msg]
@@ -302,11 +303,19 @@ def test_settings_addressing_coding_and_abnormal_flag():
 
 
 def test_equipment_identifier_fits():
-    msg = hl7.parse(_build(_study(model_hash=None)))
-    assert str(msg.segment("OBX")[18]) == "sleepfm-1.0.0"
+    """OBX-18 within v2.5.1's 22 characters, stable per model; the full identity in OBX-17's second method."""
+    no_hash = hl7.parse(_build(_study(model_hash=None))).segment("OBX")
+    short = str(no_hash[18])
+    assert len(short) == 16 and set(short) <= set("0123456789abcdef")
+    assert str(hl7.parse(_build(_study(model_hash=None))).segment("OBX")[18]) == short  # stable
+    assert str(no_hash[17]).endswith("~^sleepfm 1.0.0")
+    other = hl7.parse(_build(_study(model_hash=None, model_version="1.0.1"))).segment("OBX")
+    assert str(other[18]) != short  # another model, another identifier
     long_name = _build(_study(model_name="m" * 400))
-    equipment = str(hl7.parse(long_name).segment("OBX")[18])
-    assert len(equipment) == 199 and equipment.endswith("-1.0.0-0123456789abcdef")
+    obx = hl7.parse(long_name).segment("OBX")
+    assert str(obx[18]) == "0123456789abcdef" and len(str(obx[18])) <= EQUIPMENT_MAX == 22
+    identity = str(obx[17]).split("~")[1]
+    assert len(identity) == 200 and identity.endswith(" 1.0.0 0123456789abcdef")  # "^" + 199 characters
     _strict(long_name)
 
 

@@ -272,11 +272,12 @@ def test_mllp_to_the_listener_writes_the_report_byte_for_byte(tmp_path):
     listener = FileMllpListener("127.0.0.1", 0, tmp_path / "inbox").start()
     try:
         with MllpClient(MllpDestination("127.0.0.1", listener.port, timeout_seconds=30)) as client:
-            ack = client.send(_with_report(data, control_id="PSGREPORT3"))
+            sent = _with_report(data, control_id="PSGREPORT3")
+            ack = client.send(sent)
             assert ack.accepted and ack.control_id == "PSGREPORT3"
             assert client.send(_build(control_id="PSGAFTER")).accepted  # the same connection goes on
     finally:
         listener.stop()
-    stored = (tmp_path / "inbox" / "PSGREPORT3.hl7").read_text(encoding="utf-8")  # segments on lines
-    assert _decoded("\r".join(stored.splitlines())) == data
+    stored = (tmp_path / "inbox" / "PSGREPORT3.hl7").read_bytes().decode("utf-8")  # ER7 as sent: CR, no LF
+    assert stored == sent and "\n" not in stored and _decoded(stored) == data
     assert (tmp_path / "inbox" / "PSGAFTER.hl7").exists()

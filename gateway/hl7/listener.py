@@ -1,8 +1,8 @@
 """A minimal MLLP receiver that writes each message to a folder and answers AA: the local destination
 of ``make demo``, and a stand-in EHR while an interface is being set up (``psg-gateway hl7 listen``).
 
-Not an interface engine: it accepts every framed message, stores it as ``<MSH-10>.hl7`` (segments on
-separate lines) and acknowledges it with an ACK whose MSA-2 is the message's MSH-10.
+Not an interface engine: it accepts every framed message, stores it as ``<MSH-10>.hl7`` exactly as
+received (ER7: the bytes between the MLLP start and end blocks, CR between segments) and acknowledges it with an ACK whose MSA-2 is the message's MSH-10.
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ class FileMllpListener:
                         frame = bytes(buf[:end])
                         del buf[:end + 2]
                         scan = 0
-                        message = frame[frame.find(b"\x0b") + 1:].decode("utf-8", "replace")
-                        outer._store(message)
+                        payload = frame[frame.find(b"\x0b") + 1:]
+                        message = payload.decode("utf-8", "replace")
+                        outer._store(message, payload)
                         self.request.sendall(_ack_for(message))
 
         class Server(socketserver.ThreadingTCPServer):
@@ -68,10 +69,11 @@ class FileMllpListener:
     def port(self) -> int:
         return self._server.server_address[1]
 
-    def _store(self, message: str) -> None:
+    def _store(self, message: str, payload: bytes) -> None:
+        """Write ``payload`` (the framed bytes, untouched: ER7 with CR segment separators) as <MSH-10>.hl7."""
         msh = message.split("\r", 1)[0].split("|")
         name = _SAFE.sub("_", msh[9] if len(msh) > 9 and msh[9] else f"message-{self.received}")
-        atomic_write(self.folder / f"{name}.hl7", message.replace("\r", "\n").encode("utf-8"))
+        atomic_write(self.folder / f"{name}.hl7", payload)
         self.received += 1
 
     def start(self) -> FileMllpListener:

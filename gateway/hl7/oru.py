@@ -13,7 +13,9 @@ Layout (segment order as the ORU_R01 structure has it)::
     TQ1  9 priority (R^Routine^HL70485): v2.5.1 carries priority in TQ1; OBR-5 and OBR-27 are legacy only
     OBX  per flag n (OBX-4 = n ties the group): NM hazard ratio, NM percentile (when known), then
          CWE flag (code^text^99PSG^phecode^Phecode N^99PHECODE) followed by an NTE with the reason;
-         8 abnormal flag (settings; empty by default)  17 ^method text  18 model name-version-hash16
+         8 abnormal flag (settings; empty by default)  17 ^method text~^model name version hash16
+         18 hash16: the model checkpoint's first 16 hex digits (v2.5.1 limits OBX-18 to 22 characters;
+         without a hash, the first 16 hex digits of SHA-256 of "name NUL version"), stable per model
     OBX  per sleep metric: NM with LOINC (else the local code), 6 unit^text^UCUM
     OBX  the study report when given (OruStudy.report, opt-in: hl7.embed_report): ED,
          3 PSG-REPORT^Sleep study report (AI-generated)^99PSG^28633-6^Polysomnography (sleep) study^LN,
@@ -28,7 +30,9 @@ sequence alone. Line breaks and other control characters become spaces.
 from __future__ import annotations
 
 import base64
+import hashlib
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -86,6 +90,7 @@ PATIENT_CLASS = "O"  # outpatient
 DISCLAIMER = "AI-generated estimate, not a diagnosis."
 UNVALIDATED_WARNING = "NOT FOR CLINICAL USE: untrained demonstration model weights."
 HASH_CHARS = 16  # OBX-18 carries the model hash's first 16 hex digits (64 bits: unique enough to identify)
+EQUIPMENT_MAX = 22  # v2.5.1's length of OBX-18 (Equipment Instance Identifier, EI), whole field
 _PRIORITIES = {"S": "Stat", "A": "ASAP", "R": "Routine", "P": "Preop", "C": "Callback", "T": "Timing critical",
                "PRN": "As needed"}
 _UNIT_TEXT = {"min": "minutes", "h": "hours", "s": "seconds", "%": "percent", "/h": "per hour",
@@ -370,10 +375,13 @@ class _Obx:
         obx.obx_11 = self.status  # checked: P, F or C
         if flag:
             method = head or self.study.head
+            equipment, identity = self.equipment
             if _clean(method):
                 obx.obx_17.ce_2 = _st(method)
-            if self.equipment:
-                obx.obx_18.ei_1 = _ST(self.equipment)
+            if identity:  # the full model identity: a second method (OBX-17 repeats), OBX-18 has no room
+                (obx.add_field("OBX_17") if _clean(method) else obx.obx_17).ce_2 = _ST(identity)
+            if equipment:
+                obx.obx_18.ei_1 = _ST(equipment)
         return group
 
 
@@ -400,13 +408,18 @@ def _ed_value(report: OruAttachment) -> tuple[str, tuple[object, ...]]:
                      _ID("Base64"), _DT["TX"](encoded, validation_level=VALIDATION_LEVEL.TOLERANT))
 
 
-def _equipment(study: OruStudy) -> str:
-    """OBX-18.1: ``<model name>-<version>-<first 16 hex of the hash>``, the name cut so all fits ST."""
-    tail = "-".join(p for p in (_clean(study.model_version),
-                                _clean(study.model_hash).rsplit(":", 1)[-1][:HASH_CHARS].lower()) if p)
+def _equipment(study: OruStudy) -> tuple[str, str]:
+    """(OBX-18.1, the full identity for OBX-17): a short identifier stable per model and within v2.5.1's 22
+    characters: the checkpoint hash's first 16 hex digits (lowercase; without a hash, those of SHA-256 of the
+    model name and version); the identity ``<model name> <version> <hash16>``, the name cut to fit ST."""
+    name, version = _clean(study.model_name), _clean(study.model_version)
+    hash16 = re.sub(r"[^0-9a-z]", "", _clean(study.model_hash).rsplit(":", 1)[-1].lower())[:HASH_CHARS]
+    short = hash16 or (hashlib.sha256(f"{name}\0{version}".encode()).hexdigest()[:HASH_CHARS]
+                       if name or version else "")
+    tail = " ".join(p for p in (version, hash16) if p)
     room = _ST_MAX - (len(_esc(tail)) + 1 if tail else 0)
-    name = _text(study.model_name, limit=max(room, 0))
-    return "-".join(p for p in (name, _esc(tail)) if p)
+    identity = " ".join(p for p in (_text(study.model_name, limit=max(room, 0)), _esc(tail)) if p)
+    return short[:EQUIPMENT_MAX], identity
 
 
 # --- the message --------------------------------------------------------------------------------------------

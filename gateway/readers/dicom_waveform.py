@@ -52,7 +52,8 @@ Timeline and merging
     label overlapping across instances, or recorded at a different rate or unit, is an error naming
     both files. The same label twice in one instance gives two channels (duplicates kept, like EDF).
     A DERIVED multiplex group whose labels all repeat an ORIGINAL group of the same instance (an ECG
-    median beat) is a template, not a signal in time, and is skipped. Instances of different studies
+    median beat) is a template, not a signal in time, and is skipped with a warning in
+    ``Recording.warnings`` naming the group's number and label and why. Instances of different studies
     (Study Instance UID) are refused; an instance received twice (same SOP Instance UID) is read once.
 
 Annotations
@@ -264,6 +265,7 @@ class _Instance:
     age_years: float | None
     sex_unrecognised: bool = False  # Patient's Sex held a code other than M, F, O (or nothing)
     operator: str | None = None  # Operators' Name (0008,1070), the first one: who scored the study
+    skipped: list[str] = field(default_factory=list)  # one warning per skipped waveform group
 
 
 @dataclass
@@ -335,7 +337,8 @@ def read_dicom_study(paths: Iterable[str | Path], *, ignore_unsupported: bool = 
     start = epoch + timedelta(seconds=t0) if epoch is not None else None
     identifiers, demographics = _who(instances, paths)
     return Recording(channels=channels, duration_s=float(duration_s), start=start, identifiers=identifiers,
-                     demographics=demographics, annotations=annotations, format="DICOM")
+                     demographics=demographics, annotations=annotations, format="DICOM",
+                     warnings=[note for instance in instances for note in instance.skipped])
 
 
 # ---- one file ------------------------------------------------------------------------------------------------
@@ -429,8 +432,10 @@ def _decode_instance(path: Path, ds, *, ignore_unsupported: bool) -> _Instance |
         groups.append(_decode_group(path, item, g, little_endian))
         del item.WaveformData  # drop the raw bytes as soon as they are decoded
     timing = {grp.index: (grp.offset_ms, grp.rate) for grp in groups}
-    groups = _drop_templates(groups)
-    templates = frozenset(timing) - {grp.index for grp in groups}
+    kept = _drop_templates(groups)
+    templates = frozenset(timing) - {grp.index for grp in kept}
+    skipped = [_skipped_warning(known.name, grp) for grp in groups if grp.index in templates]
+    groups = kept
 
     wall, utc_offset = _reference_time(ds)
     return _Instance(
@@ -453,6 +458,7 @@ def _decode_instance(path: Path, ds, *, ignore_unsupported: bool) -> _Instance |
         birth_date=_date(_text(ds, "PatientBirthDate")),
         age_years=parse_patient_age(_text(ds, "PatientAge")),
         operator=_first_name(ds, "OperatorsName"),
+        skipped=skipped,
     )
 
 
@@ -560,6 +566,14 @@ def _drop_templates(groups: list[_Group]) -> list[_Group]:
     original = {label for grp in groups if grp.originality != "DERIVED" for label, *_ in grp.channels}
     return [grp for grp in groups
             if grp.originality != "DERIVED" or not all(label in original for label, *_ in grp.channels)]
+
+
+def _skipped_warning(sop_name: str, grp: _Group) -> str:
+    """The warning for a skipped group: its number and label, what it holds and why (no PHI: no file name)."""
+    label = f" {grp.label!r}" if grp.label else ""
+    return (f"{sop_name}: waveform group {grp.index + 1}{label} skipped ({grp.originality}, "
+            f"{len(grp.channels)} channel(s) at {grp.rate:g} Hz): every channel repeats an ORIGINAL group's "
+            "label, so it is a template such as a median beat, not a signal in time")
 
 
 def _padding(path: Path, where: str, item, dtype: np.dtype):

@@ -180,7 +180,7 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
     return item
 
 
-def _group_item(group: WaveformGroup, index: int) -> Dataset:
+def _group_item(group: WaveformGroup, index: int, synchronized: bool = False) -> Dataset:
     if not group.channels:
         raise ValueError(f"group {index + 1}: no channel")
     key = (group.bits_allocated, group.signed)
@@ -194,8 +194,12 @@ def _group_item(group: WaveformGroup, index: int) -> Dataset:
         padding = int(info.min) if group.signed else int(info.max)
 
     item = Dataset()
-    item.MultiplexGroupTimeOffset = _ds(group.time_offset_ms)
-    item.TriggerTimeOffset = _ds(0.0)
+    if synchronized:
+        # Type 1C: required when Acquisition Time Synchronized is Y, and dciodvfy refuses it otherwise; the
+        # instance is synchronized exactly when one of its groups starts later than the others (a reader takes
+        # a missing offset as 0 ms, so groups without one start at the reference time).
+        item.MultiplexGroupTimeOffset = _ds(group.time_offset_ms)
+    # Trigger Time Offset (1C) is for a SOURCE or EXTERNAL Synchronization Trigger: not written (NO TRIGGER).
     item.WaveformOriginality = group.originality
     item.NumberOfWaveformChannels = len(group.channels)
     item.NumberOfWaveformSamples = n
@@ -298,10 +302,13 @@ def make_waveform_dataset(
     ds.SeriesNumber = series_number
     if patient.operator:
         ds.OperatorsName = patient.operator
-    # Synchronization
-    ds.FrameOfReferenceUID = UID(generate_uid(entropy_srcs=[str(study_uid), "frame-of-reference"]))
+    # Synchronization (mandatory in every waveform IOD): the study's instances share one synchronization
+    # frame of reference (0020,0200), derived from the Study Instance UID (not the spatial Frame of Reference
+    # UID (0020,0052), which no waveform IOD has).
+    synchronized = any(float(g.time_offset_ms) != 0.0 for g in groups)
+    ds.SynchronizationFrameOfReferenceUID = UID(generate_uid(entropy_srcs=[str(study_uid), "frame-of-reference"]))
     ds.SynchronizationTrigger = "NO TRIGGER"
-    ds.AcquisitionTimeSynchronized = "N"
+    ds.AcquisitionTimeSynchronized = "Y" if synchronized else "N"
     # General Equipment
     ds.Manufacturer = "psg-gateway synthetic"
     # Waveform Identification
@@ -313,7 +320,7 @@ def make_waveform_dataset(
     # Acquisition Context (type 2: present, may be empty)
     ds.AcquisitionContextSequence = DicomSequence([])
     # Waveform
-    ds.WaveformSequence = DicomSequence([_group_item(g, i) for i, g in enumerate(groups)])
+    ds.WaveformSequence = DicomSequence([_group_item(g, i, synchronized) for i, g in enumerate(groups)])
     if annotations:
         ds.WaveformAnnotationSequence = DicomSequence([_annotation_item(a, groups) for a in annotations])
     return ds
