@@ -27,7 +27,8 @@ from gateway.synthetic.night import write_synthetic_night
 HOURS = 0.1  # 6 minutes: two 5-minute windows, 12 scored epochs
 MODALITIES = ["BAS", "RESP", "EKG", "EMG"]
 FIXED = ["source_kind", "state", "duration_s", "modalities", "montage_version", "model_name", "model_hash",
-         "model_validated", "age_years", "sex", "demographics_encoding", "tail_tokens", "diagnosis_tokens"]
+         "model_validated", "age_years", "sex", "demographics_encoding", "tail_tokens", "diagnosis_tokens",
+         "ahi3", "ahi4", "odi3", "odi4"]
 IDENTIFIERS = ["patient_id", "accession", "study_uid", "recording_start"]
 
 

@@ -12,7 +12,9 @@ DIR/
 
 Table columns, in order: ``study_key``; with ``identifiers=True`` ``patient_id``, ``accession``, ``study_uid``,
 ``recording_start``; then ``source_kind``, ``state``, ``duration_s``, ``modalities``, ``montage_version``,
-``model_name``, ``model_hash``, ``model_validated``, ``age_years``, ``sex``, the sleep metrics as ``sleep_*``,
+``model_name``, ``model_hash``, ``model_validated``, ``age_years``, ``sex``, ``demographics_encoding``,
+``tail_tokens``, ``diagnosis_tokens``, ``ahi3``, ``ahi4``, ``odi3``, ``odi4`` (from the scoring file found beside
+the recording; null without one), the sleep metrics as ``sleep_*``,
 the staging agreement as ``agreement_*``, then one float32 log-hazard column per outcome named by its phecode.
 
 An export is never rewritten with fewer identifier columns than it has without being asked: over an export
@@ -58,7 +60,7 @@ from gateway.pipeline.outputs import (
 )
 from gateway.store.models import Study
 
-__all__ = ["ExportError", "ExportReport", "check_export_dir", "check_identifiers_kept", "export_studies",
+__all__ = ["RESPIRATORY_COLUMNS", "ExportError", "ExportReport", "check_export_dir", "check_identifiers_kept", "export_studies",
            "identifier_columns"]
 
 TABLE_NAME = "studies.parquet"
@@ -71,6 +73,8 @@ EMBEDDINGS_DIR = "embeddings"
 _BLOCK_ROWS = 4096
 
 IDENTIFIER_COLUMNS = ("patient_id", "accession", "study_uid", "recording_start")
+# From metrics.json's ``respiratory`` (a scoring file found beside the recording): events per hour of sleep.
+RESPIRATORY_COLUMNS = ("ahi3", "ahi4", "odi3", "odi4")
 
 
 class ExportError(Exception):
@@ -378,7 +382,7 @@ def export_studies(studies: Iterable[Study], out_dir: Path, *, identifiers: bool
     fixed: dict[str, list[Any]] = {name: [] for name in (
         "study_key", *(IDENTIFIER_COLUMNS if identifiers else ()), "source_kind", "state", "duration_s",
         "modalities", "montage_version", "model_name", "model_hash", "model_validated", "age_years", "sex",
-        "demographics_encoding", "tail_tokens", "diagnosis_tokens")}
+        "demographics_encoding", "tail_tokens", "diagnosis_tokens", *RESPIRATORY_COLUMNS)}
     # Sleep and agreement keys: the union over the studies, in the order first seen.
     sleep_rows: list[dict[str, Any]] = []
     agreement_rows: list[dict[str, Any]] = []
@@ -444,6 +448,10 @@ def export_studies(studies: Iterable[Study], out_dir: Path, *, identifiers: bool
         windows = metrics.get("windows") or {}
         fixed["tail_tokens"].append(windows.get("tail_tokens"))
         fixed["diagnosis_tokens"].append((metrics.get("diagnosis_input") or {}).get("tokens_used"))
+        respiratory = metrics.get("respiratory") or {}
+        for name in RESPIRATORY_COLUMNS:  # null: no scoring file, or a night without sleep
+            value = respiratory.get(name)
+            fixed[name].append(float(value) if _is_number(value) and math.isfinite(value) else None)
         sleep = _flatten("sleep_", metrics.get("sleep"))
         agreement = _flatten("agreement_", metrics.get("staging_agreement"))
         sleep_keys.update(dict.fromkeys(sleep))
@@ -456,7 +464,7 @@ def export_studies(studies: Iterable[Study], out_dir: Path, *, identifiers: bool
     for name, values in fixed.items():
         if name == "model_validated":
             columns[name] = pa.array(values, type=pa.bool_())
-        elif name in ("duration_s", "age_years"):
+        elif name in ("duration_s", "age_years", *RESPIRATORY_COLUMNS):
             columns[name] = pa.array(values, type=pa.float64())
         elif name in ("tail_tokens", "diagnosis_tokens"):
             columns[name] = pa.array([v if isinstance(v, int) else None for v in values], type=pa.int64())

@@ -452,8 +452,9 @@ class BatchRunner:
             self._failed(entry, exc)
             return
         entry.queued_at = time.perf_counter()
+        scoring = str(entry.item.scoring) if entry.item.scoring is not None else None
         job = PrepareJob(study.id, study.key, tuple(str(p) for p in paths), study.filename_pattern, study.source,
-                         quality=self.quality)
+                         quality=self.quality, scoring=scoring)
         self.preparing[self.backend.prepare(job)] = entry
 
     def _completed(self, fut: Future) -> None:

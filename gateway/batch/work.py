@@ -30,12 +30,14 @@ __all__ = [
     "PrepareJob",
     "Prepared",
     "WorkFailure",
+    "attach_scoring",
     "choose_spill_dir",
     "discard",
     "hash_file",
     "init_worker",
     "load",
     "prepare",
+    "scoring_form",
 ]
 
 _table: MontageTable | None = None
@@ -100,6 +102,7 @@ class PrepareJob:
     filename_pattern: str | None
     source: str
     quality: QualityThresholds | None = None  # the signal-quality gate's thresholds (None: the defaults)
+    scoring: str | None = None  # a scoring file found beside the recording (NSRR/Profusion XML)
 
 
 @dataclass(frozen=True)
@@ -148,9 +151,40 @@ def _prepare(job: PrepareJob, table: MontageTable | None, spill_dir: str | None)
     t0 = time.perf_counter()
     ready = decode_and_prepare([Path(p) for p in job.paths], job.filename_pattern, table, job.key, job.source,
                                quality=job.quality)
+    if job.scoring:
+        attach_scoring(ready, Path(job.scoring))
     where = Path(spill_dir) if spill_dir else _spill_dir
     spill = _spill(ready, where, job.key) if where is not None else None
     return Prepared(job, ready, spill, {"worker_s": round(time.perf_counter() - t0, 3)})
+
+
+def attach_scoring(ready: ReadyStudy, path: Path) -> None:
+    """Read the scoring file beside the recording into ``ready.scoring``; one that cannot be read is a
+    warning of the recording (the study goes on, scored by its own annotations if it has any). The file
+    is named by its form only (``X-nsrr.xml``): an archive's file names may hold a patient's name."""
+    from ..scoring_files import ScoringFileError, read_scoring
+
+    form = scoring_form(path)
+    try:
+        ready.scoring = read_scoring(path)
+        ready.scoring_name = form
+    except ScoringFileError as exc:
+        reason = str(exc).replace(str(path), form)
+        ready.recording.warnings.append(f"scoring file not used: {reason}")
+    except Exception as exc:  # noqa: BLE001 - a scoring file must never fail its study
+        ready.recording.warnings.append(f"scoring file not used: {form}: {type(exc).__name__}")
+
+
+def scoring_form(path: Path) -> str:
+    """``X-nsrr.xml``, ``X-profusion.xml``, ``X.edf.xml`` or ``X.xml``: how a scoring file is named
+    beside its recording ``X.edf``, without the recording's own name."""
+    from ..readers import EDF_SUFFIXES
+
+    name = path.name.lower()
+    for suffix in ("-nsrr.xml", "-profusion.xml", *(f"{s}.xml" for s in EDF_SUFFIXES), ".xml"):
+        if name.endswith(suffix):
+            return "X" + path.name[len(path.name) - len(suffix):]
+    return "scoring file"
 
 
 def _spill(ready: ReadyStudy, folder: Path, key: str) -> SpillRef:

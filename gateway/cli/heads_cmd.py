@@ -116,22 +116,49 @@ def fit_cox_cmd(export: ExportOpt, labels: Annotated[Path, typer.Option(
     _fitted(doc, out_dir)
 
 
+AhiFromScoringOpt = Annotated[bool, typer.Option(
+    "--ahi-from-scoring", help="AHI from the export's ahi3/ahi4 column (scoring files read by the batch) "
+                               "instead of --ahi")]
+AhiRuleOpt = Annotated[int, typer.Option(
+    "--ahi-rule", min=3, max=4, help="With --ahi-from-scoring: hypopneas with >= 3 %% desaturation or an arousal "
+                                     "(3, ahi3) or with >= 4 %% desaturation (4, ahi4)")]
+
+
+def _apnea_labels(data: Any, ahi: Path | None, from_scoring: bool, rule: int) -> Any:
+    """The AHI labels: a CSV (--ahi) or the export's own column (--ahi-from-scoring), exactly one."""
+    from ..heads.data import ahi_from_export, read_ahi
+
+    if (ahi is None) == (not from_scoring):
+        err.print("[bold red]error:[/] give either --ahi CSV or --ahi-from-scoring")
+        raise typer.Exit(2)
+    if from_scoring:
+        labels = _run(ahi_from_export, data, rule)
+        # on stderr: evaluate --json keeps stdout for the JSON
+        err.print(f"AHI ({rule} % rule) from the export's scoring files: {len(labels.index)} of "
+                  f"{len(data.keys)} studies", highlight=False, markup=False)
+        return labels
+    return _run(read_ahi, ahi, data)
+
+
 @fit_app.command("apnea")
-def fit_apnea_cmd(export: ExportOpt, ahi: Annotated[Path, typer.Option(help="CSV: study_key, ahi (events/hour)")],
-                  out_dir: OutOpt, name: NameOpt = None,
+def fit_apnea_cmd(export: ExportOpt, out_dir: OutOpt,
+                  ahi: Annotated[Path | None, typer.Option(help="CSV: study_key, ahi (events/hour)")] = None,
+                  ahi_from_scoring: AhiFromScoringOpt = False, ahi_rule: AhiRuleOpt = 3, name: NameOpt = None,
                   token_stats: Annotated[bool | None, typer.Option(
                       "--token-stats/--no-token-stats",
                       help="RESP and EKG token statistics as features (default: when tokens were exported)")] = None,
                   seed: SeedOpt = 0, test_fraction: TestOpt = 0.2, folds: FoldsOpt = 5,
                   force: ForceOpt = False) -> None:
-    """Sleep apnea presence (AHI >= 5) and severity (normal/mild/moderate/severe) classifiers."""
+    """Sleep apnea presence (AHI >= 5) and severity (normal/mild/moderate/severe) classifiers.
+
+    The AHI comes from --ahi (a CSV) or, with --ahi-from-scoring, from the export's ahi3/ahi4 column
+    (the scoring files the batch found beside the recordings; studies without one are left out)."""
     from ..heads.checks import apnea_auroc_reason, fmt_metric
-    from ..heads.data import read_ahi
     from ..heads.fit import fit_apnea_head
 
     warn = _Warnings()
     data = _load(export, warn)
-    labels = _run(read_ahi, ahi, data)
+    labels = _apnea_labels(data, ahi, ahi_from_scoring, ahi_rule)
     opts = _options(out_dir, name, seed=seed, test_fraction=test_fraction, folds=folds, force=force)
     doc = _run(fit_apnea_head, data, labels, out_dir, opts, token_stats)
     if doc["test"]:
@@ -187,6 +214,7 @@ def evaluate_cmd(head: Annotated[Path, typer.Argument(help="Head folder")], expo
                  report: Annotated[Path, typer.Option(help="Folder for report.html, evaluation.json and plots")],
                  labels: Annotated[Path | None, typer.Option(help="Survival labels CSV (Cox heads)")] = None,
                  ahi: Annotated[Path | None, typer.Option(help="AHI CSV (apnea heads)")] = None,
+                 ahi_from_scoring: AhiFromScoringOpt = False, ahi_rule: AhiRuleOpt = 3,
                  stages: Annotated[Path | None, typer.Option(help="Scored stages CSV (staging heads)")] = None,
                  split: Annotated[str, typer.Option(help="test: the studies the fit held out; all: every "
                                                          "labelled study (an external data set)")] = "test",
@@ -210,12 +238,16 @@ def evaluate_cmd(head: Annotated[Path, typer.Argument(help="Head folder")], expo
     data = _load(export, warn)
     warn([checksum_warning(head, data, split) or ""])
     given = {"cox": labels, "apnea": ahi, "staging": stages}[doc["kind"]]
-    if given is None:
+    if doc["kind"] == "apnea" and (ahi_from_scoring or ahi is None):
+        label_data = _apnea_labels(data, ahi, ahi_from_scoring, ahi_rule)
+        given = Path(f"{export}/studies.parquet#ahi{ahi_rule}") if ahi_from_scoring else ahi
+    elif given is None:
         flag = {"cox": "--labels", "apnea": "--ahi", "staging": "--stages"}[doc["kind"]]
         err.print(f"[bold red]error:[/] a {doc['kind']} head is evaluated with {flag}")
         raise typer.Exit(2)
-    reader = {"cox": read_survival_labels, "apnea": read_ahi, "staging": read_stages}[doc["kind"]]
-    label_data = _run(reader, given, data)
+    else:
+        reader = {"cox": read_survival_labels, "apnea": read_ahi, "staging": read_stages}[doc["kind"]]
+        label_data = _run(reader, given, data)
     bundle = _bundle(config) if doc["kind"] == "staging" else None
     opts = EvalOptions(split=split, horizons=tuple(horizon or ()), bootstrap=bootstrap, seed=seed)
     evaluation = _run(evaluate_head, head, data, label_data, opts, bundle)

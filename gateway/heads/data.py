@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 
 from inference.results import MODALITIES, STAGES
 
-__all__ = ["ApneaLabels", "ExportData", "LabelsError", "StageLabels", "SurvivalLabels", "file_sha256",
-           "load_export", "read_ahi", "read_stages", "read_survival_labels"]
+__all__ = ["ApneaLabels", "ExportData", "LabelsError", "StageLabels", "SurvivalLabels", "ahi_from_export",
+           "file_sha256", "load_export", "read_ahi", "read_stages", "read_survival_labels"]
 
 _MAX_LISTED = 20
 
@@ -252,6 +252,37 @@ def read_ahi(path: Path, data: ExportData) -> ApneaLabels:
         raise LabelsError(path, ["no AHI rows"])
     idx = np.asarray(sorted(values), dtype=np.int64)
     return ApneaLabels(idx, np.asarray([values[i] for i in idx]), file_sha256(path))
+
+
+def ahi_from_export(data: ExportData, rule: int = 3) -> ApneaLabels:
+    """The AHI of every study whose scoring file the batch read (the export's ``ahi3`` or ``ahi4`` column,
+    ``rule`` 3 or 4: hypopneas with >= 3 % desaturation or an arousal, or with >= 4 % desaturation);
+    studies without one (null) are left out. The labels' checksum is the table's."""
+    if rule not in (3, 4):
+        raise ValueError(f"AHI rule {rule}: 3 or 4")
+    column = f"ahi{rule}"
+    table_path = data.folder / "studies.parquet"
+    names = pq.read_schema(table_path).names
+    if column not in names:
+        again = "run psg-gateway batch --export again"
+        raise LabelsError(table_path, [f"no {column} column: exported before scoring files were read; {again}"])
+    table = pq.read_table(table_path, columns=["study_key", column])
+    values: dict[int, float] = {}
+    problems: list[str] = []
+    for key, ahi in zip(table.column("study_key").to_pylist(), table.column(column).to_pylist()):
+        if ahi is None or key not in data.index:
+            continue
+        if not math.isfinite(ahi) or ahi < 0:
+            problems.append(f"study {key}: {column} {ahi} is not a number of events per hour")
+            continue
+        values[data.index[key]] = float(ahi)
+    if problems:
+        raise LabelsError(table_path, problems)
+    if not values:
+        where = "X-nsrr.xml, X-profusion.xml, X.xml, X.edf.xml"
+        raise LabelsError(table_path, [f"no study has an {column}: no scoring file was found beside the recordings ({where})"])
+    idx = np.asarray(sorted(values), dtype=np.int64)
+    return ApneaLabels(idx, np.asarray([values[i] for i in idx]), data.table_sha256)
 
 
 @dataclass

@@ -12,6 +12,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,6 +31,9 @@ from inference.results import StudyInput
 
 from ..montage.table import MontageMatch, MontageTable
 from ..recording import Recording
+
+if TYPE_CHECKING:
+    from ..respiratory import ScoredNight
 
 
 class MappingError(ValueError):
@@ -58,6 +62,10 @@ class ReadyStudy:
     dropped: dict[str, str] = field(default_factory=dict)  # label -> why it was not used
     stage_s: dict[str, float] = field(default_factory=dict)  # decode_s, map_s: the pipeline's stage timings
     quality: StudyQuality | None = None  # the signal-quality gate's verdict (inference.quality)
+    # A scoring file read beside the recording (an archive batch: gateway.respiratory.ScoredNight) and its
+    # naming form (X-nsrr.xml): the scored hypnogram for the agreement and the respiratory indices in metrics.json.
+    scoring: ScoredNight | None = None
+    scoring_name: str | None = None
 
 
 def prepare_study(

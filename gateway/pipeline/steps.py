@@ -34,6 +34,8 @@ __all__ = [
     "infer_ready",
     "outputs_extra",
     "prepare_study",
+    "respiratory_summary",
+    "scored_stage_annotations",
     "shift_annotations",
     "staging_agreement",
     "store_outputs",
@@ -96,12 +98,44 @@ def outputs_extra(ready: ReadyStudy, scoring: dict[str, Any] | None) -> dict[str
     }
 
 
+def scored_stage_annotations(stages: Sequence[str | None], epoch_s: float = 30.0) -> list[Annotation]:
+    """A scoring file's hypnogram (one stage or None per epoch) as stage annotations, one per scored epoch."""
+    return [Annotation(i * epoch_s, epoch_s, stage) for i, stage in enumerate(stages) if stage]
+
+
+def respiratory_summary(ready: ReadyStudy) -> dict[str, Any] | None:
+    """What metrics.json's ``respiratory`` records from the scoring file found beside the recording
+    (None without one): AHI3, AHI4, ODI3, ODI4, total sleep time, the events by kind, the counts in
+    sleep, and the file's form (``source``) and format."""
+    night = ready.scoring
+    if night is None:
+        return None
+    from ..respiratory import respiratory_indices
+
+    ix = respiratory_indices(night)
+    counted = {k: v for k, v in ix.to_dict().items() if k not in ("ahi3", "ahi4", "odi3", "odi4", "total_sleep_time_h")}
+    return {"ahi3": ix.ahi3, "ahi4": ix.ahi4, "odi3": ix.odi3, "odi4": ix.odi4,
+            "tst_h": ix.total_sleep_time_h, "events": night.event_counts(), "counted": counted,
+            "source": ready.scoring_name, "format": night.source}
+
+
 def store_outputs(result: StudyResult, out_dir: Path, ready: ReadyStudy,
                   annotations: Sequence[Annotation] | None = None) -> list[Path]:
     """Write the study's output files; returns the paths written. ``annotations``: a scored hypnogram
-    to compare with (default: the recording's own stage annotations)."""
-    scoring = staging_agreement(result, ready.recording.annotations if annotations is None else annotations)
-    return write_study_outputs(result, out_dir, extra=outputs_extra(ready, scoring))
+    to compare with (default: the stages of the scoring file found beside the recording when it scores
+    any, else the recording's own stage annotations)."""
+    if annotations is None:
+        night = ready.scoring
+        if night is not None and any(night.stages):
+            annotations = scored_stage_annotations(night.stages, night.epoch_s)
+        else:
+            annotations = ready.recording.annotations
+    scoring = staging_agreement(result, annotations)
+    extra = outputs_extra(ready, scoring)
+    respiratory = respiratory_summary(ready)
+    if respiratory is not None:
+        extra["respiratory"] = respiratory
+    return write_study_outputs(result, out_dir, extra=extra)
 
 
 def decode_and_prepare(paths: Sequence[Path], filename_pattern: str | None, table: MontageTable, key: str,

@@ -10,6 +10,10 @@ root given on the command line (``*`` also matches ``/``, so ``*.edf`` matches a
 ``--since`` compares the recording's date (EDF start date, DICOM Study/Acquisition date) and falls
 back to the file's modification date when the header has none.
 
+A scoring file beside an EDF/BDF ``X.edf`` (NSRR/Profusion XML: ``X-nsrr.xml``, ``X-profusion.xml``,
+``X.xml`` or Compumedics' ``X.edf.xml``, in that order of preference, any case) is attached to its item
+(``ArchiveItem.scoring``); the batch reads it for the scored hypnogram and the respiratory indices.
+
 Two callers: the batch (``psg-gateway batch``: archive folders, and files classified like those found in
 them) and ``psg-gateway montage test|unmapped`` (``files_as_items``: a file named on the command line is
 one study of its own, whatever it holds, and its reader says what is wrong with it).
@@ -30,9 +34,11 @@ from ..readers.dicom_waveform import ACCEPTED_SOP_CLASSES
 from ..readers.edf_header import read_header
 from ..readers.errors import ReaderError
 
-__all__ = ["ArchiveItem", "DicomInstanceRef", "Discovery", "discover"]
+__all__ = ["SCORING_SUFFIXES", "ArchiveItem", "DicomInstanceRef", "Discovery", "discover", "scoring_beside"]
 
 _SKIP_SUFFIXES = (".part", ".tmp", "~", ".crdownload")
+# What follows a recording's stem in the name of its scoring file, in order of preference (any case).
+SCORING_SUFFIXES = ("-nsrr.xml", "-profusion.xml", ".xml")
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,7 @@ class ArchiveItem:
     recorded: date | None
     study_uid: str | None = None
     instances: tuple[DicomInstanceRef, ...] = ()
+    scoring: Path | None = None  # a scoring file beside an EDF/BDF (see scoring_beside)
 
     @property
     def source(self) -> str:
@@ -79,6 +86,7 @@ def discover(roots: Sequence[Path], *, since: date | None = None, include: Seque
     dicom: dict[str, list[DicomInstanceRef]] = {}
     dicom_meta: dict[str, tuple[Path, str, date | None]] = {}
     seen: set[Path] = set()
+    listings: dict[Path, dict[str, str]] = {}
     for root in roots:
         root = Path(root)
         for path in _walk(root):
@@ -99,7 +107,8 @@ def discover(roots: Sequence[Path], *, since: date | None = None, include: Seque
                 if since and (recorded or _mtime_date(path)) < since:
                     found.skipped["recorded before --since"] += 1
                     continue
-                found.items.append(ArchiveItem("file", root, rel, (path,), recorded))
+                scoring = scoring_beside(path, listings) if kind == "edf" else None
+                found.items.append(ArchiveItem("file", root, rel, (path,), recorded, scoring=scoring))
             elif kind == "dicom":
                 meta = _dicom_meta(path)
                 if isinstance(meta, str):
@@ -123,6 +132,27 @@ def discover(roots: Sequence[Path], *, since: date | None = None, include: Seque
                 found.skipped["not a PSG file"] += 1
     found.items = [_complete(item, dicom, dicom_meta) for item in found.items]
     return found
+
+
+def scoring_beside(path: Path, listings: dict[Path, dict[str, str]] | None = None) -> Path | None:
+    """The scoring file beside the recording ``path`` (``X.edf``): ``X-nsrr.xml``, ``X-profusion.xml``,
+    ``X.xml`` or ``X.edf.xml``, the first found (names compared case-insensitively), or None.
+    ``listings`` caches each folder's file names (lower case -> name) across calls."""
+    folder = path.parent
+    names = listings.get(folder) if listings is not None else None
+    if names is None:
+        try:
+            names = {n.lower(): n for n in os.listdir(folder) if n.lower().endswith(".xml")}
+        except OSError:
+            names = {}
+        if listings is not None:
+            listings[folder] = names
+    stem = path.stem.lower()
+    for candidate in (*(stem + s for s in SCORING_SUFFIXES), path.name.lower() + ".xml"):
+        found = names.get(candidate)
+        if found is not None and (folder / found).is_file():
+            return folder / found
+    return None
 
 
 def _complete(item: ArchiveItem, dicom: dict[str, list[DicomInstanceRef]],
