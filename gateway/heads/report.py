@@ -20,7 +20,6 @@ import base64
 import html
 import io
 import json
-import math
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -31,6 +30,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from gateway.fsutil import atomic_write
+from gateway.report.content import finite
 
 from .store import plain
 
@@ -62,30 +62,19 @@ BANNER_UNVALIDATED = "Base model not validated \u2014 NOT FOR CLINICAL USE"
 
 
 # ---- values ----------------------------------------------------------------------------------------------
-def _num(v: Any) -> float | None:
-    """A finite float, or None for None / NaN / inf / anything that is not a number."""
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
 def _metric(m: Any) -> tuple[float | None, float | None, float | None]:
     """(value, ci low, ci high) of ``{"value": .., "ci": [lo, hi]}`` or of a bare number."""
     if isinstance(m, dict):
         ci = m.get("ci")
         lo = hi = None
         if isinstance(ci, (list, tuple)) and len(ci) >= 2:
-            lo, hi = _num(ci[0]), _num(ci[1])
-        return _num(m.get("value")), lo, hi
-    return _num(m), None, None
+            lo, hi = finite(ci[0]), finite(ci[1])
+        return finite(m.get("value")), lo, hi
+    return finite(m), None, None
 
 
 def _fmt(v: Any, digits: int = 2, signed: bool = False) -> str:
-    f = _num(v)
+    f = finite(v)
     if f is None:
         return NA
     return f"{f:+.{digits}f}" if signed else f"{f:.{digits}f}"
@@ -102,7 +91,7 @@ def _fmt_ci(m: Any, digits: int = 2) -> str:
 
 
 def _int(v: Any) -> str:
-    f = _num(v)
+    f = finite(v)
     return NA if f is None else str(round(f))
 
 
@@ -166,12 +155,12 @@ def calibration_figure(cal: dict | None, time_unit: str | None = None, label: An
     xs, ys, err_x, err_y, err_lo, err_hi = [], [], [], [], [], []
     for b in _list(cal.get("bins")):
         b = _dict(b)
-        x, y = _num(b.get("mean_predicted")), _num(b.get("observed"))
+        x, y = finite(b.get("mean_predicted")), finite(b.get("observed"))
         if x is None or y is None:
             continue
         xs.append(x)
         ys.append(y)
-        lo, hi = _num(b.get("observed_low")), _num(b.get("observed_high"))
+        lo, hi = finite(b.get("observed_low")), finite(b.get("observed_high"))
         if lo is not None and hi is not None:
             err_x.append(x)
             err_y.append(y)
@@ -191,7 +180,7 @@ def calibration_figure(cal: dict | None, time_unit: str | None = None, label: An
         ax.legend(loc="upper left", fontsize=8, frameon=False)
     else:
         _no_data(ax)
-    horizon = _num(cal.get("horizon"))
+    horizon = finite(cal.get("horizon"))
     unit = f" {_mpl(time_unit)}" if time_unit else ""
     at = f"at {horizon:g}{unit}" if horizon is not None else f"at horizon {NA}"
     ax.set_xlim(0, top)
@@ -217,7 +206,7 @@ def td_auc_figure(td_auc: Sequence[dict] | None, time_unit: str | None = None, l
     rows = []
     for r in _list(td_auc):
         r = _dict(r)
-        h = _num(r.get("horizon"))
+        h = finite(r.get("horizon"))
         value, lo, hi = _metric(r)
         if h is not None:
             rows.append((h, value, lo, hi))
@@ -315,10 +304,10 @@ def ablation_figure(ablation: Sequence[dict] | None, label: Any = None) -> Figur
     rows = [_dict(a) for a in _list(ablation)]
     fig, ax = _figure(6.0, max(2.4, 1.2 + 0.45 * max(1, len(rows))))
     ys = list(range(len(rows), 0, -1))
-    deltas = [_num(a.get("delta")) for a in rows]
+    deltas = [finite(a.get("delta")) for a in rows]
     labels = [_mpl(_str(a.get("modality"))) for a in rows]
-    finite = [abs(d) for d in deltas if d is not None]
-    pad = max(finite) * 0.45 if finite and max(finite) > 0 else 0.01
+    sizes = [abs(d) for d in deltas if d is not None]
+    pad = max(sizes) * 0.45 if sizes and max(sizes) > 0 else 0.01
     for y, a, d in zip(ys, rows, deltas):
         if d is None:
             ax.text(0, y, f"  {NA}", va="center", ha="left", fontsize=8, color=GREY)
@@ -328,7 +317,7 @@ def ablation_figure(ablation: Sequence[dict] | None, label: Any = None) -> Figur
         ax.text(d, y, f" {d:+.3f} ", va="center",
                 ha="left" if d >= 0 else "right", fontsize=8)
     ax.axvline(0, color="black", linewidth=0.8)
-    lim = (max(finite) if finite else 0.0) + pad
+    lim = (max(sizes) if sizes else 0.0) + pad
     ax.set_xlim(-lim, lim)
     ax.set_yticks(ys)
     ax.set_yticklabels(labels, fontsize=9)
@@ -352,7 +341,7 @@ def roc_figure(roc: dict | None, auroc: Any = None) -> Figure:
     """
     roc = _dict(roc)
     fig, ax = _figure(5.2, 4.8)
-    fpr, tpr = (_num(v) for v in _list(roc.get("fpr"))), (_num(v) for v in _list(roc.get("tpr")))
+    fpr, tpr = (finite(v) for v in _list(roc.get("fpr"))), (finite(v) for v in _list(roc.get("tpr")))
     pairs = [(x, y) for x, y in zip(fpr, tpr) if x is not None and y is not None]
     ax.plot([0, 1], [0, 1], linestyle="--", color=GREY, linewidth=1, label="chance", gid="chance")
     if pairs:
@@ -380,7 +369,7 @@ def _matrix(m: Any, k: int) -> np.ndarray:
     out = np.full((k, k), np.nan)
     for i, row in enumerate(_list(m)[:k]):
         for j, v in enumerate(_list(row)[:k]):
-            f = _num(v)
+            f = finite(v)
             if f is not None:
                 out[i, j] = f
     return out
@@ -464,7 +453,7 @@ def staging_scores_figure(before: dict | None, after: dict | None) -> Figure:
     for k, (part, name, color) in enumerate(((_dict(before), "before", GREY), (_dict(after), "after", BLUE))):
         labelled = False
         for i, (key, _) in enumerate(STAGING_SCORES):
-            v = _num(part.get(key))
+            v = finite(part.get(key))
             x = i + (k - 0.5) * width
             if v is None:
                 ax.text(x, 0.02, NA, ha="center", va="bottom", fontsize=8, color=GREY)
@@ -637,7 +626,7 @@ def _cox_section(i: int, part: dict, plots: _Plots) -> str:
     if td:
         tables.append("<h4>Time-dependent AUROC</h4>" + _table(
             [f"horizon ({unit})" if unit else "horizon", "AUROC [95 % CI]"],
-            [[_fmt(r.get("horizon"), 3).rstrip("0").rstrip(".") if _num(r.get("horizon")) is not None else NA,
+            [[_fmt(r.get("horizon"), 3).rstrip("0").rstrip(".") if finite(r.get("horizon")) is not None else NA,
               _fmt_ci(r)] for r in td]))
     subs = [_dict(s) for s in _list(part.get("subgroups"))]
     if subs:
