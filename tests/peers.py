@@ -15,14 +15,27 @@ import pytest
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
+def required(env: str) -> bool:
+    """Whether ``.ci/run`` (or the caller) requires a peer: ``env`` set to anything but empty/0/false/no."""
+    return os.environ.get(env, "") not in ("", "0", "false", "no")
+
+
+def system_tool(*names: str, env: str, package: str) -> str:
+    """Path of the first of ``names`` on PATH, a tool from Debian's ``package`` (``make peers`` installs it);
+    skip without it, or fail when ``env`` requires it."""
+    for name in names:
+        path = shutil.which(name)
+        if path is not None:
+            return path
+    message = f"{names[0]} is not installed (Debian package {package}; make peers installs it)"
+    if required(env):
+        pytest.fail(f"{env}=1 but {message}")
+    pytest.skip(message)
+
+
 def dcmtk(tool: str) -> str:
     """Path of a DCMTK tool; skip without it, or fail under ``PSG_REQUIRE_DCMTK=1``."""
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("PSG_REQUIRE_DCMTK", "") not in ("", "0", "false", "no"):
-            pytest.fail(f"PSG_REQUIRE_DCMTK=1 but DCMTK's {tool} is not installed (Debian package dcmtk)")
-        pytest.skip(f"DCMTK's {tool} is not installed (Debian package dcmtk)")
-    return path
+    return system_tool(tool, env="PSG_REQUIRE_DCMTK", package="dcmtk")
 
 
 def free_port() -> int:

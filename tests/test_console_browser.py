@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,23 +25,18 @@ from gateway.store.models import MessageState, State
 from gateway.synthetic.night import DEFAULT_BENCH_CHANNELS, write_synthetic_night
 
 from console_env import PASSWORD, console_cfg  # isort: skip
-
-REQUIRE = os.environ.get("PSG_REQUIRE_CHROMIUM") == "1"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
+from peers import required, system_tool  # isort: skip
 
 def _playwright():
+    """(sync_playwright, the chromium executable); skip without them, fail under PSG_REQUIRE_CHROMIUM=1."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        if REQUIRE:
+        if required("PSG_REQUIRE_CHROMIUM"):
             pytest.fail("PSG_REQUIRE_CHROMIUM=1 but Playwright for Python is not installed (the dev extra)")
         pytest.skip("Playwright for Python not installed")
-    if CHROMIUM is None:
-        if REQUIRE:
-            pytest.fail("PSG_REQUIRE_CHROMIUM=1 but chromium is not installed (make peers installs it)")
-        pytest.skip("chromium not installed (make peers installs it)")
-    return sync_playwright
+    return sync_playwright, system_tool("chromium", "chromium-browser", env="PSG_REQUIRE_CHROMIUM",
+                                        package="chromium")
 
 
 @pytest.fixture
@@ -92,7 +86,7 @@ def lab(tmp_path, calibrated_model):
 
 
 def test_the_console_in_a_real_browser(lab, artifacts):
-    sync_playwright = _playwright()
+    sync_playwright, chromium = _playwright()
     from prometheus_client import CollectorRegistry
 
     from gateway.http import OpsServer
@@ -112,7 +106,7 @@ def test_the_console_in_a_real_browser(lab, artifacts):
     since = datetime.now(UTC) - timedelta(minutes=5)
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1400, "height": 900})
             errors: list[str] = []
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)

@@ -12,13 +12,11 @@ of the synthetic channel sources (PS3.16 allows local "99" schemes; dciodvfy war
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 
 import numpy as np
 import pydicom
-import pytest
+from peers import system_tool
 
 from gateway.readers.dicom_waveform import read_dicom_study
 from gateway.synthetic.dicom_study import (
@@ -30,17 +28,13 @@ from gateway.synthetic.dicom_study import (
     write_waveform_file,
 )
 
-DCIODVFY = shutil.which("dciodvfy")
-if DCIODVFY is None and os.environ.get("PSG_REQUIRE_DICOM3TOOLS") != "1":
-    pytest.skip("dciodvfy (Debian dicom3tools) not installed: make peers", allow_module_level=True)
-
 NO_IOD = "Error - Information Object Not found"
 ACCEPTED_WARNINGS = ("Warning - Unrecognized defined term <99PSGGW> for value 1 of attribute <Coding Scheme Designator>",)
 
 
 def _report(path) -> list[str]:
-    assert DCIODVFY is not None, "PSG_REQUIRE_DICOM3TOOLS=1 but dciodvfy is missing: make peers"
-    run = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=120, check=False)
+    dciodvfy = system_tool("dciodvfy", env="PSG_REQUIRE_DICOM3TOOLS", package="dicom3tools")
+    run = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=120, check=False)
     return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith(("Error", "Warning"))]
 
 

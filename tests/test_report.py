@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import shutil
 import stat
 import subprocess
 import xml.etree.ElementTree as ET
@@ -23,6 +21,7 @@ import html5lib
 import numpy as np
 import pytest
 from matplotlib.image import imread
+from peers import system_tool
 from pipeline_env import pipeline_env, spool_file
 from pyedflib import highlevel
 
@@ -42,14 +41,8 @@ _ANNOTATION = {"W": "Sleep stage W", "N1": "Sleep stage 1", "N2": "Sleep stage 2
 
 
 def poppler(tool: str) -> str:
-    """Path of a poppler-utils tool (make peers installs them); skip without it, fail under
-    PSG_REQUIRE_POPPLER=1."""
-    found = shutil.which(tool)
-    if found is None:
-        if os.environ.get("PSG_REQUIRE_POPPLER", "") not in ("", "0", "false", "no"):
-            pytest.fail(f"PSG_REQUIRE_POPPLER=1 but {tool} (poppler-utils) is not installed")
-        pytest.skip(f"{tool} not installed (poppler-utils; make peers installs it)")
-    return found
+    """Path of a poppler-utils tool; skip without it, fail under PSG_REQUIRE_POPPLER=1."""
+    return system_tool(tool, env="PSG_REQUIRE_POPPLER", package="poppler-utils")
 
 
 # ---- a study the real pipeline made ----------------------------------------------------------------------
