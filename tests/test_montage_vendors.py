@@ -1,5 +1,5 @@
 """The built-in table on real vendors' labels (issue 19): coded DICOM channel sources, Nihon Kohden, Compumedics,
-Philips Alice, Natus/Embla, plain EOG/EMG/ECG, the standard ECG leads and 10-10 electrode names.
+Philips Alice, Natus/Embla, Grass, plain EOG/EMG/ECG, the standard ECG leads and 10-10 electrode names.
 
 Each family is checked on a real file where one is installed (pydicom's 12-lead ECG object, pyedflib's and the
 project's EDFs) and otherwise on the labels the vendor or dataset documents."""
@@ -123,6 +123,12 @@ EMBLA = {"F4-M1": "BAS", "C4-M1": "BAS", "O2-M1": "BAS", "E1-M2": "BAS", "E2-M2"
          "Leg L": "EMG", "Leg R": "EMG", "ECG": "EKG", "Nasal Pressure": "RESP", "Thermistor": "RESP",
          "Thorax": "RESP", "Abdomen": "RESP", "RIP Sum": "RESP", "SpO2": "RESP", "Pulse": "RESP",
          "Position": "exclude", "Activity": "exclude", "Light": "exclude"}
+# Grass Comet (2009-) and Heritage (2000-2009) exports as the NSRR publishes them for the Wisconsin Sleep Cohort
+# (wsc-documentation, montage-and-sampling-rate-information.md): every EDF label of both montages
+GRASS = {"E1": "BAS", "E2": "BAS", "F3_M2": "BAS", "Fz_M2": "BAS", "Cz_M2": "BAS", "C3_M2": "BAS", "Pz_M2": "BAS",
+         "O1_M2": "BAS", "cchin_l": "EMG", "chin": "EMG", "lleg_r": "EMG", "ECG": "EKG", "snore": "RESP",
+         "flow": "RESP", "nasalflow": "RESP", "oralflow": "RESP", "nas_pres": "RESP", "thorax": "RESP",
+         "abdomen": "RESP", "sum": "RESP", "position": "exclude", "spo2": "RESP"}
 # ECG leads: a cart's 12 leads, PhysioNet's MIT-BIH ('MLII', 'V5'), DICOM code meanings
 ECG_LEADS = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6", "MLII", "ECG V5", "ECG III",
              *TWELVE_LEADS.values()]
@@ -148,7 +154,7 @@ def test_nihon_kohden_referential_eeg_and_polygraph_labels():
         ["POL X1", "POL DC03", "POL E", "EEG X1-Ref", "EEG Mystery-Ref"])
 
 
-@pytest.mark.parametrize("family", [COMPUMEDICS, ALICE, EMBLA], ids=["compumedics", "alice", "embla"])
+@pytest.mark.parametrize("family", [COMPUMEDICS, ALICE, EMBLA, GRASS], ids=["compumedics", "alice", "embla", "grass"])
 def test_psg_vendor_exports(family):
     assert _outcomes(family) == family
 
