@@ -38,9 +38,11 @@ def forced_flags(outcomes: tuple[str, ...] = FORCED, **extra: object) -> dict:
     return {"outcomes": [{"label": o, "log_hazard": -1e9, "percentile": None} for o in outcomes], **extra}
 
 
-def pipeline_env(db_url: str, var: Path, bundle: ModelBundle, engine: Engine
+def pipeline_env(db_url: str, var: Path, bundle: ModelBundle, engine: Engine, *, reports: bool = False
                  ) -> tuple[DbEngine, Repo, Pipeline, PathsConfig]:
-    """(database engine, repo, pipeline, paths) with retries 10 ms apart; dispose the engine after."""
+    """(database engine, repo, pipeline, paths) with retries 10 ms apart; dispose the engine after.
+
+    ``reports``: write each study's report.html/pdf (off unless a test reads them: ~0.8 s a study)."""
     db = make_engine(db_url)
     upgrade(db)
     repo = Repo(db)
@@ -48,7 +50,7 @@ def pipeline_env(db_url: str, var: Path, bundle: ModelBundle, engine: Engine
     for p in (paths.spool, paths.outputs, paths.processed, paths.quarantine):
         assert not p.exists()
         private_mkdir(p)  # as the daemon's start creates them
-    pipe = Pipeline(repo, bundle, MontageHolder(None), paths, PipelineConfig(retry_backoff_seconds=0.01), Metrics(),
+    pipe = Pipeline(repo, bundle, MontageHolder(None), paths, PipelineConfig(retry_backoff_seconds=0.01, write_report=reports), Metrics(),
                     engine=engine)
     return db, repo, pipe, paths
 

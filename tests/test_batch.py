@@ -75,7 +75,8 @@ cli = CliRunner()
 def _config(tmp_path: Path, db_url: str, **sections: dict) -> Path:
     doc: dict = {"paths": {"var_dir": str(tmp_path / "var")}, "database": {"url": db_url},
                  "service": {"node_name": NODE}, "logging": {"format": "json", "level": "info"},
-                 "batch": {"progress_interval_seconds": 0.05}}
+                 "batch": {"progress_interval_seconds": 0.05},
+                 "pipeline": {"write_report": False}}  # reports are tested in test_report
     for name, values in sections.items():
         doc.setdefault(name, {}).update(values)
     path = tmp_path / "gateway.yaml"

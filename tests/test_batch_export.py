@@ -342,7 +342,8 @@ def _batch_config(tmp_path: Path, db_url: str) -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump({"paths": {"var_dir": str(tmp_path / "var")}, "database": {"url": db_url},
-                                    "logging": {"format": "json", "level": "warning"}}))
+                                    "logging": {"format": "json", "level": "warning"},
+                                    "pipeline": {"write_report": False}}))
     return path
 
 

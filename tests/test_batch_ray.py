@@ -57,7 +57,8 @@ def _run(cfg_path: Path, archive: Path, **kw) -> tuple[BatchRunner, object]:
 
 def _config(tmp_path: Path, db_url: str) -> Path:
     path = tmp_path / "gateway.yaml"
-    path.write_text(yaml.safe_dump({"paths": {"var_dir": str(tmp_path / "var")}, "database": {"url": db_url}}))
+    path.write_text(yaml.safe_dump({"paths": {"var_dir": str(tmp_path / "var")}, "database": {"url": db_url},
+                                    "pipeline": {"write_report": False}}))
     return path
 
 

@@ -79,7 +79,7 @@ SETTLE_TIMEOUT = 150.0
 # Every study gets a message: send_mode always, and thresholds every hazard passes.
 CHAOS_CONFIG = {
     "flags": forced_flags(send_mode="always"),
-    "pipeline": {"retry_backoff_seconds": 0.5, "retry_backoff_max_seconds": 2.0},
+    "pipeline": {"retry_backoff_seconds": 0.5, "retry_backoff_max_seconds": 2.0, "write_report": False},
 }
 
 

@@ -54,7 +54,7 @@ def lab(tmp_path, calibrated_model):
     """A database with three nights the real pipeline processed: one flagged and delivered to a dead
     letter, one with a channel the montage does not know, one plain; and a site montage table."""
     db_url = f"sqlite:///{tmp_path / 'lab.db'}"
-    db, repo, pipe, paths = pipeline_env(db_url, tmp_path / "var", *calibrated_model)
+    db, repo, pipe, paths = pipeline_env(db_url, tmp_path / "var", *calibrated_model, reports=True)
     table = tmp_path / "site.yaml"
     table.write_text("name: site\nformat: 2\nextends: default\nrules: []\n")
     holder = MontageHolder(table)

@@ -79,7 +79,7 @@ def logs():
 
 @pytest.fixture
 def env(db_url, tmp_path, calibrated_model):
-    db, repo, pipe, paths = pipeline_env(db_url, tmp_path / "var", *calibrated_model)
+    db, repo, pipe, paths = pipeline_env(db_url, tmp_path / "var", *calibrated_model, reports=True)
     yield repo, pipe, paths
     db.dispose()
 

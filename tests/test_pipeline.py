@@ -530,6 +530,7 @@ def test_every_study_gets_its_report_and_embed_report_attaches_the_same_pdf(env,
 
     repo, pipe, paths = env
     _hl7_pipe(pipe)
+    pipe.cfg = pipe.cfg.model_copy(update={"write_report": True})  # the harness turns reports off
     pipe.hl7 = pipe.hl7.model_copy(update={"embed_report": True})
     study = spool_file(paths, "night.edf", night_bytes, repo)
     pipe.run_once("w")
@@ -546,6 +547,7 @@ def test_every_study_gets_its_report_and_embed_report_attaches_the_same_pdf(env,
 
 def test_reports_can_be_turned_off(env, night_bytes):
     repo, pipe, paths = env
+    assert PipelineConfig().write_report  # on unless turned off
     pipe.cfg = pipe.cfg.model_copy(update={"write_report": False})
     study = spool_file(paths, "night.edf", night_bytes, repo)
     pipe.run_once("w")

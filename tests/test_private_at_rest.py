@@ -222,7 +222,7 @@ def test_pipeline_in_process_keeps_var_private_and_names_free_of_phi(tmp_path, m
     with umask(0o022):
         restore = set_private_mode(group) if group is not None else (lambda: None)
         os.umask(0o022)  # the pipeline's own modes, not the process umask, must make it private
-        db, repo, pipe, paths = pipeline_env(f"sqlite:///{var / 'psg-gateway.db'}", var, *model)
+        db, repo, pipe, paths = pipeline_env(f"sqlite:///{var / 'psg-gateway.db'}", var, *model, reports=True)
         try:
             registered: set[Path] = set()
             watcher = DropFolderWatcher([drop], paths.spool, known=lambda p: p in registered)
@@ -265,7 +265,7 @@ def test_a_claim_from_an_older_version_is_renamed_when_processed(tmp_path, model
     """A claim folder an older version left in the spool (files under their original names, a version 1
     manifest with the original path) ends in processed/ under the study key, its manifest without it."""
     var = tmp_path / "var"
-    db, repo, pipe, paths = pipeline_env(f"sqlite:///{var / 'psg-gateway.db'}", var, *model)
+    db, repo, pipe, paths = pipeline_env(f"sqlite:///{var / 'psg-gateway.db'}", var, *model, reports=True)
     try:
         claim = paths.spool / "incoming" / "0190a1b2c3d47000800000000000abcd"
         claim.mkdir(parents=True)
@@ -330,7 +330,8 @@ def test_daemon_launched_with_umask_022_keeps_var_private(tmp_path, bundle_dir, 
                                          "filename_pattern": PATTERN}]}
     if group is not None:
         overrides["service"] = {"group": group, "shutdown_timeout_seconds": 20, "node_name": "testnode"}
-    d = Daemon(tmp_path / "d", f"sqlite:///{var / 'psg-gateway.db'}", bundle_dir, dicom__enabled=group is None)
+    d = Daemon(tmp_path / "d", f"sqlite:///{var / 'psg-gateway.db'}", bundle_dir, dicom__enabled=group is None,
+               pipeline__write_report=True)  # the reports are PHI at rest too
     d.config.write_text(yaml.safe_dump({**d.cfg, **overrides}))
     d.umask = 0o022
     # what an older version left: 0644 outputs in 0755 folders

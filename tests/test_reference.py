@@ -27,6 +27,7 @@ def _config(tmp_path: Path, db_url: str) -> Path:
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump({
         "paths": {"var_dir": str(tmp_path / "var")}, "database": {"url": db_url},
+        "pipeline": {"write_report": False},
         "flags": {"outcomes": [{"label": "death", "percentile": 50}], "percentile_min_reference": NEEDED,
                   "send_mode": "always"},
         # A message would be built for every study (send_mode always): seeding must build none.

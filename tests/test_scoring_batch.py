@@ -64,7 +64,8 @@ def nsrr_xml() -> str:
 
 def _config(tmp_path: Path, db_url: str) -> Path:
     doc = {"paths": {"var_dir": str(tmp_path / "var")}, "database": {"url": db_url},
-           "service": {"node_name": "testnode"}, "logging": {"format": "json", "level": "info"}}
+           "service": {"node_name": "testnode"}, "logging": {"format": "json", "level": "info"},
+           "pipeline": {"write_report": False}}
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path

@@ -59,7 +59,7 @@ def processed(tmp_path_factory, model):
     header["technician"] = "J_Smith"
     highlevel.write_edf(str(base / "scored.edf"), signals, headers, header, digital=True)
     url = f"sqlite:///{base / 'gateway.db'}"
-    db, repo, pipe, paths = pipeline_env(url, base / "var", *model)
+    db, repo, pipe, paths = pipeline_env(url, base / "var", *model, reports=True)
     model_hash = pipe.bundle.identity.model_hash
     for i in range(20):
         earlier = repo.register_file(source="folder:/in", path=f"/elsewhere/{i}.edf", name=f"{i}.edf",
