@@ -4,7 +4,7 @@ Writes N synthetic nights, then runs them through the product's batch runner (``
 local backend: hashing, decode and preprocess in CPU worker processes, the engine in the runner's
 process batching encoder windows across studies; SQLite in a temporary folder, HL7 off, results held)
 once per precision, each run in its own child process (so peak GPU memory and RSS are its own). The
-target (issue 20): >= 10,000 nights/hour on one H100 with 16 cores, where decoding ~250 MB per 8-hour
+target: >= 10,000 nights/hour on one H100 with 16 cores, where decoding ~250 MB per 8-hour
 night is the expected bound. Prints one JSON document:
 
 * ``machine``: CPU model, cores, the CPU flags that decide bf16 on CPU (avx2, avx512f, avx512_bf16,
@@ -13,7 +13,8 @@ night is the expected bound. Prints one JSON document:
   model loading excluded), ``nights_per_hour`` (N * 3600 / wall), the worker processes and nights per
   engine call the runner used, seconds per night by stage (``stage_meaning`` says what each is and
   where it runs), each stage's ``share_of_wall`` (its seconds over the wall time times the processes
-  it runs in), the engine thread's busy and waiting time, peak GPU memory
+  it runs in), the engine thread's time (busy in engine calls; starting up until the first prepared
+  night came back; waiting on the workers after that), peak GPU memory
   (``torch.cuda.max_memory_allocated``; null on CPU), GPU utilisation (``nvidia-smi`` every 0.5 s;
   null without it), peak RSS, and ``limiting_stage``;
 * ``deviations[precision]``: each reduced-precision run's outputs against the fp32 run's, night by
@@ -21,16 +22,24 @@ night is the expected bound. Prints one JSON document:
 * ``limiting_stage``: the fp32 run's (else the first run's).
 
 A ``limiting_stage`` is the stage with the largest share of the wall time, except that when the
-engine's thread spent more time waiting on the worker processes than working, the workers limit and
-it is the largest of their stages (hash, decode, preprocess, spill).
+engine's thread, once started, spent more time waiting on the worker processes than in engine calls,
+the workers limit and it is the largest of their stages (hash, decode, preprocess, spill). The
+per-stage seconds come from the runner's own records (the batch summary's hash/decode/store, the
+workers' read/preprocess/quality split, the engine's encode/heads per night); the engine calls, the
+report and the waits are timed by this script around the runner's methods, without changing them.
 
 Usage::
 
-    python bench/bench_gpu.py --nights 200 --hours 8 [--device cuda|cpu|auto]
+    python bench/bench_gpu.py [--nights 48] [--hours 8] [--device cuda|cpu|auto]
         [--precision fp32,bf16,fp16] [--workers W] [--windows-per-batch K] [--nights-per-call M]
         [--no-report] [--keep DIR]
 
 ``python bench/bench_gpu.py --device cpu --nights 2 --hours 0.1`` is a smoke test (under a minute).
+
+Caveats: the nights are read from the page cache (just written), not from an archive's storage; the
+wall time includes the batch's own start-up (worker processes, the engine's first batch), which
+``steady_nights_per_hour`` leaves out (first to last night finished); writing the archive takes ~20 s
+of one core per 8-hour night and ~235 MB of disk (``--keep DIR`` keeps and reuses it).
 """
 
 from __future__ import annotations
@@ -50,9 +59,9 @@ import threading
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -65,6 +74,8 @@ STAGE_MEANING = {
     "decode": "open the file and decode its samples (reader header + Channel.read of every mapped channel)",
     "preprocess": "filter and resample to 128 Hz, gap masks, and the signal-quality measures",
     "spill": "writing the prepared signals to the shared-memory spill file (worker processes only)",
+    "check": "the engine call's time outside encode and heads: mapping the spilled signals and checking them "
+             "(shapes, every sample finite) before the encoder",
     "encode": "the encoder (tokenizer, channel pooling, transformer) over all windows of an engine call, "
               "divided evenly among its nights, including host-device copies",
     "heads": "staging, diagnosis head, modality attribution and site heads for the night",
@@ -73,6 +84,10 @@ STAGE_MEANING = {
     "record": "the rest of the engine thread's work per night: state commits, flag policy, bookkeeping",
 }
 WORKER_STAGES = ("hash", "decode", "preprocess", "spill")
+# Disk per night-hour: the synthetic EDF (the bench channels, 16-bit) and one run's outputs (token
+# embeddings of four modalities, reports): ~235 MB and ~16 MB for an 8-hour night.
+EDF_MB_PER_HOUR = 29.5
+OUTPUT_MB_PER_HOUR = 2.0
 
 
 # ---- the archive --------------------------------------------------------------------------------
@@ -122,7 +137,7 @@ class GpuSampler:
                 return  # no usable nvidia-smi: the run reports null, not a partial guess
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> GpuSampler:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -143,10 +158,17 @@ def timed_runner_class() -> type:
     from gateway.batch.runner import BatchRunner
 
     class TimedRunner(BatchRunner):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.clock: dict[str, float] = {k: 0.0 for k in ("read", "preprocess", "quality", "worker", "encode",
+                                                               "heads", "engine_busy", "after_engine", "report",
+                                                               "wait")}
+            self.started_at = 0.0  # the loop's start (perf_counter)
+            self.first_ready: tuple[float, float] | None = None  # (when, waited until then): the start-up
+            self.finished_at: list[float] = []  # when each night's last step ended (perf_counter)
+
         def _backend(self) -> Any:
             backend = super()._backend()
-            self.clock: dict[str, float] = {k: 0.0 for k in ("read", "preprocess", "quality", "worker", "encode",
-                                                               "heads", "engine_busy", "after_engine", "report")}
             infer = backend.infer
 
             def timed_infer(items: list) -> Any:
@@ -170,11 +192,14 @@ def timed_runner_class() -> type:
                     self.clock["report"] += time.perf_counter() - t0
 
             self.pipeline._report = timed_report
+            self.started_at = time.perf_counter()
             super()._loop(entries, bar)
 
         def _prepared(self, entry: Any, outcome: Any) -> None:
             from gateway.batch.work import Prepared
 
+            if self.first_ready is None:  # until now the engine could only wait for the workers to start
+                self.first_ready = (time.perf_counter(), self.clock["wait"])
             if isinstance(outcome, Prepared):
                 for k in ("read", "preprocess", "quality"):
                     self.clock[k] += outcome.ready.timings_s.get(k, 0.0)
@@ -189,7 +214,8 @@ def timed_runner_class() -> type:
             try:
                 super()._inferred(entry, prepared, outcome)
             finally:
-                self.clock["after_engine"] += time.perf_counter() - t0
+                self.finished_at.append(time.perf_counter())
+                self.clock["after_engine"] += self.finished_at[-1] - t0
 
     return TimedRunner
 
@@ -253,6 +279,7 @@ def _stages(runner: Any, clock: dict[str, float], processed: int) -> dict[str, f
         "preprocess": clock["preprocess"] + clock["quality"],
         # map_s covers read + preprocess + quality; the worker's remaining time is the spill file
         "spill": max(0.0, clock["worker"] - tally.get("decode", 0.0) - tally.get("map", 0.0)),
+        "check": max(0.0, clock["engine_busy"] - clock["encode"] - clock["heads"]),
         "encode": clock["encode"],
         "heads": clock["heads"],
         "store": tally.get("store", 0.0),
@@ -283,6 +310,14 @@ def limiting_stage(shares: dict[str, float], engine: dict[str, float], workers: 
     return stage, f"largest share of the wall time ({shares[stage]:.0%})"
 
 
+def steady_rate(finished_at: list[float]) -> float | None:
+    """Nights per hour between the first and the last night finished: the rate without the start-up
+    (worker processes spawning, the engine's first batch, the pipeline filling)."""
+    if len(finished_at) < 2 or finished_at[-1] <= finished_at[0]:
+        return None
+    return round(3600 * (len(finished_at) - 1) / (finished_at[-1] - finished_at[0]), 1)
+
+
 def _gpu_memory(device: str) -> dict[str, float] | None:
     import torch
 
@@ -300,29 +335,42 @@ def child_run(archive: Path, work: Path, args: argparse.Namespace) -> dict[str, 
     runner = timed_runner_class()(load_config(_write_config(work, args)),
                                   BatchOptions(archives=[archive], progress=False, workers=args.workers))
     runner.preflight()  # loads the model: not part of the timed run
-    wait_clock: dict[str, float] = {}
-    with warnings.catch_warnings(record=True) as caught, GpuSampler() as sampler, timed_waits(wait_clock):
+    if args.device == "cuda":  # the CUDA context (seconds) is a process's, not the batch's, start-up cost
+        import torch
+
+        torch.zeros(1, device="cuda")
+    sampler = GpuSampler() if args.device == "cuda" else None
+    with warnings.catch_warnings(record=True) as caught, sampler or nullcontext(), timed_waits(runner.clock):
         warnings.simplefilter("always")
         t0 = time.perf_counter()
         outcome = runner.run()
         wall = time.perf_counter() - t0
     try:
-        return _child_result(runner, outcome, wall, wait_clock.get("wait", 0.0), sampler, args,
-                             sorted({str(w.message) for w in caught}))
+        return _child_result(runner, outcome, wall, sampler, args, sorted({str(w.message) for w in caught}))
     finally:
         runner.close()
 
 
-def _child_result(runner: Any, outcome: Any, wall: float, waited: float, sampler: GpuSampler,
+def engine_thread(runner: Any, wall: float) -> dict[str, float]:
+    """The engine's thread: busy in engine calls, starting up (until the first prepared night came back:
+    worker processes spawning and importing, the first decode), and waiting on the workers after that."""
+    clock = runner.clock
+    ready_at, waited_before = runner.first_ready or (runner.started_at, 0.0)
+    waited = clock["wait"] - waited_before
+    return {"busy_s": round(clock["engine_busy"], 3), "startup_s": round(ready_at - runner.started_at, 3),
+            "waiting_on_workers_s": round(waited, 3),
+            "busy_share": round(clock["engine_busy"] / wall, 3) if wall else 0.0,
+            "waiting_share": round(waited / wall, 3) if wall else 0.0}
+
+
+def _child_result(runner: Any, outcome: Any, wall: float, sampler: GpuSampler | None,
                   args: argparse.Namespace, warned: list[str]) -> dict[str, Any]:
     studies = outcome.summary["studies"]
     processed = studies.get("processed", 0)
     workers = runner.backend.workers
     stages = _stages(runner, runner.clock, processed)
     shares = _shares(stages, processed, wall, workers)
-    engine = {"busy_s": round(runner.clock["engine_busy"], 3), "waiting_on_workers_s": round(waited, 3),
-              "busy_share": round(runner.clock["engine_busy"] / wall, 3) if wall else 0.0,
-              "waiting_share": round(waited / wall, 3) if wall else 0.0}
+    engine = engine_thread(runner, wall)
     stage, why = limiting_stage(shares, engine, workers)
     device = str(runner.backend.engine.device)
     return {
@@ -334,19 +382,24 @@ def _child_result(runner: Any, outcome: Any, wall: float, waited: float, sampler
         "status": outcome.status,
         "wall_s": round(wall, 3),
         "nights_per_hour": round(3600 * processed / wall, 1) if wall > 0 else 0.0,
+        "steady_nights_per_hour": steady_rate(runner.finished_at),
         "workers": workers,
         "nights_per_call": runner.nights_per_call,
         "windows_per_batch": runner.backend.engine.windows_per_batch,
+        # /dev/shm, or a folder on disk when /dev/shm lacks room for the queue (then the spill is disk I/O)
+        "spill_dir": str(runner.backend.spill_dir) if runner.backend.spill_dir else None,
         "stage_seconds_per_night": stages,
         "share_of_wall": shares,
         "engine_thread": engine,
         "limiting_stage": stage,
         "limiting_reason": why,
         "gpu_memory": _gpu_memory(device),
-        "gpu_utilisation": sampler.summary() if device.startswith("cuda") else None,
+        "gpu_utilisation": sampler.summary() if sampler is not None else None,
         "peak_rss_mb": {
             "engine_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "largest_worker": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+            # the workers are this process's only children (waited for when the pool shuts down)
+            "largest_worker": (round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+                               if workers else None),
         },
         "warnings": warned,
         "outputs": _outputs_by_file(runner),
@@ -391,10 +444,15 @@ def compare_night(base: Path, other: Path) -> dict[str, float | None]:
     s0, p0 = _hypnogram(base)
     s1, p1 = _hypnogram(other)
     night0, night1 = np.load(base / "night.npy"), np.load(other / "night.npy")
-    tokens = [_max_abs(np.load(f), np.load(other / "embeddings" / f.name))
-              for f in sorted((base / "embeddings").glob("*.npy")) if not f.stem.endswith("_5min")]
+    tokens, token_scale = [], 0.0
+    for f in sorted((base / "embeddings").glob("*.npy")):
+        if not f.stem.endswith("_5min"):  # the token embeddings (the 5-min ones are their means)
+            t0 = np.load(f)
+            tokens.append(_max_abs(t0, np.load(other / "embeddings" / f.name)))
+            token_scale = max(token_scale, float(np.max(np.abs(t0), initial=0.0)))
     scale = float(np.nanmax(np.abs(night0))) if np.isfinite(night0).any() else 0.0
     night_dev = _max_abs(night0, night1)
+    token_dev = max(tokens, default=None)
     return {
         "log_hazard_max_abs": (_max_abs([h0[k] for k in sorted(h0)], [h1.get(k, math.nan) for k in sorted(h0)])
                                if h0 else None),
@@ -403,7 +461,8 @@ def compare_night(base: Path, other: Path) -> dict[str, float | None]:
                                 if s0 and len(s0) == len(s1) else None),
         "night_embedding_max_abs": night_dev,
         "night_embedding_max_rel": night_dev / scale if scale else None,
-        "token_embedding_max_abs": max(tokens, default=None),
+        "token_embedding_max_abs": token_dev,
+        "token_embedding_max_rel": token_dev / token_scale if token_dev is not None and token_scale else None,
     }
 
 
@@ -414,7 +473,7 @@ def deviations(base: dict[str, str], other: dict[str, str]) -> dict[str, Any]:
     nights = [compare_night(Path(base[n]), Path(other[n])) for n in common]
     out: dict[str, Any] = {"nights_compared": len(nights)}
     for key in ("log_hazard_max_abs", "staging_prob_max_abs", "night_embedding_max_abs",
-                "night_embedding_max_rel", "token_embedding_max_abs"):
+                "night_embedding_max_rel", "token_embedding_max_abs", "token_embedding_max_rel"):
         values = [n[key] for n in nights if n[key] is not None]
         out[key] = _json_float(max(values)) if values else None
     agreement = [n["hypnogram_agreement"] for n in nights if n["hypnogram_agreement"] is not None]
@@ -511,7 +570,7 @@ def _child_args(args: argparse.Namespace, archive: Path, work: Path, precision: 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nights", type=int, default=200)
+    parser.add_argument("--nights", type=int, default=48, help="nights in the archive (~235 MB each at 8 h)")
     parser.add_argument("--hours", type=float, default=8.0)
     parser.add_argument("--device", choices=["cuda", "cpu", "auto"], default="auto")
     parser.add_argument("--precision", help="comma-separated, of fp32,bf16,fp16 (default: all three on CUDA, "
@@ -532,9 +591,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def check_disk(root: Path, nights: int, hours: float, runs: int) -> None:
+    """Stop before writing an archive the disk cannot hold (a full disk mid-run measures nothing)."""
+    need_mb = nights * hours * (EDF_MB_PER_HOUR + runs * OUTPUT_MB_PER_HOUR)
+    free_mb = shutil.disk_usage(root).free / 2**20
+    if need_mb > 0.9 * free_mb:
+        raise SystemExit(f"{nights} nights of {hours:g} h need ~{need_mb:,.0f} MB; {root} has {free_mb:,.0f} MB free")
+
+
 def run_all(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     device = resolve_device(args.device)
     precisions, notes = choose_precisions(args.precision, device)
+    root.mkdir(parents=True, exist_ok=True)
+    check_disk(root, args.nights, args.hours, len(precisions))
     t0 = time.perf_counter()
     archive = root / f"archive-{args.nights}x{args.hours:g}h"
     make_archive(archive, args.nights, args.hours)
