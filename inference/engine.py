@@ -37,6 +37,7 @@ from torch import Tensor
 from .bundle import ModelBundle, load_bundle
 from .hypnogram import build_staging
 from .identity import Outcome
+from .models import InferenceTokenizer
 from .results import (
     MODALITIES,
     STAGES,
@@ -319,6 +320,7 @@ class Engine:
         self.bundle = bundle
         for module in bundle.modules():
             module.to(self.device).eval()
+        self._tokenizer = InferenceTokenizer(bundle.encoder.patch_embedding)
         self.windows_per_batch = self.options.windows_per_batch or (
             64 if self.device.type == "cuda" else 4
         )
@@ -461,7 +463,7 @@ class Engine:
         ]
         counts = [p.shape[0] for p in pieces]
         patches = torch.from_numpy(np.concatenate(pieces, axis=0)).to(self.device, non_blocking=True)
-        channel_tokens = encoder.patch_embedding(patches.reshape(-1, length, TOKEN_SAMPLES))
+        channel_tokens = self._tokenizer(patches.reshape(-1, length, TOKEN_SAMPLES))
         per_window = torch.split(channel_tokens, counts, dim=0)  # each (C, L, E)
         # Channel pooling per group of windows with the same channel count.
         pooled_seq: list[Tensor | None] = [None] * len(batch)

@@ -98,3 +98,33 @@ def test_release_checkpoints_load_with_their_configs(reference_dir, bundle, fold
     load_into(fresh, read_state_dict(ckpt))
     for (k, a), b in zip(fresh.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+@torch.inference_mode()
+def test_inference_tokenizer_is_the_tokenizer_with_batchnorm_folded(reference_dir, bundle):
+    """The engine's tokenizer (BatchNorm folded into the convolutions, ELU through exp) gives the release
+    tokenizer's embeddings: on the golden input with the released weights, and on a tokenizer whose
+    BatchNorm statistics are far from identity, so that a wrong fold could not hide."""
+    from inference.models import InferenceTokenizer, Tokenizer
+
+    g = _golden(reference_dir, "model_base")
+    released = bundle.encoder.patch_embedding.eval()
+    patches = g["x"].reshape(-1, released.patch_size)
+    assert (InferenceTokenizer(released)(patches) - released(patches)).abs().max() <= 1e-5
+
+    torch.manual_seed(3)
+    odd = Tokenizer().eval()
+    for module in odd.modules():
+        if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.LayerNorm)):
+            module.weight.normal_(1.0, 0.5)
+            module.bias.normal_(0.0, 0.5)
+        if isinstance(module, torch.nn.BatchNorm1d):
+            module.running_mean.normal_(0.0, 2.0)
+            module.running_var.uniform_(0.1, 4.0)
+    x = torch.randn(300, odd.patch_size) * 3
+    want, got = odd(x), InferenceTokenizer(odd)(x.clone())
+    assert want.abs().max() > 0.1
+    assert (got - want).abs().max() <= 1e-5
+    # the exp form of ELU at the kink and for large negative inputs
+    edge = torch.tensor([[0.0] * 320 + [-80.0] * 160 + [1e-7] * 160])
+    assert (InferenceTokenizer(odd)(edge) - odd(edge)).abs().max() <= 1e-5
