@@ -32,6 +32,7 @@ from inference.checkpoints import CheckpointError
 from inference.engine import Engine, EngineOptions
 
 from .config import GatewayConfig
+from .cpu import engine_threads
 from .crashpoints import crashpoint
 from .fsutil import private_mkdir, set_private_mode, tighten_tree
 from .heads.store import HeadError
@@ -178,9 +179,10 @@ class Daemon:
                                               bundle.identity.calibrated_outcomes)
         if refused:
             raise StartupError("; ".join(refused))
+        threads = engine_threads(cfg.model.threads)
         try:
             engine = Engine(bundle, EngineOptions(device=cfg.model.device, precision=cfg.model.precision,
-                                                  threads=cfg.model.threads or None,
+                                                  threads=threads.threads,
                                                   windows_per_batch=cfg.model.windows_per_batch))
         except (ValueError, RuntimeError) as exc:  # model.device: cuda on a machine without a usable GPU
             raise StartupError(f"model.device {cfg.model.device}: {exc}") from None
@@ -200,6 +202,7 @@ class Daemon:
         log.info("daemon.starting", site=cfg.site, node=cfg.service.node_name, database=self.db.dialect.name,
                  bundle=bundle.identity.name, validated=bundle.identity.validated,
                  montage=self.montage.table.version, device=str(engine.device))
+        log.info("engine.threads", **threads.log_fields())
         # Resume what a previous run left.
         released = self.repo.release_leases(self.worker_prefix)
         # Our downtime must not count toward a DICOM study's stable age: a study whose sender was cut

@@ -330,8 +330,10 @@ def test_processed_studies_seed_the_reference_distribution(tmp_path, db_url, rep
 
 def test_progress_lines_count_the_run_and_no_log_line_carries_identifiers(tmp_path, db_url, repo):
     arch = _mixed_archive(tmp_path / "archive")
-    r = _batch(_config(tmp_path, db_url), arch.root)
+    r = _batch(_config(tmp_path, db_url), arch.root, "--threads", 1)
     assert r.exit_code == 1, r.output
+    [threads] = _log_events(r.stderr, "engine.threads")  # the engine's threads and why, once
+    assert (threads["threads"], threads["reason"]) == (1, "--threads 1") and threads["physical_cores"] >= 1
     progress = _log_events(r.stderr, "batch.progress")
     assert len(progress) >= 2 and {p["total"] for p in progress} == {5}
     assert [p["done"] for p in progress] == sorted(p["done"] for p in progress)

@@ -40,6 +40,7 @@ from inference.checkpoints import CheckpointError
 from inference.engine import Engine, EngineOptions, resolve_device
 
 from ..config import GatewayConfig
+from ..cpu import engine_threads
 from ..heads.store import HeadError
 from ..logging import get_logger
 from ..metrics import Metrics
@@ -91,6 +92,7 @@ class BatchOptions:
     exclude: tuple[str, ...] = ()
     limit: int | None = None
     workers: int | None = None  # None: batch.workers from the configuration
+    threads: int | None = None  # the engine's torch threads; None: model.threads, else chosen (gateway.cpu)
     send: bool = False
     export: Path | None = None
     export_csv: bool = False
@@ -305,10 +307,12 @@ class BatchRunner:
             backend: Backend = RayBackend(self.opts.ray, self.montage.table, self.cfg.model,
                                           workers=None if chosen == "auto" else int(chosen) or None)
         else:
-            # On a CPU engine, the worker processes' cores are not the engine's: no oversubscription.
-            threads = self.cfg.model.threads or (max(1, cores - workers) if workers and not gpu else None)
+            # The worker processes' cores are not the engine's: no oversubscription.
+            threads = engine_threads(self.opts.threads or self.cfg.model.threads, workers=workers,
+                                     source="--threads" if self.opts.threads else "model.threads")
+            log.info("engine.threads", **threads.log_fields())
             engine = Engine(self.bundle, EngineOptions(device=self.cfg.model.device,
-                                                       precision=self.cfg.model.precision, threads=threads,
+                                                       precision=self.cfg.model.precision, threads=threads.threads,
                                                        windows_per_batch=self.cfg.model.windows_per_batch))
             spill = choose_spill_dir(Path(self.cfg.paths.var_dir) / "batch" / "spill", cfg.spill_dir,
                                      need_bytes=(workers + cfg.queue_size + 1) * (300 << 20)) if workers else None

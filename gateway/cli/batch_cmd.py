@@ -39,6 +39,9 @@ def batch(
     workers: Annotated[int | None, typer.Option(
         min=0, help="Decode/preprocess processes; 0: inline in the engine's process (default: batch.workers)")
                        ] = None,
+    threads: Annotated[int | None, typer.Option(
+        min=1, help="The engine's torch threads (default: model.threads, else the physical cores less the workers)")
+                       ] = None,
     send: Annotated[bool, typer.Option(
         "--send/--no-send", help="Queue ORU messages for the EHR like the daemon (default: hold them)")] = False,
     export: Annotated[Path | None, typer.Option(help="Write embeddings (.npy) and a studies table here")] = None,
@@ -81,7 +84,7 @@ def batch(
     configure_logging("warning" if live and cfg.logging.level in ("debug", "info") else cfg.logging.level,
                       json=None if fmt == "auto" else fmt == "json")
     opts = BatchOptions(archives=list(archives), since=_since(since), include=tuple(include or ()),
-                        exclude=tuple(exclude or ()), limit=limit, workers=workers, send=send, export=export,
+                        exclude=tuple(exclude or ()), limit=limit, workers=workers, threads=threads, send=send, export=export,
                         export_csv=export_csv, export_identifiers=export_identifiers,
                         export_drop_identifiers=drop_identifiers, export_tokens=export_tokens,
                         restart=not resume, ray=ray, summary=summary, progress=live)

@@ -100,7 +100,8 @@ def infer(
     montage: Annotated[Path | None, typer.Option(help="Montage table YAML (default: built-in table)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N")] = "auto",
     precision: Annotated[str, typer.Option(help="fp32 (default), bf16, or fp16 (CUDA)")] = "fp32",
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    threads: Annotated[int | None, typer.Option(
+        min=1, help="torch CPU threads (default: the physical cores this process may use)")] = None,
     windows_per_batch: Annotated[int | None, typer.Option(help="5-minute windows per encoder pass")] = None,
     source: Annotated[str | None, typer.Option(help="Montage scope of this input, e.g. folder:/data/lab2")] = None,
     hypnogram: Annotated[Path | None, typer.Option(
@@ -117,6 +118,7 @@ def infer(
     from inference.bundle import BundleError, ensure_demo_bundle, load_bundle
     from inference.engine import Engine, EngineOptions, InputError
 
+    from ..cpu import engine_threads
     from ..logging import configure_logging, get_logger
     from ..montage.table import MontageError, MontageTable, default_table
     from ..pipeline.prepare import MappingError
@@ -141,7 +143,9 @@ def infer(
         table = MontageTable.load(montage) if montage else default_table()
         bundle_dir = bundle or ensure_demo_bundle()
         model = load_bundle(bundle_dir)
-        engine = Engine(model, EngineOptions(device=device, precision=precision, threads=threads,
+        chosen = engine_threads(threads, source="--threads")
+        log.info("engine.threads", **chosen.log_fields())
+        engine = Engine(model, EngineOptions(device=device, precision=precision, threads=chosen.threads,
                                              windows_per_batch=windows_per_batch))
         if not file.exists():
             raise ReaderError(file, "file not found")

@@ -1,0 +1,122 @@
+"""How many CPU threads the engine runs, chosen so that it does not oversubscribe the machine.
+
+Torch's default is one thread per logical CPU it sees, whatever else runs: hyper-threads, a container's
+CPU quota and our own decode/preprocess worker processes all count as free cores. On a busy 2-core
+machine two engine threads ran 3-9x slower than one (``bench/bench_threads.py``), because each OpenMP
+thread spins while it waits for the other, which is descheduled. So:
+
+* the engine gets the **physical cores** it may run on (affinity, then the cgroup CPU quota), less
+  one per worker process of the batch; ``model.threads`` or ``--threads`` overrides that;
+* OpenMP threads **sleep** when they wait (``OMP_WAIT_POLICY=PASSIVE``), set by the command line
+  before torch loads unless the environment already sets it (see :mod:`gateway.cli`); a dedicated
+  machine can set ``OMP_WAIT_POLICY=ACTIVE`` in the service's environment;
+* the choice and its reasons are logged once, when the engine is made (``engine.threads``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SYSFS_CPU = Path("/sys/devices/system/cpu")
+CGROUP = Path("/sys/fs/cgroup")
+WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
+DEFAULT_WAIT_POLICY = "PASSIVE"
+
+
+@dataclass(frozen=True)
+class CpuBudget:
+    """The CPUs this process may use: logical CPUs (affinity), distinct physical cores among them, and
+    the cgroup CPU quota in CPUs (``None``: no quota)."""
+
+    logical: int
+    physical: int
+    quota: float | None
+
+    @property
+    def cores(self) -> int:
+        """Physical cores, capped by the quota (at least 1)."""
+        if self.quota is None:
+            return max(1, self.physical)
+        return max(1, min(self.physical, math.floor(self.quota)))
+
+
+@dataclass(frozen=True)
+class ThreadChoice:
+    """The engine's torch threads, why, and the CPUs it was chosen from."""
+
+    threads: int
+    reason: str
+    budget: CpuBudget
+
+    def log_fields(self) -> dict[str, Any]:
+        """The ``engine.threads`` log line's fields."""
+        return {"threads": self.threads, "reason": self.reason, "logical_cpus": self.budget.logical,
+                "physical_cores": self.budget.physical, "cpu_quota": self.budget.quota,
+                "omp_wait_policy": os.environ.get(WAIT_POLICY_ENV, "unset (OpenMP default)")}
+
+
+def _affinity() -> set[int]:
+    if hasattr(os, "sched_getaffinity"):
+        return set(os.sched_getaffinity(0))
+    return set(range(os.cpu_count() or 1))
+
+
+def physical_cores(cpus: set[int], sysfs: Path = SYSFS_CPU) -> int:
+    """Distinct (package, core) pairs among ``cpus``; ``len(cpus)`` where the topology is not readable."""
+    cores = set()
+    for cpu in cpus:
+        topology = sysfs / f"cpu{cpu}" / "topology"
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(),
+                       (topology / "core_id").read_text().strip()))
+        except OSError:
+            return len(cpus)
+    return len(cores) or len(cpus)
+
+
+def cgroup_quota(root: Path = CGROUP) -> float | None:
+    """The CPU quota in CPUs (cgroup v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us``); ``None`` without one."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+
+
+def cpu_budget(sysfs: Path = SYSFS_CPU, cgroup: Path = CGROUP) -> CpuBudget:
+    """This process's CPUs now."""
+    cpus = _affinity()
+    return CpuBudget(logical=len(cpus), physical=physical_cores(cpus, sysfs), quota=cgroup_quota(cgroup))
+
+
+def engine_threads(configured: int | None, *, workers: int = 0, budget: CpuBudget | None = None,
+                   source: str = "model.threads") -> ThreadChoice:
+    """Torch threads for the engine: ``configured`` when it is set (> 0), else the physical cores less
+    the ``workers`` processes that decode and preprocess beside it, at least 1."""
+    budget = budget or cpu_budget()
+    if configured:
+        return ThreadChoice(int(configured), f"{source} {configured}", budget)
+    threads = max(1, budget.cores - workers)
+    parts = [f"{budget.physical} physical core{'s' if budget.physical != 1 else ''} of {budget.logical} logical"]
+    if budget.quota is not None and budget.cores < budget.physical:
+        parts.append(f"cgroup quota {budget.quota:g} CPUs")
+    if workers:
+        parts.append(f"less {workers} worker process{'es' if workers != 1 else ''}")
+    return ThreadChoice(threads, ", ".join(parts), budget)
+
+
+def default_wait_policy(environ: dict[str, str] | None = None) -> str:
+    """Set ``OMP_WAIT_POLICY`` to PASSIVE unless it is set; returns the value in force. Must run before
+    torch (and its OpenMP runtime) loads, which reads it once."""
+    env = os.environ if environ is None else environ
+    return env.setdefault(WAIT_POLICY_ENV, DEFAULT_WAIT_POLICY)
