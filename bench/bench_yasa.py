@@ -278,6 +278,9 @@ def main() -> None:
             elif name == "ours":
                 out = tmp_path / f"ours-out-{rs.index(best)}"
                 entry["outputs"] = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+                metrics = out / "metrics.json"
+                if metrics.is_file():  # the CLI's own stage timings (imports, model load, writing excluded)
+                    entry["internal_seconds"] = json.loads(metrics.read_text()).get("timings_s")
                 entry["command"] = "psg-gateway infer NIGHT.edf --out DIR --bundle BUNDLE --device cpu"
                 entry["bundle"] = str(bundle)
             if any("InconsistentVersionWarning" in r["stderr"] for r in rs):
@@ -295,6 +298,7 @@ def main() -> None:
             ratios["speedup_vs_release"] = round(report["release"]["wall_s"] / ours["wall_s"], 2)
             ratios["rss_fraction_of_release"] = round(ours["peak_rss_mb"] / report["release"]["peak_rss_mb"], 3)
         report["ratios"] = ratios
+    report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(report, indent=2))
 
 

@@ -1,9 +1,10 @@
 """How many CPU threads the engine runs, chosen so that it does not oversubscribe the machine.
 
 Torch's default is one thread per logical CPU it sees, whatever else runs: hyper-threads, a container's
-CPU quota and our own decode/preprocess worker processes all count as free cores. On a busy 2-core
-machine two engine threads ran 3-9x slower than one (``bench/bench_threads.py``), because each OpenMP
-thread spins while it waits for the other, which is descheduled. So:
+CPU quota and our own decode/preprocess worker processes all count as free cores. And OpenMP threads
+spin while they wait for each other: on a 2-core machine beside one CPU-bound process, two spinning
+engine threads took 3.0 s for a 1-hour night against 1.96 s for two sleeping ones, and under heavier
+load spinning was 3-7x slower; idle, spinning gains ~10 % (``bench/bench_threads.py``). So:
 
 * the engine gets the **physical cores** it may run on (affinity, then the cgroup CPU quota), less
   one per worker process of the batch; ``model.threads`` or ``--threads`` overrides that;
