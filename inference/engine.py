@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
 import time
 import warnings
 from collections import defaultdict
@@ -37,11 +36,11 @@ from torch import Tensor
 from .bundle import ModelBundle, load_bundle
 from .hypnogram import build_staging
 from .identity import Outcome
+from .inputs import MIN_DURATION_S, InputError, _too_short, check_duration  # noqa: F401 - re-exported
 from .models import InferenceTokenizer
 from .results import (
     MODALITIES,
     STAGES,
-    TOKEN_SECONDS,
     TOKENS_PER_EPOCH,
     TOKENS_PER_WINDOW,
     Hazards,
@@ -54,42 +53,6 @@ TOKEN_SAMPLES = 640
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-class InputError(ValueError):
-    """A study the engine cannot encode (no mapped channel, wrong shapes, too short...)."""
-
-
-# The shortest recording the engine takes: one scored 30-s epoch. Anything shorter has no epoch to
-# stage (the hypnogram would be empty) and too little signal for the heads to mean anything.
-MIN_DURATION_S = float(TOKENS_PER_EPOCH * TOKEN_SECONDS)
-
-
-def check_duration(duration_s: float) -> None:
-    """Raise :class:`InputError` for a recording shorter than one 30-s epoch.
-
-    Called on the recording's duration before any channel is preprocessed (``gateway.pipeline.prepare``) and on
-    the samples the engine is given, so that every caller (``infer``, the daemon, a batch) refuses it
-    with the same one-line reason instead of failing deep inside preprocessing or staging.
-
-    Parameters
-    ----------
-    duration_s : float
-        The recording's duration in seconds.
-
-    Raises
-    ------
-    InputError
-        When the duration is not finite or is shorter than :data:`MIN_DURATION_S` (30 s).
-    """
-    d = float(duration_s)
-    if not (math.isfinite(d) and d >= MIN_DURATION_S):
-        raise InputError(_too_short(d))
-
-
-def _too_short(duration_s: float) -> str:
-    # Rounded down: a 29.97-s recording must not read "shorter than ... (30.0 s)".
-    d = duration_s
-    shown = f"{math.floor(d * 10) / 10:.1f}" if math.isfinite(d) and d >= 0 else repr(d)
-    return f"recording shorter than one {MIN_DURATION_S:g}-s epoch ({shown} s)"
 
 
 @dataclass(frozen=True)
@@ -397,6 +360,10 @@ class Engine:
             As for :meth:`run`, naming the study (its key, or its position).
         """
         checked = [_validate(study, i) for i, study in enumerate(studies)]
+        # torch keeps a thread count per thread once it has run there: an engine made in one thread and
+        # run in another (the daemon's workers, infer's loader) must set its count where it runs.
+        if self.options.threads and torch.get_num_threads() != int(self.options.threads):
+            torch.set_num_threads(int(self.options.threads))
         with torch.inference_mode(), self._autocast():
             t0 = time.perf_counter()
             windows, tokens = self._encode(checked, progress)

@@ -115,8 +115,10 @@ def infer(
     """Run the model on one recording and write embeddings, hypnogram, metrics and hazards.
 
     A sidecar JSON beside the file (FILE.json or STEM.json) supplies identifiers the header lacks."""
-    from inference.bundle import BundleError, ensure_demo_bundle, load_bundle
-    from inference.engine import Engine, EngineOptions, InputError
+    from concurrent.futures import ThreadPoolExecutor
+
+    from inference.bundle import BundleError
+    from inference.inputs import InputError
 
     from ..cpu import engine_threads
     from ..logging import configure_logging, get_logger
@@ -139,19 +141,28 @@ def infer(
     started = time.perf_counter()
     out_dir = out_dir or Path.cwd() / f"{file.stem}-psg"
     key: str | None = None
-    try:
-        table = MontageTable.load(montage) if montage else default_table()
-        bundle_dir = bundle or ensure_demo_bundle()
-        model = load_bundle(bundle_dir)
+
+    def make_engine():  # torch, the bundle and its checksums: ~2-3 s that the read and preprocess hide
+        from inference.bundle import ensure_demo_bundle, load_bundle
+        from inference.engine import Engine, EngineOptions
+
+        model = load_bundle(bundle or ensure_demo_bundle())
         chosen = engine_threads(threads, source="--threads")
         log.info("engine.threads", **chosen.log_fields())
-        engine = Engine(model, EngineOptions(device=device, precision=precision, threads=chosen.threads,
-                                             windows_per_batch=windows_per_batch))
+        return Engine(model, EngineOptions(device=device, precision=precision, threads=chosen.threads,
+                                           windows_per_batch=windows_per_batch))
+
+    loader = ThreadPoolExecutor(1, thread_name_prefix="model-load")
+    try:
+        table = MontageTable.load(montage) if montage else default_table()
+        pending = loader.submit(make_engine)
         if not file.exists():
             raise ReaderError(file, "file not found")
         key = _study_key(file)
         log.info("study.received", study_key=key, source="cli")
         recording = decode_inputs([file], filename_pattern)
+        if pending.done():
+            pending.result()  # a bundle that did not load fails the command now, not after preprocessing
         scored_annotations = recording.annotations
         if hypnogram:
             scored_annotations = shift_annotations(read_recording(hypnogram), recording)
@@ -164,6 +175,7 @@ def infer(
             log.info("study.mapped", study_key=key, montage=table.version,
                      modalities={m: len(v) for m, v in ready.channels.items()},
                      unmapped=ready.match.unmapped, ignored=ready.match.ignored)
+            engine = pending.result()
             task = progress.add_task("encode 5-min windows", total=None)
             result = infer_ready(engine, ready, progress=lambda d, t: progress.update(task, completed=d, total=t))
     except (ReaderError, MontageError, BundleError, MappingError, InputError, ValueError) as exc:
@@ -173,6 +185,8 @@ def infer(
                   reason=reason.replace(str(file.parent), "<folder>"))
         _fail(str(exc))
         return
+    finally:
+        loader.shutdown(wait=True)
     scoring = staging_agreement(result, scored_annotations)
     if scoring is not None:
         log.info("study.staging_agreement", study_key=key, epochs=scoring["epochs"],

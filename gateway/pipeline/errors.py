@@ -19,7 +19,7 @@ from pydantic import ValidationError as PydanticValidationError
 from sqlalchemy.exc import OperationalError, StatementError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from inference.engine import InputError
+from inference.inputs import InputError
 
 from ..hl7.oru import OruError
 from ..logging import scrub

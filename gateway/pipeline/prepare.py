@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from inference.engine import check_duration
 from inference.gaps import preprocess_with_gaps
+from inference.inputs import check_duration
 from inference.preprocess import n_target_samples
 from inference.quality import (
     ChannelQuality,

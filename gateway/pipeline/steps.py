@@ -11,9 +11,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from inference.engine import Engine
 from inference.quality import QualityThresholds
 from inference.results import StudyResult
 
@@ -26,6 +25,9 @@ from .identifiers import apply_site_identifiers
 from .outputs import write_study_outputs
 from .prepare import ReadyStudy, prepare_study
 from .scoring import agreement, reference_hypnogram
+
+if TYPE_CHECKING:  # the engine (torch) loads only where a study is inferred
+    from inference.engine import Engine
 
 __all__ = [
     "ReadyStudy",
