@@ -321,3 +321,28 @@ def test_demographics_encoding_is_named_or_unconfirmed(demo_bundle_dir, tmp_path
     unnamed = Engine(load_bundle(bare)).run(StudyInput(_night(60), 50, "M"))
     assert unnamed.demographics_encoding.startswith("age (0-centred, /100)")
     assert unnamed.demographics_used["age_feature"] == pytest.approx(0.5)
+
+
+def test_the_thread_count_holds_in_the_thread_that_runs_the_engine(demo_bundle_dir):
+    """torch keeps a thread count per thread: an engine made in one thread (infer's loader, the daemon's
+    start) and run in another (a pipeline worker) uses its own count there, not that thread's."""
+    import threading
+
+    import torch
+
+    made: list[Engine] = []
+    maker = threading.Thread(target=lambda: made.append(
+        Engine.from_bundle_dir(demo_bundle_dir, EngineOptions(device="cpu", threads=1))))
+    maker.start()
+    maker.join()
+    seen: list[int] = []
+
+    def worker() -> None:
+        torch.set_num_threads(2)  # this thread's own count before the engine runs in it
+        made[0].run(StudyInput(_night(12)))
+        seen.append(torch.get_num_threads())
+
+    runner = threading.Thread(target=worker)
+    runner.start()
+    runner.join()
+    assert seen == [1]
