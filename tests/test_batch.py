@@ -229,6 +229,9 @@ def test_mixed_archive_processes_every_study_once_and_reports_the_corrupt_file(t
             assert out == var / "outputs" / study.key
             assert np.load(out / "night.npy").shape == (512,)
             assert (out / "hazards.csv").is_file() and (out / "metrics.json").is_file()
+            # the same stage times as the daemon and infer write: the worker's part joined to the engine's
+            timings = json.loads((out / "metrics.json").read_text())["timings_s"]
+            assert {"read", "preprocess", "encode", "heads"} <= set(timings), timings
     assert (var / "quarantine" / failed.key / "REASON.txt").is_file()
     assert _snapshot(arch.root) == before  # nothing moved, changed or added in the archive
 

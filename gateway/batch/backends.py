@@ -21,6 +21,7 @@ from inference.results import StudyResult
 
 from ..montage.table import MontageTable
 from ..pipeline.prepare import ReadyStudy
+from ..pipeline.steps import with_ready_timings
 from .work import FileHash, Prepared, PrepareJob, WorkFailure, discard, hash_file, init_worker, load, prepare
 
 __all__ = ["Backend", "InferOutcome", "LocalBackend", "infer_many"]
@@ -44,14 +45,15 @@ def infer_many(engine: Engine, ready: list[ReadyStudy]) -> list[InferOutcome]:
     """Run the engine over several nights at once; when the call fails, run them one by one so one
     bad night fails alone (its error is returned in its place)."""
     try:
-        return list(engine.run_many([r.engine_input for r in ready]))
+        results = engine.run_many([r.engine_input for r in ready])
+        return [with_ready_timings(result, r) for result, r in zip(results, ready)]
     except Exception as exc:  # noqa: BLE001 - isolate the night that caused it
         if len(ready) == 1:
             return [exc]
     out: list[InferOutcome] = []
     for r in ready:
         try:
-            out.append(engine.run_many([r.engine_input])[0])
+            out.append(with_ready_timings(engine.run_many([r.engine_input])[0], r))
         except Exception as exc:  # noqa: BLE001
             out.append(exc)
     return out

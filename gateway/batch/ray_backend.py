@@ -45,11 +45,13 @@ class _InferActor:
     def __init__(self, model: ModelConfig, device: str) -> None:
         from inference.engine import Engine, EngineOptions
 
+        from ..cpu import engine_threads
         from ..model import load_model
 
         # The same bundle and site heads as the driver (the paths are the same on every node).
+        threads = engine_threads(model.threads)  # the cores of this node, as a local batch would
         self.engine = Engine(load_model(model), EngineOptions(device=device, precision=model.precision,
-                                                              threads=model.threads or None,
+                                                              threads=threads.threads,
                                                               windows_per_batch=model.windows_per_batch))
 
     def infer(self, metas: list[Prepared], *signals: dict[str, Any]) -> list[InferOutcome]:

@@ -58,7 +58,11 @@ def decode_inputs(paths: Sequence[Path], filename_pattern: str | None = None, na
 
 def infer_ready(engine: Engine, ready: ReadyStudy, progress: Progress | None = None) -> StudyResult:
     """Run the engine on a ready study; the result's timings include the read and preprocess times."""
-    result = engine.run_many([ready.engine_input], progress=progress)[0]
+    return with_ready_timings(engine.run_many([ready.engine_input], progress=progress)[0], ready)
+
+
+def with_ready_timings(result: StudyResult, ready: ReadyStudy) -> StudyResult:
+    """``result`` with ``ready``'s read, preprocess and quality seconds joined to its encode and heads."""
     result.timings_s = {**ready.timings_s, **result.timings_s}
     return result
 
