@@ -100,19 +100,22 @@ def cpu_budget(sysfs: Path = SYSFS_CPU, cgroup: Path = CGROUP) -> CpuBudget:
     return CpuBudget(logical=len(cpus), physical=physical_cores(cpus, sysfs), quota=cgroup_quota(cgroup))
 
 
-def engine_threads(configured: int | None, *, workers: int = 0, budget: CpuBudget | None = None,
+def engine_threads(configured: int | None, *, workers: int = 0, runs: int = 1, budget: CpuBudget | None = None,
                    source: str = "model.threads") -> ThreadChoice:
     """Torch threads for the engine: ``configured`` when it is set (> 0), else the physical cores less
-    the ``workers`` processes that decode and preprocess beside it, at least 1."""
+    the ``workers`` processes that decode and preprocess beside it, shared by the ``runs`` studies the
+    engine may run at once (the daemon's ``pipeline.workers``), at least 1."""
     budget = budget or cpu_budget()
     if configured:
         return ThreadChoice(int(configured), f"{source} {configured}", budget)
-    threads = max(1, budget.cores - workers)
+    threads = max(1, (budget.cores - workers) // max(1, runs))
     parts = [f"{budget.physical} physical core{'s' if budget.physical != 1 else ''} of {budget.logical} logical"]
     if budget.quota is not None and budget.cores < budget.physical:
         parts.append(f"cgroup quota {budget.quota:g} CPUs")
     if workers:
         parts.append(f"less {workers} worker process{'es' if workers != 1 else ''}")
+    if runs > 1:
+        parts.append(f"shared by {runs} studies at once")
     return ThreadChoice(threads, ", ".join(parts), budget)
 
 

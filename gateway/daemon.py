@@ -179,7 +179,7 @@ class Daemon:
                                               bundle.identity.calibrated_outcomes)
         if refused:
             raise StartupError("; ".join(refused))
-        threads = engine_threads(cfg.model.threads)
+        threads = engine_threads(cfg.model.threads, runs=cfg.pipeline.workers)
         try:
             engine = Engine(bundle, EngineOptions(device=cfg.model.device, precision=cfg.model.precision,
                                                   threads=threads.threads,

@@ -58,6 +58,8 @@ def test_engine_threads_leave_the_workers_their_cores():
     choice = engine_threads(0, workers=2, budget=eight)
     assert choice.threads == 6 and choice.reason == "8 physical cores of 16 logical, less 2 worker processes"
     assert engine_threads(None, workers=14, budget=eight).threads == 1  # never below one
+    shared = engine_threads(None, runs=3, budget=eight)  # the daemon's pipeline workers run studies at once
+    assert shared.threads == 2 and shared.reason.endswith("shared by 3 studies at once")
     quota = engine_threads(None, budget=CpuBudget(logical=16, physical=8, quota=2.5))
     assert quota.threads == 2 and "cgroup quota 2.5 CPUs" in quota.reason
     assert engine_threads(None, budget=CpuBudget(logical=4, physical=4, quota=0.5)).threads == 1
