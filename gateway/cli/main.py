@@ -152,15 +152,18 @@ def infer(
         return Engine(model, EngineOptions(device=device, precision=precision, threads=chosen.threads,
                                            windows_per_batch=windows_per_batch))
 
-    loader = ThreadPoolExecutor(1, thread_name_prefix="model-load")
+    # Beside the read: the model's load, and the content hash that names the study (hashlib releases the GIL).
+    side = ThreadPoolExecutor(2, thread_name_prefix="infer")
+    hashing = None
     try:
         table = MontageTable.load(montage) if montage else default_table()
-        pending = loader.submit(make_engine)
+        pending = side.submit(make_engine)
         if not file.exists():
             raise ReaderError(file, "file not found")
-        key = _study_key(file)
-        log.info("study.received", study_key=key, source="cli")
+        hashing = side.submit(_study_key, file)
         recording = decode_inputs([file], filename_pattern)
+        key = hashing.result()
+        log.info("study.received", study_key=key, source="cli")
         if pending.done():
             pending.result()  # a bundle that did not load fails the command now, not after preprocessing
         scored_annotations = recording.annotations
@@ -179,6 +182,8 @@ def infer(
             task = progress.add_task("encode 5-min windows", total=None)
             result = infer_ready(engine, ready, progress=lambda d, t: progress.update(task, completed=d, total=t))
     except (ReaderError, MontageError, BundleError, MappingError, InputError, ValueError) as exc:
+        if key is None and hashing is not None and hashing.exception() is None:  # waits for the hash
+            key = hashing.result()  # the read failed before the key was logged: the failure still names it
         # A path may carry a patient name: the log gets the study key and the reason without paths.
         reason = exc.reason if isinstance(exc, ReaderError) else str(exc)
         log.error("study.failed", study_key=key, error=type(exc).__name__,
@@ -186,7 +191,7 @@ def infer(
         _fail(str(exc))
         return
     finally:
-        loader.shutdown(wait=True)
+        side.shutdown(wait=True)
     scoring = staging_agreement(result, scored_annotations)
     if scoring is not None:
         log.info("study.staging_agreement", study_key=key, epochs=scoring["epochs"],
