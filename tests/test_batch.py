@@ -663,7 +663,13 @@ def test_ctrl_c_stops_in_order_and_a_rerun_finishes_the_rest(tmp_path, db_url, r
     try:
         _wait_for(lambda: _finished(repo) >= 1, proc, log)
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's whole process group
-        assert proc.wait(timeout=120) == 130, log.read_text()[-3000:]
+        try:
+            code = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:  # stuck: where every thread waits (gateway.cli's SIGUSR2 dump)
+            proc.send_signal(signal.SIGUSR2)
+            time.sleep(2)
+            pytest.fail(f"the batch did not stop within 120 s of Ctrl-C:\n{log.read_text()[-6000:]}")
+        assert code == 130, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -2,8 +2,17 @@
 
 Before any command loads torch, OpenMP threads are told to sleep while they wait
 (``OMP_WAIT_POLICY=PASSIVE``, unless the environment sets it): see :mod:`gateway.cpu` for why.
+
+``kill -USR2 PID`` makes any command (the daemon, a batch) print every thread's stack to stderr and
+carry on: where a process that seems stuck is waiting. The stacks hold file names, lines and function
+names, never values, so no identifier reaches the log.
 """
+
+import faulthandler
+import signal
 
 from ..cpu import default_wait_policy
 
 default_wait_policy()
+if hasattr(signal, "SIGUSR2"):
+    faulthandler.register(signal.SIGUSR2, all_threads=True, chain=False)
