@@ -53,8 +53,6 @@ TOKEN_SAMPLES = 640
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-
-
 @dataclass(frozen=True)
 class EngineOptions:
     """How the engine runs.
