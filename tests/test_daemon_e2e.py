@@ -288,21 +288,24 @@ def test_dropped_edf_reaches_the_ehr_as_a_valid_oru(daemon, tmp_path):
         assert "SYN-0021" not in d.log.read_text()  # the MRN went to the EHR, not to the log
 
 
-def test_ehr_down_for_a_minute_then_every_result_arrives_in_order(daemon, tmp_path):
+def test_ehr_down_for_a_while_then_every_result_arrives_in_order(daemon, tmp_path):
+    # 20 s down against a 10-s degraded threshold: the same path as a site's hour against its 15 minutes,
+    # a minute less of CI (it was 60 s against 30 s).
     from mllp_peer import MllpPeer
 
     with MllpPeer() as peer:
         port = peer.port
         peer.down()
-        d = _hl7_daemon(daemon, peer, degraded_after_seconds=30).start()
+        d = _hl7_daemon(daemon, peer, degraded_after_seconds=10).start()
         d.drop.mkdir(exist_ok=True)
-        t0 = time.monotonic()
+        first_queued = None
         for i in range(3):
             night = write_synthetic_night(tmp_path / "src" / f"n{i}.edf", hours=0.1, seed=30 + i)
             shutil.copy(night, d.drop / f"n{i}.edf")
             d.wait_for(lambda i=i: len([s for s in d.repo.list() if s.state == State.QUEUED]) == i + 1,
                        what=f"{i + 1} studies QUEUED")
-        time.sleep(max(0.0, 60 - (time.monotonic() - t0)))
+            first_queued = first_queued or time.monotonic()
+        time.sleep(max(0.0, 14 - (time.monotonic() - first_queued)))  # the oldest result waits > 10 s
         waiting = d.repo.messages(state="PENDING")
         assert len(waiting) == 3 and max(m.attempts for m in waiting) >= 2
         # The EHR being down is visible: degraded (still HTTP 200: the daemon works), and why.
@@ -312,7 +315,7 @@ def test_ehr_down_for_a_minute_then_every_result_arrives_in_order(daemon, tmp_pa
         assert code == 200 and health["status"] == "degraded", health
         assert any("HL7 destination" in p and "waited" in p for p in health["problems"]), health["problems"]
         assert dest["connected"] is False and dest["last_error"] == "MllpConnectError" and dest["pending"] == 3
-        assert dest["oldest_pending_age_s"] > 30
+        assert dest["oldest_pending_age_s"] > 10
         peer.up()
         assert peer.port == port
         d.wait_for(lambda: len([s for s in d.repo.list() if s.state == State.DELIVERED]) == 3, timeout=30,
