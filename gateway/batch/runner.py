@@ -304,7 +304,9 @@ class BatchRunner:
         if self.opts.ray is not None:
             from .ray_backend import RayBackend
 
-            backend: Backend = RayBackend(self.opts.ray, self.montage.table, self.cfg.model,
+            model = self.cfg.model.model_copy(update={"threads": self.opts.threads}) if self.opts.threads \
+                else self.cfg.model  # --threads reaches the engine actors too
+            backend: Backend = RayBackend(self.opts.ray, self.montage.table, model,
                                           workers=None if chosen == "auto" else int(chosen) or None)
         else:
             # The worker processes' cores are not the engine's: no oversubscription.
