@@ -490,18 +490,10 @@ def _json_float(x: float) -> float | str:
 # ---- the parent ---------------------------------------------------------------------------------
 def cpu_info() -> dict[str, Any]:
     """CPU model, usable cores and the flags that decide how bf16 runs on this CPU."""
-    model, flags = platform.processor() or None, set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model in (None, "", "x86_64"):
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": model, "cores": cores,
+    from gateway.cpu import cpu_budget, cpu_model_and_flags
+
+    model, flags = cpu_model_and_flags()
+    return {"cpu": model or platform.processor() or None, "cores": cpu_budget().logical,
             "cpu_flags": {"avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
                           "avx512_bf16": "avx512_bf16" in flags,
                           "amx": sorted(f for f in flags if f.startswith("amx"))}}

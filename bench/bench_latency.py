@@ -73,15 +73,10 @@ def free_port() -> int:
 
 
 def machine() -> dict[str, Any]:
-    model, flags = "unknown", set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == "unknown":
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    return {"cpu": model, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+    from gateway.cpu import cpu_budget, cpu_model_and_flags
+
+    model, flags = cpu_model_and_flags()
+    return {"cpu": model or "unknown", "cores": os.cpu_count(), "usable_cores": cpu_budget().logical,
             "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
             "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}
 

@@ -70,16 +70,9 @@ def _spin(stop) -> None:  # a CPU-bound neighbour
 
 
 def _machine() -> dict:
-    from gateway.cpu import cpu_budget
+    from gateway.cpu import cpu_budget, cpu_model_and_flags
 
-    flags: set[str] = set()
-    model = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
+    model, flags = cpu_model_and_flags()
     budget = cpu_budget()
     return {"cpu": model, "logical_cpus": budget.logical, "physical_cores": budget.physical,
             "cpu_quota": budget.quota, "flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_tile"})}

@@ -102,24 +102,13 @@ def _log(msg: str) -> None:
 
 
 def _machine() -> dict:
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
+    from gateway.cpu import cpu_budget, cpu_model_and_flags
+
+    model, flags = cpu_model_and_flags()
     return {
-        "cpu_model": model,
+        "cpu_model": model or platform.processor() or "unknown",
         "cpus": os.cpu_count(),
-        "cpus_usable": usable,
+        "cpus_usable": cpu_budget().logical,
         "flags": {f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")},
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),

@@ -24,6 +24,7 @@ from typing import Any
 
 SYSFS_CPU = Path("/sys/devices/system/cpu")
 CGROUP = Path("/sys/fs/cgroup")
+CPUINFO = Path("/proc/cpuinfo")
 WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
 DEFAULT_WAIT_POLICY = "PASSIVE"
 
@@ -92,6 +93,25 @@ def cgroup_quota(root: Path = CGROUP) -> float | None:
     except (OSError, ValueError):
         return None
     return None if quota_us <= 0 or period_us <= 0 else quota_us / period_us
+
+
+def cpu_model_and_flags(cpuinfo: Path = CPUINFO) -> tuple[str | None, frozenset[str]]:
+    """The CPU's model name and feature flags (``avx2``, ``avx512f``, ``amx_tile`` ...) as the first CPU of
+    ``/proc/cpuinfo`` lists them; ``(None, frozenset())`` where that file is not readable. What a benchmark
+    names its machine by: the CPUs under a deployment differ, and these flags decide the engine's speed."""
+    model: str | None = None
+    flags: frozenset[str] = frozenset()
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return model, flags
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model is None:
+            model = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = frozenset(value.split())
+    return model, flags
 
 
 def cpu_budget(sysfs: Path = SYSFS_CPU, cgroup: Path = CGROUP) -> CpuBudget:

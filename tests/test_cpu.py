@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cpu import CpuBudget, cgroup_quota, default_wait_policy, engine_threads, physical_cores
+from gateway.cpu import (
+    CpuBudget,
+    cgroup_quota,
+    cpu_model_and_flags,
+    default_wait_policy,
+    engine_threads,
+    physical_cores,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -50,6 +57,14 @@ def test_cgroup_quota_v2_and_v1(tmp_path):
     (v1 / "cpu.cfs_quota_us").write_text("300000\n")
     assert cgroup_quota(tmp_path / "v1") == 3.0
     assert cgroup_quota(tmp_path / "nothing") is None
+
+
+def test_cpu_model_and_flags_come_from_the_first_cpu(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9654\nflags\t\t: fpu avx2 avx512f amx_tile\n\n"
+                       "processor\t: 1\nmodel name\t: other\nflags\t\t: fpu\n")
+    assert cpu_model_and_flags(cpuinfo) == ("AMD EPYC 9654", frozenset({"fpu", "avx2", "avx512f", "amx_tile"}))
+    assert cpu_model_and_flags(tmp_path / "missing") == (None, frozenset())
 
 
 def test_engine_threads_leave_the_workers_their_cores():

@@ -40,7 +40,7 @@ from inference.checkpoints import CheckpointError
 from inference.engine import Engine, EngineOptions, resolve_device
 
 from ..config import GatewayConfig
-from ..cpu import engine_threads
+from ..cpu import cpu_budget, engine_threads
 from ..heads.store import HeadError
 from ..logging import get_logger
 from ..metrics import Metrics
@@ -297,9 +297,9 @@ class BatchRunner:
         cfg = self.cfg.batch
         device = resolve_device(self.cfg.model.device) if self.opts.ray is None else None
         gpu = device is not None and device.type == "cuda"
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        budget = cpu_budget()
         chosen = self.opts.workers if self.opts.workers is not None else cfg.workers
-        workers = _auto_workers(cores, gpu) if chosen == "auto" else int(chosen)
+        workers = _auto_workers(budget.logical, gpu) if chosen == "auto" else int(chosen)
         self.nights_per_call = cfg.nights_per_call or (4 if gpu or self.opts.ray else 1)
         if self.opts.ray is not None:
             from .ray_backend import RayBackend
@@ -310,7 +310,7 @@ class BatchRunner:
                                           workers=None if chosen == "auto" else int(chosen) or None)
         else:
             # The worker processes' cores are not the engine's: no oversubscription.
-            threads = engine_threads(self.opts.threads or self.cfg.model.threads, workers=workers,
+            threads = engine_threads(self.opts.threads or self.cfg.model.threads, workers=workers, budget=budget,
                                      source="--threads" if self.opts.threads else "model.threads")
             log.info("engine.threads", **threads.log_fields())
             engine = Engine(self.bundle, EngineOptions(device=self.cfg.model.device,
