@@ -175,8 +175,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+_INPUT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))  # kept as given; float16 is the pipeline's storage
+
+
 def _validate(study: StudyInput, position: int) -> tuple[dict[str, np.ndarray], int]:
-    """Check one study's signals; return them as float32 arrays and the token count."""
+    """Check one study's signals; return them as float16 or float32 arrays (others converted to
+    float32) and the token count."""
     where = f"study {study.key or position}"
     unknown = sorted(set(study.signals) - set(MODALITIES))
     if unknown:
@@ -187,7 +191,9 @@ def _validate(study: StudyInput, position: int) -> tuple[dict[str, np.ndarray], 
         arr = study.signals.get(modality)
         if arr is None:
             continue
-        arr = np.asarray(arr, dtype=np.float32)
+        arr = np.asarray(arr)
+        if arr.dtype not in _INPUT_DTYPES:
+            arr = arr.astype(np.float32)
         if arr.ndim != 2:
             raise InputError(f"{where}: {modality} must be (channels, samples), got shape {arr.shape}")
         if arr.shape[0] == 0:
@@ -427,7 +433,8 @@ class Engine:
             for w in batch
         ]
         counts = [p.shape[0] for p in pieces]
-        patches = torch.from_numpy(np.concatenate(pieces, axis=0)).to(self.device, non_blocking=True)
+        # float16 signals (the pipeline's storage) travel as they are and become float32 on the device
+        patches = torch.from_numpy(np.concatenate(pieces, axis=0)).to(self.device, non_blocking=True).float()
         channel_tokens = self._tokenizer(patches.reshape(-1, length, TOKEN_SAMPLES))
         per_window = torch.split(channel_tokens, counts, dim=0)  # each (C, L, E)
         # Channel pooling per group of windows with the same channel count.

@@ -49,6 +49,7 @@ from scipy import signal
 
 __all__ = [
     "FILTER_ORDER",
+    "STORED_DTYPE",
     "TARGET_RATE",
     "n_target_samples",
     "preprocess_channel",
@@ -61,6 +62,12 @@ TARGET_RATE = 128.0
 
 FILTER_ORDER = 4
 """Order of the Butterworth anti-aliasing low-pass (cut-off at half the target rate)."""
+
+STORED_DTYPE = np.float16
+"""The dtype a night's 128 Hz signals are kept in for the encoder: the release stores its preprocessed
+signals as float16 (HDF5) and its encoder reads those, so rounding them the same way is the release's
+model input (and half the memory of float32). Preprocessing itself runs in float32; the encoder
+computes in float32 (or the chosen precision)."""
 
 # scipy's filtfilt(b, a) pads 3 * max(len(a), len(b)) = 15 samples for a 4th-order filter, and
 # sosfiltfilt pads 3 * (2 * n_sections + 1) = 15 as well.

@@ -19,8 +19,10 @@ TOKENS_PER_EPOCH = 6  # 30-s scoring epochs
 class StudyInput:
     """One night ready for the encoder.
 
-    ``signals`` maps a modality (BAS, RESP, EKG, EMG) to a float32 ``(channels, samples)`` array
-    at 128 Hz, preprocessed (filtered, resampled, standardised). All modalities have the same
+    ``signals`` maps a modality (BAS, RESP, EKG, EMG) to a float32 or float16 ``(channels, samples)``
+    array at 128 Hz, preprocessed (filtered, resampled, standardised); the pipeline keeps float16, as
+    the release stores them (:data:`inference.preprocess.STORED_DTYPE`), and other dtypes are
+    converted to float32. All modalities have the same
     number of samples. ``key`` is an opaque study key (never PHI) carried into the result.
 
     Parameters

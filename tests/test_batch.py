@@ -598,7 +598,7 @@ def test_kill_9_mid_run_then_a_rerun_infers_every_study_exactly_once(tmp_path, d
         assert len(studies) == 10 and {(s.state, s.claimed_by) for s in studies} == {(State.FLAGGED, None)}
         assert _inferred(repo) == Counter({(s.id, s.version): 1 for s in studies})
         spill = tmp_path / "var" / "batch" / "spill"
-        assert not list(spill.glob("*.f32")) if spill.exists() else True
+        assert not list(spill.glob("*.signals")) if spill.exists() else True
         assert not Path(f"/dev/shm/psg-batch-{os.getpid()}").exists()  # the re-run removed its own spill folder
     finally:
         _end_orphans(orphans)
@@ -643,7 +643,7 @@ def test_a_rerun_removes_the_spill_files_of_a_killed_batch(tmp_path, db_url):
     gone.wait()
     stale = Path(f"/dev/shm/psg-batch-{gone.pid}")
     stale.mkdir(exist_ok=True)
-    (stale / f"st-000000000000.{gone.pid + 1}.f32").write_bytes(b"\0" * 4096)
+    (stale / f"st-000000000000.{gone.pid + 1}.signals").write_bytes(b"\0" * 4096)
     try:
         r = _batch(_config(tmp_path, db_url), root, "--workers", "1")
         assert r.exit_code == 0, r.output

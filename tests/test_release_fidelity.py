@@ -50,18 +50,43 @@ def test_highest_rate_counts_unmapped_channels_and_an_empty_recording_has_none()
 
 
 def test_gateway_preprocessing_equals_the_release_per_channel(fixture):
-    """Through the real reader and montage: every channel within 2e-3 z-units per sample of the release's
-    128 Hz signals (float32, before its float16 storage)."""
-    prepared, ref = fixture["all_channels"], fixture["signals_128"]
+    """Through the real reader and montage: every channel's float32 128 Hz signal within 2e-5 z-units per
+    sample of the release's (measured ~1e-6), before either is stored as float16."""
+    from inference.gaps import preprocess_with_gaps
+
+    recording, prepared, ref = fixture["recording"], fixture["all_channels"], fixture["signals_128"]
     labels = [str(label) for label in ref["labels"]]
+    by_label = {c.label: c for c in recording.channels}
     seen = 0
-    for modality, used in prepared.channels.items():
-        for row, label in enumerate(used):
-            diff = np.abs(prepared.engine_input.signals[modality][row] - ref["signals"][labels.index(label)]).max()
-            assert diff <= 2e-3, f"{label}: {diff:.3g}"
+    for used in prepared.channels.values():
+        for label in used:
+            channel = by_label[label]
+            row, _ = preprocess_with_gaps(channel.read(), channel.read_valid(), channel.sampling_rate,
+                                          ref["signals"].shape[1], recording_rate=recording.highest_rate)
+            diff = np.abs(row - ref["signals"][labels.index(label)]).max()
             assert diff <= 2e-5, f"{label}: {diff:.3g} (measured ~1e-6)"
             seen += 1
     assert seen == 10
+
+
+def test_the_signals_are_stored_as_the_release_stores_them(fixture):
+    """The release keeps its 128 Hz signals as float16 and its encoder reads those; so does the pipeline.
+    The stored values are the release's own, but for the few samples whose float32 values (1e-6 apart)
+    lie either side of a float16 rounding boundary: those differ by one float16 step (near zero, where
+    the steps are finer than 1e-6, by the float32 difference)."""
+    prepared, ref = fixture["all_channels"], fixture["signals_128"]
+    labels = [str(label) for label in ref["labels"]]
+    for modality, used in prepared.channels.items():
+        stored = prepared.engine_input.signals[modality]
+        assert stored.dtype == np.float16
+        for row, label in enumerate(used):
+            theirs = ref["signals_float16"][labels.index(label)]
+            differ = stored[row] != theirs
+            assert differ.mean() < 0.02, f"{label}: {differ.mean():.3%} of samples differ"
+            ours, release = stored[row][differ], theirs[differ]
+            step = np.spacing(np.maximum(np.abs(ours), np.abs(release))).astype(np.float32)  # float16 steps
+            # one float16 step beyond the float32 difference (the 2e-5 bound above), which shows near 0
+            assert np.all(np.abs(ours.astype(np.float32) - release.astype(np.float32)) <= step + 2e-5), label
 
 
 def test_release_exact_leaves_out_what_never_reaches_the_releases_model(fixture):
@@ -92,33 +117,34 @@ def test_end_to_end_equals_the_release(fixture, release_result):
     for m in ("BAS", "RESP", "EKG", "EMG"):
         tok = np.abs(result.token_embeddings[m] - ref[f"tok_{m}"]).max()
         win = np.abs(result.window_embeddings[m] - ref[f"win_{m}"]).max()
-        assert tok <= 5e-3, f"{m} tokens: {tok:.3g}"
-        assert win <= 5e-3, f"{m} 5-min vectors: {win:.3g}"
+        # measured (2-core AVX2): tokens up to 7.7e-5 (RESP), 5-min vectors 2.9e-6
+        assert tok <= 3e-4, f"{m} tokens: {tok:.3g}"
+        assert win <= 2e-5, f"{m} 5-min vectors: {win:.3g}"
     stage = np.abs(result.staging.token_probs - ref["stage_probs"]).max()
     hazard = np.abs(result.hazards.log_hazard - ref["log_hazard"]).max()
-    assert stage <= 2e-3, f"stage probabilities: {stage:.3g}"
-    assert hazard <= 2e-3, f"log-hazards: {hazard:.3g}"
+    assert stage <= 2e-6, f"stage probabilities: {stage:.3g} (measured 8.9e-8)"
+    assert hazard <= 2e-6, f"log-hazards: {hazard:.3g} (measured 6.0e-8)"
 
 
-def test_what_is_left_is_the_releases_float16_storage(fixture, release_result):
-    """The release stores its 128 Hz signals as float16; we keep float32 (a documented difference).
-    Rounding our signals the same way brings the tokens another 4x closer."""
-    engine, signals, result = release_result
+def test_float32_model_input_is_further_from_the_release(fixture, release_result):
+    """Keeping the float32 signals instead (as psg-gateway did before) moves the tokens 4x further from
+    the release's: the float16 storage is part of the release's model input."""
+    from inference.gaps import preprocess_with_gaps
+
+    engine, _signals, result = release_result
     ref = fixture["outputs"]
-    stored = {m: a.astype(np.float16).astype(np.float32) for m, a in signals.items()}
-    for label in ("C3-M2", "SpO2", "ECG II", "Chin1-Chin2"):
-        modality = next(m for m, used in fixture["prepared"].channels.items() if label in used)
-        row = fixture["prepared"].channels[modality].index(label)
-        # the same float16 values but for a few samples that round the other way (one float16 step)
-        differ = stored[modality][row] != ref[f"signals_{label}"]
-        assert differ.mean() < 0.02
-        assert np.abs(stored[modality][row] - ref[f"signals_{label}"]).max() <= 2e-3
-    as_stored = engine.run(StudyInput(stored, 55.0, "F"))
+    recording = fixture["recording"]
+    by_label = {c.label: c for c in recording.channels}
+    wide = {}
+    for modality, used in fixture["prepared"].channels.items():
+        wide[modality] = np.stack([
+            preprocess_with_gaps(by_label[label].read(), None, by_label[label].sampling_rate, 76800,
+                                 recording_rate=recording.highest_rate)[0] for label in used])
+        assert wide[modality].dtype == np.float32
+    as_float32 = engine.run(StudyInput(wide, 55.0, "F"))
     for m in ("BAS", "RESP", "EKG", "EMG"):
-        assert np.abs(as_stored.token_embeddings[m] - ref[f"tok_{m}"]).max() <= 2e-4
-        assert np.abs(as_stored.token_embeddings[m] - ref[f"tok_{m}"]).max() < np.abs(
-            result.token_embeddings[m] - ref[f"tok_{m}"]).max()
-    assert np.abs(as_stored.hazards.log_hazard - ref["log_hazard"]).max() <= 2e-5
+        ours = np.abs(result.token_embeddings[m] - ref[f"tok_{m}"]).max()
+        assert np.abs(as_float32.token_embeddings[m] - ref[f"tok_{m}"]).max() > 2 * ours, m
 
 
 def test_the_legacy_read_is_not_the_release(fixture, release_result):

@@ -22,7 +22,19 @@ from inference.results import StudyResult
 from ..montage.table import MontageTable
 from ..pipeline.prepare import ReadyStudy
 from ..pipeline.steps import with_ready_timings
-from .work import FileHash, Prepared, PrepareJob, WorkFailure, discard, hash_file, init_worker, load, prepare
+from .work import (
+    OLD_SPILL_SUFFIXES,
+    SPILL_SUFFIX,
+    FileHash,
+    Prepared,
+    PrepareJob,
+    WorkFailure,
+    discard,
+    hash_file,
+    init_worker,
+    load,
+    prepare,
+)
 
 __all__ = ["Backend", "InferOutcome", "LocalBackend", "infer_many"]
 
@@ -124,5 +136,6 @@ class LocalBackend:
         if self.spill_dir.name.startswith("psg-batch-"):  # our own folder under /dev/shm
             shutil.rmtree(self.spill_dir, ignore_errors=True)
         else:
-            for leftover in self.spill_dir.glob("*.f32"):
-                leftover.unlink(missing_ok=True)
+            for suffix in (SPILL_SUFFIX, *OLD_SPILL_SUFFIXES):
+                for leftover in self.spill_dir.glob(f"*{suffix}"):
+                    leftover.unlink(missing_ok=True)

@@ -317,7 +317,7 @@ class BatchRunner:
                                                        precision=self.cfg.model.precision, threads=threads.threads,
                                                        windows_per_batch=self.cfg.model.windows_per_batch))
             spill = choose_spill_dir(Path(self.cfg.paths.var_dir) / "batch" / "spill", cfg.spill_dir,
-                                     need_bytes=(workers + cfg.queue_size + 1) * (300 << 20)) if workers else None
+                                     need_bytes=(workers + cfg.queue_size + 1) * (160 << 20)) if workers else None
             backend = LocalBackend(engine, self.montage.table, workers, spill)
         # Prepared or preparing, not yet in the engine: the bound on memory. Inline, one at a time.
         self.depth = backend.workers + cfg.queue_size if backend.workers else 1

@@ -105,10 +105,14 @@ class PrepareJob:
     scoring: str | None = None  # a scoring file found beside the recording (NSRR/Profusion XML)
 
 
+SPILL_SUFFIX = ".signals"
+OLD_SPILL_SUFFIXES = (".f32",)  # float32 spill files of earlier versions, removed like ours
+
+
 @dataclass(frozen=True)
 class SpillRef:
     path: str
-    layout: tuple[tuple[str, int, int, int], ...]  # (modality, rows, columns, byte offset)
+    layout: tuple[tuple[str, int, int, int, str], ...]  # (modality, rows, columns, byte offset, dtype)
 
 
 @dataclass
@@ -189,14 +193,14 @@ def scoring_form(path: Path) -> str:
 
 def _spill(ready: ReadyStudy, folder: Path, key: str) -> SpillRef:
     signals = ready.engine_input.signals
-    path = folder / f"{key}.{os.getpid()}.f32"
+    path = folder / f"{key}.{os.getpid()}{SPILL_SUFFIX}"
     layout = []
     offset = 0
     with open(path, "wb") as fh:
         for modality, arr in signals.items():
-            arr = np.ascontiguousarray(arr, dtype=np.float32)
+            arr = np.ascontiguousarray(arr)  # float16, as prepared (inference.preprocess.STORED_DTYPE)
             fh.write(memoryview(arr).cast("B"))
-            layout.append((modality, int(arr.shape[0]), int(arr.shape[1]), offset))
+            layout.append((modality, int(arr.shape[0]), int(arr.shape[1]), offset, arr.dtype.str))
             offset += arr.nbytes
     ready.engine_input.signals = {}
     return SpillRef(str(path), tuple(layout))
@@ -207,9 +211,9 @@ def load(prepared: Prepared) -> ReadyStudy:
     spill = prepared.spill
     if spill is not None and not prepared.ready.engine_input.signals:
         signals = {}
-        for modality, rows, cols, offset in spill.layout:
-            signals[modality] = (np.memmap(spill.path, dtype=np.float32, mode="r", offset=offset, shape=(rows, cols))
-                                 if rows * cols else np.empty((rows, cols), np.float32))
+        for modality, rows, cols, offset, dtype in spill.layout:
+            signals[modality] = (np.memmap(spill.path, dtype=dtype, mode="r", offset=offset, shape=(rows, cols))
+                                 if rows * cols else np.empty((rows, cols), dtype))
         prepared.ready.engine_input.signals = signals
     return prepared.ready
 

@@ -1,7 +1,8 @@
 """From a decoded :class:`Recording` to the engine's input: map channels, preprocess, assemble.
 
-Channels are read and preprocessed one at a time straight into the 128 Hz arrays, so a night
-never sits in memory at its native rates all at once. While a channel's raw samples and its 128 Hz
+Channels are read and preprocessed one at a time into the 128 Hz arrays (float16, the release's
+storage: :data:`inference.preprocess.STORED_DTYPE`), so a night never sits in memory at its native
+rates all at once. While a channel's raw samples and its 128 Hz
 row are in memory, the signal-quality gate (:mod:`inference.quality`) measures it; the study's verdict
 goes with the ready study into ``metrics.json`` (``quality``), where the flag step reads it.
 """
@@ -18,7 +19,7 @@ import numpy as np
 
 from inference.gaps import preprocess_with_gaps
 from inference.inputs import check_duration
-from inference.preprocess import n_target_samples
+from inference.preprocess import STORED_DTYPE, n_target_samples
 from inference.quality import (
     ChannelQuality,
     QualityThresholds,
@@ -107,7 +108,8 @@ def prepare_study(
     gaps: dict[str, float] = {}
     dropped: dict[str, str] = {}
     for modality, indices in match.groups.items():
-        block = np.empty((len(indices), n_out), dtype=np.float32)
+        # float16, as the release stores them: its model input, in half the memory (inference.preprocess)
+        block = np.empty((len(indices), n_out), dtype=STORED_DTYPE)
         rows: list[str] = []
         for index in indices:
             channel = recording.channels[index]
@@ -120,7 +122,7 @@ def prepare_study(
                                      valid=valid, physical_range=channel.physical_range, thresholds=thresholds)
             t2 = time.perf_counter()
             try:
-                block[len(rows)], gap = preprocess_with_gaps(
+                row, gap = preprocess_with_gaps(
                     samples, valid, channel.sampling_rate, n_out, recording_rate=top_rate,
                     overwrite_input=True)  # read() gave us our own copy
             except ValueError as exc:
@@ -129,11 +131,13 @@ def prepare_study(
                 checked = dropped_channel(checked, str(exc))
                 t3 = time.perf_counter()
             else:
+                block[len(rows)] = row
                 rows.append(channel.label)
                 if gap:
                     gaps[channel.label] = round(gap, 6)
                 t3 = time.perf_counter()
-                checked = assess_row(checked, block[len(rows) - 1])
+                checked = assess_row(checked, row)  # measured on the float32 row, before its storage
+                del row
             measured.append(checked)
             t_quality += (t2 - t1) + (time.perf_counter() - t3)
             t_pre += t3 - t2
