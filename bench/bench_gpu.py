@@ -14,7 +14,9 @@ night is the expected bound. Prints one JSON document:
   engine call the runner used, seconds per night by stage (``stage_meaning`` says what each is and
   where it runs), each stage's ``share_of_wall`` (its seconds over the wall time times the processes
   it runs in), the engine thread's time (busy in engine calls; starting up until the first prepared
-  night came back; waiting on the workers after that), peak GPU memory
+  night came back; waiting on the workers after that; ``own_thread``: the engine ran in a thread of its
+  own, a second call queued, while the runner recorded the finished nights and drew their reports, as
+  the batch does on CUDA, ``--engine-thread on|off`` to choose), peak GPU memory
   (``torch.cuda.max_memory_allocated``; null on CPU), GPU utilisation (``nvidia-smi`` every 0.5 s;
   null without it), peak RSS, and ``limiting_stage``;
 * ``deviations[precision]``: each reduced-precision run's outputs against the fp32 run's, night by
@@ -32,7 +34,7 @@ Usage::
 
     python bench/bench_gpu.py [--nights 48] [--hours 8] [--device cuda|cpu|auto]
         [--precision fp32,bf16,fp16] [--workers W] [--windows-per-batch K] [--nights-per-call M]
-        [--no-report] [--keep DIR]
+        [--no-report] [--engine-thread auto|on|off] [--keep DIR]
 
 ``python bench/bench_gpu.py --device cpu --nights 2 --hours 0.1`` is a smoke test (under a minute).
 
@@ -169,16 +171,17 @@ def timed_runner_class() -> type:
 
         def _backend(self) -> Any:
             backend = super()._backend()
-            infer = backend.infer
+            engine = backend.engine
+            run_many = engine.run_many
 
-            def timed_infer(items: list) -> Any:
-                t0 = time.perf_counter()
+            def timed_run_many(*args: Any, **kwargs: Any) -> Any:
+                t0 = time.perf_counter()  # in whichever thread runs the engine (this one, or its own)
                 try:
-                    return infer(items)  # the local backend runs the engine now, in this thread
+                    return run_many(*args, **kwargs)
                 finally:
                     self.clock["engine_busy"] += time.perf_counter() - t0
 
-            backend.infer = timed_infer
+            engine.run_many = timed_run_many
             return backend
 
         def _loop(self, entries: list, bar: Any) -> None:
@@ -332,6 +335,13 @@ def child_run(archive: Path, work: Path, args: argparse.Namespace) -> dict[str, 
     from gateway.config import load_config
 
     work.mkdir(parents=True, exist_ok=True)
+    if args.engine_thread != "auto":  # the backend's own choice is the engine's own thread on CUDA only
+        import functools
+
+        import gateway.batch.runner as runner_module
+
+        runner_module.LocalBackend = functools.partial(runner_module.LocalBackend,
+                                                       engine_thread=args.engine_thread == "on")
     runner = timed_runner_class()(load_config(_write_config(work, args)),
                                   BatchOptions(archives=[archive], progress=False, workers=args.workers))
     runner.preflight()  # loads the model: not part of the timed run
@@ -357,7 +367,11 @@ def engine_thread(runner: Any, wall: float) -> dict[str, float]:
     clock = runner.clock
     ready_at, waited_before = runner.first_ready or (runner.started_at, 0.0)
     waited = clock["wait"] - waited_before
-    return {"busy_s": round(clock["engine_busy"], 3), "startup_s": round(ready_at - runner.started_at, 3),
+    own_thread = getattr(runner.backend, "engine_thread", None) is not None
+    if own_thread:  # the loop's waits include the engine's calls: its idle time after start-up instead
+        waited = max(0.0, wall - (ready_at - runner.started_at) - clock["engine_busy"])
+    return {"own_thread": own_thread, "busy_s": round(clock["engine_busy"], 3),
+            "startup_s": round(ready_at - runner.started_at, 3),
             "waiting_on_workers_s": round(waited, 3),
             "busy_share": round(clock["engine_busy"] / wall, 3) if wall else 0.0,
             "waiting_share": round(waited / wall, 3) if wall else 0.0}
@@ -557,7 +571,7 @@ def _child_args(args: argparse.Namespace, archive: Path, work: Path, precision: 
                         ("--nights-per-call", args.nights_per_call)):
         if value is not None:
             out += [flag, str(value)]
-    return out + (["--no-report"] if args.no_report else [])
+    return out + (["--no-report"] if args.no_report else []) + ["--engine-thread", args.engine_thread]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -573,6 +587,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--nights-per-call", type=int, help="nights per engine call (default: the batch's, "
                                                             "4 on a GPU, 1 on CPU)")
     parser.add_argument("--no-report", action="store_true", help="pipeline.write_report off (no HTML/PDF)")
+    parser.add_argument("--engine-thread", choices=["auto", "on", "off"], default="auto",
+                        help="the engine in its own thread, a second call queued, while the runner records "
+                             "and draws reports (auto: on for CUDA, as the batch chooses)")
     parser.add_argument("--keep", type=Path, help="keep the archive and the runs' outputs here (archive reused)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--archive", type=Path, help=argparse.SUPPRESS)

@@ -245,6 +245,49 @@ def test_mixed_archive_processes_every_study_once_and_reports_the_corrupt_file(t
     assert run.finished_at is not None and run.summary["studies"] == doc["studies"]
 
 
+def test_the_engine_in_its_own_thread_gives_the_same_results(tmp_path, monkeypatch):
+    """As on CUDA: the engine runs in its own thread with a second call queued while the runner records
+    the finished studies; every study ends as it does with the engine in the runner's thread."""
+    import functools
+    import threading
+
+    import gateway.batch.runner as runner_module
+    from inference.engine import Engine
+
+    root = tmp_path / "archive"
+    _nights(root, (60, 61, 62))
+    ran_in: list[str] = []
+    run_many = Engine.run_many
+
+    def recorded(self, *args, **kwargs):
+        ran_in.append(threading.current_thread().name)
+        return run_many(self, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "run_many", recorded)
+    outputs = {}
+    original = runner_module.LocalBackend
+    for mode in (False, True):
+        work = tmp_path / f"own-thread-{mode}"
+        work.mkdir()
+        monkeypatch.setattr(runner_module, "LocalBackend",
+                            functools.partial(original, engine_thread=mode))
+        ran_in.clear()
+        r = _batch(_config(work, f"sqlite:///{work / 'gateway.db'}", batch={"nights_per_call": 2}), root,
+                   "--workers", "1")
+        doc = _doc(r)
+        assert r.exit_code == 0, r.output
+        assert doc["studies"] == {"found": 3, "processed": 3} and doc["processed_by_state"] == {"FLAGGED": 3}
+        assert ran_in and all(name.startswith("psg-engine") == mode for name in ran_in), ran_in
+        store = make_engine(f"sqlite:///{work / 'gateway.db'}")
+        try:  # by input file: study keys are random
+            outputs[mode] = {s.input_name: np.load(Path(s.output_path) / "night.npy") for s in _studies(Repo(store))}
+        finally:
+            store.dispose()
+    assert len(outputs[True]) == 3 and outputs[True].keys() == outputs[False].keys()
+    for key, night in outputs[False].items():
+        np.testing.assert_array_equal(outputs[True][key], night)
+
+
 def test_second_run_on_the_same_archive_processes_nothing_again(tmp_path, db_url, repo, monkeypatch):
     arch = _mixed_archive(tmp_path / "archive")
     cfg = _config(tmp_path, db_url)

@@ -76,16 +76,24 @@ class LocalBackend:
     ``workers`` = 0 (inline): each study is prepared in this process, with all cores, just before the
     engine runs it; only hashing overlaps (a thread: hashlib releases the GIL). On a small CPU-only
     machine the engine already keeps every core busy, and a worker process beside it only slows it
-    down (``bench/bench_batch.py``), so that is the automatic choice there."""
+    down (``bench/bench_batch.py``), so that is the automatic choice there.
+
+    ``engine_thread``: the engine runs in a thread of its own, with a second call queued behind the
+    running one, while this thread stores the finished studies' outputs, decides their flags and draws
+    their reports (about a second a study): a GPU then never waits for that. The default (None) is on
+    for a CUDA engine only: a CPU engine already uses every core it was given."""
 
     name = "local"
-    infer_slots = 1
 
-    def __init__(self, engine: Engine, table: MontageTable, workers: int, spill_dir: Path | None):
+    def __init__(self, engine: Engine, table: MontageTable, workers: int, spill_dir: Path | None,
+                 engine_thread: bool | None = None):
         self.engine = engine
         self.workers = workers
         self.spill_dir = spill_dir
         self.table = table
+        overlap = engine.device.type == "cuda" if engine_thread is None else engine_thread
+        self.engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="psg-engine") if overlap else None
+        self.infer_slots = 2 if overlap else 1  # one running, one waiting
         # spawn, not fork: the engine's process has torch threads and open database connections.
         self.pool: ProcessPoolExecutor | None = self._pool() if workers else None
         self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="psg-hash") if not workers else None
@@ -118,9 +126,13 @@ class LocalBackend:
         return self._submit(prepare, job)
 
     def infer(self, items: list[Prepared]) -> Future[list[InferOutcome]]:
-        """Runs now, in this process (the workers keep preparing meanwhile); returns a done future."""
+        """Runs in the engine's thread, or now, in this thread, returning a done future (the workers keep
+        preparing meanwhile either way)."""
+        ready = [load(p) for p in items]
+        if self.engine_thread is not None:
+            return self.engine_thread.submit(infer_many, self.engine, ready)
         done: Future[list[InferOutcome]] = Future()
-        done.set_result(infer_many(self.engine, [load(p) for p in items]))
+        done.set_result(infer_many(self.engine, ready))
         return done
 
     def release(self, item: Prepared | WorkFailure) -> None:
@@ -128,7 +140,7 @@ class LocalBackend:
             discard(item)
 
     def close(self) -> None:
-        for pool in (self.pool, self.hasher):
+        for pool in (self.engine_thread, self.pool, self.hasher):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
         if self.spill_dir is None:
