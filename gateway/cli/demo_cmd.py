@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
-from ..config import GatewayConfig
 from .service_cmd import ConfigOption, load_or_exit
+
+if TYPE_CHECKING:
+    from ..config import GatewayConfig
 
 out = Console()
 

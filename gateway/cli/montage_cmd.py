@@ -28,7 +28,6 @@ from ..montage.editing import (
     editable_table,
     remove_rules,
 )
-from ..montage.recordings import read_studies
 from ..montage.table import (
     EXCLUDE,
     KINDS,
@@ -276,6 +275,8 @@ def _print_study(name: str, table: MontageTable, doc: dict[str, Any]) -> None:
 
 
 def _test_paths(paths: Sequence[Path], table: MontageTable, source: str | None, as_json: bool) -> int:
+    from ..montage.recordings import read_studies  # the readers and numpy: only for a command that reads
+
     studies: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
     for study in read_studies(paths):
@@ -359,6 +360,8 @@ def unmapped(
 ) -> None:
     """Labels across studies that map nowhere, with how many channels and studies carry them, most
     frequent first."""
+    from ..montage.recordings import read_studies
+
     _check_paths(paths)
     table = _load(table_path)
     src = _source(source)
@@ -437,6 +440,8 @@ def validate(
 
 def _labels_from(paths: Sequence[Path]) -> tuple[list[str], list[dict[str, str]]]:
     """Labels to compare: from recordings, or from text files with one label per line."""
+    from ..montage.recordings import read_studies
+
     labels: dict[str, None] = {}
     errors: list[dict[str, str]] = []
     recordings: list[Path] = []

@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..operator_actions import ActionError, preview_message, release_messages, requeue_message
-from ..store.models import Message
 from .service_cmd import ConfigOption, load_or_exit
 from .store_access import StoreConfigOption, open_store
 from .studies_cmd import JsonOption, _find, _repo
+
+if TYPE_CHECKING:  # the store (sqlalchemy) loads when a command opens it, not with the CLI
+    from ..store.models import Message
 
 outbox_app = typer.Typer(help="The HL7 outbox: messages waiting, sent, and dead letters.", no_args_is_help=True)
 hl7_app = typer.Typer(help="HL7: test the destination, preview a study's ORU^R01.", no_args_is_help=True)
@@ -77,6 +78,8 @@ def outbox_show(message_id: int, config: StoreConfigOption = None, as_json: Json
 
 
 def _requeue(message_id: int, config: Path | None, resend: bool) -> None:
+    from ..operator_actions import ActionError, requeue_message
+
     try:
         m = requeue_message(_repo(config), message_id, actor="cli", resend=resend)
     except ActionError as exc:
@@ -107,6 +110,8 @@ def outbox_release(
 
     The daemon's delivery job then sends them in order, as it sends its own.
     """
+    from ..operator_actions import release_messages
+
     if not message_ids and not all_held:
         err.print("[bold red]error:[/] name the messages to release, or --all")
         raise typer.Exit(2)
@@ -149,6 +154,8 @@ def hl7_test_destination(config: ConfigOption = None) -> None:
 def hl7_preview(ref: Annotated[str, typer.Argument(help="Study id or key")],
                 config: StoreConfigOption = None) -> None:
     """The ER7 text the study would send now (flags re-evaluated; nothing stored or sent)."""
+    from ..operator_actions import ActionError, preview_message
+
     cfg, repo = open_store(config)
     study = _find(repo, ref)
     try:

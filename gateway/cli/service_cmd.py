@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ..config import ConfigError, GatewayConfig, load_config
 from ..fsutil import set_private_mode
 from .store_access import StoreConfigOption
+
+if TYPE_CHECKING:  # pydantic and the config schema load when a command reads a configuration
+    from ..config import GatewayConfig
 
 err = Console(stderr=True)
 out = Console()
@@ -28,6 +30,8 @@ db_app = typer.Typer(help="Database schema: upgrade to the current version, or s
 def load_or_exit(path: Path | None) -> GatewayConfig:
     """The configuration, or exit 2 with every problem. With ``service.group`` set, files this command
     creates from now on are 0640/0750 of that group (the app's callback made them 0600/0700)."""
+    from ..config import ConfigError, load_config
+
     try:
         cfg = load_config(path)
     except ConfigError as exc:

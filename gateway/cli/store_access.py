@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from sqlalchemy import Engine
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from ..config import GatewayConfig
-from ..store.db import current_revision, head_revision, make_engine, normalise_url, sqlite_path
-from ..store.repo import Repo
+# sqlalchemy, alembic and the store load only when a command opens the database: ``--help``, ``infer``,
+# ``config check`` and ``montage`` never pay for them (tests/test_cli_imports.py).
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from ..config import GatewayConfig
+    from ..store.repo import Repo
 
 __all__ = ["CONFIG_ENV", "StoreConfigOption", "open_store", "require_config", "shown_url"]
 
@@ -53,6 +54,11 @@ def require_config(config: Path | None) -> GatewayConfig:
 
 def shown_url(url: str) -> str:
     """The database URL as it may be printed: the password masked."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from ..store.db import normalise_url
+
     try:
         return make_url(normalise_url(url)).render_as_string(hide_password=True)
     except ArgumentError:
@@ -60,6 +66,10 @@ def shown_url(url: str) -> str:
 
 
 def _check_schema(engine: Engine, shown: str) -> None:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from ..store.db import current_revision, head_revision
+
     try:
         now = current_revision(engine)
     except SQLAlchemyError as exc:
@@ -82,6 +92,11 @@ def open_store(config: Path | None) -> tuple[GatewayConfig, Repo]:
     has no schema or is at another schema revision; never creates or migrates it. Prints the database it
     opened on stderr, so that ``--json`` output on stdout stays machine-readable.
     """
+    from sqlalchemy.exc import ArgumentError
+
+    from ..store.db import make_engine, sqlite_path
+    from ..store.repo import Repo
+
     cfg = require_config(config)
     url = cfg.database_url
     shown = shown_url(url)

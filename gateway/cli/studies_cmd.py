@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -12,10 +12,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..fsutil import atomic_write
-from ..operator_actions import ActionError, reopen_study, replace_input
-from ..store.models import Study
-from ..store.repo import Repo
 from .store_access import StoreConfigOption, open_store
+
+if TYPE_CHECKING:  # the store (sqlalchemy) loads when a command opens it, not with the CLI
+    from ..store.models import Study
+    from ..store.repo import Repo
 
 studies_app = typer.Typer(
     help="List studies, show one with its history or write its report, retry, reprocess or replace its input.", no_args_is_help=True)
@@ -145,6 +146,8 @@ def studies_report(
 
 
 def _reopen(ref: str, config: Path | None, action: str) -> None:
+    from ..operator_actions import ActionError, reopen_study
+
     repo = _repo(config)
     s = _find(repo, ref)
     try:
@@ -183,6 +186,8 @@ def studies_replace(ref: Annotated[str, typer.Argument(help="Study id or key")],
     FILE is hashed and checked for duplicates like a new file; the study keeps its key and its input's
     name. Its record gets the new SHA-256 and a study.input_replaced event (old and new hash).
     """
+    from ..operator_actions import ActionError, replace_input
+
     cfg, repo = open_store(config)
     s = _find(repo, ref)
     try:

@@ -18,7 +18,7 @@ import math
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Group, RenderableType
 from rich.rule import Rule
@@ -26,8 +26,10 @@ from rich.table import Table
 from rich.text import Text
 
 from ..pipeline.outputs import read_metrics
-from ..store.models import Message, Study
-from ..store.repo import Repo
+
+if TYPE_CHECKING:
+    from ..store.models import Message, Study
+    from ..store.repo import Repo
 
 __all__ = ["study_view"]
 

@@ -15,18 +15,20 @@ import os
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..access.audit import AccessAudit, AuditRow
-from ..access.users import ROLES, User, UserError, UserStore
 from ..fsutil import atomic_write
 from .store_access import StoreConfigOption, open_store
 from .studies_cmd import JsonOption
+
+if TYPE_CHECKING:  # the store (sqlalchemy) and argon2 load when a command opens the store, not with the CLI
+    from ..access.audit import AuditRow
+    from ..access.users import User
 
 __all__ = ["audit_app", "users_app"]
 
@@ -81,6 +83,9 @@ def _user_doc(u: User) -> dict[str, object]:
 
 def _change(config: Path | None, action: str, name: str, change, detail: dict | None = None) -> User:
     """Open the store, make the change, audit it; a UserError is a one-line error (exit 1)."""
+    from ..access.audit import AccessAudit
+    from ..access.users import UserError, UserStore
+
     _, repo = open_store(config)
     try:
         user = change(UserStore(repo))
@@ -96,6 +101,8 @@ def users_add(name: Annotated[str, typer.Argument(help="Login name: letters, dig
               password_stdin: PasswordStdin = False,
               config: StoreConfigOption = None) -> None:
     """Add a user with a role; the password (at least 10 characters) comes from standard input."""
+    from ..access.users import ROLES
+
     if role not in ROLES:
         _fail(f"unknown role {role!r}: one of {', '.join(ROLES)}", 2)
     password = _read_password(password_stdin)
@@ -106,6 +113,8 @@ def users_add(name: Annotated[str, typer.Argument(help="Login name: letters, dig
 @users_app.command("list")
 def users_list(config: StoreConfigOption = None, as_json: JsonOption = False) -> None:
     """Every user with role, state and last login (never a password hash)."""
+    from ..access.users import UserStore
+
     _, repo = open_store(config)
     users = UserStore(repo).list()
     if as_json:
@@ -188,6 +197,8 @@ def audit_export(
 ) -> None:
     """Export the access audit (views of PHI pages and every action) for the privacy office: study keys
     and ids, never patient names or identifiers."""
+    from ..access.audit import AccessAudit
+
     if fmt not in ("csv", "jsonl"):
         _fail(f"unknown format {fmt!r}: csv or jsonl", 2)
     try:
