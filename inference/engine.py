@@ -433,8 +433,11 @@ class Engine:
             for w in batch
         ]
         counts = [p.shape[0] for p in pieces]
-        # float16 signals (the pipeline's storage) travel as they are and become float32 on the device
-        patches = torch.from_numpy(np.concatenate(pieces, axis=0)).to(self.device, non_blocking=True).float()
+        # float16 signals (the pipeline's storage) become float32 in the one copy that gathers them on CPU,
+        # and on the device after the transfer (half the bytes) on a GPU
+        gather = np.float32 if self.device.type == "cpu" else None
+        patches = torch.from_numpy(np.concatenate(pieces, axis=0, dtype=gather)).to(self.device, non_blocking=True)
+        patches = patches.float()
         channel_tokens = self._tokenizer(patches.reshape(-1, length, TOKEN_SAMPLES))
         per_window = torch.split(channel_tokens, counts, dim=0)  # each (C, L, E)
         # Channel pooling per group of windows with the same channel count.
