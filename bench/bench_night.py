@@ -4,7 +4,8 @@ Prints one JSON document. Each measured path runs in its own child process so th
 is its own (model load included):
 
 * ``ours-fp32`` / ``ours-bf16``: the product path (streaming EDF reader, float32 preprocessing,
-  batched engine, heads); seconds for read / preprocess / encode / heads;
+  float16 storage of the 128 Hz signals as the release stores them, batched engine, heads); seconds
+  for read / preprocess / encode / heads;
 * ``reference``: the SleepFM release's own path (``EDFToHDF5Converter.convert``), re-created: MNE
   ``read_raw_edf(preload=True)``, which reads float64 and FFT-upsamples every channel below the file's
   top rate to that rate, then at that rate a 64 Hz Butterworth filtfilt (when above 128 Hz),
