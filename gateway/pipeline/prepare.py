@@ -2,9 +2,9 @@
 
 Channels are read and preprocessed one at a time into the 128 Hz arrays (float16, the release's
 storage: :data:`inference.preprocess.STORED_DTYPE`), so a night never sits in memory at its native
-rates all at once. While a channel's raw samples and its 128 Hz
-row are in memory, the signal-quality gate (:mod:`inference.quality`) measures it; the study's verdict
-goes with the ready study into ``metrics.json`` (``quality``), where the flag step reads it.
+rates all at once. While a channel's raw samples and its float32 128 Hz row are in memory, the
+signal-quality gate (:mod:`inference.quality`) measures it; the study's verdict goes with the ready
+study into ``metrics.json`` (``quality``), where the flag step reads it.
 """
 
 from __future__ import annotations
