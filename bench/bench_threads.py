@@ -4,8 +4,10 @@ Why ``gateway.cpu`` chooses what it does. One synthetic night is read and prepro
 each child then encodes it and applies the heads (``Engine.run``, best of ``--repeat``) with
 
 * ``threads``: 1 and the physical cores this process may use (``gateway.cpu.cpu_budget``);
-* ``OMP_WAIT_POLICY``: ``PASSIVE`` (what the command line sets), ``ACTIVE`` and unset (the OpenMP
-  runtime's default), set before torch loads in a fresh process;
+* ``OMP_WAIT_POLICY``: ``PASSIVE``, ``ACTIVE`` and unset (the OpenMP runtime's default), set before
+  torch loads in a fresh process; and ``spin:N``, unset with ``GOMP_SPINCOUNT=N`` (GNU OpenMP, which
+  torch's wheels use: a waiting thread spins N rounds, then sleeps), for each N of ``--spincounts``
+  (``spin:3000`` is what the command line sets);
 * ``load``: ``idle``, and ``busy`` with ``--busy N`` CPU-bound processes (default: one per physical
   core less one) running beside it -- a shared machine, or the batch's own worker processes.
 
@@ -13,7 +15,7 @@ Prints one JSON document: the machine (CPU model, flags of interest, cores), and
 seconds of ``Engine.run``. The busy case is where spinning OpenMP threads hurt: a thread that waits
 spins on its core while the thread it waits for is descheduled.
 
-Usage: ``python bench/bench_threads.py [--hours 1] [--repeat 2] [--busy N]``
+Usage: ``python bench/bench_threads.py [--hours 1] [--repeat 2] [--busy N] [--spincounts 3000,30000]``
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def child(edf: Path, threads: int, repeat: int) -> dict:
         t0 = time.perf_counter()
         engine.run(study)
         best = min(best, time.perf_counter() - t0)
-    return {"threads": threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "seconds": round(best, 3)}
+    return {"threads": threads, "seconds": round(best, 3)}
 
 
 def _spin(stop) -> None:  # a CPU-bound neighbour
@@ -79,8 +81,10 @@ def _machine() -> dict:
 
 
 def _run_child(edf: Path, threads: int, policy: str | None, repeat: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if policy:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    if policy and policy.startswith("spin:"):
+        env["GOMP_SPINCOUNT"] = policy.removeprefix("spin:")
+    elif policy:
         env["OMP_WAIT_POLICY"] = policy
     out = subprocess.run([sys.executable, __file__, "--child", str(edf), "--threads", str(threads),
                           "--repeat", str(repeat)], env=env, capture_output=True, text=True, check=True)
@@ -92,6 +96,8 @@ def main() -> None:
     parser.add_argument("--hours", type=float, default=1.0)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--busy", type=int, default=None, help="CPU-bound neighbours in the busy case")
+    parser.add_argument("--spincounts", default="3000,30000",
+                        help="GOMP_SPINCOUNT values to measure with the policy unset (comma-separated; '' for none)")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -105,6 +111,7 @@ def main() -> None:
     cores = machine["physical_cores"]
     busy = args.busy if args.busy is not None else max(1, cores - 1)
     counts = sorted({1, cores})
+    policies = POLICIES + tuple(f"spin:{int(n)}" for n in args.spincounts.split(",") if n.strip())
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-threads-") as tmp:
         edf = write_synthetic_night(Path(tmp) / "night.edf", hours=args.hours, seed=0)
@@ -116,7 +123,7 @@ def main() -> None:
                 p.start()
             try:
                 for threads in counts:
-                    for policy in POLICIES if threads > 1 else ("PASSIVE",):
+                    for policy in policies if threads > 1 else ("PASSIVE",):
                         row = _run_child(edf, threads, policy, args.repeat)
                         results.append({"load": load, **row, "omp_wait_policy": policy or "unset"})
             finally:

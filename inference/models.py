@@ -9,7 +9,9 @@ layout for equivalence tests.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -336,12 +338,38 @@ class StagingHead(_HeadTrunk):
 
 def _lstm_fp32(lstm: nn.LSTM, x: Tensor | nn.utils.rnn.PackedSequence) -> tuple:
     """The heads' LSTM outside autocast, in fp32: oneDNN has no bf16 LSTM on CPUs without native bf16
-    (AVX2-only machines fail with "could not create a primitive descriptor"), and the heads are cheap."""
+    (AVX2-only machines fail with "could not create a primitive descriptor"), and the heads are cheap.
+
+    At inference on CPU it runs on one thread (:func:`one_cpu_thread`)."""
     device = (x.data if isinstance(x, nn.utils.rnn.PackedSequence) else x).device.type
-    with torch.autocast(device_type=device, enabled=False):
+    single = one_cpu_thread() if device == "cpu" and not lstm.training else contextlib.nullcontext()
+    with torch.autocast(device_type=device, enabled=False), single:
         if not isinstance(x, nn.utils.rnn.PackedSequence):
             x = x.float()
         return lstm(x)
+
+
+@contextlib.contextmanager
+def one_cpu_thread() -> Iterator[None]:
+    """Torch's CPU ops on one thread inside the block, then the thread count as it was.
+
+    For the heads' LSTM: each of its steps (one per 5-s token, 5,760 a night, per direction and layer)
+    is a matmul too small to share, so a second thread only adds a hand-over per step, and where
+    OpenMP threads sleep while they wait (``OMP_WAIT_POLICY=PASSIVE``, the command line's default)
+    every hand-over wakes a sleeping thread: on 2 cores one night's 2-layer LSTM took 1.55 s on two
+    threads and 0.039 s on one (0.054-0.073 s on two with spinning threads). Setting the count back
+    costs ~1 ms. Torch's setting also sets MKL's, which is process-wide, so an engine running beside
+    this one in another thread may run a matmul single-threaded meanwhile: slower, never different.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class DiagnosisHead(_HeadTrunk):

@@ -90,18 +90,23 @@ def test_this_machine_budget_is_sane():
     assert choice.budget.logical == len(os.sched_getaffinity(0))
 
 
-def test_wait_policy_is_passive_unless_the_environment_says_otherwise():
+def test_threads_spin_briefly_unless_the_environment_says_otherwise():
     env: dict[str, str] = {}
-    assert default_wait_policy(env) == "PASSIVE" and env == {"OMP_WAIT_POLICY": "PASSIVE"}
-    assert default_wait_policy({"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
+    assert default_wait_policy(env) == "GOMP_SPINCOUNT=3000" and env == {"GOMP_SPINCOUNT": "3000"}
+    assert default_wait_policy({"OMP_WAIT_POLICY": "PASSIVE"}) == "OMP_WAIT_POLICY=PASSIVE"
+    kept = {"GOMP_SPINCOUNT": "0"}
+    assert default_wait_policy(kept) == "GOMP_SPINCOUNT=0" and kept == {"GOMP_SPINCOUNT": "0"}
 
 
-@pytest.mark.parametrize("given, want", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+@pytest.mark.parametrize("given, want", [
+    ({}, "GOMP_SPINCOUNT=3000"),
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, "OMP_WAIT_POLICY=ACTIVE"),
+    ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10"}, "OMP_WAIT_POLICY=PASSIVE GOMP_SPINCOUNT=10"),
+])
 def test_the_command_line_sets_the_policy_before_torch_loads(given, want):
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if given:
-        env["OMP_WAIT_POLICY"] = given
-    code = ("import sys, os; import gateway.cli.main; assert 'torch' not in sys.modules; "
-            "print(os.environ['OMP_WAIT_POLICY'])")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(given)
+    code = ("import sys; import gateway.cli.main; assert 'torch' not in sys.modules; "
+            "from gateway.cpu import wait_policy_label; print(wait_policy_label())")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == want

@@ -147,7 +147,7 @@ def test_drop_folder_and_dicom_studies_processed_once(daemon, tmp_path):
     for name in ("daemon.ready", "study.received", "study.inferred", "daemon.stopping", "daemon.stopped"):
         assert name in names, name
     [threads] = [e for e in events if e["event"] == "engine.threads"]  # chosen from the cores, with the policy
-    assert threads["threads"] >= 1 and threads["omp_wait_policy"] == "PASSIVE" and "physical core" in threads["reason"]
+    assert threads["threads"] >= 1 and threads["omp_wait_policy"] == "GOMP_SPINCOUNT=3000" and "physical core" in threads["reason"]
     log_text = d.log.read_text()
     for phi in ("SYN-0004", "SYNACC-0004", "night.edf", "Synthetic"):  # identifiers and file names
         assert phi not in log_text, phi

@@ -346,3 +346,62 @@ def test_the_thread_count_holds_in_the_thread_that_runs_the_engine(demo_bundle_d
     runner.start()
     runner.join()
     assert seen == [1]
+
+
+def test_the_heads_lstm_runs_on_one_thread_and_gives_the_same_numbers(demo_bundle_dir):
+    """Each LSTM step is too small to share between threads, and with sleeping OpenMP threads
+    (the command line's OMP_WAIT_POLICY=PASSIVE) every step's hand-over woke one: a night's heads took
+    ~10 s instead of ~1 s on 2 cores. At inference the LSTMs run on one thread; the engine's count
+    is back afterwards and the numbers are those of the LSTM on the engine's threads."""
+    engine = Engine.from_bundle_dir(demo_bundle_dir, EngineOptions(device="cpu", threads=2))
+    lstms = [engine.bundle.staging.lstm, engine.bundle.diagnosis.lstm]
+    seen: list[int] = []
+    hooks = [m.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads())) for m in lstms]
+    try:
+        result = engine.run(StudyInput(_night(130), 50, "F"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == 2
+
+    from inference import models
+
+    with torch.inference_mode():  # the same LSTM on two threads, outside the helper
+        x = torch.randn(1, 130, 128)
+        torch.set_num_threads(2)
+        shared, _ = engine.bundle.diagnosis.lstm(x)
+        single, _ = models._lstm_fp32(engine.bundle.diagnosis.lstm, x)
+    torch.testing.assert_close(single, shared, rtol=0, atol=1e-6)
+    assert np.isfinite(result.hazards.log_hazard).all()
+
+
+def test_one_cpu_thread_restores_the_count_after_an_error():
+    from inference.models import one_cpu_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError), one_cpu_thread():
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_training_lstm_keeps_its_threads(demo_bundle_dir):
+    """Refitting a head trains its LSTM on batches with gradients: that keeps the engine's threads."""
+    from inference import models
+
+    lstm = load_bundle(demo_bundle_dir).staging.lstm.train()
+    seen: list[int] = []
+    hook = lstm.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        models._lstm_fp32(lstm, torch.randn(2, 12, 128))
+    finally:
+        hook.remove()
+        torch.set_num_threads(before)
+    assert seen == [2]

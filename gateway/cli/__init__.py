@@ -1,7 +1,8 @@
 """The ``psg-gateway`` command line.
 
-Before any command loads torch, OpenMP threads are told to sleep while they wait
-(``OMP_WAIT_POLICY=PASSIVE``, unless the environment sets it): see :mod:`gateway.cpu` for why.
+Before any command loads torch, OpenMP threads are told to spin only briefly before they sleep while they
+wait (``GOMP_SPINCOUNT=3000``, unless the environment sets it or ``OMP_WAIT_POLICY``): see
+:mod:`gateway.cpu` for why.
 
 ``kill -USR2 PID`` makes any command (the daemon, a batch) print every thread's stack to stderr and
 carry on: where a process that seems stuck is waiting. The stacks hold file names, lines and function
