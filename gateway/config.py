@@ -109,7 +109,7 @@ class ModelConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     threads: int = Field(0, ge=0)  # 0: torch's default
-    windows_per_batch: int | None = Field(None, ge=1, le=256)  # None: 4 on CPU, 64 on CUDA
+    windows_per_batch: int | None = Field(None, ge=1, le=256)  # None: 8 on CPU, 64 on CUDA
     # The site's own heads (psg-gateway heads fit): Cox risk and apnea head folders, and a re-fitted
     # staging head that replaces the bundle's. Each is checked against its checksum and the bundle.
     site_heads: list[Path] = Field(default_factory=list)

@@ -74,7 +74,7 @@ class EngineOptions:
         Torch intra-op threads (``torch.set_num_threads``, process-wide); ``None`` keeps torch's
         default.
     windows_per_batch : int, optional
-        5-minute windows per encoder forward pass; ``None``: 64 on CUDA, 4 on CPU.
+        5-minute windows per encoder forward pass; ``None``: 64 on CUDA, 8 on CPU.
     modality_attribution : bool, default True
         Also run the diagnosis head once per present modality with that modality masked, and report
         the change in each log-hazard (:attr:`inference.results.Hazards.attribution`). One head pass
@@ -289,7 +289,7 @@ class Engine:
             module.to(self.device).eval()
         self._tokenizer = InferenceTokenizer(bundle.encoder.patch_embedding)
         self.windows_per_batch = self.options.windows_per_batch or (
-            64 if self.device.type == "cuda" else 4
+            64 if self.device.type == "cuda" else 8
         )
 
     @classmethod

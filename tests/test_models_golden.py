@@ -128,3 +128,19 @@ def test_inference_tokenizer_is_the_tokenizer_with_batchnorm_folded(reference_di
     # the exp form of ELU at the kink and for large negative inputs
     edge = torch.tensor([[0.0] * 320 + [-80.0] * 160 + [1e-7] * 160])
     assert (InferenceTokenizer(odd)(edge) - odd(edge)).abs().max() <= 1e-5
+
+
+@torch.inference_mode()
+def test_the_tokenizer_split_into_passes_keeps_every_patch_in_place(monkeypatch):
+    """On CPU the tokenizer takes at most TOKENIZER_CHUNK patches a pass: a batch of 2.5 passes gives each
+    patch the embedding it gets alone, in its place, with the batch's leading shape."""
+    from inference import models
+
+    monkeypatch.setattr(models, "TOKENIZER_CHUNK", 8)
+    torch.manual_seed(5)
+    tokenizer = models.InferenceTokenizer(models.Tokenizer().eval())
+    patches = torch.randn(4, 5, tokenizer.patch_size)  # 20 patches: passes of 8, 8 and 4
+    got = tokenizer(patches)
+    assert got.shape == (4, 5, tokenizer.embed_dim)
+    alone = torch.stack([tokenizer(p[None])[0] for p in patches.reshape(-1, tokenizer.patch_size)])
+    assert (got.reshape(20, -1) - alone).abs().max() <= 1e-6
