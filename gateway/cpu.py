@@ -11,10 +11,10 @@ load spinning was 3-7x slower; idle, spinning gains ~10 % (``bench/bench_threads
 * OpenMP threads **spin briefly, then sleep** when they wait (``GOMP_SPINCOUNT=3000`` with the wait
   policy left to the runtime), set by the command line before torch loads unless the environment sets
   ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` (see :mod:`gateway.cli`). Sleeping at once (``PASSIVE``,
-  the default until 2026-12-07) costs a wake-up at every hand-over: 0.83 s against 0.71 s for a 1-hour
-  night idle on a 2-core AVX-512 machine; 3,000 spins (about 0.1 ms) are as fast as spinning when idle
-  and within 0-10 % of sleeping beside a CPU-bound process (1.47-1.56 s against 1.41-1.46 s; spinning
-  2.0 s, the runtime's default 300,000 spins 2.5-4.4 s). torch's wheels use GNU OpenMP, which reads
+  the default until 2026-12-07) costs a wake-up at every hand-over. On a 2-core AVX-512 machine, 1-hour
+  night, three runs: idle, 3,000 spins (about 0.1 ms) took 0.71-0.80 s against 0.83-0.93 s sleeping at
+  once (spinning 0.68-0.82 s); beside one CPU-bound process 1.47-1.56 s against 1.38-1.46 s (spinning
+  1.97-2.05 s, the runtime's default of 300,000 spins 2.47-5.66 s). torch's wheels use GNU OpenMP, which reads
   ``GOMP_SPINCOUNT``; other OpenMP runtimes ignore it. A dedicated machine can set
   ``OMP_WAIT_POLICY=ACTIVE`` in the service's environment;
 * the choice and its reasons are logged once, when the engine is made (``engine.threads``).
