@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -297,3 +300,40 @@ def test_recording_between_one_epoch_and_one_window_is_processed(tmp_path, demo_
     assert metrics["windows"]["whole_windows"] == 0 and metrics["tokens"] == 9
     with open(out / "hazards.csv") as fh:
         assert all(np.isfinite(float(r["log_hazard"])) for r in csv.DictReader(fh))
+
+
+def test_infer_as_a_process_skips_the_teardown_and_loses_nothing(short_night, demo_bundle, tmp_path):
+    """The console entry point ends a finished ``infer`` without the interpreter's teardown (~0.5 s of
+    torch and scipy): atexit hooks do not run, yet every output, the last log line and the summary are
+    out, and the exit code is 0. A failing ``infer`` keeps the normal exit and its code."""
+    marker = tmp_path / "teardown-ran"
+    code = ("import atexit, pathlib, sys; "
+            f"atexit.register(pathlib.Path({str(marker)!r}).touch); "
+            "sys.argv[0] = 'psg-gateway'; from gateway.cli.main import main; main()")
+    root = Path(__file__).resolve().parents[1]
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-c", code, "infer", *map(str, args)], cwd=root,
+                              capture_output=True, text=True, timeout=600, check=False)
+
+    out = tmp_path / "out"
+    done = run(short_night, "--bundle", demo_bundle, "--out", out, "--device", "cpu")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not marker.exists()
+    assert '"event": "study.inferred"' in done.stderr.splitlines()[-1]
+    assert "outputs" in done.stdout and "sleep" in done.stdout  # the summary table
+    assert np.load(out / "night.npy").shape == (512,)
+    assert json.loads((out / "metrics.json").read_text())["validated"] is False
+    with open(out / "hazards.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 1065
+
+    failed = run(tmp_path / "missing.edf", "--bundle", demo_bundle, "--out", tmp_path / "none")
+    assert failed.returncode == 2 and "error:" in failed.stderr
+    assert marker.exists()
+
+
+def test_the_console_script_is_the_entry_point_that_exits_early():
+    import tomllib
+
+    meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert meta["project"]["scripts"]["psg-gateway"] == "gateway.cli.main:main"

@@ -200,6 +200,8 @@ def infer(
     log.info("study.inferred", study_key=key, tokens=result.n_tokens, missing=result.missing_modalities,
              validated=result.validated, seconds=round(time.perf_counter() - started, 2))
     _summary(result, ready, out_dir)
+    global _exit_without_teardown
+    _exit_without_teardown = True  # every output is written and closed
 
 
 def _summary(result, ready, out_dir: Path) -> None:
@@ -277,9 +279,34 @@ def version() -> None:
     out.print(dist_version("psg-gateway"))
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
+# Set by a command whose work is all written and closed when it returns (``infer``): the console entry
+# point then ends the process without the interpreter's teardown of torch and scipy, ~0.5 s of a
+# one-night ``infer`` (measured: 0.54 s for a script that only imports them). Commands that start
+# services, pools or Ray keep the normal exit, whose atexit hooks they need.
+_exit_without_teardown = False
+
+
+def main() -> None:
+    """The ``psg-gateway`` console entry point: the typer app, then the exit."""
+    global _exit_without_teardown
+    _exit_without_teardown = False
+    try:
+        app()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if not isinstance(exc.code, (int, type(None))):
+            print(exc.code, file=sys.stderr)
+    if _exit_without_teardown:
+        import logging
+        import os
+
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())
+    main()
