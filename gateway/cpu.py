@@ -2,7 +2,7 @@
 
 Torch's default is one thread per logical CPU it sees, whatever else runs: hyper-threads, a container's
 CPU quota and our own decode/preprocess worker processes all count as free cores. And OpenMP threads
-spin while they wait for each other: on a 2-core machine beside one CPU-bound process, two spinning
+spin while they wait for each other: on a 2-core AVX2 machine beside one CPU-bound process, two spinning
 engine threads took 3.0 s for a 1-hour night against 1.96 s for two sleeping ones, and under heavier
 load spinning was 3-7x slower; idle, spinning gains ~10 % (``bench/bench_threads.py``). So:
 
@@ -14,8 +14,8 @@ load spinning was 3-7x slower; idle, spinning gains ~10 % (``bench/bench_threads
   the default until 2026-12-07) costs a wake-up at every hand-over. On a 2-core AVX-512 machine, 1-hour
   night, three runs: idle, 3,000 spins (about 0.1 ms) took 0.71-0.80 s against 0.83-0.93 s sleeping at
   once (spinning 0.68-0.82 s); beside one CPU-bound process 1.47-1.56 s against 1.38-1.46 s (spinning
-  1.97-2.05 s, the runtime's default of 300,000 spins 2.47-5.66 s). torch's wheels use GNU OpenMP, which reads
-  ``GOMP_SPINCOUNT``; other OpenMP runtimes ignore it. A dedicated machine can set
+  1.97-2.05 s, the runtime's default of 300,000 spins 2.47-5.66 s). torch's wheels use GNU OpenMP,
+  which reads ``GOMP_SPINCOUNT``; other OpenMP runtimes ignore it. A dedicated machine can set
   ``OMP_WAIT_POLICY=ACTIVE`` in the service's environment;
 * the choice and its reasons are logged once, when the engine is made (``engine.threads``).
 """

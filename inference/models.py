@@ -370,11 +370,12 @@ def one_cpu_thread() -> Iterator[None]:
 
     For the heads' LSTM: each of its steps (one per 5-s token, 5,760 a night, per direction and layer)
     is a matmul too small to share, so a second thread only adds a hand-over per step, and where
-    OpenMP threads sleep while they wait (``OMP_WAIT_POLICY=PASSIVE``, the command line's default)
-    every hand-over wakes a sleeping thread: on 2 cores one night's 2-layer LSTM took 1.55 s on two
-    threads and 0.039 s on one (0.054-0.073 s on two with spinning threads). Setting the count back
-    costs ~1 ms. Torch's setting also sets MKL's, which is process-wide, so an engine running beside
-    this one in another thread may run a matmul single-threaded meanwhile: slower, never different.
+    OpenMP threads sleep while they wait (``OMP_WAIT_POLICY=PASSIVE``, the command line's default
+    until 2026-12-07) every hand-over wakes a sleeping thread: on 2 cores one night's 2-layer LSTM
+    took 1.55 s on two threads and 0.039 s on one (0.054-0.073 s on two with spinning threads).
+    Setting the count back costs ~1 ms. Torch's setting also sets MKL's, which is process-wide, so an
+    engine running beside this one in another thread may run a matmul single-threaded meanwhile:
+    slower, never different.
     """
     threads = torch.get_num_threads()
     if threads == 1:
