@@ -302,6 +302,7 @@ def test_recording_between_one_epoch_and_one_window_is_processed(tmp_path, demo_
         assert all(np.isfinite(float(r["log_hazard"])) for r in csv.DictReader(fh))
 
 
+@pytest.mark.e2e  # the installed entry point's code in a process of its own, inference on a night
 def test_infer_as_a_process_skips_the_teardown_and_loses_nothing(short_night, demo_bundle, tmp_path):
     """The console entry point ends a finished ``infer`` without the interpreter's teardown (~0.5 s of
     torch and scipy): atexit hooks do not run, yet every output, the last log line and the summary are
