@@ -291,21 +291,17 @@ def main() -> None:
     global _exit_without_teardown
     _exit_without_teardown = False
     try:
-        app()
-        code = 0
+        app()  # standalone: always ends in SystemExit
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        if not isinstance(exc.code, (int, type(None))):
-            print(exc.code, file=sys.stderr)
-    if _exit_without_teardown:
-        import logging
-        import os
+        if _exit_without_teardown and not exc.code:
+            import logging
+            import os
 
-        logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        os._exit(code)
-    sys.exit(code)
+            logging.shutdown()
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            os._exit(0)
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover
