@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .checkpoints import CheckpointError, load_into, read_state_dict, sha256_file
-from .identity import BundleIdentity, Outcome  # re-exported: importers use inference.bundle for both
+from .identity import BundleError, BundleIdentity, Outcome  # re-exported: importers use inference.bundle for all
 from .models import DiagnosisHead, EncoderConfig, HeadConfig, SleepEncoder, StagingHead
 
 BASE_DIR, STAGING_DIR, DIAGNOSIS_DIR = "model_base", "model_sleep_staging", "model_diagnosis"
@@ -38,10 +38,6 @@ DEMO_BUNDLE_VERSION = "1"
 
 if TYPE_CHECKING:
     from .site_heads import SiteHead
-
-
-class BundleError(ValueError):
-    """A model bundle folder that is incomplete or inconsistent."""
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,19 @@
 
 A leaf module (standard library only, no torch) so that :mod:`inference.results` and every result
 it describes can be imported in a notebook without loading the networks. :mod:`inference.bundle`
-re-exports both types, so ``from inference.bundle import BundleIdentity, Outcome`` keeps working.
+re-exports these types, so ``from inference.bundle import BundleIdentity, Outcome`` keeps working.
+:class:`BundleError` lives here for the same reason: a command can catch it without importing torch,
+so that ``psg-gateway infer`` loads torch beside the read instead of before it.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, field
+
+
+class BundleError(ValueError):
+    """A model bundle folder that is incomplete or inconsistent."""
 
 
 @dataclass(frozen=True)

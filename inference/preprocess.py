@@ -45,7 +45,8 @@ from typing import TypeVar
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
-from scipy import signal
+
+from .iir import butter_lowpass, sosfilt_steady_state
 
 __all__ = [
     "FILTER_ORDER",
@@ -134,15 +135,19 @@ def set_default_workers(n: int) -> None:
         _POOL = None  # the next call makes a pool of the new size
 
 
-def _forget_pool_after_fork() -> None:  # pragma: no cover - runs in forked children
-    # A forked child inherits the executor object but not its threads; start a fresh one there.
-    global _POOL, _POOL_LOCK
+def _forget_threads_after_fork() -> None:  # pragma: no cover - runs in forked children
+    # A forked child inherits the executor object but not its threads; start a fresh one there. Its
+    # locks may have been held by a thread that the child lacks, the filter kernel's loader among them.
+    global _POOL, _POOL_LOCK, _KERNEL_LOCK, _LOADER_LOCK, _KERNEL_LOADER
     _POOL = None
     _POOL_LOCK = threading.Lock()
+    _KERNEL_LOCK = threading.Lock()
+    _LOADER_LOCK = threading.Lock()
+    _KERNEL_LOADER = None
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+    os.register_at_fork(after_in_child=_forget_threads_after_fork)
 
 
 def _resolve_workers(workers: int | None) -> int:
@@ -169,16 +174,29 @@ def _run_split(fn: Callable[[int, int], T], n: int, workers: int, min_part: int 
 # filtering
 # --------------------------------------------------------------------------------------------
 
-try:  # scipy's in-place kernel (what scipy.signal.sosfilt calls after copying its input)
-    from scipy.signal._sosfilt import _sosfilt as _SOSFILT_KERNEL  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the scipy build
-    _SOSFILT_KERNEL = None
+def _load_kernel() -> Callable | None:
+    """scipy's in-place kernel (what ``scipy.signal.sosfilt`` calls after copying its input), checked
+    once against the public ``sosfilt``; None where it is missing or does not behave alike.
+
+    Imported on first use, not with this module: ``scipy.signal`` takes ~0.8 s to import, and a
+    channel that the release upsamples never needs it (see :mod:`inference.iir`)."""
+    with _KERNEL_LOCK:
+        if "kernel" not in _KERNEL:
+            _KERNEL["kernel"] = _checked_kernel()
+        return _KERNEL["kernel"]
 
 
-def _kernel_works() -> bool:
-    """Check once that the private in-place kernel behaves like the public ``sosfilt``."""
-    if _SOSFILT_KERNEL is None:  # pragma: no cover
-        return False
+_KERNEL: dict[str, Callable | None] = {}
+_KERNEL_LOCK = threading.Lock()
+
+
+def _checked_kernel() -> Callable | None:
+    from scipy import signal
+
+    try:
+        from scipy.signal._sosfilt import _sosfilt as kernel  # type: ignore[attr-defined]
+    except ImportError:  # pragma: no cover - depends on the scipy build
+        return None
     try:
         sos = signal.butter(FILTER_ORDER, 0.3, output="sos").astype(_F32)
         x = np.linspace(-1.0, 1.0, 64, dtype=_F32) ** 3
@@ -186,13 +204,27 @@ def _kernel_works() -> bool:
         want, want_zf = signal.sosfilt(sos, x, zi=zi)
         got = x.copy().reshape(1, -1)
         state = zi.copy().reshape(1, -1, 2)
-        _SOSFILT_KERNEL(sos, got, state)
-        return bool(np.allclose(got[0], want, atol=1e-6) and np.allclose(state[0], want_zf, atol=1e-6))
+        kernel(sos, got, state)
+        works = bool(np.allclose(got[0], want, atol=1e-6) and np.allclose(state[0], want_zf, atol=1e-6))
     except (TypeError, ValueError, RuntimeError):  # pragma: no cover
-        return False
+        works = False
+    return kernel if works else None
 
 
-_USE_KERNEL = _kernel_works()
+def _load_kernel_beside() -> None:
+    """Start loading the kernel on a thread of its own (once): called by a channel that the release
+    upsamples, whose transforms leave the interpreter free, since the recording's channels at its top
+    rate will need the kernel."""
+    global _KERNEL_LOADER
+    with _LOADER_LOCK:  # not _KERNEL_LOCK, which the loader holds while it imports
+        if _KERNEL_LOADER is not None or "kernel" in _KERNEL:
+            return
+        _KERNEL_LOADER = threading.Thread(target=_load_kernel, name="psg-filter-kernel", daemon=True)
+        _KERNEL_LOADER.start()
+
+
+_KERNEL_LOADER: threading.Thread | None = None
+_LOADER_LOCK = threading.Lock()
 
 
 def _sosfilt_inplace(sos: np.ndarray, x: np.ndarray, state: np.ndarray) -> None:
@@ -200,10 +232,13 @@ def _sosfilt_inplace(sos: np.ndarray, x: np.ndarray, state: np.ndarray) -> None:
     is the initial state on entry and the final state on return."""
     if x.size == 0:
         return
-    if _USE_KERNEL:
+    kernel = _load_kernel()
+    if kernel is not None:
         z = state.reshape(1, -1, 2)
-        _SOSFILT_KERNEL(sos, x.reshape(1, -1), z)
+        kernel(sos, x.reshape(1, -1), z)
     else:  # pragma: no cover - fallback for scipy builds without the private kernel
+        from scipy import signal
+
         y, zf = signal.sosfilt(sos, x, zi=state)
         x[...] = y
         state[...] = zf
@@ -212,8 +247,8 @@ def _sosfilt_inplace(sos: np.ndarray, x: np.ndarray, state: np.ndarray) -> None:
 @lru_cache(maxsize=64)
 def _lowpass(rate: float, cutoff: float) -> tuple[np.ndarray, np.ndarray, int]:
     """float32 SOS, float32 steady-state ``zi`` (for a unit step) and the warm-up length."""
-    sos = signal.butter(FILTER_ORDER, cutoff, btype="low", fs=rate, output="sos")
-    zi = signal.sosfilt_zi(sos)
+    sos = butter_lowpass(FILTER_ORDER, cutoff, rate)
+    zi = sosfilt_steady_state(sos)
     radius = max(float(np.abs(np.roots(section[3:])).max()) for section in sos)
     if radius <= 0.0:  # pragma: no cover - not a Butterworth low-pass
         warmup = 16
@@ -525,6 +560,8 @@ def _resample_centered(
         from .upsample import upsampled_resample
 
         assert recording_rate is not None
+        if recording_rate > target_rate:
+            _load_kernel_beside()  # the channels at the top rate will filter in the time domain
         # the filter's decay length at the top rate: how far from each end filtfilt's padding reaches
         edge = _lowpass(float(recording_rate), target_rate / 2.0)[2] if recording_rate > target_rate else 0
         if overwrite_input and x.dtype == _F32 and x.flags.c_contiguous and x.flags.writeable:

@@ -42,7 +42,8 @@ from functools import lru_cache
 
 import numpy as np
 from scipy import fft as sfft
-from scipy import signal
+
+from .iir import butter_lowpass, sosfilt_short, sosfilt_steady_state
 
 __all__ = ["recording_grid_length", "upsampled_resample"]
 
@@ -247,6 +248,8 @@ def _lowpass_response(order: int, cutoff: float, rate: float, n_bins: int, m_tot
 
 def _filtfilt(sos: np.ndarray, x: np.ndarray) -> np.ndarray:
     """scipy's ``filtfilt`` (odd padding, steady-state start of each pass) in float64."""
+    from scipy import signal  # only for channels short enough to build whole (see inference.iir on its import)
+
     return signal.sosfiltfilt(sos, x, padtype="odd", padlen=min(_PADLEN, x.size - 1))
 
 
@@ -255,8 +258,8 @@ def _left_end(sos: np.ndarray, zi: np.ndarray, u: np.ndarray) -> np.ndarray:
     exact up to the backward pass's start-up, which has decayed by ``len(u) / 2`` samples in."""
     pad = 2.0 * u[0] - u[_PADLEN:0:-1]
     ext = np.concatenate([pad, u])
-    fwd, _ = signal.sosfilt(sos, ext, zi=zi * ext[0])
-    back, _ = signal.sosfilt(sos, fwd[::-1], zi=zi * fwd[-1])
+    fwd, _ = sosfilt_short(sos, ext, zi * ext[0])
+    back, _ = sosfilt_short(sos, fwd[::-1], zi * fwd[-1])
     return back[::-1][_PADLEN:]
 
 
@@ -264,8 +267,8 @@ def _right_end(sos: np.ndarray, zi: np.ndarray, u: np.ndarray) -> np.ndarray:
     """The same on the channel's last samples; the forward pass's start-up decays the same way."""
     pad = 2.0 * u[-1] - u[-2 : -_PADLEN - 2 : -1]
     ext = np.concatenate([u, pad])
-    fwd, _ = signal.sosfilt(sos, ext, zi=zi * ext[0])
-    back, _ = signal.sosfilt(sos, fwd[::-1], zi=zi * fwd[-1])
+    fwd, _ = sosfilt_short(sos, ext, zi * ext[0])
+    back, _ = sosfilt_short(sos, fwd[::-1], zi * fwd[-1])
     return back[::-1][: u.size]
 
 
@@ -318,8 +321,8 @@ def upsampled_resample(
         u = _grid_values(a, n, m_total)
         return interpolate(u.astype(np.float32), recording_rate, target_rate, n_out)
 
-    sos = signal.butter(order, cutoff, btype="low", fs=recording_rate, output="sos")
-    zi = signal.sosfilt_zi(sos)
+    sos = butter_lowpass(order, cutoff, recording_rate)
+    zi = sosfilt_steady_state(sos)
     k = max(2 * edge, 4 * _PADLEN)
     # Build u whole and filter it exactly when that is cheap: a short channel, or a filter so close to
     # the top rate's Nyquist frequency (R just above 128 Hz) that its ends reach far and the band-wise

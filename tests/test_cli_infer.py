@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from gateway.cli.main import app
+from gateway.cli.main import _study_key, app
 from gateway.synthetic.night import write_synthetic_night
 from inference.bundle import make_demo_bundle
 
@@ -338,3 +339,20 @@ def test_the_console_script_is_the_entry_point_that_exits_early():
 
     meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert meta["project"]["scripts"]["psg-gateway"] == "gateway.cli.main:main"
+
+
+def test_study_key_is_the_content_hash(tmp_path: Path):
+    # infer hashes a mapped file in one call (beside the read); the key is still the SHA-256 of the content
+    data = os.urandom(3 << 20) + b"tail"
+    one = tmp_path / "night.edf"
+    one.write_bytes(data)
+    assert _study_key(one) == hashlib.sha256(data).hexdigest()[:16]
+    empty = tmp_path / "empty.edf"
+    empty.write_bytes(b"")
+    assert _study_key(empty) == hashlib.sha256(b"").hexdigest()[:16]
+    folder = tmp_path / "study"
+    (folder / "series").mkdir(parents=True)
+    (folder / "b.dcm").write_bytes(b"bb")
+    (folder / "series" / "a.dcm").write_bytes(b"a")
+    want = hashlib.sha256(b"b.dcm\0bb" + b"series/a.dcm\0a").hexdigest()[:16]
+    assert _study_key(folder) == want

@@ -14,7 +14,7 @@ ROOT = PACKAGE.parent
 
 # Modules a notebook imports for result types and light analysis: none of them may load torch.
 TORCH_FREE = ("identity", "results", "hypnogram", "splits", "apnea", "site_heads", "survival",
-              "survival_metrics", "preprocess", "gaps", "upsample", "quality", "inputs")
+              "survival_metrics", "preprocess", "gaps", "upsample", "iir", "quality", "inputs")
 
 _PROBE = """
 import json, sys, time
@@ -55,6 +55,26 @@ def test_light_modules_leave_torch_out():
     first = json.loads(out.stdout.strip().splitlines()[-1])
     assert first is None, f"importing inference.{first} loaded torch"
 
+
+
+def test_preprocessing_loads_scipy_signal_beside_the_work_not_before_it():
+    # scipy.signal takes ~0.8 s to import: the preprocessing modules leave it out, and the first channel
+    # that the release upsamples (to a top rate above 128 Hz) loads it on a thread of its own, for the
+    # channels at the top rate that filter in the time domain.
+    code = ("import json, sys\n"
+            "import numpy as np\n"
+            "from inference import gaps, iir, preprocess, upsample\n"
+            "at_import = 'scipy.signal' in sys.modules\n"
+            "x = np.random.default_rng(0).standard_normal(256 * 600).astype(np.float32)\n"
+            "preprocess.preprocess_channel(x, 256.0, recording_rate=512.0)\n"
+            "loader = preprocess._KERNEL_LOADER\n"
+            "loader.join(120)\n"
+            "print(json.dumps({'at_import': at_import, 'loader': loader.name,\n"
+            "                  'kernel': preprocess._KERNEL.get('kernel') is not None}))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True,
+                         text=True, timeout=300)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"at_import": False, "loader": "psg-filter-kernel", "kernel": True}
 
 def _imports(path: Path) -> set[str]:
     """Every module ``path`` imports, anywhere in the file (top level, in functions, under
