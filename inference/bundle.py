@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from .checkpoints import CheckpointError, load_into, read_state_dict, sha256_file
-from .identity import BundleError, BundleIdentity, Outcome  # re-exported: importers use inference.bundle for all
+# re-exported: importers use inference.bundle for all three
+from .identity import BundleError, BundleIdentity, Outcome
 from .models import DiagnosisHead, EncoderConfig, HeadConfig, SleepEncoder, StagingHead
 
 BASE_DIR, STAGING_DIR, DIAGNOSIS_DIR = "model_base", "model_sleep_staging", "model_diagnosis"

@@ -248,7 +248,8 @@ def _lowpass_response(order: int, cutoff: float, rate: float, n_bins: int, m_tot
 
 def _filtfilt(sos: np.ndarray, x: np.ndarray) -> np.ndarray:
     """scipy's ``filtfilt`` (odd padding, steady-state start of each pass) in float64."""
-    from scipy import signal  # only for channels short enough to build whole (see inference.iir on its import)
+    # imported here: only channels short enough to build whole need it (inference.iir says why)
+    from scipy import signal
 
     return signal.sosfiltfilt(sos, x, padtype="odd", padlen=min(_PADLEN, x.size - 1))
 

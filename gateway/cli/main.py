@@ -125,7 +125,8 @@ def infer(
     A sidecar JSON beside the file (FILE.json or STEM.json) supplies identifiers the header lacks."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from inference.identity import BundleError  # not inference.bundle: that imports torch, which loads beside the read
+    # not inference.bundle: that imports torch, which loads on the side thread beside the read
+    from inference.identity import BundleError
     from inference.inputs import InputError
 
     from ..cpu import engine_threads
