@@ -28,8 +28,7 @@ import torch
 from torch import nn
 
 from .checkpoints import CheckpointError, load_into, read_state_dict, sha256_file
-# re-exported: importers use inference.bundle for all three
-from .identity import BundleError, BundleIdentity, Outcome
+from .identity import BundleError, BundleIdentity, Outcome  # re-exported: importers use this module
 from .models import DiagnosisHead, EncoderConfig, HeadConfig, SleepEncoder, StagingHead
 
 BASE_DIR, STAGING_DIR, DIAGNOSIS_DIR = "model_base", "model_sleep_staging", "model_diagnosis"
