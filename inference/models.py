@@ -21,7 +21,8 @@ from torch import Tensor, nn
 EMBED_DIM = 128
 TOKEN_SAMPLES = 640  # 5 s at 128 Hz
 FFN_DIM = 2048  # torch's TransformerEncoderLayer default, which the release uses
-POOL_CHUNK = 1024  # token sets per modality-pooling pass in the heads
+POOL_CHUNK = 256  # token sets per modality-pooling pass in the heads (a (1,024 sets x 4, 2048) hidden is 34 MB)
+FFN_ROWS = 1024  # tokens per feed-forward pass over a whole night (a (5,760, 2048) hidden is 47 MB)
 # Patches per tokenizer pass on CPU: larger passes fall out of cache (on a 2-core AVX-512 machine the
 # first convolution took 13.8 ms for 1,920 patches and 1.9 ms for 1,024).
 TOKENIZER_CHUNK = 1024
@@ -78,7 +79,9 @@ def encoder_layer_forward(
     ``scaled_dot_product_attention``.
 
     Same weights and maths as the layer's own forward, but the fused attention never builds the
-    (S x S) score matrix: for a whole night (5,760 tokens, 4 heads) that matrix alone is ~530 MB.
+    (S x S) score matrix: for a whole night (5,760 tokens, 4 heads) that matrix alone is ~530 MB, and
+    the feed-forward block, which treats each token alone, runs ``FFN_ROWS`` tokens at a time with its
+    ReLU in place, so its (tokens, 2048) hidden activation is never a whole night's (47 MB, twice).
     ``key_padding_mask`` ``(B, S)`` is True for padding.
     """
     attn = layer.self_attn
@@ -92,8 +95,18 @@ def encoder_layer_forward(
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return attn.out_proj(out.transpose(1, 2).reshape(b, s, e))
 
+    def hidden(y: Tensor) -> Tensor:
+        h = layer.linear1(y)
+        return torch.relu_(h) if layer.activation is F.relu else layer.activation(h)
+
     def feed_forward(y: Tensor) -> Tensor:
-        return layer.linear2(layer.activation(layer.linear1(y)))
+        flat = y.reshape(-1, e)
+        if len(flat) <= FFN_ROWS or torch.is_grad_enabled():
+            return layer.linear2(hidden(y))
+        out = torch.empty_like(flat)
+        for i in range(0, len(flat), FFN_ROWS):
+            out[i : i + FFN_ROWS] = layer.linear2(hidden(flat[i : i + FFN_ROWS]))
+        return out.reshape(y.shape)
 
     if layer.norm_first:
         x = x + self_attention(layer.norm1(x))
@@ -260,12 +273,20 @@ class SleepEncoder(nn.Module):
         """``(B, C, S, E)`` -> ``(B, S, E)``; ``channel_mask`` ``(B, C)`` True for padded channels."""
         b, c, s, e = tokens.shape
         sets = tokens.permute(0, 2, 1, 3).reshape(b * s, c, e)
-        if channel_mask is None:
-            pooled = self.spatial_pooling.pool_complete_set(sets)
-        else:
+        mask = None
+        if channel_mask is not None:
             mask = channel_mask.to(torch.bool).unsqueeze(1).expand(b, s, c).reshape(b * s, c)
-            pooled = self.spatial_pooling(sets, mask)
-        return pooled.reshape(b, s, e)
+        # At most FFN_ROWS set members a pass at inference: 8 windows of 8 EEG channels are 3,840
+        # members, whose (members, 2048) feed-forward activation alone was 31 MB of the process's peak.
+        step = len(sets) if self.training else max(1, FFN_ROWS // c)
+        pooled = []
+        for i in range(0, len(sets), step):
+            part = sets[i : i + step]
+            if mask is None:
+                pooled.append(self.spatial_pooling.pool_complete_set(part))
+            else:
+                pooled.append(self.spatial_pooling(part, mask[i : i + step]))
+        return (pooled[0] if len(pooled) == 1 else torch.cat(pooled)).reshape(b, s, e)
 
     def contextualize(self, seq: Tensor) -> tuple[Tensor, Tensor]:
         """``(B, S, E)`` channel-pooled tokens -> (window vectors ``(B, E)``, token embeddings ``(B, S, E)``)."""

@@ -59,6 +59,37 @@ def test_dead_channel_is_dropped_with_reason_and_study_goes_on():
     assert "all gap" in prepared.dropped["C3-M2"]
 
 
+
+def test_longest_upsampled_channels_first_rows_in_table_order(monkeypatch):
+    # Taken longest first (scratch before the other rows fill memory), those below the top rate before
+    # those at it (the time-domain filter's import runs beside their transforms); rows still in the
+    # table's order, each what the channel alone gives, and a dropped one in the middle left out.
+    from gateway.pipeline import prepare
+    from inference.gaps import preprocess_with_gaps
+
+    taken = []
+
+    def spy(samples, valid, rate, n_out, **kwargs):
+        taken.append(rate)
+        return preprocess_with_gaps(samples, valid, rate, n_out, **kwargs)
+
+    monkeypatch.setattr(prepare, "preprocess_with_gaps", spy)
+    dead = np.zeros(256 * SECONDS, bool)
+    channels = [_channel("C3-M2", 256, 1), _channel("C4-M1", 256, 2, dead), _channel("O1-M2", 200, 3),
+                _channel("Thor", 32, 4), _channel("ECG II", 512, 5), _channel("Snore", 500, 6)]
+    rec = Recording(channels=channels, duration_s=SECONDS)
+    prepared = prepare_study(rec, default_table())
+    assert taken == [500, 256, 256, 200, 32, 512]
+    assert prepared.channels == {"BAS": ["C3-M2", "O1-M2"], "RESP": ["Thor", "Snore"], "EKG": ["ECG II"]}
+    assert list(prepared.dropped) == ["C4-M1"]
+    n_out = 128 * SECONDS
+    for modality, labels in prepared.channels.items():
+        for row, label in zip(prepared.engine_input.signals[modality], labels):
+            channel = next(c for c in channels if c.label == label)
+            alone, _ = preprocess_with_gaps(channel.read(), channel.read_valid(), channel.sampling_rate, n_out,
+                                            recording_rate=512.0)
+            np.testing.assert_array_equal(row, alone.astype(np.float16))
+
 def test_nothing_usable_is_a_mapping_error():
     rec = Recording(channels=[_channel("Mystery", 256, 1)], duration_s=SECONDS)
     with pytest.raises(MappingError, match="no channel maps to a modality"):
