@@ -1,4 +1,4 @@
-"""gateway.heap: one malloc arena for the command line's processes, and freed pages handed back."""
+"""inference.heap: one malloc arena for the command line's processes, and freed pages handed back."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from gateway.heap import ARENA_ENV, limit_arenas
+from inference.heap import ARENA_ENV, limit_arenas
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 
@@ -62,7 +62,7 @@ def test_freed_pages_go_back_to_the_system():
     code = r"""
 import json
 import numpy as np
-from gateway.heap import release_free_memory
+from inference.heap import release_free_memory
 def anon():
     return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('RssAnon')) // 1024
 # 2,000 blocks of 100 KB (below the mmap threshold), every other one freed: holes the heap's top

@@ -14,7 +14,7 @@ ROOT = PACKAGE.parent
 
 # Modules a notebook imports for result types and light analysis: none of them may load torch.
 TORCH_FREE = ("identity", "results", "hypnogram", "splits", "apnea", "site_heads", "survival",
-              "survival_metrics", "preprocess", "gaps", "upsample", "iir", "quality", "inputs")
+              "survival_metrics", "preprocess", "gaps", "upsample", "iir", "heap", "quality", "inputs")
 
 _PROBE = """
 import json, sys, time

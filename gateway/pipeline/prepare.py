@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from inference.gaps import preprocess_with_gaps
+from inference.heap import release_free_memory
 from inference.inputs import check_duration
 from inference.preprocess import STORED_DTYPE, n_target_samples
 from inference.quality import (
@@ -30,7 +31,6 @@ from inference.quality import (
 )
 from inference.results import StudyInput
 
-from ..heap import release_free_memory
 from ..montage.table import MontageMatch, MontageTable
 from ..recording import Recording
 
@@ -154,7 +154,7 @@ def prepare_study(
         t_pre += t3 - t2
         t_read += t1 - t0
         del samples, valid
-        release_free_memory()  # this channel's scratch, before the next channel's (gateway.heap)
+        release_free_memory()  # this channel's scratch, before the next channel's (inference.heap)
         if progress is not None:
             progress(done, total)
     signals: dict[str, np.ndarray] = {}

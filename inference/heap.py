@@ -10,7 +10,10 @@ memory piled up where the next step could not reuse it. So:
   command line before any thread starts unless the environment sets ``MALLOC_ARENA_MAX`` (which glibc
   then applies itself);
 * :func:`release_free_memory` hands the free pages back (``malloc_trim(0)``, 2-30 ms), after each
-  channel's preprocessing.
+  channel's preprocessing (``gateway.pipeline.prepare``) and once the engine has encoded a batch of
+  nights, before its heads (:mod:`inference.engine`).
+
+Process-level memory management, no I/O: it lives here so that the engine can call it too.
 
 On the 8-hour bench night (2-core Xeon), ``psg-gateway infer``'s peak RSS was 714-745 MB with the
 default arenas and 679-705 MB with one, wall time unchanged (13.2-13.9 s either way, four runs each,
