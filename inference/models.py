@@ -278,7 +278,7 @@ class SleepEncoder(nn.Module):
             mask = channel_mask.to(torch.bool).unsqueeze(1).expand(b, s, c).reshape(b * s, c)
         # At most FFN_ROWS set members a pass at inference: 8 windows of 8 EEG channels are 3,840
         # members, whose (members, 2048) feed-forward activation alone was 31 MB of the process's peak.
-        step = len(sets) if self.training else max(1, FFN_ROWS // c)
+        step = max(1, len(sets)) if self.training else max(1, FFN_ROWS // c)
         pooled = []
         for i in range(0, len(sets), step):
             part = sets[i : i + step]
