@@ -50,11 +50,15 @@ def test_light_modules_leave_torch_out():
             "        first = m\n"
             "print(json.dumps(first))\n")
     # One interpreter, in order: the first module whose import loads torch is the one reported.
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True,
-                         text=True, timeout=300)
-    first = json.loads(out.stdout.strip().splitlines()[-1])
+    first = _last_json_line(code)
     assert first is None, f"importing inference.{first} loaded torch"
 
+
+def _last_json_line(code: str):
+    """Run ``code`` in a fresh interpreter; the JSON of its last line of output."""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True,
+                         text=True, timeout=300)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_preprocessing_loads_scipy_signal_beside_the_work_not_before_it():
@@ -71,10 +75,9 @@ def test_preprocessing_loads_scipy_signal_beside_the_work_not_before_it():
             "loader.join(120)\n"
             "print(json.dumps({'at_import': at_import, 'loader': loader.name,\n"
             "                  'kernel': preprocess._KERNEL.get('kernel') is not None}))\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True,
-                         text=True, timeout=300)
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = _last_json_line(code)
     assert got == {"at_import": False, "loader": "psg-filter-kernel", "kernel": True}
+
 
 def _imports(path: Path) -> set[str]:
     """Every module ``path`` imports, anywhere in the file (top level, in functions, under
