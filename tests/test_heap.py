@@ -31,7 +31,8 @@ def work():
 threads = [threading.Thread(target=work) for _ in range(4)]
 for t in threads: t.start()
 for t in threads: t.join()
-path = tempfile.mktemp()
+fd, path = tempfile.mkstemp()
+os.close(fd)
 fp = libc.fopen(path.encode(), b"w")
 libc.malloc_info(0, fp)
 libc.fclose(fp)
