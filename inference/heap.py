@@ -26,7 +26,7 @@ import ctypes
 import ctypes.util
 import os
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache, lru_cache
 
 __all__ = ["ARENA_ENV", "limit_arenas", "release_free_memory"]
 
@@ -42,11 +42,12 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-def _function(name: str, argtypes: list) -> Callable[..., int] | None:
+@cache  # once per function: release_free_memory runs after every channel
+def _function(name: str, argtypes: tuple) -> Callable[..., int] | None:
     fn = getattr(_libc(), name, None)
     if fn is None:  # pragma: no cover - not glibc
         return None
-    fn.argtypes = argtypes
+    fn.argtypes = list(argtypes)
     fn.restype = ctypes.c_int
     return fn
 
@@ -57,7 +58,7 @@ def limit_arenas(environ: dict[str, str] | None = None) -> int | None:
     env = os.environ if environ is None else environ
     if ARENA_ENV in env:
         return None
-    mallopt = _function("mallopt", [ctypes.c_int, ctypes.c_int])
+    mallopt = _function("mallopt", (ctypes.c_int, ctypes.c_int))
     if mallopt is None or not mallopt(_M_ARENA_MAX, 1):  # pragma: no cover - not glibc
         return None
     return 1
@@ -65,7 +66,7 @@ def limit_arenas(environ: dict[str, str] | None = None) -> int | None:
 
 def release_free_memory() -> bool:
     """Return the heap's free pages to the system; False where the C library cannot (not glibc)."""
-    trim = _function("malloc_trim", [ctypes.c_size_t])
+    trim = _function("malloc_trim", (ctypes.c_size_t,))
     if trim is None:  # pragma: no cover - not glibc
         return False
     trim(0)

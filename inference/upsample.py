@@ -258,19 +258,20 @@ def _left_end(sos: np.ndarray, zi: np.ndarray, u: np.ndarray) -> np.ndarray:
     """``filtfilt`` of the whole channel on its first samples, from ``u``'s first ``len(u)``;
     exact up to the backward pass's start-up, which has decayed by ``len(u) / 2`` samples in."""
     pad = 2.0 * u[0] - u[_PADLEN:0:-1]
-    ext = np.concatenate([pad, u])
-    fwd, _ = sosfilt_short(sos, ext, zi * ext[0])
-    back, _ = sosfilt_short(sos, fwd[::-1], zi * fwd[-1])
-    return back[::-1][_PADLEN:]
+    return _forward_backward(sos, zi, np.concatenate([pad, u]))[_PADLEN:]
 
 
 def _right_end(sos: np.ndarray, zi: np.ndarray, u: np.ndarray) -> np.ndarray:
     """The same on the channel's last samples; the forward pass's start-up decays the same way."""
     pad = 2.0 * u[-1] - u[-2 : -_PADLEN - 2 : -1]
-    ext = np.concatenate([u, pad])
+    return _forward_backward(sos, zi, np.concatenate([u, pad]))[: u.size]
+
+
+def _forward_backward(sos: np.ndarray, zi: np.ndarray, ext: np.ndarray) -> np.ndarray:
+    """``ext`` filtered forward then backward, each pass from the steady state of its first sample."""
     fwd, _ = sosfilt_short(sos, ext, zi * ext[0])
     back, _ = sosfilt_short(sos, fwd[::-1], zi * fwd[-1])
-    return back[::-1][: u.size]
+    return back[::-1]
 
 
 def upsampled_resample(

@@ -342,7 +342,7 @@ def test_the_console_script_is_the_entry_point_that_exits_early():
 
 
 def test_study_key_is_the_content_hash(tmp_path: Path):
-    # infer hashes a mapped file in one call (beside the read); the key is still the SHA-256 of the content
+    # infer hashes the file in 32-MB reads (beside the read); the key is still the SHA-256 of the content
     data = os.urandom(3 << 20) + b"tail"
     one = tmp_path / "night.edf"
     one.write_bytes(data)
